@@ -1,0 +1,94 @@
+"""Run profiles: model sizes and budgets, defined once and shared by the runner,
+the notebooks, the tests and the benchmarks.
+
+A profile fixes *how much* is computed; ``--dataset`` fixes *on what*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+METHODS = ("erm", "kd", "dedier", "dedier_both", "laplace_kd", "group_balanced")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # data
+    data_scale: float            # fraction of Waterbirds' group counts (synthetic only)
+    image_size: int              # side in pixels fed to the networks
+    augment: bool                # random crop/flip on the training split (real data)
+    # models
+    teacher_arch: str            # "narrow_resnet" | "resnet50"
+    student_arch: str            # "narrow_resnet" | "resnet18"
+    teacher_widths: tuple[int, ...]
+    teacher_blocks: tuple[int, ...]
+    student_widths: tuple[int, ...]
+    student_blocks: tuple[int, ...]
+    exit_stage: int              # index (1-based) of the student stage the exit reads
+    # training
+    teacher_epochs: int
+    student_epochs: int
+    warmup_epochs: int           # unit weights before any reweighting starts
+    batch_size: int
+    optimizer: str               # "sgd" | "adamw"
+    lr: float
+    weight_decay: float
+    select_on: str               # "worst_group_acc" | "avg_acc" (on val, never test)
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    sweep: bool                  # hyper-parameter sweep on val worst-group accuracy
+
+    def replace(self, **changes) -> "Profile":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    # Tiny data, 1-2 epochs: every notebook end to end within 90 s, for tests.
+    "smoke": Profile(
+        name="smoke", data_scale=0.06, image_size=32, augment=False,
+        teacher_arch="narrow_resnet", student_arch="narrow_resnet",
+        teacher_widths=(16, 32, 64), teacher_blocks=(1, 1, 1),
+        student_widths=(8, 16, 32), student_blocks=(1, 1, 1), exit_stage=1,
+        teacher_epochs=2, student_epochs=2, warmup_epochs=1, batch_size=128,
+        optimizer="sgd", lr=0.05, weight_decay=5e-4, select_on="worst_group_acc",
+        seeds=(0,), methods=METHODS, sweep=False,
+    ),
+    # Waterbirds-sized synthetic data at 32 px, narrow ResNets: the whole study
+    # on a 2-core CPU.
+    "default": Profile(
+        name="default", data_scale=1.0, image_size=32, augment=False,
+        teacher_arch="narrow_resnet", student_arch="narrow_resnet",
+        teacher_widths=(32, 64, 128), teacher_blocks=(1, 1, 1),
+        student_widths=(16, 32, 64), student_blocks=(1, 1, 1), exit_stage=1,
+        teacher_epochs=20, student_epochs=15, warmup_epochs=3, batch_size=128,
+        optimizer="sgd", lr=0.05, weight_decay=5e-4, select_on="worst_group_acc",
+        seeds=(0, 1, 2), methods=METHODS, sweep=False,
+    ),
+    # torchvision ResNet-50 teacher and ResNet-18 student at 224 px with
+    # group_DRO/DFR-like budgets: for a GPU and real data.
+    "paper": Profile(
+        name="paper", data_scale=1.0, image_size=224, augment=True,
+        teacher_arch="resnet50", student_arch="resnet18",
+        teacher_widths=(), teacher_blocks=(), student_widths=(), student_blocks=(),
+        exit_stage=2,
+        teacher_epochs=100, student_epochs=100, warmup_epochs=10, batch_size=64,
+        optimizer="sgd", lr=1e-3, weight_decay=1e-4, select_on="worst_group_acc",
+        seeds=(0, 1, 2), methods=METHODS, sweep=False,
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """The named profile, or a ValueError that lists the known ones."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown profile {name!r}; choose one of {sorted(PROFILES)} "
+            "(e.g. `--profile smoke` for a quick end-to-end check)"
+        ) from None
