@@ -91,3 +91,15 @@ def assemble(run_dir, kind: str, write: bool = True) -> pd.DataFrame:
     if write:
         write_csv(Path(run_dir) / f"{kind}.csv", df)
     return df
+
+
+def require(path, notebook: str) -> Path:
+    """Return ``path`` if it exists, else stop with which notebook makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: run notebook {notebook} first "
+            f"(e.g. `python -m fairkd_utils.pipeline --only {notebook[:2]}` with the same "
+            "--profile/--dataset)"
+        )
+    return path
