@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-
 import matplotlib.pyplot as plt
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-from . import records  # noqa: E402
+from . import records
 
 METHOD_ORDER = ["erm", "kd", "dedier", "dedier_both", "laplace_kd", "group_balanced"]
 METHOD_LABELS = {
