@@ -1,0 +1,592 @@
+"""Datasets with groups: every dataset yields ``(x, y, a)`` with group ``g = y*n_attrs + a``.
+
+``synthetic`` ("birds on backgrounds") is built in memory; ``waterbirds``, ``celeba``
+and ``folder`` read a local folder and decode images lazily. ``load_splits`` is the
+one entry point; ``iterate_batches`` feeds training loops, ``group_table`` writes
+``groups.csv`` and ``to_display`` undoes the normalisation for figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+DATASETS = ("synthetic", "waterbirds", "celeba", "folder")
+SPLITS = ("train", "val", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Waterbirds' group counts per split, index g = 2*y + a:
+# landbird on land, landbird on water, waterbird on land, waterbird on water.
+WATERBIRDS_COUNTS = {
+    "train": (3498, 184, 56, 1057),
+    "val": (467, 466, 133, 133),
+    "test": (2255, 2255, 642, 642),
+}
+BIRD_GROUP_NAMES = ["landbird on land", "landbird on water",
+                    "waterbird on land", "waterbird on water"]
+CELEBA_GROUP_NAMES = ["non-blond woman", "non-blond man", "blond woman", "blond man"]
+
+WATERBIRDS_LAYOUT = """expected layout (the waterbird_complete95_forest2water2/ folder):
+  ROOT/metadata.csv          columns img_id, img_filename, y, split, place
+                             (y: 0 landbird / 1 waterbird; split: 0 train, 1 val, 2 test;
+                              place: 0 land / 1 water)
+  ROOT/<img_filename>        e.g. ROOT/001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg"""
+CELEBA_LAYOUT = """expected layout (original CelebA text files, or the Kaggle .csv variant):
+  ROOT/list_attr_celeba.txt       line 1: image count; line 2: the 40 attribute names
+                                  (incl. Blond_Hair, Male); then `filename v1 .. v40` (-1/1)
+  ROOT/list_eval_partition.txt    `filename split` with split 0 train / 1 val / 2 test
+  ROOT/img_align_celeba/<filename>
+or
+  ROOT/list_attr_celeba.csv       columns image_id, Blond_Hair, Male, ... (-1/1)
+  ROOT/list_eval_partition.csv    columns image_id, partition (0/1/2)
+  ROOT/img_align_celeba/[img_align_celeba/]<image_id>"""
+FOLDER_LAYOUT = """expected layout (your own data):
+  ROOT/metadata.csv     columns filename, split, y, a
+                        (split: train/val/test or 0/1/2; y: class 0..C-1; a: spurious 0..A-1)
+  ROOT/<filename>       image files, paths relative to ROOT"""
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class GroupDataset(Dataset):
+    """A split of a grouped dataset: item ``(x, y, a)``, x float32 (3,H,W) normalised.
+
+    Holds labels ``y`` and spurious attributes ``a`` as LongTensors; ``g = y*n_attrs + a``.
+    In-memory datasets also hold ``x`` (N,3,H,W); lazy ones hold ``paths`` and decode
+    on access. ``augment`` marks a training split whose batches get random crops/flips.
+    """
+
+    def __init__(self, name: str, split: str, y: torch.Tensor, a: torch.Tensor, *,
+                 n_classes: int, n_attrs: int, group_names: Sequence[str],
+                 ids: Sequence[str], x: torch.Tensor | None = None,
+                 paths: Sequence[str] | None = None, image_size: int = 32,
+                 augment: bool = False):
+        if (x is None) == (paths is None):
+            raise ValueError("GroupDataset needs exactly one of x (in memory) or paths (lazy)")
+        self.name, self.split = name, split
+        self.y = torch.as_tensor(y, dtype=torch.long)
+        self.a = torch.as_tensor(a, dtype=torch.long)
+        self.n_classes, self.n_attrs = int(n_classes), int(n_attrs)
+        self.group_names = list(group_names)
+        self.ids = list(ids)
+        self.x = x
+        self.paths = None if paths is None else list(paths)
+        self.image_size = int(image_size)
+        self.augment = bool(augment)
+        if len(self.group_names) != self.n_groups:
+            raise ValueError(f"{len(self.group_names)} group names for {self.n_groups} groups")
+        self._eval_tf = self._train_tf = None
+
+    # -- groups
+    @property
+    def g(self) -> torch.Tensor:
+        return self.y * self.n_attrs + self.a
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_classes * self.n_attrs
+
+    @property
+    def in_memory(self) -> bool:
+        return self.x is not None
+
+    def group_counts(self) -> torch.Tensor:
+        return torch.bincount(self.g, minlength=self.n_groups)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n}: {c}" for n, c in zip(self.group_names, self.group_counts().tolist()))
+        kind = "in memory" if self.in_memory else "lazy"
+        return f"GroupDataset({self.name}/{self.split}, n={len(self)}, {kind}, groups {{{counts}}})"
+
+    # -- items
+    def __getitem__(self, i):
+        """``(x, y, a)``; for lazy data ``i`` may be ``(index, seed)`` to fix augmentation."""
+        seed = None
+        if isinstance(i, tuple):
+            i, seed = i
+        i = int(i)
+        if self.in_memory:
+            x = self.x[i]
+        else:
+            x = self._load(i, seed)
+        return x, int(self.y[i]), int(self.a[i])
+
+    def _load(self, i: int, seed: int | None) -> torch.Tensor:
+        from PIL import Image
+        import torchvision.transforms.functional as TF
+
+        with Image.open(self.paths[i]) as im:
+            img = im.convert("RGB")  # CUB has grayscale JPEGs
+        size = self.image_size
+        if self.augment:
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            top, left, h, w = _random_resized_crop_params(img.size, gen)
+            img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+            if torch.rand((), generator=gen) < 0.5:
+                img = TF.hflip(img)
+        else:
+            img = TF.resize(img, int(round(size * 256 / 224)), antialias=True)
+            img = TF.center_crop(img, [size, size])
+        x = TF.to_tensor(img)
+        return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _random_resized_crop_params(wh, gen, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's parameters (group_DRO's scale range) drawn from ``gen``."""
+    width, height = wh
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * float(torch.empty(1).uniform_(*scale, generator=gen))
+        ar = math.exp(float(torch.empty(1).uniform_(*log_ratio, generator=gen)))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            return top, left, h, w
+    s = min(width, height)  # fallback: central square crop
+    return (height - s) // 2, (width - s) // 2, s, s
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_splits(dataset: str, root=None, *, image_size: int = 32, scale: float = 1.0,
+                seed: int = 0, augment: bool = False, **knobs) -> dict[str, GroupDataset]:
+    """The train/val/test splits of ``dataset`` as GroupDatasets.
+
+    ``seed`` is the *data* seed (synthetic generation, subsampling), independent of
+    training seeds. ``scale`` < 1 keeps that fraction of every group (each >= 1).
+    ``augment`` enables random crops/flips on the training split. ``knobs`` go to the
+    synthetic generator (see ``make_synthetic``).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)} "
+                         "(synthetic needs no files; the others read --data-root)")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if dataset == "synthetic":
+        splits = make_synthetic(image_size=image_size, scale=scale, seed=seed, **knobs)
+        for ds in splits.values():
+            ds.augment = augment and ds.split == "train"
+        return splits
+    if knobs:
+        raise ValueError(f"options {sorted(knobs)} only apply to the synthetic dataset, "
+                         f"not to {dataset!r}")
+    if root is None:
+        raise ValueError(f"dataset {dataset!r} reads a local folder: pass root= "
+                         f"(--data-root PATH)\n{_LAYOUTS[dataset]}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {str(root)!r} for dataset {dataset!r} does not "
+                                f"exist or is not a folder\n{_LAYOUTS[dataset]}")
+    meta, n_classes, n_attrs, names = _READERS[dataset](root)
+    meta = meta.reset_index(drop=True)
+    _check_images_exist(meta["path"].tolist(), dataset, root)
+    out = {}
+    for split in SPLITS:
+        m = meta[meta["split"] == split]
+        if scale < 1:
+            m = _subsample(m, n_attrs, scale, seed, split)
+        ds = GroupDataset(dataset, split, torch.tensor(m["y"].to_numpy(np.int64)),
+                          torch.tensor(m["a"].to_numpy(np.int64)), n_classes=n_classes,
+                          n_attrs=n_attrs, group_names=names, ids=m["id"].astype(str).tolist(),
+                          paths=m["path"].tolist(), image_size=image_size,
+                          augment=augment and split == "train")
+        out[split] = ds
+    _check_groups(out, dataset, root)
+    return out
+
+
+def _subsample(m: pd.DataFrame, n_attrs: int, scale: float, seed: int, split: str):
+    """Keep round(scale * n) rows (>= 1) of every group, deterministically per seed."""
+    g = m["y"].to_numpy() * n_attrs + m["a"].to_numpy()
+    rng = np.random.default_rng([seed, SPLITS.index(split), 7])
+    keep = []
+    for grp in np.unique(g):
+        rows = np.flatnonzero(g == grp)
+        k = max(1, int(round(scale * len(rows))))
+        keep.extend(np.sort(rng.choice(rows, size=k, replace=False)))
+    return m.iloc[np.sort(keep)]
+
+
+def _check_groups(splits: dict[str, GroupDataset], dataset: str, root) -> None:
+    for split, ds in splits.items():
+        if len(ds) == 0:
+            raise ValueError(f"dataset {dataset!r} at {str(root)!r}: split {split!r} has no "
+                             "instances; every split (train/val/test) needs data")
+        counts = ds.group_counts().tolist()
+        empty = [ds.group_names[i] for i, c in enumerate(counts) if c == 0]
+        if empty:
+            table = ", ".join(f"{n}: {c}" for n, c in zip(ds.group_names, counts))
+            raise ValueError(
+                f"dataset {dataset!r} at {str(root)!r}: split {split!r} has empty group(s) "
+                f"{empty} (counts {table}); worst-group metrics need every group (y, a) in "
+                "every split — add instances or merge the attribute values")
+
+
+def _check_images_exist(paths: list[str], dataset: str, root: Path) -> None:
+    """Fail now, not hours into training, when a listed image is missing."""
+    listing: dict[str, set] = {}
+    missing = []
+    for p in paths:
+        d, f = os.path.split(p)
+        if d not in listing:
+            try:
+                listing[d] = set(os.listdir(d))
+            except (FileNotFoundError, NotADirectoryError):
+                listing[d] = set()
+        if f not in listing[d]:
+            missing.append(p)
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        raise FileNotFoundError(
+            f"dataset {dataset!r} at {str(root)!r}: {len(missing)} of {len(paths)} listed "
+            f"images are missing, e.g.\n  {shown}\n{_LAYOUTS[dataset]}")
+
+
+def _require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path, layout: str):
+    absent = [c for c in columns if c not in df.columns]
+    if absent:
+        raise ValueError(f"{str(path)!r} lacks column(s) {absent} (found "
+                         f"{list(df.columns)[:12]}{' ...' if df.shape[1] > 12 else ''})\n{layout}")
+
+
+def _require_file(path: Path, layout: str, what: str = "file") -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} not found\n{layout}")
+    return path
+
+
+def _parse_split(col: pd.Series, path: Path, layout: str) -> pd.Series:
+    mapping = {"0": "train", "1": "val", "2": "test", "train": "train", "val": "val",
+               "valid": "val", "validation": "val", "test": "test"}
+    s = col.astype(str).str.strip().str.lower().map(mapping)
+    if s.isna().any():
+        bad = sorted(set(col[s.isna()].astype(str)))[:5]
+        raise ValueError(f"{str(path)!r}: column 'split' has values {bad}; use train/val/test "
+                         f"or 0/1/2\n{layout}")
+    return s
+
+
+def _int_column(df: pd.DataFrame, col: str, path: Path, layout: str) -> np.ndarray:
+    v = pd.to_numeric(df[col], errors="coerce")
+    if v.isna().any() or (v < 0).any() or (v != v.round()).any():
+        bad = sorted(set(df[col][v.isna() | (v < 0) | (v != v.round())].astype(str)))[:5]
+        raise ValueError(f"{str(path)!r}: column {col!r} must hold integers 0, 1, ...; "
+                         f"found {bad}\n{layout}")
+    return v.to_numpy().astype(np.int64)
+
+
+def _read_waterbirds(root: Path):
+    if not (root / "metadata.csv").is_file() and \
+            (root / "waterbird_complete95_forest2water2" / "metadata.csv").is_file():
+        root = root / "waterbird_complete95_forest2water2"
+    path = _require_file(root / "metadata.csv", WATERBIRDS_LAYOUT, "Waterbirds metadata")
+    df = pd.read_csv(path)
+    _require_columns(df, ["img_filename", "y", "split", "place"], path, WATERBIRDS_LAYOUT)
+    meta = pd.DataFrame({
+        "id": df["img_filename"].astype(str),
+        "path": [str(root / f) for f in df["img_filename"].astype(str)],
+        "split": _parse_split(df["split"], path, WATERBIRDS_LAYOUT),
+        "y": _int_column(df, "y", path, WATERBIRDS_LAYOUT),
+        "a": _int_column(df, "place", path, WATERBIRDS_LAYOUT),
+    })
+    _check_binary(meta, path, WATERBIRDS_LAYOUT, {"y": "y", "a": "place"})
+    return meta, 2, 2, BIRD_GROUP_NAMES
+
+
+def _check_binary(meta, path, layout, cols):
+    for col, src in cols.items():
+        bad = sorted(set(meta[col]) - {0, 1})
+        if bad:
+            raise ValueError(f"{str(path)!r}: column {src!r} must be 0/1, found {bad[:5]}\n{layout}")
+
+
+def _read_celeba(root: Path):
+    if not any((root / f"list_attr_celeba.{e}").is_file() for e in ("txt", "csv")) and \
+            (root / "celeba").is_dir():
+        root = root / "celeba"
+    if (root / "list_attr_celeba.txt").is_file():
+        attr_path = root / "list_attr_celeba.txt"
+        # line 1: count; line 2: 40 names (one fewer field than the rows, so the
+        # filename becomes the index); then rows `filename v1..v40`
+        attrs = pd.read_csv(attr_path, sep=r"\s+", skiprows=1)
+        attrs.index = attrs.index.astype(str)
+        part_path = _require_file(root / "list_eval_partition.txt", CELEBA_LAYOUT,
+                                  "CelebA partition file")
+        part = pd.read_csv(part_path, sep=r"\s+", header=None, names=["image_id", "partition"],
+                           dtype={"image_id": str})
+    elif (root / "list_attr_celeba.csv").is_file():
+        attr_path = root / "list_attr_celeba.csv"
+        attrs = pd.read_csv(attr_path, dtype={"image_id": str})
+        _require_columns(attrs, ["image_id"], attr_path, CELEBA_LAYOUT)
+        attrs = attrs.set_index("image_id")
+        part_path = _require_file(root / "list_eval_partition.csv", CELEBA_LAYOUT,
+                                  "CelebA partition file")
+        part = pd.read_csv(part_path, dtype={"image_id": str})
+        _require_columns(part, ["image_id", "partition"], part_path, CELEBA_LAYOUT)
+    else:
+        raise FileNotFoundError(f"CelebA attribute file {str(root / 'list_attr_celeba.txt')!r} "
+                                f"(or .csv) not found\n{CELEBA_LAYOUT}")
+    _require_columns(attrs, ["Blond_Hair", "Male"], attr_path, CELEBA_LAYOUT)
+    part = part.set_index("image_id")
+    missing = attrs.index.difference(part.index)
+    if len(missing):
+        raise ValueError(f"{str(part_path)!r} has no split for {len(missing)} image(s) of "
+                         f"{str(attr_path)!r}, e.g. {list(missing[:3])}\n{CELEBA_LAYOUT}")
+    img_dir = root / "img_align_celeba"
+    if (img_dir / "img_align_celeba").is_dir():  # Kaggle's nested folder
+        img_dir = img_dir / "img_align_celeba"
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"CelebA image folder {str(img_dir)!r} not found\n{CELEBA_LAYOUT}")
+    y = pd.to_numeric(attrs["Blond_Hair"], errors="coerce")
+    a = pd.to_numeric(attrs["Male"], errors="coerce")
+    for name, v in (("Blond_Hair", y), ("Male", a)):
+        if not v.isin([-1, 1, 0]).all():
+            raise ValueError(f"{str(attr_path)!r}: column {name!r} must be -1/1\n{CELEBA_LAYOUT}")
+    meta = pd.DataFrame({
+        "id": attrs.index,
+        "path": [str(img_dir / f) for f in attrs.index],
+        "split": _parse_split(part.loc[attrs.index, "partition"].reset_index(drop=True),
+                              part_path, CELEBA_LAYOUT).to_numpy(),
+        "y": (y.to_numpy() > 0).astype(np.int64),
+        "a": (a.to_numpy() > 0).astype(np.int64),
+    })
+    return meta, 2, 2, CELEBA_GROUP_NAMES
+
+
+def _read_folder(root: Path):
+    path = _require_file(root / "metadata.csv", FOLDER_LAYOUT, "metadata file")
+    df = pd.read_csv(path)
+    _require_columns(df, ["filename", "split", "y", "a"], path, FOLDER_LAYOUT)
+    if len(df) == 0:
+        raise ValueError(f"{str(path)!r} lists no images\n{FOLDER_LAYOUT}")
+    meta = pd.DataFrame({
+        "id": df["filename"].astype(str),
+        "path": [str(root / f) for f in df["filename"].astype(str)],
+        "split": _parse_split(df["split"], path, FOLDER_LAYOUT),
+        "y": _int_column(df, "y", path, FOLDER_LAYOUT),
+        "a": _int_column(df, "a", path, FOLDER_LAYOUT),
+    })
+    n_classes, n_attrs = int(meta["y"].max()) + 1, int(meta["a"].max()) + 1
+    if n_classes < 2:
+        raise ValueError(f"{str(path)!r}: column 'y' has a single class; need >= 2\n{FOLDER_LAYOUT}")
+    names = [f"y={y}, a={a}" for y in range(n_classes) for a in range(n_attrs)]
+    return meta, n_classes, n_attrs, names
+
+
+_READERS = {"waterbirds": _read_waterbirds, "celeba": _read_celeba, "folder": _read_folder}
+_LAYOUTS = {"waterbirds": WATERBIRDS_LAYOUT, "celeba": CELEBA_LAYOUT, "folder": FOLDER_LAYOUT}
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def synthetic_counts(split: str, scale: float = 1.0, spurious_strength: float = 0.95):
+    """Group counts of a synthetic split: Waterbirds' counts times ``scale`` (each >= 1).
+
+    ``spurious_strength`` sets, in train only, the fraction of each class on its
+    majority background; 0.95 reproduces Waterbirds' train counts exactly.
+    """
+    counts = list(WATERBIRDS_COUNTS[split])
+    if split == "train" and spurious_strength != 0.95:
+        if not 0.5 <= spurious_strength < 1:
+            raise ValueError(f"spurious_strength must be in [0.5, 1), got {spurious_strength}")
+        n0, n1 = counts[0] + counts[1], counts[2] + counts[3]
+        maj0, maj1 = round(n0 * spurious_strength), round(n1 * spurious_strength)
+        counts = [maj0, n0 - maj0, n1 - maj1, maj1]
+    return [max(1, int(round(c * scale))) for c in counts]
+
+
+def make_synthetic(*, image_size: int = 32, scale: float = 1.0, seed: int = 0,
+                   spurious_strength: float = 0.95, reliability: float = 0.85,
+                   background_contrast: float = 1.0, shape_size: tuple = (0.12, 0.22),
+                   noise: float = 0.06) -> dict[str, GroupDataset]:
+    """"Birds on backgrounds": label y = foreground shape, spurious a = background.
+
+    Background (a): land = green-brown with blotches, water = blue with horizontal
+    ripples — a colour/texture an early layer sees at once. Foreground (y): a small
+    cross (landbird) or ring (waterbird) at a random position, scale, rotation and
+    colour — the harder feature. With probability ``1 - reliability`` the drawn shape
+    is the *other* class's, so the shape alone agrees with y in ``reliability`` of
+    cases while the background agrees in ~95 % of train: the train distribution's
+    Bayes classifier leans on the background, ERM's worst group stays a minority one
+    after full training, and group-balanced weights (background uninformative) leave
+    the shape's ``reliability`` to gain.
+
+    ``shape_size`` is the shape's radius range as a fraction of the side; ``noise``
+    the pixel noise std; ``background_contrast`` scales how far apart the two
+    background colours are. Each split has its own sub-seed of ``seed``.
+    """
+    if not 0.5 <= reliability <= 1:
+        raise ValueError(f"reliability must be in [0.5, 1], got {reliability}")
+    out = {}
+    for k, split in enumerate(SPLITS):
+        counts = synthetic_counts(split, scale, spurious_strength)
+        gen = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([int(seed), k, 20250]).generate_state(1)[0]))
+        g = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+        g = g[torch.randperm(len(g), generator=gen)]
+        y, a = g // 2, g % 2
+        x = _render_birds(y, a, image_size, gen, reliability=reliability,
+                          background_contrast=background_contrast,
+                          shape_size=shape_size, noise=noise)
+        ids = [f"synthetic-{split}-{i:05d}" for i in range(len(y))]
+        out[split] = GroupDataset("synthetic", split, y, a, n_classes=2, n_attrs=2,
+                                  group_names=BIRD_GROUP_NAMES, ids=ids, x=x,
+                                  image_size=image_size)
+    return out
+
+
+def _render_birds(y, a, size, gen, *, reliability, background_contrast, shape_size, noise):
+    """Images (N,3,size,size) float32, ImageNet-normalised; fully vectorised."""
+    n = len(y)
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    row, col = coords.view(1, size, 1), coords.view(1, 1, size)
+    af = a.float().view(n, 1, 1, 1)
+
+    # background: base colour by type, per-image jitter
+    land = torch.tensor([0.42, 0.46, 0.24]).view(1, 3, 1, 1)
+    water = torch.tensor([0.22, 0.38, 0.62]).view(1, 3, 1, 1)
+    mid, half = (land + water) / 2, (water - land) / 2 * background_contrast
+    base = mid + (2 * af - 1) * half + (u(n, 3, 1, 1) - 0.5) * 0.16
+    # texture: land blotches (2-D low-frequency), water ripples (horizontal stripes)
+    f1, f2 = 1.5 + 2 * u(n, 1, 1), 1.5 + 2 * u(n, 1, 1)
+    p1, p2 = 2 * math.pi * u(n, 1, 1), 2 * math.pi * u(n, 1, 1)
+    blotch = torch.sin(2 * math.pi * f1 * row + p1) * torch.sin(2 * math.pi * f2 * col + p2)
+    fr = 5 + 4 * u(n, 1, 1)
+    ripple = torch.sin(2 * math.pi * fr * row + p1 + 0.6 * torch.sin(2 * math.pi * 2 * col + p2))
+    texture = torch.where(a.view(n, 1, 1) == 1, ripple, blotch).unsqueeze(1)
+    img = base + 0.07 * texture
+
+    # foreground: drawn class = y, flipped with probability 1 - reliability
+    flip = u(n) >= reliability
+    drawn = torch.where(flip, 1 - y, y).view(n, 1, 1)
+    radius = (shape_size[0] + (shape_size[1] - shape_size[0]) * u(n, 1, 1))  # fraction of side
+    cy = radius + (1 - 2 * radius) * u(n, 1, 1)
+    cx = radius + (1 - 2 * radius) * u(n, 1, 1)
+    theta = 2 * math.pi * u(n, 1, 1)
+    dy, dx = (row - cy) / radius, (col - cx) / radius  # shape units: radius 1
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    pu, pv = cos * dx + sin * dy, -sin * dx + cos * dy
+    # signed distances (negative inside), in shape units
+    r = torch.sqrt(pu ** 2 + pv ** 2)
+    ring = (r - 0.7).abs() - 0.3
+    arm1 = torch.maximum(pu.abs() - 1.0, pv.abs() - 0.32)
+    arm2 = torch.maximum(pu.abs() - 0.32, pv.abs() - 1.0)
+    cross = torch.minimum(arm1, arm2)
+    sd = torch.where(drawn == 1, ring, cross) * (radius * size)  # in pixels
+    mask = (0.5 - sd).clamp(0, 1).unsqueeze(1)  # anti-aliased edge
+    colour = u(n, 3, 1, 1)
+    img = img * (1 - mask) + colour * mask
+    img = (img + noise * torch.randn(img.shape, generator=gen)).clamp(0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((img - mean) / std).float().contiguous()
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batch(NamedTuple):
+    idx: torch.Tensor  # positions in the dataset (teacher logits are looked up by these)
+    x: torch.Tensor
+    y: torch.Tensor
+    a: torch.Tensor
+
+
+class _Indexed(Dataset):
+    def __init__(self, ds: GroupDataset, seeds: torch.Tensor | None):
+        self.ds, self.seeds = ds, seeds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        seed = None if self.seeds is None else int(self.seeds[i])
+        x, y, a = self.ds[(i, seed)]
+        return i, x, y, a
+
+
+def iterate_batches(ds: GroupDataset, batch_size: int, *, shuffle: bool,
+                    generator: torch.Generator | None = None, device="cpu",
+                    num_workers: int = 0, pin_memory: bool = False,
+                    drop_last: bool = False) -> Iterator[Batch]:
+    """Batches of ``ds``: tensor slices for in-memory data, a DataLoader for lazy data.
+
+    Order and augmentation are drawn from ``generator`` only, so a seeded generator
+    gives the same batches on every run (and with any number of workers).
+    """
+    n = len(ds)
+    if shuffle:
+        order = torch.randperm(n, generator=generator)
+    else:
+        order = torch.arange(n)
+    if ds.in_memory:
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            x = ds.x[idx]
+            if ds.augment:
+                x = _augment_tensor(x, generator)
+            yield Batch(idx, x.to(device), ds.y[idx].to(device), ds.a[idx].to(device))
+        return
+    seeds = None
+    if ds.augment:
+        seeds = torch.randint(0, 2 ** 62, (n,), generator=generator)
+    loader = DataLoader(_Indexed(ds, seeds), batch_size=batch_size, sampler=order.tolist(),
+                        num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last)
+    for idx, x, y, a in loader:
+        yield Batch(idx.long(), x.to(device), y.long().to(device), a.long().to(device))
+
+
+def _augment_tensor(x: torch.Tensor, generator, pad: int = 2) -> torch.Tensor:
+    """Random horizontal flips and shifts of up to ``pad`` px, for in-memory images."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (oy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (ox.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
+
+
+# --------------------------------------------------------------------------- tables, display
+
+
+def group_table(splits: dict[str, GroupDataset]) -> pd.DataFrame:
+    """One row per (split, group): split, group, group_name, y, a, n — ``groups.csv``."""
+    rows = []
+    for split, ds in splits.items():
+        counts = ds.group_counts().tolist()
+        for grp, name in enumerate(ds.group_names):
+            rows.append({"split": split, "group": grp, "group_name": name,
+                         "y": grp // ds.n_attrs, "a": grp % ds.n_attrs, "n": counts[grp]})
+    return pd.DataFrame(rows, columns=["split", "group", "group_name", "y", "a", "n"])
+
+
+def to_display(x) -> np.ndarray:
+    """Undo ImageNet normalisation: (3,H,W) -> HWC (or (N,3,H,W) -> NHWC) floats in [0, 1]."""
+    x = torch.as_tensor(x).detach().cpu().float()
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    img = (x * std + mean).clamp(0, 1)
+    return img.movedim(-3, -1).numpy()
