@@ -1,0 +1,67 @@
+"""The notebooks' contract with the runner: one parameters cell each, defining
+every parameter the runner passes (papermill silently ignores unknown ones)."""
+
+import argparse
+import ast
+
+import jupytext
+import pytest
+
+from fairkd_utils import pipeline
+
+NOTEBOOKS = pipeline.discover_notebooks()
+
+
+def runner_parameters():
+    args = pipeline.build_parser().parse_args(["--profile", "smoke"])
+    return pipeline.notebook_parameters(args, run_dir=pipeline.REPO_ROOT / "results" / "x",
+                                        figures_dir=pipeline.REPO_ROOT / "figures" / "x",
+                                        device="cpu")
+
+
+def parameter_cells(path):
+    nb = jupytext.read(path)
+    return [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+
+
+def test_notebooks_are_numbered_in_order():
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert numbers == sorted(numbers) and numbers[0] == 1
+    assert len(set(numbers)) == len(numbers)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_exactly_one_parameters_cell(path):
+    cells = parameter_cells(path)
+    assert len(cells) == 1, f"{path.name}: {len(cells)} cells tagged parameters"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_runner_parameter_is_defined_in_the_parameters_cell(path):
+    (cell,) = parameter_cells(path)
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    missing = set(runner_parameters()) - assigned
+    assert not missing, f"{path.name} does not define {sorted(missing)} in its parameters cell"
+
+
+def test_runner_parameters_are_json_like():
+    def json_like(v):
+        if isinstance(v, (list, tuple)):
+            return isinstance(v, list) and all(json_like(x) for x in v)
+        return v is None or isinstance(v, (str, int, float, bool, dict))
+    assert all(json_like(v) for v in runner_parameters().values())
+
+
+def test_unknown_profile_dataset_and_notebook_are_refused(capsys, tmp_path):
+    with pytest.raises(ValueError, match="unknown profile"):
+        pipeline.run(argparse.Namespace(profile="huge", dataset="synthetic", data_root=None,
+                                        only=None, device="cpu", out=str(tmp_path), figures=None,
+                                        seeds=None, quiet=True))
+    with pytest.raises(SystemExit):
+        pipeline.build_parser().parse_args(["--dataset", "imagenet"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no such notebook"):
+        pipeline.select_notebooks(NOTEBOOKS, ["42"])
+    assert pipeline.main(["--dataset", "waterbirds", "--out", str(tmp_path)]) == 1
+    assert "--data-root" in capsys.readouterr().err
