@@ -1,0 +1,626 @@
+"""Last-layer Laplace approximation at the early exit (DESIGN.md, "Laplace at the exit").
+
+The exit head is ``Linear(D+1, C, bias=False)`` on ``phi_tilde = [phi, 1]``.  Its
+GGN is approximated by ``kron(B, A)`` with laplace-torch's normalisation:
+
+* ``B = sum_n diag(p_n) - p_n p_n^T``  (C x C, *summed* over instances),
+* ``A = (1/N) sum_n phi~_n phi~_n^T``  ((D+1) x (D+1), *averaged*),
+
+where ``p_n`` are the exit's own softmax probabilities (a GGN, not an empirical
+Fisher: the labels enter only the log-likelihood of the marginal likelihood).
+The weight is flattened row-major, ``vec(W)[c*(D+1) + j] = W[c, j]``, which is the
+order of ``kron(B, A)`` and of laplace-torch's ``parameters_to_vector``.
+
+Two priors:
+
+* ``prior="exact"`` (default, as laplace-torch): precision ``kron(B, A) + tau*I``.
+  With ``B = Q_B diag(lB) Q_B^T`` and ``A = Q_A diag(lA) Q_A^T`` the logit
+  covariance at ``phi~`` is ``Q_B diag(s) Q_B^T`` with
+  ``s_k = sum_j (q_Aj^T phi~)^2 / (lB_k lA_j + tau)`` -- no Jacobian, O(C*D) per
+  instance once ``phi~`` is projected on ``Q_A``.  ``tau`` by the closed-form
+  maximiser of laplace-torch's Laplace log marginal likelihood.
+* ``prior="kron"`` (the slides, Meronen et al.): ``U = (sqrt(N) B/N + sqrt(tau) I)^-1``,
+  ``V = (sqrt(N) A + sqrt(tau) I)^-1``, logit covariance ``(phi~^T V phi~) U``.  Not an
+  evidence-based prior, so ``tau`` comes from validation NLL over a grid
+  (:meth:`ExitLaplace.optimize_tau_val`, our own loop: laplace-torch 0.3's
+  gridsearch never resets its NLL metric).
+
+Maths runs in float64; predictions come back in the dtype of the features given.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from .models import ExitHead, phi_tilde
+
+__all__ = [
+    "KronFactors", "ExitLaplace", "LaplacePrediction", "fit_exit_laplace",
+    "probit_two_class", "phi_tilde",
+]
+
+_PRIORS = ("exact", "kron")
+_LINKS = ("auto", "probit", "mc")
+_MATH = torch.float64
+
+
+class LaplacePrediction(NamedTuple):
+    """Laplace predictive per instance.
+
+    probs (n, C); margin (n,) = p_max - second-largest p; entropy (n,) of probs
+    (nats); variance (n,) = variance of the logit difference between the two
+    classes with the largest MAP logits (for C = 2 exactly sigma_d^2).
+    """
+
+    probs: torch.Tensor
+    margin: torch.Tensor
+    entropy: torch.Tensor
+    variance: torch.Tensor
+
+
+def probit_two_class(mu_d: torch.Tensor, var_d: torch.Tensor) -> torch.Tensor:
+    """``p1 = sigmoid(mu_d / sqrt(1 + pi var_d / 8))`` for ``d = z_1 - z_0 ~ N(mu_d, var_d)``.
+
+    The probit (MacKay) approximation of ``E[sigmoid(d)]``; applied to the logit
+    difference it ignores the softmax-invariant direction a per-logit probit
+    would wrongly take variance from.
+    """
+    return torch.sigmoid(mu_d / torch.sqrt(1.0 + math.pi * var_d / 8.0))
+
+
+def _margin_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    top2 = probs.topk(2, dim=-1).values
+    margin = top2[..., 0] - top2[..., 1]
+    entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+    return margin, entropy
+
+
+# --------------------------------------------------------------------------- factors
+class KronFactors:
+    """Kronecker factors of the exit head's GGN, accumulated batch by batch.
+
+    ``update(phi_tilde, probs)`` adds a batch (B summed, A averaged over all
+    instances seen, as laplace-torch).  With ``n_train`` given, :attr:`B` (and
+    :attr:`log_lik`) are rescaled by ``n_train / n`` so factors accumulated over
+    part of an epoch (every-k-steps refits) stand for the whole training set;
+    :attr:`n_data` is then ``n_train``.  Accumulation is in float64.
+    """
+
+    def __init__(self, *, n_train: int | None = None, device: str | torch.device | None = None):
+        if n_train is not None and int(n_train) <= 0:
+            raise ValueError(f"n_train must be a positive count of training instances, got {n_train}.")
+        self.n_train = None if n_train is None else int(n_train)
+        self.device = None if device is None else torch.device(device)
+        self.reset()
+
+    def reset(self) -> "KronFactors":
+        """Forget everything accumulated (start of a new epoch / refit window)."""
+        self.n = 0
+        self._B_sum: torch.Tensor | None = None
+        self._A_sum: torch.Tensor | None = None
+        self._log_lik: torch.Tensor | None = None
+        self._labelled = None  # unknown until the first update
+        return self
+
+    # ---------------------------------------------------------------- accumulate
+    def update(self, phi_tilde: torch.Tensor, probs: torch.Tensor,
+               y: torch.Tensor | None = None) -> "KronFactors":
+        """Add a batch: ``phi_tilde`` (n, D+1) = ``[phi, 1]``, ``probs`` (n, C) the
+        exit's softmax at the MAP; optional labels ``y`` (n,) accumulate the
+        log-likelihood ``sum_n log p_n[y_n]`` used by the marginal likelihood."""
+        phi_tilde = torch.as_tensor(phi_tilde).detach()
+        probs = torch.as_tensor(probs).detach()
+        if phi_tilde.ndim != 2 or probs.ndim != 2:
+            raise ValueError(
+                f"update expects phi_tilde (n, D+1) and probs (n, C) as 2-d tensors, got shapes "
+                f"{tuple(phi_tilde.shape)} and {tuple(probs.shape)}.")
+        if phi_tilde.shape[0] != probs.shape[0]:
+            raise ValueError(
+                f"phi_tilde has {phi_tilde.shape[0]} rows but probs has {probs.shape[0]}: pass "
+                f"the features and exit probabilities of the same instances.")
+        if phi_tilde.shape[0] == 0:
+            return self  # an empty batch adds nothing; emptiness is checked when used
+        if self._A_sum is not None:
+            d1, c = self._A_sum.shape[0], self._B_sum.shape[0]
+            if phi_tilde.shape[1] != d1 or probs.shape[1] != c:
+                raise ValueError(
+                    f"batch does not match the factors accumulated so far: expected phi_tilde "
+                    f"width {d1} and {c} classes, got {phi_tilde.shape[1]} and {probs.shape[1]}.")
+        if not bool(torch.all(phi_tilde[:, -1] == 1)):
+            raise ValueError(
+                "update expects phi_tilde = [phi, 1] (last column all ones); pass "
+                "fairkd_utils.models.phi_tilde(phi), or use KronFactors.from_features(phi, probs).")
+        if not (torch.isfinite(phi_tilde).all() and torch.isfinite(probs).all()):
+            raise ValueError("phi_tilde or probs contain NaN/inf: the exit diverged or the "
+                             "features are corrupt; fix the model before fitting the Laplace.")
+        labelled = y is not None
+        if self._labelled is not None and labelled != self._labelled:
+            raise ValueError("pass labels y either with every batch or with none (they "
+                             "accumulate the log-likelihood of the marginal likelihood).")
+        self._labelled = labelled
+        dev = self.device or phi_tilde.device
+        pt = phi_tilde.to(dev, _MATH)
+        p = probs.to(dev, _MATH)
+        B = torch.diag(p.sum(0)) - p.T @ p
+        A = pt.T @ pt
+        if self._A_sum is None:
+            self._B_sum, self._A_sum = B, A
+            self._log_lik = torch.zeros((), dtype=_MATH, device=dev)
+        else:
+            self._B_sum += B
+            self._A_sum += A
+        if labelled:
+            y = torch.as_tensor(y).to(dev).long().reshape(-1)
+            if y.shape[0] != p.shape[0]:
+                raise ValueError(f"y has {y.shape[0]} labels for {p.shape[0]} instances.")
+            self._log_lik += torch.log(p.gather(1, y[:, None]).clamp_min(1e-300)).sum()
+        self.n += int(pt.shape[0])
+        return self
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_features(cls, phi: torch.Tensor, probs: torch.Tensor, y: torch.Tensor | None = None,
+                      *, n_train: int | None = None, batch_size: int = 8192) -> "KronFactors":
+        """One pass over raw exit features ``phi`` (N, D) (the 1 is appended here)."""
+        f = cls(n_train=n_train)
+        phi = torch.as_tensor(phi)
+        if phi.ndim != 2:
+            raise ValueError(f"phi must be (N, D), got shape {tuple(phi.shape)}.")
+        if phi.shape[0] == 0:
+            raise ValueError("no instances: phi is empty, so there is nothing to fit the "
+                             "exit Laplace on; pass the training features.")
+        if probs.shape[0] != phi.shape[0]:
+            raise ValueError(f"phi has {phi.shape[0]} rows but probs has {probs.shape[0]}.")
+        for i in range(0, phi.shape[0], batch_size):
+            sl = slice(i, i + batch_size)
+            f.update(phi_tilde(phi[sl]), probs[sl], None if y is None else y[sl])
+        return f
+
+    @classmethod
+    def from_loader(cls, loader: Iterable, head: nn.Module, *, device: str | torch.device = "cpu",
+                    n_train: int | None = None, use_labels: bool = True) -> "KronFactors":
+        """One pass over a loader of features: items ``phi`` or ``(phi, y, ...)``.
+
+        ``probs = softmax(head(phi))`` -- the head's own probabilities (a GGN)."""
+        f = cls(n_train=n_train)
+        head = head.to(device)
+        was_training = head.training
+        head.eval()
+        try:
+            with torch.no_grad():
+                for item in loader:
+                    if isinstance(item, (tuple, list)):
+                        phi, y = item[0], (item[1] if len(item) > 1 and use_labels else None)
+                    else:
+                        phi, y = item, None
+                    phi = phi.to(device)
+                    _check_width(phi, _in_features(head))
+                    probs = torch.softmax(head(phi).to(_MATH), -1)
+                    f.update(phi_tilde(phi), probs, y)
+        finally:
+            head.train(was_training)
+        if f.n == 0:
+            raise ValueError("the loader yielded no instances: cannot fit the exit Laplace on "
+                             "an empty loader; check the dataset/split it iterates.")
+        return f
+
+    @classmethod
+    def from_matrices(cls, B: torch.Tensor, A: torch.Tensor, n: int,
+                      log_lik: float | torch.Tensor | None = None) -> "KronFactors":
+        """Factors given directly: ``B`` summed (C, C), ``A`` averaged (D+1, D+1) over ``n``
+        instances (e.g. laplace-torch's ``la.H_facs.kfacs[0]``)."""
+        f = cls()
+        if int(n) <= 0:
+            raise ValueError(f"n must be a positive number of instances, got {n}.")
+        B = torch.as_tensor(B).detach().to(_MATH)
+        A = torch.as_tensor(A).detach().to(_MATH)
+        if B.ndim != 2 or B.shape[0] != B.shape[1] or A.ndim != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"B and A must be square matrices, got {tuple(B.shape)}, {tuple(A.shape)}.")
+        f.n = int(n)
+        f._B_sum, f._A_sum = B.clone(), A * f.n
+        f._labelled = log_lik is not None
+        f._log_lik = torch.as_tensor(0.0 if log_lik is None else log_lik, dtype=_MATH).detach()
+        return f
+
+    # ---------------------------------------------------------------- views
+    def _check_nonempty(self) -> None:
+        if self.n == 0:
+            raise ValueError("KronFactors is empty (zero instances): call update(...) with at "
+                             "least one batch, or KronFactors.from_features/from_loader.")
+
+    @property
+    def n_data(self) -> int:
+        """N the factors stand for: ``n_train`` when rescaling, else instances seen."""
+        return self.n_train if self.n_train is not None else self.n
+
+    @property
+    def _scale(self) -> float:
+        return 1.0 if self.n_train is None else self.n_train / self.n
+
+    @property
+    def B(self) -> torch.Tensor:
+        """Summed output factor (C, C), rescaled by n_train / n when n_train is set."""
+        self._check_nonempty()
+        return self._B_sum * self._scale
+
+    @property
+    def B_sum(self) -> torch.Tensor:
+        """Raw sum over the instances seen, never rescaled."""
+        self._check_nonempty()
+        return self._B_sum
+
+    @property
+    def A(self) -> torch.Tensor:
+        """Averaged input factor ((D+1), (D+1))."""
+        self._check_nonempty()
+        return self._A_sum / self.n
+
+    @property
+    def log_lik(self) -> torch.Tensor | None:
+        """``sum_n log p_n[y_n]`` (rescaled like B), or None when no labels were given."""
+        self._check_nonempty()
+        return self._log_lik * self._scale if self._labelled else None
+
+    @property
+    def n_classes(self) -> int:
+        self._check_nonempty()
+        return self._B_sum.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        """D (without the appended 1)."""
+        self._check_nonempty()
+        return self._A_sum.shape[0] - 1
+
+    def __repr__(self) -> str:
+        if self.n == 0:
+            return "KronFactors(empty)"
+        return (f"KronFactors(n={self.n}, n_data={self.n_data}, C={self.n_classes}, "
+                f"D={self.n_features}, labelled={self._labelled})")
+
+
+# --------------------------------------------------------------------------- helpers
+def _in_features(head: nn.Module) -> int:
+    if isinstance(head, ExitHead):
+        return head.in_features
+    lin = getattr(head, "linear", head)
+    if isinstance(lin, nn.Linear):
+        return lin.in_features - 1
+    raise TypeError(f"expected an ExitHead (Linear(D+1, C) on [phi, 1]), got {type(head).__name__}.")
+
+
+def _head_weight(head: nn.Module) -> torch.Tensor:
+    lin = getattr(head, "linear", head)
+    if not isinstance(lin, nn.Linear) or lin.bias is not None:
+        raise TypeError("expected an ExitHead whose .linear is Linear(D+1, C, bias=False).")
+    return lin.weight.detach()
+
+
+def _check_width(phi: torch.Tensor, d: int) -> None:
+    if phi.ndim != 2:
+        raise ValueError(f"features must be a 2-d tensor (n, D), got shape {tuple(phi.shape)}.")
+    if phi.shape[1] != d:
+        hint = (" -- that looks like phi_tilde = [phi, 1]; pass the raw features phi"
+                if phi.shape[1] == d + 1 else "")
+        raise ValueError(f"feature width does not match the exit head: expected D = {d} "
+                         f"features (head is Linear({d}+1, C)), got {phi.shape[1]}{hint}.")
+
+
+# --------------------------------------------------------------------------- posterior
+class ExitLaplace:
+    """Laplace posterior over the exit head's weight ``W`` (C, D+1) at the MAP.
+
+    ``prior="exact"``: precision ``kron(B, A) + tau I``; ``tau=None`` -> marginal
+    likelihood (:meth:`optimize_tau_marglik`).  ``prior="kron"``: the slides'
+    symmetric Kronecker form; ``tau`` must be given or chosen with
+    :meth:`optimize_tau_val` before predicting.
+    """
+
+    def __init__(self, weight: torch.Tensor, factors: KronFactors, prior: str = "exact",
+                 tau: float | None = None):
+        if prior not in _PRIORS:
+            raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}.")
+        weight = torch.as_tensor(weight).detach()
+        if weight.ndim != 2:
+            raise ValueError(f"weight must be (C, D+1), got shape {tuple(weight.shape)}.")
+        factors._check_nonempty()
+        if factors.n_classes != weight.shape[0] or factors.n_features + 1 != weight.shape[1]:
+            raise ValueError(
+                f"factors do not match the head: weight is ({weight.shape[0]}, {weight.shape[1]}) "
+                f"= (C, D+1) but factors have C = {factors.n_classes}, D+1 = {factors.n_features + 1}.")
+        self.prior = prior
+        self.device = weight.device
+        self.W = weight.to(_MATH)
+        self.factors = factors
+        self.n_data = factors.n_data
+        B = factors.B.to(self.device, _MATH)
+        A = factors.A.to(self.device, _MATH)
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise ValueError("the Kronecker factors contain NaN/inf, so the damped posterior is "
+                             "not positive definite; refit from finite features and probabilities.")
+        self.B, self.A = B, A
+        self.C, self.D1 = weight.shape
+        if prior == "exact":
+            self.lam_B, self.Q_B = torch.linalg.eigh(B)
+            self.lam_A, self.Q_A = torch.linalg.eigh(A)
+            # eigenvalues of kron(B, A), index (k, j) <-> eigvec q_Bk (x) q_Aj
+            self.lam = torch.outer(self.lam_B, self.lam_A)
+        self.tau: float | None = None
+        self.val_nll: list[tuple[float, float]] | None = None
+        if tau is not None:
+            self.set_tau(tau)
+        elif prior == "exact":
+            self.optimize_tau_marglik()
+
+    # ---------------------------------------------------------------- prior
+    def set_tau(self, tau: float) -> "ExitLaplace":
+        """Set the prior precision and precompute what prediction needs; raises when the
+        damped posterior is not positive definite."""
+        tau = float(tau)
+        if not math.isfinite(tau):
+            raise ValueError(f"tau must be finite, got {tau}.")
+        if self.prior == "exact":
+            denom = self.lam + tau
+            lo = float(denom.min())
+            if not lo > 1e-12 * max(1.0, float(denom.abs().max())):
+                raise ValueError(
+                    f"damped posterior kron(B, A) + tau I is not positive definite (smallest "
+                    f"eigenvalue {lo:.3g} with tau = {tau:g}); B is singular (B 1 = 0), so tau "
+                    f"must be > 0.")
+            self._inv_denom = (1.0 / denom)  # (C, D+1)
+        else:
+            if tau <= 0:
+                raise ValueError(f"damped posterior is not positive definite: the kron prior needs "
+                                 f"tau > 0 (B is singular), got tau = {tau:g}.")
+            N = self.n_data
+            eyeC = torch.eye(self.C, dtype=_MATH, device=self.device)
+            eyeD = torch.eye(self.D1, dtype=_MATH, device=self.device)
+            Uinv = math.sqrt(N) * self.B / N + math.sqrt(tau) * eyeC
+            Vinv = math.sqrt(N) * self.A + math.sqrt(tau) * eyeD
+            LU, info_u = torch.linalg.cholesky_ex(Uinv)
+            LV, info_v = torch.linalg.cholesky_ex(Vinv)
+            if int(info_u) or int(info_v):
+                raise ValueError(f"damped Kronecker factors are not positive definite with tau = "
+                                 f"{tau:g}; use a larger tau.")
+            self.U = torch.cholesky_inverse(LU)
+            self.V = torch.cholesky_inverse(LV)
+            self.L = torch.linalg.cholesky(self.U)
+        self.tau = tau
+        return self
+
+    @property
+    def n_params(self) -> int:
+        return self.C * self.D1
+
+    def log_marginal_likelihood(self, tau: float | None = None) -> float:
+        """laplace-torch's Laplace evidence (exact prior):
+        ``log p(D|W) - 1/2 [sum log(lB lA + tau) - P log tau + tau ||W||^2]``,
+        with ``log p(D|W) = sum_n log p_n[y_n]`` (needs labels in the factors)."""
+        if self.prior != "exact":
+            raise ValueError("the marginal likelihood is defined for prior='exact' only; the kron "
+                             "prior's tau is chosen by optimize_tau_val.")
+        ll = self.factors.log_lik
+        if ll is None:
+            raise ValueError("the factors were accumulated without labels, so log p(D|W) is "
+                             "unknown; pass y to update/from_features/from_loader.")
+        tau = self.tau if tau is None else float(tau)
+        P = self.n_params
+        logdet_post = torch.log(self.lam + tau).sum()
+        scatter = tau * (self.W ** 2).sum()
+        return float(ll.to(self.device) - 0.5 * (logdet_post - P * math.log(tau) + scatter))
+
+    def optimize_tau_marglik(self, bounds: tuple[float, float] = (1e-10, 1e10)) -> float:
+        """Maximise the log marginal likelihood over tau, in closed form from eigenvalues.
+
+        d/dtau = 1/2 [P/tau - sum 1/(lam + tau) - ||W||^2] is decreasing in tau
+        (lam >= 0), so the maximiser is its unique root, found by bisection in log tau.
+        Eigenvalues below 0 (round-off of the singular B) are clamped to 0 here.
+        """
+        if self.prior != "exact":
+            raise ValueError("prior='kron' is not an evidence-based prior; choose tau with "
+                             "optimize_tau_val(phi_val, y_val).")
+        lam = self.lam.clamp_min(0).reshape(-1)
+        w2 = float((self.W ** 2).sum())
+        P = lam.numel()
+
+        def grad(t: float) -> float:
+            return float(P / t - (1.0 / (lam + t)).sum()) - w2
+
+        lo, hi = math.log(bounds[0]), math.log(bounds[1])
+        if grad(math.exp(hi)) > 0:
+            warnings.warn(f"marginal likelihood still increasing at tau = {bounds[1]:g} (||W|| ~ 0?);"
+                          " using the upper bound.")
+            return self.set_tau(bounds[1]).tau
+        if grad(math.exp(lo)) < 0:
+            warnings.warn(f"marginal likelihood decreasing already at tau = {bounds[0]:g}; using "
+                          "the lower bound.")
+            return self.set_tau(bounds[0]).tau
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if grad(math.exp(mid)) > 0:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-13:
+                break
+        return self.set_tau(math.exp(0.5 * (lo + hi))).tau
+
+    def optimize_tau_val(self, phi_val: torch.Tensor, y_val: torch.Tensor,
+                         grid: Sequence[float] | torch.Tensor | None = None, *,
+                         link: str = "auto", n_samples: int = 100, seed: int = 0) -> float:
+        """Choose tau minimising the validation NLL over ``grid`` (default 10^-4..10^4,
+        33 points); every grid point uses the same random numbers.  Sets and returns
+        tau; ``self.val_nll`` keeps ``[(tau, nll), ...]``."""
+        if grid is None:
+            grid = torch.logspace(-4, 4, 33, dtype=_MATH)
+        grid = [float(t) for t in torch.as_tensor(grid).reshape(-1)]
+        if not grid:
+            raise ValueError("grid is empty: give at least one tau value.")
+        y_val = torch.as_tensor(y_val).long().reshape(-1).to(self.device)
+        if phi_val.shape[0] == 0 or phi_val.shape[0] != y_val.shape[0]:
+            raise ValueError(f"need a non-empty validation set with one label per instance, got "
+                             f"{phi_val.shape[0]} instances and {y_val.shape[0]} labels.")
+        results = []
+        for t in grid:
+            try:
+                self.set_tau(t)
+            except ValueError:
+                results.append((t, math.inf))
+                continue
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            p = self.predict(phi_val, link=link, n_samples=n_samples, generator=gen).probs
+            p_y = p.to(_MATH).gather(1, y_val[:, None]).clamp_min(1e-300)
+            results.append((t, float(-torch.log(p_y).mean())))
+        best = min(range(len(results)), key=lambda i: results[i][1])
+        if not math.isfinite(results[best][1]):
+            raise ValueError("no tau in the grid gives a positive-definite posterior; use "
+                             "larger values.")
+        self.val_nll = results
+        return self.set_tau(results[best][0]).tau
+
+    # ---------------------------------------------------------------- moments
+    def _require_tau(self) -> None:
+        if self.tau is None:
+            raise ValueError("tau is not set: pass tau=..., or call optimize_tau_val(phi_val, "
+                             "y_val) (kron prior) / optimize_tau_marglik() (exact prior).")
+
+    def _prep(self, phi: torch.Tensor) -> torch.Tensor:
+        phi = torch.as_tensor(phi)
+        _check_width(phi, self.D1 - 1)
+        if phi.shape[0] == 0:
+            raise ValueError("no instances: phi is empty; pass at least one feature row.")
+        return phi_tilde(phi.detach().to(self.device, _MATH))
+
+    def _scale(self, pt: torch.Tensor) -> torch.Tensor:
+        """Exact: s (n, C) in the B eigenbasis.  Kron: v = phi~^T V phi~ (n,)."""
+        if self.prior == "exact":
+            proj = pt @ self.Q_A
+            return (proj * proj) @ self._inv_denom.T
+        return ((pt @ self.V) * pt).sum(-1)
+
+    def _cov_from_scale(self, sc: torch.Tensor) -> torch.Tensor:
+        if self.prior == "exact":
+            return (self.Q_B * sc[:, None, :]) @ self.Q_B.T
+        return sc[:, None, None] * self.U
+
+    def _diff_var(self, sc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Variance of z_a - z_b per instance (a, b index tensors (n,))."""
+        if self.prior == "exact":
+            dq = self.Q_B[a] - self.Q_B[b]            # (n, C): rows of Q_B
+            return (dq * dq * sc).sum(-1)
+        U = self.U
+        return sc * (U[a, a] + U[b, b] - 2 * U[a, b])
+
+    def logit_mean_cov(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (n, C) and covariance (n, C, C) of the exit logits at raw features phi (float64)."""
+        self._require_tau()
+        pt = self._prep(phi)
+        return pt @ self.W.T, self._cov_from_scale(self._scale(pt))
+
+    def _noise(self, sc: torch.Tensor, n_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+        g = torch.randn(n_samples, sc.shape[0], self.C, dtype=_MATH, device=self.device,
+                        generator=generator)
+        if self.prior == "exact":
+            return (g * sc.sqrt()) @ self.Q_B.T
+        return sc.sqrt()[None, :, None] * (g @ self.L.T)
+
+    def sample_logits(self, phi: torch.Tensor, n_samples: int = 100,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Samples (n_samples, n, C) of the exit logits: exact ``W phi~ + Q_B (sqrt(s) * g)``,
+        kron ``W phi~ + (phi~^T V phi~)^(1/2) L g``; float64."""
+        self._require_tau()
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        pt = self._prep(phi)
+        mu = pt @ self.W.T
+        return mu + self._noise(self._scale(pt), n_samples, generator)
+
+    # ---------------------------------------------------------------- predictive
+    def predict(self, phi: torch.Tensor, link: str = "auto", n_samples: int = 100,
+                generator: torch.Generator | None = None, chunk_size: int = 4096) -> LaplacePrediction:
+        """Laplace predictive at raw exit features ``phi`` (n, D).
+
+        link "auto": probit on the logit difference for C = 2, MC for C > 2.
+        "probit" for C > 2 is laplace-torch's per-logit probit
+        ``softmax(mu / sqrt(1 + pi diag(Sigma) / 8))``.  "mc": ``n_samples`` draws,
+        batched over instances (``chunk_size``), vectorised over samples; without a
+        generator a fresh one seeded 0 is used (reproducible).  Outputs in phi's dtype.
+        """
+        self._require_tau()
+        if link not in _LINKS:
+            raise ValueError(f"link must be one of {_LINKS}, got {link!r}.")
+        if link == "auto":
+            link = "probit" if self.C == 2 else "mc"
+        phi = torch.as_tensor(phi)
+        out_dtype = phi.dtype if phi.is_floating_point() else torch.float32
+        _check_width(phi, self.D1 - 1)
+        if phi.shape[0] == 0:
+            raise ValueError("no instances: phi is empty; pass at least one feature row.")
+        if link == "mc":
+            if n_samples < 1:
+                raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+            if generator is None:
+                generator = torch.Generator(device=self.device).manual_seed(0)
+            # keep each chunk's (S, n, C) sample block around 2^22 float64 numbers (32 MB)
+            chunk_size = max(1, min(chunk_size, (1 << 22) // (n_samples * self.C)))
+        parts = []
+        for i in range(0, phi.shape[0], chunk_size):
+            pt = self._prep(phi[i:i + chunk_size])
+            mu = pt @ self.W.T
+            sc = self._scale(pt)
+            top = mu.topk(2, dim=-1).indices
+            var = self._diff_var(sc, top[:, 0], top[:, 1])
+            if link == "probit" and self.C == 2:
+                var_d = self._diff_var(sc, torch.ones_like(top[:, 0]), torch.zeros_like(top[:, 0]))
+                p1 = probit_two_class(mu[:, 1] - mu[:, 0], var_d)
+                probs = torch.stack([1 - p1, p1], -1)
+            elif link == "probit":
+                diag = self._cov_from_scale(sc).diagonal(dim1=-2, dim2=-1)
+                probs = torch.softmax(mu / torch.sqrt(1 + math.pi / 8 * diag), -1)
+            else:
+                z = mu + self._noise(sc, n_samples, generator)
+                probs = torch.softmax(z, -1).mean(0)
+            parts.append((probs, var))
+        probs = torch.cat([p for p, _ in parts])
+        var = torch.cat([v for _, v in parts])
+        margin, entropy = _margin_entropy(probs)
+        cast = lambda t: t.to(out_dtype)  # noqa: E731
+        return LaplacePrediction(cast(probs), cast(margin), cast(entropy), cast(var))
+
+    def __repr__(self) -> str:
+        tau = "unset" if self.tau is None else f"{self.tau:.4g}"
+        return f"ExitLaplace(prior={self.prior!r}, C={self.C}, D={self.D1 - 1}, N={self.n_data}, tau={tau})"
+
+
+def fit_exit_laplace(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | None = None, *,
+                     y: torch.Tensor | None = None, prior: str = "exact", tau: float | None = None,
+                     phi_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
+                     grid: Sequence[float] | None = None, n_train: int | None = None) -> ExitLaplace:
+    """Fit the exit Laplace of ``head`` (ExitHead) on training features ``phi`` (N, D).
+
+    ``probs=None`` -> the head's own softmax.  Exact prior: tau by marginal likelihood
+    unless given.  Kron prior: tau given, or chosen on ``(phi_val, y_val)`` over ``grid``.
+    """
+    phi = torch.as_tensor(phi)
+    _check_width(phi, _in_features(head))
+    if phi.shape[0] == 0:
+        raise ValueError("no instances: phi is empty, so there is nothing to fit the exit "
+                         "Laplace on; pass the training features.")
+    W = _head_weight(head)
+    if probs is None:
+        with torch.no_grad():
+            probs = torch.softmax(phi_tilde(phi.to(W.device, _MATH)) @ W.to(_MATH).T, -1)
+    factors = KronFactors.from_features(phi.to(W.device), probs.to(W.device), y, n_train=n_train)
+    if prior == "kron" and tau is None:
+        if phi_val is None or y_val is None:
+            raise ValueError("prior='kron' needs tau=... or validation data (phi_val, y_val) to "
+                             "choose tau by NLL.")
+        la = ExitLaplace(W, factors, prior="kron", tau=None)
+        la.optimize_tau_val(phi_val, y_val, grid)
+        return la
+    return ExitLaplace(W, factors, prior=prior, tau=tau)
