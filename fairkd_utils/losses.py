@@ -1,0 +1,533 @@
+"""Distillation losses, per-instance weights and the training objectives of
+every method (DESIGN.md, "Methods").
+
+Student loss over a batch, per instance i::
+
+    L = mean_i[(1-lam) * w_ce_i * CE(s_i, y_i) + lam * w_kd_i * T^2 * KL(softmax(t_i/T) || softmax(s_i/T))]
+
+Weights never carry gradient, start after the same warm-up (unit weights) for
+every reweighting method and are normalised to mean 1 over the batch by
+default (one switch, ``MethodConfig.normalise``, the same for every method).
+
+The pure functions come first (``kd_loss``, ``confidence_margin``,
+``dedier_weight``, ``laplace_weight``, ``group_balanced_weight``,
+``normalise``, ``student_loss``), then ``MethodConfig`` with
+``DEFAULT_HPARAMS``, then the objectives the training loop calls
+(``objective.loss(out, batch, epoch) -> (loss, {"ce": w, "kd": w})`` and
+``objective.on_epoch_end(epoch)``) and the factory ``make_objective``.
+
+Epochs are counted from 0 as the loop passes them: epochs
+``0 .. warmup_epochs-1`` use unit weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .exit_laplace import ExitLaplace, KronFactors
+from .models import phi_tilde
+from .profiles import METHODS
+
+SCORES = ("margin", "entropy", "variance")
+ALPHAS = ("wrong", "signed")
+PRIORS = ("exact", "kron")
+
+# Methods whose weights are not all 1, and which terms each weight multiplies.
+WEIGHTED_TERMS = {
+    "erm": (),
+    "kd": (),
+    "dedier": ("kd",),
+    "dedier_both": ("ce", "kd"),
+    "laplace_kd": ("ce", "kd"),
+    "group_balanced": ("ce", "kd"),
+}
+
+
+# --------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Hinton's distillation term per instance: ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
+
+    The ``T^2`` keeps the gradient's scale independent of the temperature
+    (Hinton et al., 2015). Returns a (B,) tensor; gradient flows to the
+    student only (the teacher's logits are detached).
+    """
+    log_p_s = F.log_softmax(student_logits / T, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().to(student_logits.dtype) / T, dim=-1)
+    return (T * T) * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+
+
+kd_kl = kd_loss  # the name used in the module contracts
+
+
+def confidence_margin(probs: Tensor) -> Tensor:
+    """``p_max - max_{k != argmax} p_k`` per row of a (B, C) probability matrix."""
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def _alpha(wrong: Tensor, alpha: str) -> Tensor:
+    """DeDiER's sign: 1 where wrong else 0 (``"wrong"``), or +1/-1 (``"signed"``)."""
+    if alpha == "wrong":
+        return wrong.to(torch.get_default_dtype())
+    if alpha == "signed":
+        return wrong.to(torch.get_default_dtype()) * 2.0 - 1.0
+    raise ValueError(f"unknown alpha {alpha!r}; choose one of {list(ALPHAS)}")
+
+
+@torch.no_grad()
+def dedier_weight(readout_logits: Tensor, y: Tensor, beta: float, alpha: str = "wrong") -> Tensor:
+    """DeDiER's weight ``exp(beta * cm * alpha)`` from an early readout's MAP softmax.
+
+    ``cm`` is the readout's confidence margin and ``alpha`` is 1 where the
+    readout is wrong, 0 where right (``"signed"``: +1 / -1), so a confidently
+    wrong readout gets ``exp(beta * cm)`` and a right one 1. No gradient;
+    not normalised (see ``normalise``).
+    """
+    logits = readout_logits.detach()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    cm = confidence_margin(probs)
+    wrong = probs.argmax(-1) != y.to(probs.device)
+    return torch.exp(beta * cm * _alpha(wrong, alpha).to(cm))
+
+
+def _field(pred: Any, name: str) -> Tensor | None:
+    value = getattr(pred, name, None)
+    return None if value is None else value.detach()
+
+
+@torch.no_grad()
+def laplace_weight(pred: Any, y: Tensor, beta: float, score: str = "margin",
+                   alpha: str = "wrong", variance_ref: Tensor | float | None = None) -> Tensor:
+    """Laplace-KD's weight from the exit's Laplace predictive (a ``LaplacePrediction``
+    with ``probs``, ``margin``, ``entropy``, ``variance``), one per instance.
+
+    Each score is mapped to ``u`` in [0, 1] and the weight is ``exp(beta * u)``,
+    so ``beta`` bounds the log-ratio between the most and least weighted
+    instance identically for every score and for DeDiER:
+
+    * ``margin``: ``u = cm * alpha`` with the predictive's margin and
+      correctness, exactly DeDiER's form with the Laplace predictive in place
+      of the MAP softmax (``alpha`` as in ``dedier_weight``).
+    * ``entropy``: ``u = H(p) / log C``, the predictive entropy as a fraction of
+      its maximum: an absolute scale (0 = certain, 1 = uniform) that needs no
+      reference and is comparable across C.
+    * ``variance``: ``u = v / (v + v_ref)`` with ``v`` the variance of the
+      top-2 logit difference and ``v_ref`` the batch's mean variance (or the
+      given ``variance_ref``). The variance has no natural maximum and its
+      absolute size shrinks like 1/N_train, so a fixed map such as the probit
+      factor ``1 - 1/sqrt(1 + pi v / 8)`` would stay near 0 on a large
+      training set and make ``beta`` mean something different per dataset;
+      ``v / (v + v_ref)`` is scale-free (invariant to rescaling all
+      variances), bounded, monotone, and 1/2 at the reference.
+
+    ``entropy`` and ``variance`` use no label: they upweight uncertain
+    instances, right or wrong; ``alpha`` applies to ``margin`` only.
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown Laplace score {score!r}; choose one of {list(SCORES)}")
+    probs = _field(pred, "probs")
+    if score == "margin":
+        if probs is None:
+            raise ValueError("score='margin' needs pred.probs (for correctness)")
+        cm = _field(pred, "margin")
+        if cm is None:
+            cm = confidence_margin(probs)
+        wrong = probs.argmax(-1) != y.to(probs.device)
+        u = cm * _alpha(wrong, alpha).to(cm)
+    elif score == "entropy":
+        h = _field(pred, "entropy")
+        if probs is None:
+            raise ValueError("score='entropy' needs pred.probs (for the number of classes)")
+        if h is None:
+            h = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+        u = h / math.log(probs.shape[-1])
+    else:
+        v = _field(pred, "variance")
+        if v is None:
+            raise ValueError("score='variance' needs pred.variance")
+        v = v.clamp_min(0)
+        ref = v.mean() if variance_ref is None else torch.as_tensor(variance_ref, dtype=v.dtype,
+                                                                       device=v.device)
+        u = v / (v + ref).clamp_min(torch.finfo(v.dtype).tiny)
+    return torch.exp(beta * u)
+
+
+def group_balanced_weight(g: Tensor, group_counts: Tensor) -> Tensor:
+    """Inverse frequency of each instance's true group, normalised so that the
+    weights' mean over the training set is 1: ``w_g = N / (G * n_g)`` with G the
+    number of non-empty groups. Groups absent from training get weight 0."""
+    counts = torch.as_tensor(group_counts, dtype=torch.float64)
+    present = counts > 0
+    per_group = torch.zeros_like(counts)
+    per_group[present] = counts.sum() / (present.sum() * counts[present])
+    return per_group.to(g.device)[g].to(torch.get_default_dtype())
+
+
+def normalise(w: Tensor) -> Tensor:
+    """``w / mean(w)`` over the batch, detached: weights carry no gradient."""
+    w = w.detach()
+    return w / w.mean().clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def student_loss(logits: Tensor, y: Tensor, teacher_logits: Tensor | None = None,
+                 w_ce: Tensor | None = None, w_kd: Tensor | None = None,
+                 lam: float = 0.0, T: float = 1.0) -> Tensor:
+    """``mean_i[(1-lam) w_ce_i CE(s_i, y_i) + lam w_kd_i T^2 KL(t_i || s_i)]`` (DESIGN "Methods").
+
+    ``lam = 0`` is plain cross-entropy and needs no teacher; ``None`` weights
+    are 1. Weights are detached here, so they never carry gradient.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    per = logits.new_zeros(logits.shape[0])
+    if lam < 1.0:
+        ce = F.cross_entropy(logits, y, reduction="none")
+        per = per + (1.0 - lam) * (ce if w_ce is None else w_ce.detach().to(ce) * ce)
+    if lam > 0.0:
+        if teacher_logits is None:
+            raise ValueError("lam > 0 needs teacher_logits (the distillation term); "
+                             "pass the teacher's logits for the batch or use lam=0")
+        kd = kd_loss(logits, teacher_logits, T)
+        per = per + lam * (kd if w_kd is None else w_kd.detach().to(kd) * kd)
+    return per.mean()
+
+
+# --------------------------------------------------------------------------
+# Hyper-parameters
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One method's hyper-parameters (DESIGN "Methods").
+
+    ``lam`` mixes CE (0) and KD (1); ``T`` is the distillation temperature;
+    ``beta`` the reweighting strength (weights lie in [1, e^beta] before
+    normalisation); ``score`` the Laplace-KD score; ``alpha`` the sign rule of
+    the margin weights; ``normalise`` divides each batch's weights by their
+    mean; epochs before ``warmup_epochs`` use unit weights. Laplace-KD only:
+    ``refit_every`` (None = refit at each epoch's end, k = also every k steps),
+    ``tau`` (None = re-optimise the prior precision by marginal likelihood from
+    the factors at each refit), ``prior`` ("exact" or "kron", DESIGN "Laplace
+    at the exit").
+    """
+
+    method: str
+    lam: float = 0.0
+    T: float = 1.0
+    beta: float = 0.0
+    score: str = "margin"
+    alpha: str = "wrong"
+    normalise: bool = True
+    warmup_epochs: int = 0
+    refit_every: int | None = None
+    tau: float | None = None
+    prior: str = "exact"
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"MethodConfig({self.method!r}): {msg}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if self.score not in SCORES:
+            bad(f"unknown score {self.score!r}; choose one of {list(SCORES)}")
+        if self.alpha not in ALPHAS:
+            bad(f"unknown alpha {self.alpha!r}; choose one of {list(ALPHAS)}")
+        if self.prior not in PRIORS:
+            bad(f"unknown prior {self.prior!r}; choose one of {list(PRIORS)}")
+        if not 0.0 <= self.lam <= 1.0:
+            bad(f"lam must lie in [0, 1], got {self.lam}")
+        if self.method == "erm" and self.lam != 0.0:
+            bad(f"erm is plain cross-entropy: lam must be 0, got {self.lam} (use method='kd')")
+        if not (self.T > 0 and math.isfinite(self.T)):
+            bad(f"T must be a positive number, got {self.T}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            bad(f"beta must be finite and >= 0, got {self.beta} (alpha='signed' downweights right readouts)")
+        if int(self.warmup_epochs) != self.warmup_epochs or self.warmup_epochs < 0:
+            bad(f"warmup_epochs must be an integer >= 0, got {self.warmup_epochs}")
+        if self.refit_every is not None and (int(self.refit_every) != self.refit_every
+                                             or self.refit_every < 1):
+            bad(f"refit_every must be None (epoch end) or an integer >= 1, got {self.refit_every}")
+        if self.tau is not None and not (self.tau > 0 and math.isfinite(self.tau)):
+            bad(f"tau must be None (marginal likelihood) or a positive number, got {self.tau}")
+        if self.prior == "kron" and self.tau is None:
+            bad("prior='kron' is not evidence-based, so tau cannot come from the marginal "
+                "likelihood during training: give tau (e.g. notebook 04's validation choice)")
+
+    def replace(self, **changes) -> "MethodConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def config_id(self) -> str:
+        """A short stable id of every field except ``method`` (for the tables)."""
+        d = {k: v for k, v in self.to_dict().items() if k != "method"}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+# Unswept defaults (the lead's sweep replaces them on validation worst-group
+# accuracy). Shared lam/T across the distillation methods so that only the
+# weights differ; beta = 3 lets a confidently wrong readout weigh up to e^3 ~ 20
+# times a right one, the order of Waterbirds' majority/minority ratio.
+# laplace_kd's score is a placeholder until notebook 04's AUROC decides it.
+_LAM, _T, _BETA = 0.5, 2.0, 3.0
+DEFAULT_HPARAMS: dict[str, MethodConfig] = {
+    "erm": MethodConfig("erm", lam=0.0, T=1.0, beta=0.0),
+    "kd": MethodConfig("kd", lam=_LAM, T=_T, beta=0.0),
+    "dedier": MethodConfig("dedier", lam=_LAM, T=_T, beta=_BETA),
+    "dedier_both": MethodConfig("dedier_both", lam=_LAM, T=_T, beta=_BETA),
+    "laplace_kd": MethodConfig("laplace_kd", lam=_LAM, T=_T, beta=_BETA, score="margin"),
+    "group_balanced": MethodConfig("group_balanced", lam=_LAM, T=_T, beta=0.0),
+}
+
+
+def default_config(method: str, **overrides) -> MethodConfig:
+    """``DEFAULT_HPARAMS[method]`` with ``overrides`` (e.g. ``warmup_epochs`` from the profile)."""
+    if method not in DEFAULT_HPARAMS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    return DEFAULT_HPARAMS[method].replace(**overrides)
+
+
+# --------------------------------------------------------------------------
+# Objectives (train.Objective protocol)
+# --------------------------------------------------------------------------
+
+class DistillationObjective:
+    """The student loss of one method: CE + KD with per-instance weights.
+
+    Subclasses supply ``_raw_weight`` (the unnormalised weight after warm-up)
+    and may observe each batch (``_observe``). ``loss`` returns the loss and
+    ``{"ce": w_ce, "kd": w_kd}``, the (B,) detached weights actually used, for
+    per-group logging; unweighted terms get ones.
+    """
+
+    def __init__(self, config: MethodConfig, teacher_logits: Tensor | None = None,
+                 n_classes: int | None = None):
+        self.config = config
+        self.n_classes = n_classes
+        if config.lam > 0 and teacher_logits is None:
+            raise ValueError(f"method {config.method!r} with lam={config.lam} needs teacher_logits "
+                             "(N_train, C), indexed by batch.idx; pass the saved teacher logits")
+        if teacher_logits is not None:
+            if teacher_logits.ndim != 2:
+                raise ValueError(f"teacher_logits must be (N_train, C), got shape {tuple(teacher_logits.shape)}")
+            if n_classes is not None and teacher_logits.shape[1] != n_classes:
+                raise ValueError(f"teacher_logits has {teacher_logits.shape[1]} classes, "
+                                 f"the data {n_classes}: logits of another dataset?")
+            teacher_logits = teacher_logits.detach().float()
+        self._teacher = teacher_logits
+        self._weighted = WEIGHTED_TERMS[config.method]
+
+    # -- hooks ---------------------------------------------------------------
+    def _raw_weight(self, out, batch, y: Tensor, epoch: int) -> Tensor | None:
+        return None
+
+    def _observe(self, out, batch, epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> None:
+        pass
+
+    # -- protocol --------------------------------------------------------------
+    def _teacher_for(self, batch, device) -> Tensor:
+        if self._teacher.device != device:  # moved once, then cached
+            self._teacher = self._teacher.to(device)
+        return self._teacher[batch.idx.to(device)]
+
+    def loss(self, out, batch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = out.logits if hasattr(out, "logits") else out
+        y = batch.y.to(logits.device)
+        ones = torch.ones(y.shape[0], device=logits.device,
+                          dtype=torch.promote_types(logits.dtype, torch.float32))
+        w = None
+        if self._weighted and epoch >= self.config.warmup_epochs:
+            w = self._raw_weight(out, batch, y, epoch)
+        self._observe(out, batch, epoch)
+        if w is None:
+            w = ones
+        else:
+            w = w.detach().to(ones)
+            if self.config.normalise:
+                w = normalise(w)
+        w_ce = w if "ce" in self._weighted else ones
+        w_kd = w if "kd" in self._weighted else ones
+        cfg = self.config
+        teacher = self._teacher_for(batch, logits.device) if cfg.lam > 0 else None
+        value = student_loss(logits, y, teacher, w_ce, w_kd, cfg.lam, cfg.T)
+        return value, {"ce": w_ce, "kd": w_kd}
+
+
+def _exit_logits(out) -> Tensor:
+    exit_logits = getattr(out, "exit_logits", None)
+    if exit_logits is None:
+        raise ValueError("this method reads the student's early exit: the model must return "
+                         "a StudentOutput with exit_logits (build it with models.build_student)")
+    return exit_logits
+
+
+class ERMObjective(DistillationObjective):
+    """``erm``: plain cross-entropy on the final head (lam = 0, w = 1)."""
+
+
+class KDObjective(DistillationObjective):
+    """``kd``: Hinton's distillation, unit weights."""
+
+
+class DeDiERObjective(DistillationObjective):
+    """``dedier`` (KD term) and ``dedier_both`` (both terms): ``exp(beta*cm*alpha)``
+    from the early exit's MAP softmax (``out.exit_logits``; the loop trains the
+    exit with its own CE on detached features)."""
+
+    def _raw_weight(self, out, batch, y, epoch):
+        return dedier_weight(_exit_logits(out), y, self.config.beta, self.config.alpha)
+
+
+class GroupBalancedObjective(DistillationObjective):
+    """``group_balanced`` (a reference, not a method): inverse frequency of the
+    true group ``g = y * n_attrs + a`` on both terms — labels the methods never see."""
+
+    def __init__(self, config, teacher_logits, group_counts, n_classes):
+        super().__init__(config, teacher_logits, n_classes)
+        counts = torch.as_tensor(group_counts)
+        if n_classes is None or counts.numel() % n_classes:
+            raise ValueError(f"group_counts has {counts.numel()} groups, not a multiple of "
+                             f"n_classes={n_classes}; pass splits['train'].group_counts() and n_classes")
+        self.n_attrs = counts.numel() // n_classes
+        self._per_group = group_balanced_weight(torch.arange(counts.numel()), counts)
+
+    def _raw_weight(self, out, batch, y, epoch):
+        g = y * self.n_attrs + batch.a.to(y.device)
+        if self._per_group.device != y.device:
+            self._per_group = self._per_group.to(y.device)
+        return self._per_group[g]
+
+
+class LaplaceKDObjective(DistillationObjective):
+    """``laplace_kd``: the weight from the early exit's last-layer Laplace
+    predictive, on both terms (DESIGN "Laplace at the exit").
+
+    During each epoch ``exit_laplace.KronFactors`` are accumulated from the
+    exit's features ``phi~ = [phi, 1]``, ``softmax(exit_logits)`` and the labels
+    (for the marginal likelihood) of the batches the loop already computes
+    (detached; no extra pass). At the epoch's end (and every ``refit_every``
+    steps if set) the posterior is refit; the factors carry ``n_train``, so B is
+    rescaled by N_train / n_seen (A stays an average) and a partial epoch stands
+    for the whole training set. ``tau`` is fixed or re-optimised by marginal
+    likelihood from the factors. Until the first fit the weights are 1; factors
+    are only accumulated from the epoch before warm-up ends.
+
+    The exit head's weight is read from the student given at construction
+    (``model.exit.linear.weight``; ``StudentOutput`` does not carry it). The
+    posterior covariance is the one of the last refit, but the predictive's
+    mean is the exit's *current* weight (the one that produced this batch's
+    ``exit_logits``), so Laplace-KD and DeDiER read the same exit and differ
+    only by the Laplace predictive, not by a one-epoch lag of its mean. (For
+    both priors the covariance does not depend on W, so swapping the mean is
+    exact.)
+    """
+
+    def __init__(self, config, teacher_logits, model, n_train, n_classes, generator=None,
+                 seed: int = 0):
+        super().__init__(config, teacher_logits, n_classes)
+        if model is None or not hasattr(getattr(model, "exit", None), "linear"):
+            raise ValueError("laplace_kd needs the student (make_objective(..., model=student)) "
+                             "to read its exit head's weight model.exit.linear.weight")
+        if not n_train or n_train < 1:
+            raise ValueError(f"laplace_kd needs n_train (the training set size), got {n_train}")
+        self.model = model
+        self.n_train = int(n_train)
+        self.generator = generator
+        self.seed = seed
+        self.laplace = None        # the current ExitLaplace; None before the first fit
+        self.factors = None        # this epoch's KronFactors
+        self.last_factors = None   # the factors of the last refit (for inspection)
+        self.n_refits = 0
+        self._steps = 0
+
+    def _accumulating(self, epoch: int) -> bool:
+        # the fit at the end of epoch warmup-1 is the first one whose weights are used
+        return epoch >= self.config.warmup_epochs - 1
+
+    def _exit_weight(self) -> Tensor:
+        return self.model.exit.linear.weight.detach()
+
+    def _raw_weight(self, out, batch, y, epoch):
+        if self.laplace is None:
+            return None
+        la = self.laplace
+        la.W = self._exit_weight().to(la.W)  # current MAP mean, covariance from the last refit
+        pred = la.predict(out.phi.detach(), generator=self.generator)
+        return laplace_weight(pred, y, self.config.beta, self.config.score, self.config.alpha)
+
+    def _observe(self, out, batch, epoch):
+        if not self._accumulating(epoch):
+            return
+        phi = out.phi.detach()
+        probs = F.softmax(_exit_logits(out).detach(), dim=-1)
+        if self.factors is None:
+            self.factors = KronFactors(n_train=self.n_train)
+        self.factors.update(phi_tilde(phi), probs, batch.y.to(phi.device))
+        self._steps += 1
+        k = self.config.refit_every
+        if k is not None and self._steps % k == 0 and epoch >= self.config.warmup_epochs:
+            self._refit()
+
+    def _refit(self) -> None:
+        W = self._exit_weight()
+        self.laplace = ExitLaplace(W, self.factors, prior=self.config.prior, tau=self.config.tau)
+        if self.generator is None and self.laplace.C > 2:  # Monte-Carlo predictive
+            self.generator = torch.Generator(device=W.device).manual_seed(self.seed)
+        self.last_factors = self.factors
+        self.n_refits += 1
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.factors is not None and self.factors.n > 0:
+            self._refit()
+        self.factors = None
+        self._steps = 0
+
+
+def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None,
+                   group_counts: Tensor | None = None, n_train: int | None = None,
+                   n_classes: int | None = None, model: torch.nn.Module | None = None,
+                   generator: torch.Generator | None = None, seed: int = 0) -> DistillationObjective:
+    """The training objective of ``config.method`` for ``train.train_model``.
+
+    ``teacher_logits``: (N_train, C) teacher logits on the training split in
+    dataset order (indexed by ``batch.idx``), needed when lam > 0.
+    ``group_counts``: the training split's ``group_counts()`` (group_balanced).
+    ``model``: the student, for laplace_kd (its exit weight at refit time).
+    ``generator`` / ``seed``: for the Monte-Carlo predictive (more than two classes).
+    """
+    m = config.method
+    if teacher_logits is not None and n_train is not None and teacher_logits.shape[0] != n_train:
+        raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but n_train={n_train}: "
+                         "pass the teacher's logits on the training split, in dataset order")
+    if m == "erm":
+        return ERMObjective(config, teacher_logits, n_classes)
+    if m == "kd":
+        return KDObjective(config, teacher_logits, n_classes)
+    if m in ("dedier", "dedier_both"):
+        return DeDiERObjective(config, teacher_logits, n_classes)
+    if m == "group_balanced":
+        if group_counts is None:
+            raise ValueError("group_balanced needs group_counts (splits['train'].group_counts())")
+        return GroupBalancedObjective(config, teacher_logits, group_counts, n_classes)
+    if m == "laplace_kd":
+        return LaplaceKDObjective(config, teacher_logits, model, n_train, n_classes, generator, seed)
+    raise ValueError(f"unknown method {m!r}; choose one of {list(METHODS)}")

@@ -1,0 +1,316 @@
+"""Claims about the distillation losses, the per-instance weights and the
+method objectives (fairkd_utils/losses.py, DESIGN "Methods")."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairkd_utils import losses as L
+from fairkd_utils.data import Batch
+from fairkd_utils.exit_laplace import ExitLaplace, KronFactors, LaplacePrediction
+from fairkd_utils.models import ExitHead, StudentOutput, phi_tilde
+
+torch.set_num_threads(1)
+DT = torch.float64
+
+
+def _pred(probs, variance=None):
+    probs = torch.tensor(probs, dtype=DT)
+    top2 = probs.topk(2, -1).values
+    h = -(probs * probs.clamp_min(1e-300).log()).sum(-1)
+    v = torch.zeros(len(probs), dtype=DT) if variance is None else torch.tensor(variance, dtype=DT)
+    return LaplacePrediction(probs, top2[:, 0] - top2[:, 1], h, v)
+
+
+# ---------------------------------------------------------------- DeDiER weight
+
+def test_dedier_upweights_confidently_wrong_readouts_and_leaves_right_ones_at_one():
+    beta = 2.0
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4]], dtype=DT))
+    y = torch.tensor([1, 0, 1])  # wrong (cm 0.8), right, wrong (cm 0.2)
+    w = L.dedier_weight(logits, y, beta)
+    expected = torch.tensor([math.exp(beta * 0.8), 1.0, math.exp(beta * 0.2)], dtype=DT)
+    torch.testing.assert_close(w, expected)
+
+
+def test_dedier_signed_alpha_downweights_confidently_right_readouts():
+    beta = 1.5
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]], dtype=DT))
+    w = L.dedier_weight(logits, torch.tensor([1, 0]), beta, alpha="signed")
+    torch.testing.assert_close(w, torch.tensor([math.exp(1.2), math.exp(-1.2)], dtype=DT))
+
+
+def test_confidence_margin_is_top1_minus_top2_for_many_classes():
+    p = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]], dtype=DT)
+    torch.testing.assert_close(L.confidence_margin(p), torch.tensor([0.2, 0.7], dtype=DT))
+
+
+def test_weights_carry_no_gradient():
+    logits = torch.randn(5, 3, requires_grad=True)
+    assert not L.dedier_weight(logits, torch.zeros(5, dtype=torch.long), 2.0).requires_grad
+
+
+# ---------------------------------------------------------------- Laplace-KD weight
+
+def test_laplace_margin_weight_is_dedier_form_on_the_laplace_predictive():
+    beta = 3.0
+    pred = _pred([[0.7, 0.3], [0.2, 0.8], [0.45, 0.55]])
+    y = torch.tensor([1, 1, 0])  # wrong (cm 0.4), right, wrong (cm 0.1)
+    w = L.laplace_weight(pred, y, beta, score="margin")
+    torch.testing.assert_close(w, torch.tensor([math.exp(1.2), 1.0, math.exp(0.3)], dtype=DT))
+
+
+def test_laplace_entropy_weight_is_exp_beta_times_entropy_over_log_c():
+    beta = 2.0
+    pred = _pred([[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]])
+    h3 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)
+    w = L.laplace_weight(pred, torch.tensor([0, 0, 1]), beta, score="entropy")
+    torch.testing.assert_close(w, torch.tensor([math.exp(beta), 1.0, math.exp(beta * h3)], dtype=DT))
+    # label-free, and the uniform predictive gets e^beta for any number of classes
+    w3 = L.laplace_weight(_pred([[1 / 3] * 3]), torch.tensor([2]), beta, score="entropy")
+    torch.testing.assert_close(w3, torch.tensor([math.exp(beta)], dtype=DT))
+
+
+def test_laplace_variance_weight_is_scale_free_share_of_the_batch_mean_variance():
+    beta = 2.0
+    pred = _pred([[0.6, 0.4]] * 3, variance=[1.0, 3.0, 2.0])  # batch mean 2
+    w = L.laplace_weight(pred, torch.tensor([0, 0, 0]), beta, score="variance")
+    torch.testing.assert_close(w, torch.exp(beta * torch.tensor([1 / 3, 3 / 5, 1 / 2], dtype=DT)))
+    scaled = _pred([[0.6, 0.4]] * 3, variance=[1e-3, 3e-3, 2e-3])
+    torch.testing.assert_close(L.laplace_weight(scaled, torch.zeros(3, dtype=torch.long), beta,
+                                                score="variance"), w)
+    w_ref = L.laplace_weight(pred, torch.zeros(3, dtype=torch.long), beta, score="variance",
+                             variance_ref=1.0)
+    torch.testing.assert_close(w_ref, torch.exp(beta * torch.tensor([1 / 2, 3 / 4, 2 / 3], dtype=DT)))
+
+
+def test_unknown_score_is_a_clear_error_listing_the_valid_ones():
+    with pytest.raises(ValueError, match="margin.*entropy.*variance"):
+        L.laplace_weight(_pred([[0.5, 0.5]]), torch.tensor([0]), 1.0, score="auroc")
+    with pytest.raises(ValueError, match="margin.*entropy.*variance"):
+        L.MethodConfig("laplace_kd", lam=0.5, T=2.0, beta=1.0, score="auroc")
+    with pytest.raises(ValueError, match="dedier_both"):
+        L.MethodConfig("deder")
+
+
+# ---------------------------------------------------------------- losses
+
+def test_loss_with_lambda_zero_is_cross_entropy_and_needs_no_teacher():
+    s = torch.randn(7, 3, dtype=DT)
+    y = torch.randint(0, 3, (7,))
+    torch.testing.assert_close(L.student_loss(s, y, None, lam=0.0), F.cross_entropy(s, y))
+
+
+def test_loss_with_unit_weights_is_hintons_kd():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 4, dtype=DT), torch.randn(6, 4, dtype=DT)
+    y = torch.randint(0, 4, (6,))
+    lam, T = 0.7, 3.0
+    hinton = (1 - lam) * F.cross_entropy(s, y) + lam * T * T * F.kl_div(
+        F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
+    ones = torch.ones(6, dtype=DT)
+    torch.testing.assert_close(L.student_loss(s, y, t, ones, ones, lam, T), hinton)
+    # and the per-instance term is T^2 * sum_k p_t log(p_t / p_s), written out
+    p_t, p_s = F.softmax(t / T, -1), F.softmax(s / T, -1)
+    torch.testing.assert_close(L.kd_loss(s, t, T), T * T * (p_t * (p_t / p_s).log()).sum(-1))
+
+
+def test_loss_applies_per_instance_weights_to_each_term():
+    s, t = torch.randn(4, 2, dtype=DT), torch.randn(4, 2, dtype=DT)
+    y = torch.tensor([0, 1, 1, 0])
+    w_ce, w_kd = torch.tensor([1., 2., 3., 4.], dtype=DT), torch.tensor([4., 3., 2., 1.], dtype=DT)
+    ce = F.cross_entropy(s, y, reduction="none")
+    expected = (0.4 * w_ce * ce + 0.6 * w_kd * L.kd_loss(s, t, 2.0)).mean()
+    torch.testing.assert_close(L.student_loss(s, y, t, w_ce, w_kd, 0.6, 2.0), expected)
+
+
+def test_kd_term_vanishes_when_student_and_teacher_agree():
+    s = torch.randn(5, 3, dtype=DT, requires_grad=True)
+    kd = L.kd_loss(s, s.detach().clone(), 4.0)
+    torch.testing.assert_close(kd, torch.zeros(5, dtype=DT))
+    kd.sum().backward()
+    torch.testing.assert_close(s.grad, torch.zeros_like(s))
+
+
+def test_kd_without_teacher_logits_is_a_clear_error():
+    with pytest.raises(ValueError, match="teacher_logits"):
+        L.student_loss(torch.randn(2, 2), torch.tensor([0, 1]), None, lam=0.5)
+
+
+def test_normalisation_keeps_the_batch_mean_at_one_and_carries_no_gradient():
+    w = torch.rand(9, dtype=DT, requires_grad=True) * 5 + 0.1
+    n = L.normalise(w)
+    torch.testing.assert_close(n.mean(), torch.tensor(1.0, dtype=DT))
+    assert not n.requires_grad
+    torch.testing.assert_close(n / n[0], (w / w[0]).detach())  # ratios kept
+
+
+def test_group_balanced_weight_is_inverse_group_frequency_with_train_mean_one():
+    counts = torch.tensor([3498, 184, 56, 1057])
+    w = L.group_balanced_weight(torch.arange(4), counts)
+    torch.testing.assert_close(w * counts, torch.full((4,), counts.sum() / 4.0))  # w_g ∝ 1/n_g
+    torch.testing.assert_close((w * counts).sum() / counts.sum(), torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------- configs
+
+def test_method_config_rejects_nonsense_and_defaults_cover_every_method():
+    assert set(L.DEFAULT_HPARAMS) == set(L.METHODS)
+    with pytest.raises(ValueError, match="lam must be 0"):
+        L.MethodConfig("erm", lam=0.5)
+    with pytest.raises(ValueError, match="wrong.*signed"):
+        L.MethodConfig("dedier", alpha="always")
+    with pytest.raises(ValueError, match="tau"):
+        L.MethodConfig("laplace_kd", prior="kron")
+    cfg = L.default_config("dedier", warmup_epochs=3)
+    assert cfg.warmup_epochs == 3 and cfg.beta == L.DEFAULT_HPARAMS["dedier"].beta
+    assert cfg.config_id != cfg.replace(beta=cfg.beta + 1).config_id
+
+
+# ---------------------------------------------------------------- objectives
+
+N, C, D = 40, 2, 5
+
+
+def _setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(N, C, generator=g)
+    y = torch.randint(0, C, (N,), generator=g)
+    a = torch.randint(0, 2, (N,), generator=g)
+    phi = torch.randn(N, D, generator=g)
+    return teacher, y, a, phi
+
+
+class _Student(torch.nn.Module):
+    """Just an exit head, which is what the objectives read from the student."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.exit = ExitHead(D, C)
+        with torch.no_grad():
+            self.exit.linear.weight.normal_(0, 1.0)
+
+
+def _batches(y, a, phi, model, size=16):
+    for i in range(0, N, size):
+        idx = torch.arange(i, min(i + size, N))
+        logits = torch.randn(len(idx), C, requires_grad=True)
+        out = StudentOutput(logits, model.exit(phi[idx]).detach(), phi[idx])
+        yield Batch(idx, torch.zeros(len(idx), 1), y[idx], a[idx]), out
+
+
+def test_every_objective_returns_its_loss_and_the_weights_it_used():
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    counts = torch.bincount(y * 2 + a, minlength=4)
+    for method in L.METHODS:
+        cfg = L.default_config(method)
+        obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N,
+                               n_classes=C, model=model)
+        batch, out = next(_batches(y, a, phi, model))
+        loss, w = obj.loss(out, batch, epoch=0)
+        expected = L.student_loss(out.logits, batch.y, teacher[batch.idx], w["ce"], w["kd"],
+                                  cfg.lam, cfg.T)
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
+        assert w["ce"].shape == w["kd"].shape == (len(batch.idx),)
+        torch.testing.assert_close(w["ce"].mean(), torch.tensor(1.0))
+        torch.testing.assert_close(w["kd"].mean(), torch.tensor(1.0))
+
+
+def test_dedier_weights_the_kd_term_only_and_dedier_both_both_terms():
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    batch, out = next(_batches(y, a, phi, model))
+    raw = L.dedier_weight(out.exit_logits, batch.y, 3.0)
+    for method, ce_weighted in (("dedier", False), ("dedier_both", True)):
+        cfg = L.MethodConfig(method, lam=0.5, T=2.0, beta=3.0, normalise=False)
+        _, w = L.make_objective(cfg, teacher_logits=teacher).loss(out, batch, epoch=0)
+        torch.testing.assert_close(w["kd"], raw)
+        torch.testing.assert_close(w["ce"], raw if ce_weighted else torch.ones_like(raw))
+
+
+def test_warm_up_gives_unit_weights_for_every_reweighting_method():
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    counts = torch.bincount(y * 2 + a, minlength=4)
+    for method in ("dedier", "dedier_both", "laplace_kd", "group_balanced"):
+        cfg = L.default_config(method, warmup_epochs=2, normalise=False)
+        obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N,
+                               n_classes=C, model=model)
+        for epoch in range(3):
+            ws = [obj.loss(out, b, epoch)[1]["kd"] for b, out in _batches(y, a, phi, model)]
+            obj.on_epoch_end(epoch)
+            w = torch.cat(ws)
+            if epoch < 2:
+                torch.testing.assert_close(w, torch.ones(N), msg=f"{method} epoch {epoch}")
+            else:
+                assert not torch.allclose(w, torch.ones(N)), f"{method} stays at 1 after warm-up"
+
+
+def test_group_balanced_objective_weights_inverse_true_group_frequency():
+    teacher, y, a, phi = _setup()
+    counts = torch.bincount(y * 2 + a, minlength=4)
+    cfg = L.MethodConfig("group_balanced", lam=0.5, T=2.0, normalise=False)
+    obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_classes=C)
+    model = _Student()
+    batch, out = next(_batches(y, a, phi, model))
+    _, w = obj.loss(out, batch, epoch=0)
+    g = batch.y * 2 + batch.a
+    torch.testing.assert_close(w["ce"], (N / 4) / counts[g].float())
+
+
+def test_laplace_kd_accumulates_the_factors_of_its_batches_and_refits_at_epoch_end():
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    cfg = L.MethodConfig("laplace_kd", lam=0.5, T=2.0, beta=2.0, score="margin", normalise=False)
+    obj = L.make_objective(cfg, teacher_logits=teacher, n_train=N, n_classes=C, model=model)
+    batches = list(_batches(y, a, phi, model))
+    for b, out in batches:
+        _, w = obj.loss(out, b, epoch=0)
+        torch.testing.assert_close(w["kd"], torch.ones(len(b.idx)))  # no posterior yet
+    assert obj.n_refits == 0
+    one_shot = KronFactors.from_features(phi, torch.softmax(model.exit(phi).detach(), -1), y)
+    torch.testing.assert_close(obj.factors.B, one_shot.B)
+    torch.testing.assert_close(obj.factors.A, one_shot.A)
+    obj.on_epoch_end(0)
+    assert obj.n_refits == 1 and obj.factors is None
+    # epoch 1 weights come from the posterior fitted on epoch 0's factors
+    la = ExitLaplace(model.exit.linear.weight.detach(), one_shot)  # tau by marginal likelihood
+    assert obj.laplace.tau == pytest.approx(la.tau, rel=1e-9)
+    b, out = batches[0]
+    _, w = obj.loss(out, b, epoch=1)
+    torch.testing.assert_close(w["ce"], L.laplace_weight(la.predict(out.phi), b.y, 2.0).float())
+    torch.testing.assert_close(w["kd"], w["ce"])
+
+
+def test_laplace_kd_every_k_steps_rescales_b_to_the_training_set():
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    cfg = L.MethodConfig("laplace_kd", lam=0.5, T=2.0, beta=2.0, refit_every=1, tau=1.0)
+    obj = L.make_objective(cfg, teacher_logits=teacher, n_train=N, n_classes=C, model=model)
+    b, out = next(_batches(y, a, phi, model))
+    obj.loss(out, b, epoch=0)
+    assert obj.n_refits == 1 and obj.laplace.tau == 1.0
+    seen = KronFactors.from_features(phi[b.idx], torch.softmax(out.exit_logits, -1))
+    torch.testing.assert_close(obj.laplace.B, seen.B * (N / len(b.idx)))
+    torch.testing.assert_close(obj.laplace.A, seen.A)
+
+
+def test_objectives_need_what_their_method_reads():
+    teacher, y, a, phi = _setup()
+    with pytest.raises(ValueError, match="teacher_logits"):
+        L.make_objective(L.default_config("kd"))
+    with pytest.raises(ValueError, match="model"):
+        L.make_objective(L.default_config("laplace_kd"), teacher_logits=teacher, n_train=N)
+    with pytest.raises(ValueError, match="group_counts"):
+        L.make_objective(L.default_config("group_balanced"), teacher_logits=teacher)
+    with pytest.raises(ValueError, match="rows"):
+        L.make_objective(L.default_config("kd"), teacher_logits=teacher, n_train=N + 1)
+    obj = L.make_objective(L.default_config("dedier"), teacher_logits=teacher)
+    b = Batch(torch.arange(3), None, y[:3], a[:3])
+    with pytest.raises(ValueError, match="exit_logits"):
+        obj.loss(torch.randn(3, C), b, epoch=0)
