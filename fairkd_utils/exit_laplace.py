@@ -458,7 +458,8 @@ class ExitLaplace:
         tau; ``self.val_nll`` keeps ``[(tau, nll), ...]``."""
         if grid is None:
             grid = torch.logspace(-4, 4, 33, dtype=_MATH)
-        grid = [float(t) for t in torch.as_tensor(grid).reshape(-1)]
+        grid = (grid.reshape(-1).tolist() if isinstance(grid, torch.Tensor)
+                else [float(t) for t in grid])
         if not grid:
             raise ValueError("grid is empty: give at least one tau value.")
         y_val = torch.as_tensor(y_val).long().reshape(-1).to(self.device)
