@@ -349,15 +349,25 @@ class DistillationObjective:
             self._teacher = self._teacher.to(device)
         return self._teacher[batch.idx.to(device)]
 
+    def describe(self) -> dict:
+        """What identifies this objective for the loop's checkpoint fingerprint:
+        every hyper-parameter and the teacher logits (by content hash)."""
+        return {"objective": self.config.method, **self.config.to_dict(),
+                "teacher_logits": None if self._teacher is None else self._teacher.cpu()}
+
     def loss(self, out, batch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
         logits = out.logits if hasattr(out, "logits") else out
+        if logits.dtype in (torch.float16, torch.bfloat16):  # under the loop's CUDA autocast
+            logits = logits.float()
         y = batch.y.to(logits.device)
         ones = torch.ones(y.shape[0], device=logits.device,
                           dtype=torch.promote_types(logits.dtype, torch.float32))
         w = None
-        if self._weighted and epoch >= self.config.warmup_epochs:
-            w = self._raw_weight(out, batch, y, epoch)
-        self._observe(out, batch, epoch)
+        # weights and factors in full precision, whatever autocast the loop runs under
+        with torch.autocast(logits.device.type, enabled=False):
+            if self._weighted and epoch >= self.config.warmup_epochs:
+                w = self._raw_weight(out, batch, y, epoch)
+            self._observe(out, batch, epoch)
         if w is None:
             w = ones
         else:
@@ -377,7 +387,13 @@ def _exit_logits(out) -> Tensor:
     if exit_logits is None:
         raise ValueError("this method reads the student's early exit: the model must return "
                          "a StudentOutput with exit_logits (build it with models.build_student)")
-    return exit_logits
+    return _full(exit_logits)
+
+
+def _full(t: Tensor) -> Tensor:
+    """Detached, and float32 if it came in half precision (autocast)."""
+    t = t.detach()
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class ERMObjective(DistillationObjective):
@@ -409,6 +425,9 @@ class GroupBalancedObjective(DistillationObjective):
                              f"n_classes={n_classes}; pass splits['train'].group_counts() and n_classes")
         self.n_attrs = counts.numel() // n_classes
         self._per_group = group_balanced_weight(torch.arange(counts.numel()), counts)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "group_counts": self._per_group.cpu()}
 
     def _raw_weight(self, out, batch, y, epoch):
         g = y * self.n_attrs + batch.a.to(y.device)
@@ -459,6 +478,9 @@ class LaplaceKDObjective(DistillationObjective):
         self.n_refits = 0
         self._steps = 0
 
+    def describe(self) -> dict:
+        return {**super().describe(), "n_train": self.n_train, "seed": self.seed}
+
     def _accumulating(self, epoch: int) -> bool:
         # the fit at the end of epoch warmup-1 is the first one whose weights are used
         return epoch >= self.config.warmup_epochs - 1
@@ -471,14 +493,14 @@ class LaplaceKDObjective(DistillationObjective):
             return None
         la = self.laplace
         la.W = self._exit_weight().to(la.W)  # current MAP mean, covariance from the last refit
-        pred = la.predict(out.phi.detach(), generator=self.generator)
+        pred = la.predict(_full(out.phi), generator=self.generator)
         return laplace_weight(pred, y, self.config.beta, self.config.score, self.config.alpha)
 
     def _observe(self, out, batch, epoch):
         if not self._accumulating(epoch):
             return
-        phi = out.phi.detach()
-        probs = F.softmax(_exit_logits(out).detach(), dim=-1)
+        phi = _full(out.phi)
+        probs = F.softmax(_exit_logits(out), dim=-1)
         if self.factors is None:
             self.factors = KronFactors(n_train=self.n_train)
         self.factors.update(phi_tilde(phi), probs, batch.y.to(phi.device))

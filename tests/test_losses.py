@@ -314,3 +314,14 @@ def test_objectives_need_what_their_method_reads():
     b = Batch(torch.arange(3), None, y[:3], a[:3])
     with pytest.raises(ValueError, match="exit_logits"):
         obj.loss(torch.randn(3, C), b, epoch=0)
+
+
+def test_objective_fingerprint_description_changes_with_every_hyperparameter():
+    from fairkd_utils.train import fingerprint
+    teacher, y, a, phi = _setup()
+    base = L.default_config("dedier")
+    fp = lambda cfg, t=teacher: fingerprint(L.make_objective(cfg, teacher_logits=t).describe())  # noqa: E731
+    assert fp(base) == fp(base)
+    assert fp(base) != fp(base.replace(beta=base.beta + 1))
+    assert fp(base) != fp(base.replace(warmup_epochs=1))
+    assert fp(base) != fp(base, teacher + 1)
