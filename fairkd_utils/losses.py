@@ -14,7 +14,8 @@ The pure functions come first (``kd_loss``, ``confidence_margin``,
 ``normalise``, ``student_loss``), then ``MethodConfig`` with
 ``DEFAULT_HPARAMS``, then the objectives the training loop calls
 (``objective.loss(out, batch, epoch) -> (loss, {"ce": w, "kd": w})`` and
-``objective.on_epoch_end(epoch)``) and the factory ``make_objective``.
+``objective.on_epoch_end(epoch)``, plus ``describe()`` for the loop's
+checkpoint fingerprint) and the factory ``make_objective``.
 
 Epochs are counted from 0 as the loop passes them: epochs
 ``0 .. warmup_epochs-1`` use unit weights.
@@ -272,6 +273,15 @@ class MethodConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodConfig":
+        """The inverse of ``to_dict`` (e.g. a committed file of chosen hyper-parameters)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown MethodConfig fields {unknown}; valid ones are {sorted(names)}")
+        return cls(**d)
 
     @property
     def config_id(self) -> str:

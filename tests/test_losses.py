@@ -325,3 +325,10 @@ def test_objective_fingerprint_description_changes_with_every_hyperparameter():
     assert fp(base) != fp(base.replace(beta=base.beta + 1))
     assert fp(base) != fp(base.replace(warmup_epochs=1))
     assert fp(base) != fp(base, teacher + 1)
+
+
+def test_method_config_round_trips_through_a_plain_dict():
+    cfg = L.default_config("laplace_kd", score="variance", warmup_epochs=2, refit_every=10)
+    assert L.MethodConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown MethodConfig fields"):
+        L.MethodConfig.from_dict({**cfg.to_dict(), "gamma": 1.0})
