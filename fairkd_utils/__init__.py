@@ -10,7 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 _MODULES = ("data", "models", "losses", "exit_laplace", "train", "metrics",
-            "plots", "records", "pipeline", "profiles")
+            "plots", "records", "pipeline", "profiles", "experiment")
 
 
 def __getattr__(name):

@@ -88,3 +88,201 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
 def require(run: Run, relpath: str, notebook: str) -> Path:
     """A prerequisite file of the run, or a clear stop naming the notebook to run."""
     return records.require(run.path(relpath), notebook)
+
+
+# --------------------------------------------------------------------------- teacher
+#: One teacher per (dataset, profile), shared by all student seeds.
+TEACHER_SEED = 0
+TEACHER_LOGITS = "teacher_logits.pt"
+
+
+def _n_classes(run: Run) -> int:
+    return run.splits()["train"].n_classes
+
+
+def train_config(run: Run, role: str, seed: int, **overrides):
+    from . import train
+
+    return train.TrainConfig.from_profile(run.profile, role, seed=seed, device=run.device,
+                                          **overrides)
+
+
+def train_teacher(run: Run, weights_path=None):
+    """Train the ERM teacher, or reuse its checkpoint (same fingerprint)."""
+    from . import models, train
+
+    model = models.build_teacher(run.profile, _n_classes(run), weights_path, seed=TEACHER_SEED)
+    return train.train_model(model, run.splits(), train_config(run, "teacher", TEACHER_SEED),
+                             train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
+                             name="teacher", fingerprint_extra=run.keys())
+
+
+def save_teacher_logits(run: Run, result) -> dict:
+    """Teacher logits on every split (eval mode, no augmentation), saved atomically
+    with the teacher's fingerprint so students can check what they distil from."""
+    from . import train
+
+    out = {"fingerprint": result.fingerprint}
+    for split, ds in run.splits().items():
+        out[split] = train.predict(result.model, ds, device=run.device).logits
+    records.torch_save(run.path(TEACHER_LOGITS), out)
+    return out
+
+
+def load_teacher_logits(run: Run) -> dict:
+    import torch
+
+    path = require(run, TEACHER_LOGITS, "02_teacher")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- students
+HPARAMS_FILE = Path(__file__).with_name("hparams.json")
+
+
+def method_config(run: Run, method: str):
+    """The method's hyper-parameters: the committed choice for this run's
+    ``<dataset>-<profile>`` (or ``synthetic-default`` as the fallback) from
+    ``fairkd_utils/hparams.json`` over the library defaults, with the profile's
+    warm-up (the same for every method)."""
+    import json
+
+    from . import losses
+
+    overrides = {}
+    if HPARAMS_FILE.exists():
+        chosen = json.loads(HPARAMS_FILE.read_text())
+        table = chosen.get(run.name) or chosen.get("synthetic-default") or {}
+        overrides = dict(table.get(method, {}))
+    overrides["warmup_epochs"] = run.profile.warmup_epochs
+    return losses.default_config(method, **overrides)
+
+
+def train_student(run: Run, config, seed: int, teacher=None):
+    """Train (or reuse) one student with its early exit under ``config``.
+
+    Every method starts from the same initialisation for a given seed. ``teacher``:
+    the dict of :func:`load_teacher_logits` (needed when ``config.lam > 0``).
+    With training augmentation (``paper`` profile) the teacher model itself is run
+    on each augmented batch instead of the cached logits."""
+    from . import losses, models, train
+
+    splits = run.splits()
+    ds = splits["train"]
+    model = models.build_student(run.profile, ds.n_classes, seed=seed)
+    teacher_train = None
+    if config.lam > 0:
+        if run.profile.augment:
+            tres = train_teacher(run)
+            teacher_train = losses.OnlineTeacher(tres.model.eval(), fingerprint=tres.fingerprint)
+        else:
+            teacher_train = (teacher or load_teacher_logits(run))["train"]
+    objective = losses.make_objective(config, teacher_logits=teacher_train,
+                                      group_counts=ds.group_counts(), n_train=len(ds),
+                                      n_classes=ds.n_classes, model=model, seed=seed)
+    return train.train_model(model, splits, train_config(run, "student", seed), objective,
+                             ckpt_dir=run.path("checkpoints"),
+                             name=f"student-{config.method}-seed{seed}",
+                             fingerprint_extra=run.keys())
+
+
+# --------------------------------------------------------------------------- records
+def _record_name(model: str, method: str, config_id: str, seed: int, predictive: str, split: str) -> str:
+    return f"{model}-{method}-{config_id}-seed{seed}-{predictive}-{split}"
+
+
+def prediction_frame(probs, ds, *, keys: dict, weight=None, variance=None):
+    """Per-instance rows of ``predictions.csv`` for one model on one split."""
+    import numpy as np
+    import pandas as pd
+
+    from . import losses
+
+    probs = probs.double()
+    pred = probs.argmax(1)
+    n = len(ds)
+    df = pd.DataFrame({
+        "id": list(ds.ids), "split": ds.split, "group": ds.g.numpy(), "y": ds.y.numpy(),
+        "seed": keys["seed"], "model": keys["model"], "method": keys["method"],
+        "config_id": keys["config_id"], "predictive": keys["predictive"],
+        "prob": probs.max(1).values.numpy(), "margin": losses.confidence_margin(probs).numpy(),
+        "correct": (pred == ds.y).numpy(),
+        "weight": np.full(n, np.nan) if weight is None else np.asarray(weight, dtype=float),
+        "variance": np.full(n, np.nan) if variance is None else np.asarray(variance, dtype=float),
+    })
+    return df
+
+
+def record(run: Run, probs, ds, *, model: str, method: str, seed: int, config_id: str,
+           predictive: str = "map", weight=None, variance=None, predictions: bool = True) -> list[dict]:
+    """Write this model's metrics (per group and overall) and, optionally, its
+    per-instance predictions on ``ds`` as record files of their own."""
+    from . import metrics
+
+    keys = dict(seed=seed, config_id=config_id, model=model, method=method,
+                predictive=predictive, split=ds.split)
+    rows = metrics.metric_rows(probs, ds.y, ds.g, ds.group_names, **run.keys(**keys))
+    name = _record_name(model, method, config_id, seed, predictive, ds.split)
+    records.write_record(run.run_dir, "metrics", name, rows)
+    if predictions:
+        records.write_record(run.run_dir, "predictions", name,
+                             prediction_frame(probs, ds, keys=keys, weight=weight, variance=variance))
+    return rows
+
+
+def evaluate_student(run: Run, result, config, seed: int, splits=("val", "test")) -> dict:
+    """Record the student's final head and its exit on ``splits`` (predictions on
+    test only, to keep ``predictions.csv`` small); return the raw predictions."""
+    from . import train
+
+    preds = {}
+    for split in splits:
+        ds = run.splits()[split]
+        p = train.predict(result.model, ds, device=run.device)
+        preds[split] = p
+        for model_name, probs in (("student", p.probs), ("exit", p.exit_probs)):
+            record(run, probs, ds, model=model_name, method=config.method, seed=seed,
+                   config_id=config.config_id, predictions=(split == "test"))
+    return preds
+
+
+def record_weights(run: Run, result, config, seed: int):
+    """The per-epoch mean instance weight per group, tidy, as its own record."""
+    import pandas as pd
+
+    w = result.weights
+    if w is None or not len(w):
+        return pd.DataFrame()
+    names = run.splits()["train"].group_names
+    tidy = w.melt(id_vars=["epoch", "group", "n"], value_vars=["mean_weight_ce", "mean_weight_kd"],
+                  var_name="term", value_name="weight")
+    tidy["term"] = tidy["term"].str.replace("mean_weight_", "", regex=False)
+    tidy.insert(0, "method", config.method)
+    tidy.insert(0, "seed", seed)
+    tidy.insert(2, "config_id", config.config_id)
+    tidy["group_name"] = [names[g] for g in tidy["group"]]
+    records.write_record(run.run_dir, "weights", f"{config.method}-{config.config_id}-seed{seed}", tidy)
+    return tidy
+
+
+def minority_groups(train_counts) -> list[int]:
+    """Groups with fewer than half the mean training-group size (Waterbirds: the two
+    background-mismatched groups; CelebA: blond men)."""
+    import numpy as np
+
+    counts = np.asarray(train_counts, dtype=float)
+    return [int(k) for k in np.flatnonzero(counts < 0.5 * counts.mean())]
+
+
+def exit_frame(pred, ds) -> "pd.DataFrame":
+    """Per-instance exit confidence, margin and correctness on ``ds`` (for figures)."""
+    import pandas as pd
+
+    from . import losses
+
+    probs = pred.exit_probs
+    return pd.DataFrame({
+        "group": ds.g.numpy(), "group_name": [ds.group_names[k] for k in ds.g.tolist()],
+        "prob": probs.max(1).values.numpy(), "margin": losses.confidence_margin(probs).numpy(),
+        "correct": (probs.argmax(1) == ds.y).numpy(),
+    })

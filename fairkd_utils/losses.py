@@ -317,6 +317,26 @@ def default_config(method: str, **overrides) -> MethodConfig:
 # Objectives (train.Objective protocol)
 # --------------------------------------------------------------------------
 
+class OnlineTeacher:
+    """A teacher run on each (augmented) training batch instead of cached logits.
+
+    With training augmentation the student sees a different crop every epoch, so
+    the teacher must see the same one; ``fingerprint`` identifies the teacher
+    for the student's checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, fingerprint: str):
+        self.model = model.eval()
+        self.fingerprint = fingerprint
+        self.device = None
+
+    @torch.no_grad()
+    def __call__(self, batch, device) -> Tensor:
+        if self.device != device:
+            self.model.to(device)
+            self.device = device
+        return self.model(batch.x.to(device)).float()
+
+
 class DistillationObjective:
     """The student loss of one method: CE + KD with per-instance weights.
 
@@ -333,7 +353,7 @@ class DistillationObjective:
         if config.lam > 0 and teacher_logits is None:
             raise ValueError(f"method {config.method!r} with lam={config.lam} needs teacher_logits "
                              "(N_train, C), indexed by batch.idx; pass the saved teacher logits")
-        if teacher_logits is not None:
+        if teacher_logits is not None and not isinstance(teacher_logits, OnlineTeacher):
             if teacher_logits.ndim != 2:
                 raise ValueError(f"teacher_logits must be (N_train, C), got shape {tuple(teacher_logits.shape)}")
             if n_classes is not None and teacher_logits.shape[1] != n_classes:
@@ -355,6 +375,8 @@ class DistillationObjective:
 
     # -- protocol --------------------------------------------------------------
     def _teacher_for(self, batch, device) -> Tensor:
+        if isinstance(self._teacher, OnlineTeacher):
+            return self._teacher(batch, device)
         if self._teacher.device != device:  # moved once, then cached
             self._teacher = self._teacher.to(device)
         return self._teacher[batch.idx.to(device)]
@@ -363,7 +385,10 @@ class DistillationObjective:
         """What identifies this objective for the loop's checkpoint fingerprint:
         every hyper-parameter and the teacher logits (by content hash)."""
         return {"objective": self.config.method, **self.config.to_dict(),
-                "teacher_logits": None if self._teacher is None else self._teacher.cpu()}
+                "teacher_logits": (None if self._teacher is None else
+                                   f"online:{self._teacher.fingerprint}"
+                                   if isinstance(self._teacher, OnlineTeacher)
+                                   else self._teacher.cpu())}
 
     def loss(self, out, batch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
         logits = out.logits if hasattr(out, "logits") else out
@@ -547,7 +572,7 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
     ``generator`` / ``seed``: for the Monte-Carlo predictive (more than two classes).
     """
     m = config.method
-    if teacher_logits is not None and n_train is not None and teacher_logits.shape[0] != n_train:
+    if isinstance(teacher_logits, Tensor) and n_train is not None and teacher_logits.shape[0] != n_train:
         raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but n_train={n_train}: "
                          "pass the teacher's logits on the training split, in dataset order")
     if m == "erm":
