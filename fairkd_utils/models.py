@@ -253,19 +253,46 @@ class EarlyExitStudent(nn.Module):
 
 
 # --------------------------------------------------------------------------- builders
-def build_teacher(profile, n_classes: int, weights_path=None) -> ResNetBackbone:
+def _seeded(seed):
+    """Initialise under ``torch.manual_seed(seed)`` without touching the caller's RNG."""
+    import contextlib
+
+    if seed is None:
+        return contextlib.nullcontext()
+    ctx = torch.random.fork_rng(devices=[])
+
+    class _Ctx:
+        def __enter__(self):
+            ctx.__enter__()
+            torch.manual_seed(int(seed))
+
+        def __exit__(self, *exc):
+            return ctx.__exit__(*exc)
+    return _Ctx()
+
+
+def build_teacher(profile, n_classes: int, weights_path=None, *,
+                  seed: int | None = None) -> ResNetBackbone:
     """The profile's teacher; ``forward(x) -> logits``.  ``weights_path``: optional
-    local state_dict (ImageNet torchvision weights for ``paper``)."""
-    return build_backbone(profile.teacher_arch, profile.teacher_widths,
-                          profile.teacher_blocks, n_classes, weights_path)
+    local state_dict (ImageNet torchvision weights for ``paper``).  ``seed`` fixes
+    the random initialisation (the global RNG is left as it was)."""
+    with _seeded(seed):
+        return build_backbone(profile.teacher_arch, profile.teacher_widths,
+                              profile.teacher_blocks, n_classes, weights_path)
 
 
-def build_student(profile, n_classes: int, weights_path=None,
+def build_student(profile, n_classes: int, weights_path=None, *, seed: int | None = None,
                   detach_exit: bool = True) -> EarlyExitStudent:
     """The profile's student with its early exit at ``profile.exit_stage``.
 
     For torchvision archs ``weights_path`` is a backbone (ImageNet) state_dict; for
-    ``narrow_resnet`` it may be a full ``EarlyExitStudent`` state_dict."""
+    ``narrow_resnet`` it may be a full ``EarlyExitStudent`` state_dict.  ``seed``
+    fixes the random initialisation (the global RNG is left as it was)."""
+    with _seeded(seed):
+        return _build_student(profile, n_classes, weights_path, detach_exit)
+
+
+def _build_student(profile, n_classes, weights_path, detach_exit) -> EarlyExitStudent:
     if profile.student_arch == "narrow_resnet" and weights_path is not None:
         model = EarlyExitStudent(
             build_backbone("narrow_resnet", profile.student_widths, profile.student_blocks,

@@ -1,0 +1,159 @@
+"""Group metrics of the study, computed in float64 from probabilities.
+
+Names are the exact strings of DESIGN.md: ``worst_group_acc``, ``avg_acc`` (the
+test distribution's own accuracy), ``train_weighted_acc`` (group accuracies
+weighted by the *training* group proportions, the Waterbirds convention),
+``group_gap`` (best minus worst group accuracy), ``ece`` and ``nll``.
+
+Every function accepts torch tensors or numpy arrays.  ``probs`` is (N, C)
+probabilities (rows summing to 1), ``y`` (N,) labels, ``g`` (N,) group indices.
+Empty groups get accuracy NaN and are ignored by worst/gap/weighted summaries.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "group_accuracy", "worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap",
+    "ece", "nll", "metric_rows", "summarize", "SUMMARY_METRICS",
+]
+
+SUMMARY_METRICS = ("worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece", "nll")
+
+
+def _t(x, dtype=None) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    t = t.detach().cpu()
+    return t.to(dtype) if dtype is not None else t
+
+
+def _pred(probs_or_pred) -> torch.Tensor:
+    """Predicted labels from (N, C) scores or (N,) labels."""
+    t = _t(probs_or_pred)
+    return t.argmax(dim=1) if t.ndim == 2 else t.long()
+
+
+def _check_probs(probs: torch.Tensor) -> torch.Tensor:
+    if probs.ndim != 2:
+        raise ValueError(f"expected probabilities of shape (N, C), got {tuple(probs.shape)}")
+    if probs.numel() and ((probs < -1e-6).any() or (probs.sum(1) - 1).abs().max() > 1e-3):
+        raise ValueError("rows of probs must be probabilities summing to 1 "
+                         "(pass softmax(logits), not logits)")
+    return probs
+
+
+def group_accuracy(probs_or_pred, y, g, n_groups: int | None = None) -> np.ndarray:
+    """Accuracy per group, float64 array of length ``n_groups`` (NaN for an empty group)."""
+    pred, y, g = _pred(probs_or_pred), _t(y).long(), _t(g).long()
+    n_groups = int(g.max()) + 1 if n_groups is None else int(n_groups)
+    correct = (pred == y).double()
+    n = torch.bincount(g, minlength=n_groups).double()
+    hits = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, g, correct)
+    acc = torch.where(n > 0, hits / n.clamp_min(1), torch.full_like(n, float("nan")))
+    return acc.numpy()
+
+
+def worst_group_acc(group_acc) -> float:
+    """Lowest accuracy over the (non-empty) groups."""
+    return float(np.nanmin(np.asarray(group_acc, dtype=np.float64)))
+
+
+def group_gap(group_acc) -> float:
+    """Best minus worst group accuracy."""
+    acc = np.asarray(group_acc, dtype=np.float64)
+    return float(np.nanmax(acc) - np.nanmin(acc))
+
+
+def avg_acc(probs_or_pred, y) -> float:
+    """Plain accuracy over the evaluated split (its own group mix)."""
+    pred, y = _pred(probs_or_pred), _t(y).long()
+    return float((pred == y).double().mean())
+
+
+def train_weighted_acc(group_acc, train_group_counts) -> float:
+    """Group accuracies weighted by the training split's group proportions (the
+    Waterbirds convention: the test set is group-balanced within classes, unlike
+    the training distribution the average should describe)."""
+    acc = np.asarray(group_acc, dtype=np.float64)
+    w = np.asarray(_t(train_group_counts).double().numpy(), dtype=np.float64)
+    if w.shape != acc.shape:
+        raise ValueError(f"{len(w)} train group counts for {len(acc)} group accuracies")
+    keep = ~np.isnan(acc)
+    return float((acc[keep] * w[keep]).sum() / w[keep].sum())
+
+
+def ece(probs, y, n_bins: int = 15) -> float:
+    """Expected calibration error of the top label, ``n_bins`` equal-width bins
+    (L1).  Binning as torchmetrics' ``MulticlassCalibrationError(norm="l1")``:
+    bin k holds confidences in [k/n, (k+1)/n); a confidence of exactly 1 gets a
+    bin of its own."""
+    probs = _check_probs(_t(probs, torch.float64))
+    y = _t(y).long()
+    if len(y) == 0:
+        return float("nan")
+    conf, pred = probs.max(dim=1)
+    correct = (pred == y).double()
+    bounds = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf, bounds, right=True) - 1
+    count = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
+    conf_sum = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, conf)
+    acc_sum = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, correct)
+    # sum_b |acc_b - conf_b| * n_b / N  ==  sum_b |acc_sum_b - conf_sum_b| / N
+    return float((acc_sum - conf_sum).abs().sum() / count.sum())
+
+
+def nll(probs, y, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the true label (probabilities clamped at ``eps``)."""
+    probs = _check_probs(_t(probs, torch.float64))
+    y = _t(y).long()
+    if len(y) == 0:
+        return float("nan")
+    p = probs.gather(1, y[:, None]).squeeze(1).clamp_min(eps)
+    return float(-p.log().mean())
+
+
+def metric_rows(probs, y, g, group_names: Sequence[str], **keys) -> list[dict]:
+    """Rows for ``metrics.csv``: one per group plus ``group="all"``, each
+    ``{**keys, group, group_name, n, acc, ece, nll}``.
+
+    ``keys`` are the table's key columns (dataset, profile, seed, config_id,
+    model, method, predictive, split), passed through unchanged.  ``group`` is
+    the group index (``"all"`` for the overall row; after a CSV round trip the
+    column reads as strings)."""
+    probs = _check_probs(_t(probs, torch.float64))
+    y, g = _t(y).long(), _t(g).long()
+    n_groups = len(group_names)
+    pred = probs.argmax(1)
+    rows = []
+    for k in range(n_groups):
+        m = g == k
+        n = int(m.sum())
+        rows.append({**keys, "group": k, "group_name": group_names[k], "n": n,
+                     "acc": float((pred[m] == y[m]).double().mean()) if n else float("nan"),
+                     "ece": ece(probs[m], y[m]) if n else float("nan"),
+                     "nll": nll(probs[m], y[m]) if n else float("nan")})
+    rows.append({**keys, "group": "all", "group_name": "all", "n": len(y),
+                 "acc": avg_acc(pred, y), "ece": ece(probs, y), "nll": nll(probs, y)})
+    return rows
+
+
+def summarize(probs, y, g, n_groups: int, train_group_counts=None) -> dict:
+    """The study's scalar metrics for one model on one split:
+    worst_group_acc, avg_acc, train_weighted_acc (NaN without train counts),
+    group_gap, ece, nll, and the per-group accuracies as ``acc_g{k}``."""
+    acc = group_accuracy(probs, y, g, n_groups)
+    out = {
+        "worst_group_acc": worst_group_acc(acc),
+        "avg_acc": avg_acc(probs, y),
+        "train_weighted_acc": (train_weighted_acc(acc, train_group_counts)
+                               if train_group_counts is not None else float("nan")),
+        "group_gap": group_gap(acc),
+        "ece": ece(probs, y),
+        "nll": nll(probs, y),
+    }
+    out.update({f"acc_g{k}": float(a) for k, a in enumerate(acc)})
+    return out

@@ -1,0 +1,522 @@
+"""One training loop for every model of the study: the teacher, the ERM student
+and every distillation method.
+
+What differs between methods lives in an *objective* (``Objective`` protocol);
+the loop owns the optimiser, the cosine schedule, evaluation on val every epoch,
+checkpoint selection on val (never test), the early exit's own cross-entropy,
+logging of per-group instance weights, and checkpoints keyed by a fingerprint
+of everything that produced them.
+
+Checkpoints: ``<ckpt_dir>/<name>-<fingerprint>.pt``, written atomically, holding
+only tensors and plain Python values (``torch.load(weights_only=True)`` reads
+them): ``format, name, fingerprint, fingerprint_payload, config, state_dict,
+best_epoch, history`` (list of dicts) and ``weights`` (list of dicts).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import metrics as M
+from .data import Batch, iterate_batches
+from .models import StudentOutput
+from .records import torch_save
+
+__all__ = [
+    "Objective", "ERMObjective", "TrainConfig", "TrainResult", "Predictions",
+    "train_model", "predict", "evaluate", "fingerprint", "checkpoint_path",
+    "load_checkpoint", "resolve_device", "CheckpointError", "NonFiniteLossError",
+    "WEIGHT_COLUMNS", "use_channels_last", "final_logits",
+]
+
+CHECKPOINT_FORMAT = "fairkd-checkpoint-v1"
+# weights DataFrame: one row per (epoch, group); NaN where the objective gave no weights
+WEIGHT_COLUMNS = ("epoch", "group", "n", "mean_weight_ce", "mean_weight_kd")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (unreadable or from another config)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+# --------------------------------------------------------------------------- objectives
+@runtime_checkable
+class Objective(Protocol):
+    """What the loop needs from a training objective.
+
+    ``loss(out, batch, epoch) -> (loss, weights)``: ``out`` is the model's output
+    (a logits Tensor for the teacher, a :class:`StudentOutput` for a student),
+    ``batch`` a :class:`fairkd_utils.data.Batch` (``batch.idx`` = positions in the
+    training split, to look up teacher logits), ``epoch`` 0-based (for warm-up).
+    ``weights`` is None or ``{"ce": Tensor(B), "kd": Tensor(B)}`` -- the
+    per-instance weights used, logged per group by the loop.  The loop adds the
+    exit head's cross-entropy itself for students.
+
+    ``on_epoch_end(epoch)`` is called after each epoch's last step (e.g. refit a
+    Laplace posterior).  Optional extras the loop uses when present:
+    ``on_epoch_start(epoch)`` and ``describe() -> dict`` (plain values that
+    identify the objective for the checkpoint fingerprint; without it the
+    fingerprint uses the objective's class name and its plain/tensor attributes).
+    """
+
+    def loss(self, out, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict | None]: ...
+
+    def on_epoch_end(self, epoch: int) -> None: ...
+
+
+def final_logits(out) -> torch.Tensor:
+    """The final head's logits of a teacher (Tensor) or student (StudentOutput) output."""
+    return out.logits if isinstance(out, StudentOutput) else out
+
+
+class ERMObjective:
+    """Cross-entropy on the final head (teacher and ``erm`` student); no weights."""
+
+    def loss(self, out, batch: Batch, epoch: int):
+        return F.cross_entropy(final_logits(out).float(), batch.y), None
+
+    def on_epoch_end(self, epoch: int) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"objective": "erm"}
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Everything the loop does that is not the model, the data or the objective.
+
+    ``device`` "cpu" | "cuda" | "auto"; ``amp`` None = bf16 autocast on CUDA only;
+    ``channels_last`` None = auto (:func:`use_channels_last`);
+    ``num_workers`` None = 0 on CPU, min(8, cores) on CUDA (lazy datasets only)."""
+    epochs: int
+    batch_size: int = 128
+    optimizer: str = "sgd"            # "sgd" (momentum, nesterov) | "adamw"
+    lr: float = 0.05
+    weight_decay: float = 5e-4        # not applied to BatchNorm parameters and biases
+    momentum: float = 0.9
+    nesterov: bool = True
+    select_on: str = "worst_group_acc"  # or "avg_acc", on val
+    seed: int = 0
+    exit_loss_weight: float = 1.0     # weight of the early exit's CE (students)
+    eval_batch_size: int = 512
+    device: str = "cpu"
+    num_workers: int | None = None
+    amp: bool | None = None
+    channels_last: bool | None = None
+    progress: bool = True             # tqdm bar per epoch
+
+    # fields that do not change what is trained (excluded from the fingerprint)
+    RUNTIME_FIELDS = ("device", "num_workers", "progress", "eval_batch_size")
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer={self.optimizer!r}; use 'sgd' or 'adamw'")
+        if self.select_on not in ("worst_group_acc", "avg_acc"):
+            raise ValueError(f"select_on={self.select_on!r}; use 'worst_group_acc' or 'avg_acc'")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+
+    @classmethod
+    def from_profile(cls, profile, role: str, seed: int = 0, device: str = "cpu",
+                     **overrides) -> "TrainConfig":
+        """The profile's budget for ``role`` ("teacher" | "student")."""
+        if role not in ("teacher", "student"):
+            raise ValueError(f"role={role!r}; use 'teacher' or 'student'")
+        epochs = profile.teacher_epochs if role == "teacher" else profile.student_epochs
+        kw = dict(epochs=epochs, batch_size=profile.batch_size, optimizer=profile.optimizer,
+                  lr=profile.lr, weight_decay=profile.weight_decay,
+                  select_on=profile.select_on, seed=seed, device=device)
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return dev
+
+
+# --------------------------------------------------------------------------- fingerprints
+def _hash_tensor(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+
+
+def _plain(obj):
+    """A JSON-able description of ``obj`` (tensors by shape + content hash)."""
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": list(obj.shape), "dtype": str(obj.dtype), "sha": _hash_tensor(obj)}
+    if isinstance(obj, np.ndarray):
+        return _plain(torch.from_numpy(np.ascontiguousarray(obj)))
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(dataclasses.asdict(obj))
+    return f"<{type(obj).__qualname__}>"
+
+
+def fingerprint(obj) -> str:
+    """A short stable hash (16 hex digits) of a plain-value / tensor structure."""
+    text = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _describe_objective(objective) -> dict:
+    if hasattr(objective, "describe"):
+        return {"class": type(objective).__qualname__, **_plain(objective.describe())}
+    attrs = {}
+    for k, v in sorted(vars(objective).items()):
+        if isinstance(v, (str, int, float, bool, type(None), torch.Tensor, tuple, list, dict)):
+            attrs[k] = _plain(v)
+    return {"class": type(objective).__qualname__, **attrs}
+
+
+def _describe_data(ds) -> dict:
+    """Identity of a split: name, size, labels, groups, and a sample of its pixels."""
+    d = {"name": getattr(ds, "name", None), "split": getattr(ds, "split", None), "n": len(ds),
+         "y": _plain(ds.y), "a": _plain(ds.a),
+         "ids": hashlib.sha256("\n".join(map(str, ds.ids)).encode()).hexdigest()[:16],
+         "image_size": getattr(ds, "image_size", None), "augment": getattr(ds, "augment", None)}
+    if getattr(ds, "x", None) is not None:
+        step = max(1, len(ds) // 64)
+        d["x_sample"] = _plain(ds.x[::step])
+    return d
+
+
+def _describe_model(model: nn.Module) -> dict:
+    return {"class": type(model).__qualname__,
+            "exit_stage": getattr(model, "exit_stage", None),
+            "detach_exit": getattr(model, "detach_exit", None),
+            "initial_state": _plain(dict(model.state_dict()))}
+
+
+def checkpoint_path(ckpt_dir, name: str, fp: str) -> Path:
+    return Path(ckpt_dir) / f"{name}-{fp}.pt"
+
+
+# --------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path, model: nn.Module | None = None,
+                    expected_fingerprint: str | None = None) -> dict:
+    """Read a checkpoint (``weights_only=True``); optionally check its fingerprint
+    and load its weights into ``model``.  Clear errors, never a pickle traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train the model first "
+                                f"(run the notebook that produces it)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a fairkd checkpoint "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"delete it and rerun to retrain") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file; "
+                              f"delete it and rerun to retrain")
+    if expected_fingerprint is not None and ck.get("fingerprint") != expected_fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} was produced by another config (fingerprint "
+            f"{ck.get('fingerprint')}, expected {expected_fingerprint}); delete it, or "
+            f"rerun with the config that produced it, or train into a new file")
+    if model is not None:
+        try:
+            model.load_state_dict(ck["state_dict"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0]}); "
+                f"delete it and rerun to retrain") from None
+    return ck
+
+
+# --------------------------------------------------------------------------- prediction
+class Predictions(NamedTuple):
+    """Model outputs on a split, float32 CPU tensors; exit_logits/phi None for a teacher."""
+    logits: torch.Tensor
+    exit_logits: torch.Tensor | None
+    phi: torch.Tensor | None
+    y: torch.Tensor
+    a: torch.Tensor
+    g: torch.Tensor
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.logits.double().softmax(1)
+
+    @property
+    def exit_probs(self) -> torch.Tensor | None:
+        return None if self.exit_logits is None else self.exit_logits.double().softmax(1)
+
+
+def use_channels_last(model: nn.Module, device: torch.device, requested: bool | None = None) -> bool:
+    """Whether to run ``model`` in channels_last: as requested, else always on CUDA
+    and on the CPU only when every conv has >= 16 output channels.  (channels_last
+    is ~30 % faster on this CPU for 16-128-wide ResNets -- bench/ -- but torch
+    2.14.1's CPU backward segfaults for 8- and 12-channel ResNets in channels_last
+    at some batch sizes, e.g. 31, with 2+ threads.)"""
+    if requested is not None:
+        return bool(requested)
+    if device.type == "cuda":
+        return True
+    outs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return bool(outs) and min(outs) >= 16
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
+            amp: bool | None = None, channels_last: bool | None = None,
+            num_workers: int | None = None) -> Predictions:
+    """Logits (and exit logits and phi for a student) on every item of ``ds``, in
+    dataset order, in eval mode (the model's mode is restored afterwards)."""
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    amp = (dev.type == "cuda") if amp is None else amp
+    workers = _workers(num_workers, dev)
+    channels_last = use_channels_last(model, dev, channels_last)
+    was_training = model.training
+    model.eval()
+    logits, exits, phis = [], [], []
+    try:
+        for batch in iterate_batches(ds, batch_size, shuffle=False, device=dev,
+                                     num_workers=workers, pin_memory=dev.type == "cuda"):
+            x = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
+            with _autocast(dev, amp):
+                out = model(x)
+            logits.append(final_logits(out).float().cpu())
+            if isinstance(out, StudentOutput):
+                exits.append(out.exit_logits.float().cpu())
+                phis.append(out.phi.float().cpu())
+    finally:
+        model.train(was_training)
+    cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+    y, a = ds.y.clone(), ds.a.clone()
+    return Predictions(cat(logits), cat(exits), cat(phis), y, a, y * ds.n_attrs + a)
+
+
+def evaluate(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
+             amp: bool | None = None, train_group_counts=None) -> dict:
+    """Scalar metrics of the final head (and ``exit_*`` of the exit) on ``ds``."""
+    p = predict(model, ds, batch_size=batch_size, device=device, amp=amp)
+    out = M.summarize(p.probs, p.y, p.g, ds.n_groups, train_group_counts)
+    if p.exit_logits is not None:
+        ex = M.summarize(p.exit_probs, p.y, p.g, ds.n_groups, train_group_counts)
+        out.update({f"exit_{k}": v for k, v in ex.items()})
+    return out
+
+
+# --------------------------------------------------------------------------- training
+class TrainResult(NamedTuple):
+    model: nn.Module
+    history: pd.DataFrame      # one row per epoch: train loss/acc, val metrics, lr, seconds
+    weights: pd.DataFrame      # WEIGHT_COLUMNS: per-epoch mean instance weight per group
+    checkpoint: Path | None
+    reused: bool
+    fingerprint: str
+    best_epoch: int
+
+
+def _workers(num_workers, dev: torch.device) -> int:
+    if num_workers is not None:
+        return int(num_workers)
+    return min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _select_key(row: dict, select_on: str) -> tuple:
+    other = "avg_acc" if select_on == "worst_group_acc" else "worst_group_acc"
+    return (row[f"val_{select_on}"], row[f"val_{other}"])
+
+
+def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=None, *,
+                ckpt_dir=None, name: str = "model", fingerprint_extra=None) -> TrainResult:
+    """Train ``model`` on ``splits["train"]`` with ``objective`` (ERM if None),
+    evaluating on ``splits["val"]`` every epoch; keep the epoch best on val
+    ``config.select_on`` (ties broken by the other metric).  ``splits["test"]`` is
+    never looked at.
+
+    With ``ckpt_dir``: the checkpoint ``<ckpt_dir>/<name>-<fingerprint>.pt`` is
+    reused when present (no training); the fingerprint covers the config (less
+    runtime fields), the model's architecture and initial weights, the train and
+    val data, the objective and ``fingerprint_extra``.  So build the model with a
+    fixed seed (``build_student(..., seed=...)``) for reruns to reuse it.
+    Raises :class:`NonFiniteLossError` (no checkpoint written) on a NaN/inf loss.
+    """
+    from tqdm.auto import tqdm
+
+    objective = ERMObjective() if objective is None else objective
+    cfg = config
+    train_ds, val_ds = splits["train"], splits["val"]
+    dev = resolve_device(cfg.device)
+    amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    channels_last = use_channels_last(model, dev, cfg.channels_last)
+    workers = _workers(cfg.num_workers, dev)
+    is_student = None  # decided on the first forward
+
+    cfg_fp = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RUNTIME_FIELDS}
+    payload = {"name": name, "config": cfg_fp, "model": _describe_model(model),
+               "train": _describe_data(train_ds), "val": _describe_data(val_ds),
+               "objective": _describe_objective(objective), "extra": _plain(fingerprint_extra)}
+    fp = fingerprint(payload)
+    path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
+
+    if path is not None and path.exists():
+        ck = load_checkpoint(path, model, expected_fingerprint=fp)
+        model.to(dev)
+        return TrainResult(model, pd.DataFrame(ck["history"]),
+                           _weights_frame(ck.get("weights", [])), path, True, fp,
+                           int(ck["best_epoch"]))
+
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = _make_optimizer(model, cfg)
+    n_train = len(train_ds)
+    drop_last = n_train % cfg.batch_size == 1 and n_train > 1  # a batch of 1 breaks BatchNorm
+    steps_per_epoch = n_train // cfg.batch_size if drop_last else math.ceil(n_train / cfg.batch_size)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    n_groups = train_ds.n_groups
+    train_counts = train_ds.group_counts()
+
+    history, weight_rows = [], []
+    best_key, best_state, best_epoch = None, None, -1
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        if hasattr(objective, "on_epoch_start"):
+            objective.on_epoch_start(epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct, seen = 0, 0
+        w_sum = {t: torch.zeros(n_groups, dtype=torch.float64) for t in ("ce", "kd")}
+        w_n = torch.zeros(n_groups, dtype=torch.float64)
+        got_weights = {"ce": False, "kd": False}
+        batches = iterate_batches(train_ds, cfg.batch_size, shuffle=True, generator=gen,
+                                  device=dev, num_workers=workers,
+                                  pin_memory=dev.type == "cuda", drop_last=drop_last)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=not cfg.progress)
+        for step, batch in enumerate(bar):
+            x = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
+            with _autocast(dev, amp):
+                out = model(x)
+                loss, weights = objective.loss(out, batch, epoch)
+                if is_student is None:
+                    is_student = isinstance(out, StudentOutput)
+                if isinstance(out, StudentOutput) and cfg.exit_loss_weight:
+                    loss = loss + cfg.exit_loss_weight * F.cross_entropy(
+                        out.exit_logits.float(), batch.y)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"{name}: loss is {loss_value} at epoch {epoch + 1}, step {step + 1} "
+                    f"(of {steps_per_epoch}); no checkpoint was written. Lower the learning "
+                    f"rate (now {cfg.lr}) or check the objective/data for NaNs")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bsz = len(batch.y)
+            loss_sum += loss_value * bsz
+            seen += bsz
+            correct += int((final_logits(out).detach().argmax(1) == batch.y).sum())
+            g = (batch.y * train_ds.n_attrs + batch.a).cpu()
+            w_n += torch.bincount(g, minlength=n_groups).double()
+            if weights:
+                for term in ("ce", "kd"):
+                    w = weights.get(term)
+                    if w is not None:
+                        got_weights[term] = True
+                        w = torch.as_tensor(w).detach().double().cpu().expand(bsz)
+                        w_sum[term].index_add_(0, g, w)
+            if cfg.progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+        objective.on_epoch_end(epoch)
+
+        for k in range(n_groups):
+            weight_rows.append({
+                "epoch": epoch + 1, "group": k, "n": int(w_n[k]),
+                "mean_weight_ce": float(w_sum["ce"][k] / w_n[k]) if got_weights["ce"] and w_n[k] else float("nan"),
+                "mean_weight_kd": float(w_sum["kd"][k] / w_n[k]) if got_weights["kd"] and w_n[k] else float("nan"),
+            })
+        ev = evaluate(model, val_ds, batch_size=cfg.eval_batch_size, device=dev, amp=amp,
+                      train_group_counts=train_counts)
+        row = {"epoch": epoch + 1, "lr": float(sched.get_last_lr()[0]),
+               "train_loss": float(loss_sum / max(seen, 1)), "train_acc": correct / max(seen, 1)}
+        row.update({f"val_{k}": float(v) for k, v in ev.items()})
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        key = _select_key(row, cfg.select_on)
+        if best_key is None or key > best_key:
+            best_key, best_epoch = key, epoch + 1
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    model.load_state_dict(best_state)
+    for h in history:
+        h["best"] = h["epoch"] == best_epoch
+    if path is not None:
+        torch_save(path, {
+            "format": CHECKPOINT_FORMAT, "name": name, "fingerprint": fp,
+            "fingerprint_payload": json.dumps(_plain(payload), sort_keys=True)[:100_000],
+            "config": _plain(cfg.to_dict()),
+            "state_dict": {k: v.contiguous() for k, v in best_state.items()},
+            "best_epoch": best_epoch, "history": history, "weights": weight_rows,
+        })
+    return TrainResult(model, pd.DataFrame(history), _weights_frame(weight_rows), path, False,
+                       fp, best_epoch)
+
+
+def _weights_frame(rows) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=list(WEIGHT_COLUMNS))
