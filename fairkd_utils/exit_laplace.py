@@ -524,11 +524,17 @@ class ExitLaplace:
         return pt @ self.W.T, self._cov_from_scale(self._scale(pt))
 
     def _noise(self, sc: torch.Tensor, n_samples: int, generator: torch.Generator | None) -> torch.Tensor:
-        g = torch.randn(n_samples, sc.shape[0], self.C, dtype=_MATH, device=self.device,
-                        generator=generator)
+        """Zero-mean logit noise, class-first (C, S, n), in sc's dtype.
+
+        Class-first keeps the small class axis outermost: the softmax over it is
+        ~30x faster than over a trailing axis of size C on CPU."""
+        C, n = self.C, sc.shape[0]
+        g = torch.randn(C, n_samples, n, dtype=sc.dtype, device=self.device, generator=generator)
         if self.prior == "exact":
-            return (g * sc.sqrt()) @ self.Q_B.T
-        return sc.sqrt()[None, :, None] * (g @ self.L.T)
+            scaled = (sc.sqrt().T[:, None, :] * g).reshape(C, n_samples * n)
+            return (self.Q_B.to(sc.dtype) @ scaled).reshape(C, n_samples, n)
+        noise = (self.L.to(sc.dtype) @ g.reshape(C, n_samples * n)).reshape(C, n_samples, n)
+        return noise * sc.sqrt()[None, None, :]
 
     def sample_logits(self, phi: torch.Tensor, n_samples: int = 100,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -539,18 +545,24 @@ class ExitLaplace:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
         pt = self._prep(phi)
         mu = pt @ self.W.T
-        return mu + self._noise(self._scale(pt), n_samples, generator)
+        z = mu.T[:, None, :] + self._noise(self._scale(pt), n_samples, generator)
+        return z.permute(1, 2, 0)
 
     # ---------------------------------------------------------------- predictive
     def predict(self, phi: torch.Tensor, link: str = "auto", n_samples: int = 100,
-                generator: torch.Generator | None = None, chunk_size: int = 4096) -> LaplacePrediction:
+                generator: torch.Generator | None = None, chunk_size: int = 4096,
+                mc_dtype: torch.dtype = torch.float32) -> LaplacePrediction:
         """Laplace predictive at raw exit features ``phi`` (n, D).
 
         link "auto": probit on the logit difference for C = 2, MC for C > 2.
         "probit" for C > 2 is laplace-torch's per-logit probit
         ``softmax(mu / sqrt(1 + pi diag(Sigma) / 8))``.  "mc": ``n_samples`` draws,
         batched over instances (``chunk_size``), vectorised over samples; without a
-        generator a fresh one seeded 0 is used (reproducible).  Outputs in phi's dtype.
+        generator a fresh one seeded 0 is used (reproducible).  MC draws are made in
+        ``mc_dtype`` (float32 by default: ~6x faster, and its rounding is orders of
+        magnitude below the MC noise); for C = 2 only the logit difference
+        ``d ~ N(mu_d, sigma_d^2)`` is drawn (the softmax of two logits is sigmoid(d)).
+        Means, covariances and the probit stay float64.  Outputs in phi's dtype.
         """
         self._require_tau()
         if link not in _LINKS:
@@ -567,8 +579,8 @@ class ExitLaplace:
                 raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
             if generator is None:
                 generator = torch.Generator(device=self.device).manual_seed(0)
-            # keep each chunk's (S, n, C) sample block around 2^22 float64 numbers (32 MB)
-            chunk_size = max(1, min(chunk_size, (1 << 22) // (n_samples * self.C)))
+            # keep each chunk's (S, n, C) sample block near 2^20 numbers (cache-friendly)
+            chunk_size = max(1, min(chunk_size, (1 << 20) // (n_samples * self.C)))
         parts = []
         for i in range(0, phi.shape[0], chunk_size):
             pt = self._prep(phi[i:i + chunk_size])
@@ -576,16 +588,23 @@ class ExitLaplace:
             sc = self._scale(pt)
             top = mu.topk(2, dim=-1).indices
             var = self._diff_var(sc, top[:, 0], top[:, 1])
-            if link == "probit" and self.C == 2:
-                var_d = self._diff_var(sc, torch.ones_like(top[:, 0]), torch.zeros_like(top[:, 0]))
-                p1 = probit_two_class(mu[:, 1] - mu[:, 0], var_d)
+            if self.C == 2:
+                # z_1 - z_0 carries all of it: top-2 MAP classes are {0, 1}, so var is var_d
+                mu_d = mu[:, 1] - mu[:, 0]
+                if link == "probit":
+                    p1 = probit_two_class(mu_d, var)
+                else:
+                    g = torch.randn(n_samples, mu_d.shape[0], dtype=mc_dtype, device=self.device,
+                                    generator=generator)
+                    d = mu_d.to(mc_dtype) + var.sqrt().to(mc_dtype) * g
+                    p1 = torch.sigmoid(d).mean(0, dtype=_MATH)
                 probs = torch.stack([1 - p1, p1], -1)
             elif link == "probit":
                 diag = self._cov_from_scale(sc).diagonal(dim1=-2, dim2=-1)
                 probs = torch.softmax(mu / torch.sqrt(1 + math.pi / 8 * diag), -1)
             else:
-                z = mu + self._noise(sc, n_samples, generator)
-                probs = torch.softmax(z, -1).mean(0)
+                z = mu.T.to(mc_dtype)[:, None, :] + self._noise(sc.to(mc_dtype), n_samples, generator)
+                probs = torch.softmax(z, 0).mean(1, dtype=_MATH).T
             parts.append((probs, var))
         probs = torch.cat([p for p, _ in parts])
         var = torch.cat([v for _, v in parts])
