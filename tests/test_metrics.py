@@ -1,0 +1,95 @@
+"""Every metric against an independent computation: torchmetrics for ECE,
+hand-computed small cases for the rest."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fairkd_utils import metrics as M
+
+
+def test_ece_matches_torchmetrics_multiclass_calibration_error():
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    gen = torch.Generator().manual_seed(0)
+    for n_classes in (2, 3, 5):
+        logits = 3 * torch.randn(500, n_classes, generator=gen)
+        probs = logits.softmax(1)
+        # confidences exactly on bin edges and at 1.0 exercise the binning rule
+        probs[0] = torch.tensor([1.0] + [0.0] * (n_classes - 1))
+        edge = 10 / 15
+        probs[1] = torch.tensor([edge, 1 - edge] + [0.0] * (n_classes - 2))
+        y = torch.randint(0, n_classes, (500,), generator=gen)
+        ref = MulticlassCalibrationError(num_classes=n_classes, n_bins=15, norm="l1")(probs, y)
+        assert M.ece(probs, y) == pytest.approx(float(ref), abs=1e-6)
+
+
+def test_ece_by_hand_two_bins():
+    # bin [0.5, 1): confidences 0.6 (right), 0.8 (wrong) -> |0.5 - 0.7| = 0.2
+    probs = torch.tensor([[0.6, 0.4], [0.2, 0.8]])
+    y = torch.tensor([0, 0])
+    assert M.ece(probs, y, n_bins=2) == pytest.approx(0.2)
+
+
+def test_nll_by_hand():
+    probs = np.array([[0.9, 0.1], [0.25, 0.75], [0.5, 0.5]])
+    y = np.array([0, 0, 1])
+    expected = -(math.log(0.9) + math.log(0.25) + math.log(0.5)) / 3
+    assert M.nll(probs, y) == pytest.approx(expected)
+
+
+def test_nll_rejects_logits_with_a_clear_error():
+    with pytest.raises(ValueError, match="softmax"):
+        M.nll(torch.tensor([[3.0, -1.0]]), torch.tensor([0]))
+
+
+def test_group_accuracy_worst_gap_and_averages_by_hand():
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    a = torch.tensor([0, 0, 0, 1, 0, 0, 1, 1])
+    g = 2 * y + a                      # groups 0,0,0,1,2,2,3,3
+    pred = torch.tensor([0, 0, 1, 0, 0, 1, 1, 0])
+    acc = M.group_accuracy(pred, y, g, n_groups=4)
+    np.testing.assert_allclose(acc, [2 / 3, 1.0, 0.5, 0.5])
+    assert M.worst_group_acc(acc) == pytest.approx(0.5)
+    assert M.group_gap(acc) == pytest.approx(0.5)
+    assert M.avg_acc(pred, y) == pytest.approx(5 / 8)
+    # train proportions 70/10/5/15 %: 0.7*2/3 + 0.1*1 + 0.05*0.5 + 0.15*0.5
+    counts = torch.tensor([70, 10, 5, 15])
+    assert M.train_weighted_acc(acc, counts) == pytest.approx(0.7 * 2 / 3 + 0.1 + 0.025 + 0.075)
+
+
+def test_group_accuracy_of_probabilities_uses_the_argmax_and_marks_empty_groups_nan():
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    acc = M.group_accuracy(probs, torch.tensor([0, 0]), torch.tensor([0, 0]), n_groups=3)
+    assert acc[0] == pytest.approx(0.5) and np.isnan(acc[1:]).all()
+    assert M.worst_group_acc(acc) == pytest.approx(0.5)
+    assert M.train_weighted_acc(acc, [10, 5, 5]) == pytest.approx(0.5)
+
+
+def test_metric_rows_give_one_row_per_group_plus_all_with_the_key_columns():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
+    y = torch.tensor([0, 1, 1, 1])
+    g = torch.tensor([0, 2, 2, 3])
+    names = ["g0", "g1", "g2", "g3"]
+    rows = M.metric_rows(probs, y, g, names, dataset="synthetic", seed=0, model="student",
+                         split="test")
+    assert [r["group"] for r in rows] == [0, 1, 2, 3, "all"]
+    assert all(r["dataset"] == "synthetic" and r["split"] == "test" for r in rows)
+    by = {r["group"]: r for r in rows}
+    assert by[1]["n"] == 0 and math.isnan(by[1]["acc"])
+    assert by[2]["n"] == 2 and by[2]["acc"] == pytest.approx(0.5)
+    assert by[2]["nll"] == pytest.approx(-(math.log(0.4) + math.log(0.8)) / 2)
+    assert by["all"]["n"] == 4 and by["all"]["acc"] == pytest.approx(0.5)
+    assert by["all"]["ece"] == pytest.approx(M.ece(probs, y))
+    assert set(rows[0]) >= {"group_name", "n", "acc", "ece", "nll"}
+
+
+def test_summarize_names_the_study_metrics():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    out = M.summarize(probs, torch.tensor([0, 0]), torch.tensor([0, 1]), 2, [3, 1])
+    assert set(M.SUMMARY_METRICS) <= set(out)
+    assert out["worst_group_acc"] == 0.0 and out["avg_acc"] == 0.5
+    assert out["train_weighted_acc"] == pytest.approx(0.75)
+    assert out["acc_g0"] == 1.0
