@@ -103,6 +103,9 @@ def _n_classes(run: Run) -> int:
 def train_config(run: Run, role: str, seed: int, **overrides):
     from . import train
 
+    # channels_last crashes torch 2.14.1's CPU backward for these nets (heap
+    # corruption, seen here); it is only a CUDA speed-up, so keep it to CUDA.
+    overrides.setdefault("channels_last", run.device == "cuda")
     return train.TrainConfig.from_profile(run.profile, role, seed=seed, device=run.device,
                                           **overrides)
 
@@ -286,3 +289,51 @@ def exit_frame(pred, ds) -> "pd.DataFrame":
         "prob": probs.max(1).values.numpy(), "margin": losses.confidence_margin(probs).numpy(),
         "correct": (probs.argmax(1) == ds.y).numpy(),
     })
+
+
+def erm_outputs(run: Run, seed: int, splits=("train", "val", "test")) -> tuple:
+    """The ERM student of notebook 03 (reused, never retrained here) and its
+    predictions (logits, exit logits, phi) on ``splits``."""
+    from . import train
+
+    config = method_config(run, "erm")
+    require(run, f"records/metrics/{_record_name('student', 'erm', config.config_id, seed, 'map', 'test')}.csv",
+            "03_early_exit_student")
+    result = train_student(run, config, seed)
+    return result, {s: train.predict(result.model, run.splits()[s], device=run.device) for s in splits}
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U,
+    ties counted one half); NaN when a class is absent. Direction as given: no
+    ``max(AUC, 1 - AUC)``."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+#: Scores that may single out hard instances, each oriented so that *larger* means
+#: "upweight"; the expected direction (AUROC > 0.5) is stated in notebook 04.
+SCORES = ("dedier_map_margin", "laplace_margin", "laplace_entropy", "laplace_variance")
+
+
+def hardness_scores(map_probs, lap, y) -> dict:
+    """The candidate scores per instance: DeDiER's ``cm·α`` of the MAP exit,
+    the same from the Laplace predictive ``lap``, Laplace entropy and logit variance."""
+    from . import losses
+
+    wrong_map = (map_probs.argmax(1) != y).double()
+    wrong_lap = (lap.probs.argmax(1) != y).double()
+    return {
+        "dedier_map_margin": (losses.confidence_margin(map_probs.double()) * wrong_map).numpy(),
+        "laplace_margin": (lap.margin.double() * wrong_lap).numpy(),
+        "laplace_entropy": lap.entropy.double().numpy(),
+        "laplace_variance": lap.variance.double().numpy(),
+    }

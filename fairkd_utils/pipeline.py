@@ -122,6 +122,25 @@ def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progres
             f"(execution count {err.exec_count}): {err.ename}: {err.evalue}\n"
             f"the executed notebook with the traceback is {out_path}"
         ) from None
+    except Exception as err:  # the kernel died (e.g. out of memory) or a cell timed out
+        raise PipelineError(
+            f"notebook {src.name} failed in cell {_running_cell(out_path)}: "
+            f"{type(err).__name__}: {err}\nthe partly executed notebook is {out_path}"
+        ) from None
+
+
+def _running_cell(out_path: Path) -> str:
+    """Index of the cell papermill marked as running when execution broke off."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(out_path), as_version=4)
+    except Exception:
+        return "?"
+    for i, cell in enumerate(nb.cells):
+        if cell.get("metadata", {}).get("papermill", {}).get("status") == "running":
+            return str(i)
+    return "?"
 
 
 def run(args) -> Path:

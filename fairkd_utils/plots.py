@@ -53,20 +53,17 @@ def group_palette(group_names) -> dict:
     return {n: cols[order[i % len(order)] % len(cols)] for i, n in enumerate(names)}
 
 
-def savefig(fig, stem, close: bool = True) -> tuple[Path, Path]:
+def savefig(fig, stem, close: bool = True) -> None:
     """Write ``stem.png`` and ``stem.pdf`` atomically; the PDF carries no
     creation date so reruns are byte-identical."""
     stem = Path(stem)
-    paths = []
     for fmt, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
         path = stem.with_suffix(f".{fmt}")
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, metadata=meta)
         records.write_bytes(path, buf.getvalue())
-        paths.append(path)
     if close:
         plt.close(fig)
-    return tuple(paths)
 
 
 def _method_label(m):
@@ -159,8 +156,8 @@ def confidence_by_group(df: pd.DataFrame, value: str = "prob", hue: str = "corre
         sub = df if c is None else df[df[col] == c]
         sns.boxplot(data=sub, x="group_name", y=value, hue=hue, order=order, hue_order=hue_order,
                     palette=pal, showfliers=False, width=0.7, ax=ax)
-        sns.stripplot(data=sub.groupby([hue, "group_name"], group_keys=False).apply(
-                          lambda d: d.sample(min(len(d), 60), random_state=0)),
+        shown = sub.sample(frac=1.0, random_state=0).groupby([hue, "group_name"]).head(60)
+        sns.stripplot(data=shown,
                       x="group_name", y=value, hue=hue, order=order, hue_order=hue_order,
                       dodge=True, palette=pal, size=2, alpha=0.45, legend=False, ax=ax)
         ax.set_xlabel("")

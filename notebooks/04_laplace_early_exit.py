@@ -1,0 +1,248 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 — A Laplace approximation at the early exit
+#
+# DeDiER trusts the early exit's *MAP* softmax: its confidence margin decides whom to
+# upweight. But a linear readout of early features is typically over-confident. The
+# study replaces the MAP readout by a **last-layer Laplace approximation** of the exit
+# head, whose predictive is calibrated and whose uncertainty grows on inputs unlike
+# the training bulk.
+#
+# **The maths** (DESIGN.md, "Laplace at the exit"). The exit head is
+# $\mathrm{Linear}(D{+}1, C)$ on $\tilde\varphi = [\varphi, 1]$. Its Gauss–Newton matrix
+# is approximated by $B \otimes A$ with $B = \sum_n \mathrm{diag}(p_n) - p_n p_n^\top$
+# and $A = \frac1N \sum_n \tilde\varphi_n \tilde\varphi_n^\top$ (laplace-torch's
+# normalisation).
+#
+# * **Exact prior** (as laplace-torch): precision $B\otimes A + \tau I$, $\tau$ by the
+#   marginal likelihood. With eigenbases $Q_B, Q_A$ the logit covariance is
+#   $Q_B\,\mathrm{diag}(s)\,Q_B^\top$, $s_k = \sum_j (q_{A,j}^\top\tilde\varphi)^2 /
+#   (\lambda_{B,k}\lambda_{A,j} + \tau)$; samples $z = W_{MAP}\tilde\varphi + Q_B(\sqrt s \odot g)$.
+# * **Slides' Kronecker form** (`prior="kron"`): $U = (\sqrt N B/N + \sqrt\tau I)^{-1}$,
+#   $V = (\sqrt N A + \sqrt\tau I)^{-1}$, covariance $(\tilde\varphi^\top V\tilde\varphi)\,U$,
+#   samples $z = W_{MAP}\tilde\varphi + (\tilde\varphi^\top V \tilde\varphi)^{1/2} L g$ with
+#   $L = \mathrm{chol}(U)$; $\tau$ by validation NLL.
+# * **Predictive**: for two classes, the probit approximation on the logit difference
+#   $d \sim \mathcal N(\mu_d, \sigma_d^2)$: $p_1 = \mathrm{sigmoid}(\mu_d/\sqrt{1+\pi\sigma_d^2/8})$;
+#   Monte Carlo otherwise (and here as a check).
+#
+# For two classes the Laplace predictive keeps the MAP's argmax and only shrinks its
+# margin — most where the features are atypical. This notebook fits both forms on the
+# ERM student of notebook 03 and asks which score best singles out the hard instances.
+
+# %% tags=["parameters"]
+run_dir = None        # run directory (absolute); None: results/<dataset>-<profile>
+figures_dir = None    # figures folder; None: figures/<dataset>-<profile>
+profile = "smoke"     # smoke | default | paper
+dataset = "synthetic" # synthetic | waterbirds | celeba | folder
+data_root = None      # local folder for real datasets
+seeds = None          # student seeds; None: the profile's
+device = "auto"       # auto | cpu | cuda
+
+# %%
+import numpy as np
+import pandas as pd
+import torch
+
+import fairkd_utils as fk
+from fairkd_utils.exit_laplace import fit_exit_laplace
+
+run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
+fk.experiment.require(run, "groups.csv", "01_data_and_groups")
+splits = run.splits()
+train, val, test = splits["train"], splits["val"], splits["test"]
+minority = fk.experiment.minority_groups(train.group_counts())
+N_SAMPLES = 100  # Monte-Carlo samples of the predictive
+
+# %% [markdown]
+# ## Fit both forms on every seed's ERM exit
+#
+# Factors from the training split's exit features and the exit's own probabilities;
+# the exact form's $\tau$ maximises the marginal likelihood, the Kronecker form's
+# minimises the validation NLL over a grid.
+
+# %%
+fits, outputs = {}, {}
+for seed in run.seeds:
+    result, out = fk.experiment.erm_outputs(run, seed)
+    phi_tr = out["train"].phi.double()
+    exact = fit_exit_laplace(result.model.exit, phi_tr, out["train"].exit_probs, y=train.y,
+                             prior="exact")
+    kron = fit_exit_laplace(result.model.exit, phi_tr, out["train"].exit_probs, y=train.y,
+                            prior="kron", phi_val=out["val"].phi.double(), y_val=val.y)
+    fits[seed], outputs[seed] = {"exact": exact, "kron": kron}, out
+    print(f"seed {seed}: exact tau = {exact.tau:.3g} (marginal likelihood), "
+          f"kron tau = {kron.tau:.3g} (validation NLL)")
+
+# %% [markdown]
+# ## Calibration: MAP vs Laplace
+#
+# Rows with `model = exit_laplace` (`config_id` = the prior form, `predictive` = probit
+# or mc) go to `metrics.csv`; test-set predictions to `predictions.csv`.
+
+# %%
+def laplace_predictions(seed, split):
+    phi = outputs[seed][split].phi.double()
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        ("exit", "map", "map"): None,
+        ("exit_laplace", "exact", "probit"): fits[seed]["exact"].predict(phi, link="probit"),
+        ("exit_laplace", "exact", "mc"): fits[seed]["exact"].predict(phi, link="mc", n_samples=N_SAMPLES, generator=gen),
+        ("exit_laplace", "kron", "probit"): fits[seed]["kron"].predict(phi, link="probit"),
+    }
+
+rows, reliability_rows = [], []
+for seed in run.seeds:
+    for split, ds in (("val", val), ("test", test)):
+        for (model, form, predictive), lap in laplace_predictions(seed, split).items():
+            probs = outputs[seed][split].exit_probs if lap is None else lap.probs.double()
+            label = "MAP" if lap is None else f"Laplace {form} ({predictive})"
+            if lap is not None:
+                rows += fk.experiment.record(run, probs, ds, model=model, method="erm", seed=seed,
+                                             config_id=form, predictive=predictive,
+                                             variance=lap.variance, predictions=(split == "test"))
+            if split == "test":
+                reliability_rows.append(pd.DataFrame({
+                    "predictive": label, "seed": seed, "prob": probs.max(1).values.numpy(),
+                    "correct": (probs.argmax(1) == ds.y).numpy(), "group": ds.g.numpy()}))
+reliability_df = pd.concat(reliability_rows)
+
+# %%
+metrics = fk.records.assemble(run.run_dir, "metrics", write=False)
+exit_rows = metrics[metrics.model.isin(["exit", "exit_laplace"]) & (metrics.method == "erm")
+                    & (metrics.split == "test") & (metrics.group == "all")].copy()
+exit_rows["predictive"] = np.where(exit_rows.model == "exit", "MAP",
+                                   "Laplace " + exit_rows.config_id + " (" + exit_rows.predictive + ")")
+calibration = exit_rows.groupby("predictive")[["acc", "ece", "nll"]].agg(["mean", "std"]).round(4)
+calibration
+
+# %%
+ece_by = exit_rows.groupby("predictive")["ece"].mean().to_dict()
+fig = fk.plots.reliability(reliability_df, hue="predictive", ece=ece_by,
+                           title="Reliability of the early exit (test, all seeds)")
+fk.plots.savefig(fig, run.figure("04_reliability"), close=False)
+
+# %% [markdown]
+# ## MAP vs Laplace confidence by group
+#
+# The Laplace predictive (exact prior, probit) against the MAP softmax, right and wrong
+# exit predictions apart, test split, all seeds pooled. For two classes the argmax is
+# the same, so "right" and "wrong" are the same instances in both.
+
+# %%
+frames = []
+for seed in run.seeds:
+    map_probs = outputs[seed]["test"].exit_probs
+    lap = fits[seed]["exact"].predict(outputs[seed]["test"].phi.double(), link="probit")
+    correct = (map_probs.argmax(1) == test.y).numpy()
+    for name, p, m in (("map", map_probs.max(1).values, fk.losses.confidence_margin(map_probs)),
+                       ("probit", lap.probs.max(1).values, lap.margin)):
+        frames.append(pd.DataFrame({"seed": seed, "group": test.g.numpy(),
+                                    "group_name": [test.group_names[k] for k in test.g.tolist()],
+                                    "predictive": name, "confidence": p.numpy(),
+                                    "margin": m.double().numpy(),
+                                    "prediction": np.where(correct, "right", "wrong")}))
+conf = pd.concat(frames)
+fig = fk.plots.confidence_by_group(conf, value="confidence", hue="predictive", col="prediction",
+                                   title="Exit confidence: MAP vs Laplace (exact prior, probit)")
+fk.plots.savefig(fig, run.figure("04_map_vs_laplace_confidence"), close=False)
+conf.pivot_table(index=["group_name", "prediction"], columns="predictive",
+                 values=["confidence", "margin"], aggfunc="mean").round(3)
+
+# %% [markdown]
+# ## The slides' sampling formula, made visible
+#
+# For one test instance per group (the exit's most confidently *wrong* one where there
+# is one), 400 samples of the exit logits $z$ under both forms. Points on the far side
+# of the dashed line $z_0 = z_1$ predict the other class. The long axis of each cloud
+# lies along $(1, 1)$ — the softmax-invariant direction the data never constrains — which
+# is why the two-class probit works on the logit *difference*.
+
+# %%
+seed = run.seeds[0]
+map_probs = outputs[seed]["test"].exit_probs
+margin = fk.losses.confidence_margin(map_probs)
+wrong = map_probs.argmax(1) != test.y
+samples = []
+for g, name in enumerate(test.group_names):
+    in_g = torch.nonzero(test.g == g).flatten()
+    pool = in_g[wrong[in_g]] if wrong[in_g].any() else in_g
+    i = int(pool[margin[pool].argmax()])
+    phi_i = outputs[seed]["test"].phi[i:i + 1].double()
+    for form in ("exact", "kron"):
+        gen = torch.Generator().manual_seed(1000 + g)
+        z = fits[seed][form].sample_logits(phi_i, n_samples=400, generator=gen)[:, 0, :]
+        samples.append({"group_name": name, "form": form, "z": z.numpy(), "y": int(test.y[i]),
+                        "mean": outputs[seed]["test"].exit_logits[i].double().numpy()})
+if test.n_classes == 2:
+    fig = fk.plots.laplace_samples(samples)
+    fk.plots.savefig(fig, run.figure("04_laplace_samples"), close=False)
+
+# %% [markdown]
+# ## Which score singles out the hard instances?
+#
+# The reweighting acts on **training** instances, so the scores are evaluated there,
+# against two targets: membership in a minority group, and being misclassified by the
+# final head of the ERM student. Each score is oriented so that *larger = upweight*.
+# **Expected directions, stated before looking** (all: AUROC > 0.5):
+#
+# * `dedier_map_margin` ($\mathrm{cm}\cdot\alpha$ of the MAP exit): the exit reads the
+#   background, so it is wrong — and confidently — on minority instances.
+# * `laplace_margin` (the same with the Laplace predictive): same sign, but the Laplace
+#   margin shrinks most on atypical inputs, so it may separate *less* well than MAP.
+# * `laplace_entropy`: the Laplace predictive is most uncertain on atypical inputs,
+#   and minority instances are atypical for the exit.
+# * `laplace_variance` (logit-difference variance): grows with the distance of
+#   $\tilde\varphi$ from the training bulk in the directions the data constrain little.
+#
+# No `max(AUC, 1 − AUC)`: an AUROC below 0.5 means the score points the wrong way.
+
+# %%
+auroc_rows = []
+for seed in run.seeds:
+    out = outputs[seed]
+    lap = fits[seed]["exact"].predict(out["train"].phi.double(), link="probit")
+    scores = fk.experiment.hardness_scores(out["train"].exit_probs, lap, train.y)
+    targets = {"minority group": np.isin(train.g.numpy(), minority),
+               "ERM student wrong": (out["train"].probs.argmax(1) != train.y).numpy()}
+    for score, values in scores.items():
+        for target, labels in targets.items():
+            auroc_rows.append({"seed": seed, "score": score, "target": target,
+                               "auroc": fk.experiment.auroc(values, labels),
+                               "positives": int(labels.sum())})
+auroc = pd.DataFrame(auroc_rows)
+fk.records.write_csv(run.path("score_auroc.csv"), auroc)
+auroc_table = auroc.pivot_table(index="score", columns="target", values="auroc", aggfunc=["mean", "std"])
+auroc_table.round(3)
+
+# %%
+fig = fk.plots.score_auroc(auroc)
+fk.plots.savefig(fig, run.figure("04_score_auroc"), close=False)
+
+# %% [markdown]
+# ## The decision for Laplace-KD
+#
+# The Laplace-KD score is the Laplace score with the highest mean AUROC for minority
+# membership on the training split. The distillation notebook uses the choice committed
+# in `fairkd_utils/hparams.json` (made from the reference `default` run); here we check
+# that this run agrees.
+
+# %%
+laplace_only = auroc[auroc.score.str.startswith("laplace_") & (auroc.target == "minority group")]
+best = laplace_only.groupby("score").auroc.mean().sort_values(ascending=False)
+decided = best.index[0].removeprefix("laplace_")
+fk.records.write_json(run.path("laplace_score_choice.json"),
+                      {"score": decided, "mean_auroc_minority": best.to_dict()})
+committed = fk.experiment.method_config(run, "laplace_kd").score
+print(f"This run's best Laplace score for minority membership: '{decided}' "
+      f"(mean AUROC {best.iloc[0]:.3f}); committed Laplace-KD score: '{committed}' -> "
+      + ("agrees." if decided == committed else "DIFFERS: consider updating fairkd_utils/hparams.json."))
