@@ -15,7 +15,6 @@ peak memory and how far the two answers are apart (MC noise only).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import subprocess
 import sys

@@ -186,6 +186,8 @@ def test_two_class_probit_is_the_formula_and_close_to_the_true_integral():
     torch.testing.assert_close(pred.probs[:, 1], p1, rtol=0, atol=1e-12)
     torch.testing.assert_close(pred.probs.sum(-1), torch.ones(25, dtype=DT))
     torch.testing.assert_close(pred.variance, var_d, rtol=1e-12, atol=1e-14)
+    chunked = la.predict(x, chunk_size=7)                              # chunking is invisible
+    torch.testing.assert_close(chunked.probs, pred.probs, rtol=0, atol=0)
     assert var_d.max() > 1.0                                            # the test has teeth
     # E[sigmoid(d)], d ~ N(mu_d, var_d), by the trapezoid rule on a fine grid
     t = torch.linspace(-10, 10, 20001, dtype=DT)
@@ -219,7 +221,7 @@ def test_multiclass_prediction_outputs():
     a, b = mu.topk(2, -1).indices.unbind(-1)
     r = torch.arange(50)
     torch.testing.assert_close(pred.variance, cov[r, a, a] + cov[r, b, b] - 2 * cov[r, a, b])
-    # same generator seed -> same answer; chunking does not change it beyond the draw order
+    # same generator seed -> the same answer, bit for bit
     again = la.predict(x, n_samples=200, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pred.probs, again.probs, rtol=0, atol=0)
     # float32 features in -> float32 out
