@@ -337,3 +337,184 @@ def hardness_scores(map_probs, lap, y) -> dict:
         "laplace_entropy": lap.entropy.double().numpy(),
         "laplace_variance": lap.variance.double().numpy(),
     }
+
+
+# --------------------------------------------------------------------------- distillation
+REWEIGHTING = ("dedier", "dedier_both", "laplace_kd", "group_balanced")
+
+
+def final_train_weights(run: Run, result, config):
+    """The instance weights the method assigns on the training split with the final
+    student (before batch normalisation): what the weight-distribution figures show.
+    ``None`` for methods that do not reweight."""
+    import torch
+
+    from . import losses, train
+    from .exit_laplace import fit_exit_laplace
+
+    ds = run.splits()["train"]
+    if config.method not in REWEIGHTING:
+        return None
+    if config.method == "group_balanced":
+        return losses.group_balanced_weight(ds.g, ds.group_counts())
+    p = train.predict(result.model, ds, device=run.device)
+    if config.method in ("dedier", "dedier_both"):
+        return losses.dedier_weight(p.exit_logits.double(), ds.y, config.beta, config.alpha)
+    la = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, y=ds.y,
+                          prior=config.prior, tau=config.tau)
+    pred = la.predict(p.phi.double(), generator=torch.Generator().manual_seed(0))
+    return losses.laplace_weight(pred, ds.y, config.beta, config.score, config.alpha)
+
+
+def run_method(run: Run, method: str, seed: int, teacher=None, config=None):
+    """Train or reuse one student and write all its records (metrics, test
+    predictions, per-epoch weights, final training weights)."""
+    config = config or method_config(run, method)
+    result = train_student(run, config, seed, teacher)
+    evaluate_student(run, result, config, seed)
+    record_weights(run, result, config, seed)
+    w = final_train_weights(run, result, config)
+    if w is not None:
+        from . import train
+
+        ds = run.splits()["train"]
+        p = train.predict(result.model, ds, device=run.device)
+        keys = dict(seed=seed, config_id=config.config_id, model="exit", method=config.method,
+                    predictive="map")
+        records.write_record(run.run_dir, "predictions",
+                             _record_name("exit", config.method, config.config_id, seed, "map", "train"),
+                             prediction_frame(p.exit_probs, ds, keys=keys, weight=w.numpy()))
+    return result
+
+
+# --------------------------------------------------------------------------- summary
+SUMMARY_METRICS = ("worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece")
+
+
+def per_seed_metrics(metrics, groups, model: str = "student", split: str = "test"):
+    """One row per (method, config_id, seed): the study's scalar metrics of
+    ``model`` on ``split``, from ``metrics.csv`` and ``groups.csv`` alone."""
+    import numpy as np
+    import pandas as pd
+
+    m = metrics[(metrics.model == model) & (metrics.split == split) & (metrics.predictive == "map")]
+    train_n = groups[groups.split == "train"].set_index("group_name")["n"]
+    rows = []
+    for (method, cid, seed), d in m.groupby(["method", "config_id", "seed"], sort=True):
+        overall = d[d.group_name == "all"]
+        per_group = d[d.group_name != "all"].set_index("group_name")
+        acc = per_group["acc"]
+        w = train_n.reindex(acc.index).astype(float)
+        rows.append({"method": method, "config_id": cid, "seed": int(seed),
+                     "worst_group_acc": acc.min(), "avg_acc": float(overall["acc"].iloc[0]),
+                     "train_weighted_acc": float(np.nansum(acc * w) / w.sum()),
+                     "group_gap": acc.max() - acc.min(), "ece": float(overall["ece"].iloc[0])})
+    return pd.DataFrame(rows)
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean, sample std and the Student-t interval of the mean."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    n, mean = len(v), float(np.mean(v))
+    if n < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    sd = float(np.std(v, ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / np.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def summary_table(per_seed, baseline: str = "kd"):
+    """``summary.csv``: per (method, config_id, metric) the mean, std and 95 %
+    interval over seeds, and the paired per-seed difference against ``baseline``
+    (same seed), with its own interval."""
+    import pandas as pd
+
+    base = per_seed[per_seed.method == baseline]
+    base = base.set_index("seed") if base.config_id.nunique() <= 1 else None
+    rows = []
+    for (method, cid), d in per_seed.groupby(["method", "config_id"], sort=False):
+        d = d.set_index("seed")
+        for metric in SUMMARY_METRICS:
+            mean, sd, lo, hi = mean_interval(d[metric])
+            row = {"method": method, "config_id": cid, "metric": metric, "n_seeds": len(d),
+                   "mean": mean, "std": sd, "ci95_lo": lo, "ci95_hi": hi}
+            if base is not None and method != baseline:
+                common = d.index.intersection(base.index)
+                diff = d.loc[common, metric] - base.loc[common, metric]
+                dm, dsd, dlo, dhi = mean_interval(diff) if len(diff) else (float("nan"),) * 4
+                row.update({f"diff_vs_{baseline}_mean": dm, f"diff_vs_{baseline}_std": dsd,
+                            f"diff_vs_{baseline}_ci95_lo": dlo, f"diff_vs_{baseline}_ci95_hi": dhi,
+                            "paired_seeds": len(common)})
+            rows.append(row)
+    order = {m: i for i, m in enumerate(("erm", "kd", "dedier", "dedier_both", "laplace_kd", "group_balanced"))}
+    out = pd.DataFrame(rows)
+    return out.sort_values(["metric", "method"], key=lambda s: s.map(order) if s.name == "method" else s,
+                           kind="stable").reset_index(drop=True)
+
+
+def paired_differences(per_seed, metric: str = "worst_group_acc", baseline: str = "kd"):
+    """Per-seed differences against ``baseline`` with the interval of their mean."""
+    import pandas as pd
+
+    base = per_seed[per_seed.method == baseline].set_index("seed")[metric]
+    rows = []
+    for method, d in per_seed[per_seed.method != baseline].groupby("method"):
+        diff = d.set_index("seed")[metric] - base
+        diff = diff.dropna()
+        _, _, lo, hi = mean_interval(diff)
+        rows += [{"method": method, "seed": s, "diff": v, "lo": lo, "hi": hi} for s, v in diff.items()]
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- sweep
+#: The same grid for every distillation method (kd has no beta); laplace_kd's score
+#: is decided by notebook 04, not swept, so all reweighting methods get equal grids.
+SWEEP_GRID = {"lam": (0.5, 0.9), "T": (2.0, 4.0), "beta": (1.0, 3.0)}
+
+
+def sweep_configs(run: Run, method: str) -> list:
+    """The configurations a sweep tries for ``method`` (erm has none)."""
+    import itertools
+
+    base = method_config(run, method)
+    if method == "erm":
+        return [base]
+    betas = SWEEP_GRID["beta"] if method in ("dedier", "dedier_both", "laplace_kd") else (base.beta,)
+    return [base.replace(lam=lam, T=T, beta=beta)
+            for lam, T, beta in itertools.product(SWEEP_GRID["lam"], SWEEP_GRID["T"], betas)]
+
+
+def sweep(run: Run, methods, seed: int, teacher=None):
+    """Train every grid configuration of ``methods`` on one seed into
+    ``<run_dir>/sweep/`` and pick, per method, the best validation worst-group
+    accuracy (ties: validation average accuracy). Test is never looked at."""
+    import dataclasses
+
+    import pandas as pd
+
+    from . import metrics as M
+
+    sub = dataclasses.replace(run, run_dir=run.path("sweep"))
+    sub.run_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    val = run.splits()["val"]
+    for method in methods:
+        for cfg in sweep_configs(run, method):
+            result = train_student(sub, cfg, seed, teacher)
+            from . import train
+
+            p = train.predict(result.model, val, device=run.device)
+            s = M.summarize(p.probs, p.y, p.g, val.n_groups)
+            rows.append({"method": method, "config_id": cfg.config_id, "seed": seed,
+                         **{k: v for k, v in cfg.to_dict().items() if k in ("lam", "T", "beta", "score")},
+                         "val_worst_group_acc": s["worst_group_acc"], "val_avg_acc": s["avg_acc"]})
+    table = pd.DataFrame(rows)
+    records.write_csv(sub.path("sweep.csv"), table)
+    best = (table.sort_values(["method", "val_worst_group_acc", "val_avg_acc"], ascending=[True, False, False])
+            .groupby("method").head(1))
+    chosen = {r.method: {"lam": r.lam, "T": r.T, "beta": r.beta} for r in best.itertuples()}
+    records.write_json(sub.path("hparams_chosen.json"), {run.name: chosen})
+    return table, chosen

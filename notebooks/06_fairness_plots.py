@@ -1,0 +1,93 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 — Fairness plots
+#
+# The summary figures of the study, drawn from the tables of the run directory alone
+# (`groups.csv`, `metrics.csv`, `predictions.csv`, `summary.csv`): no model is loaded
+# and nothing is trained, so this notebook reruns in seconds and the figures can be
+# restyled without retraining. Each is written as PNG (for reading) and PDF (for
+# slides); both are byte-identical across reruns.
+
+# %% tags=["parameters"]
+run_dir = None        # run directory (absolute); None: results/<dataset>-<profile>
+figures_dir = None    # figures folder; None: figures/<dataset>-<profile>
+profile = "smoke"     # smoke | default | paper
+dataset = "synthetic" # synthetic | waterbirds | celeba | folder
+data_root = None      # local folder for real datasets
+seeds = None          # student seeds; None: the profile's
+device = "auto"       # auto | cpu | cuda
+
+# %%
+import pandas as pd
+
+import fairkd_utils as fk
+
+run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
+tables = {name: pd.read_csv(fk.experiment.require(run, f"{name}.csv", "05_distillation_comparison"))
+          for name in ("metrics", "predictions", "summary")}
+groups = pd.read_csv(fk.experiment.require(run, "groups.csv", "01_data_and_groups"))
+summary = tables["summary"]
+chosen = summary[["method", "config_id"]].drop_duplicates()
+per_seed = fk.experiment.per_seed_metrics(tables["metrics"], groups).merge(chosen)
+per_seed.groupby("method")[["worst_group_acc", "avg_acc"]].agg(["mean", "std"]).round(3)
+
+# %% [markdown]
+# ## Worst-group vs average accuracy
+#
+# Each method's mean over seeds with ± 1 sd error bars; small dots are single seeds.
+# Up is fairer, right is more accurate on the test distribution.
+
+# %%
+fig = fk.plots.wga_vs_avg(per_seed)
+fk.plots.savefig(fig, run.figure("06_wga_vs_avg"), close=False)
+
+# %% [markdown]
+# ## Accuracy by method and group
+
+# %%
+m = tables["metrics"].merge(chosen)
+m = m[(m.model == "student") & (m.split == "test") & (m.predictive == "map") & (m.group_name != "all")]
+order = [n for n in groups.sort_values("group").group_name.drop_duplicates()]
+heat = (m.groupby(["method", "group_name"]).acc.mean().unstack()
+        .reindex(index=[x for x in fk.plots.METHOD_ORDER if x in set(m.method)], columns=order))
+fig = fk.plots.group_acc_heatmap(heat)
+fk.plots.savefig(fig, run.figure("06_group_acc_heatmap"), close=False)
+heat.round(3)
+
+# %% [markdown]
+# ## Whom do DeDiER and Laplace-KD upweight?
+#
+# The weight each method gives every training instance at the end of training (final
+# student, before batch normalisation), by group. A method that finds the minority
+# groups puts their mass to the right.
+
+# %%
+p = tables["predictions"].merge(chosen)
+w = p[(p.split == "train") & p.weight.notna()].copy()
+names = groups.drop_duplicates("group").set_index("group").group_name
+w["group_name"] = w.group.map(names)
+fig = fk.plots.weight_distributions(w, methods=("dedier", "dedier_both", "laplace_kd"))
+fk.plots.savefig(fig, run.figure("06_weight_distributions"), close=False)
+w.groupby(["method", "group_name"]).weight.describe()[["mean", "50%", "max"]].round(3)
+
+# %% [markdown]
+# ## Paired differences against KD
+#
+# For each seed, a method's test worst-group accuracy minus KD's with the same seed and
+# initialisation; the diamond is the mean with its 95 % (Student-t) interval. An interval
+# that crosses zero means these seeds cannot tell the method from KD.
+
+# %%
+diffs = fk.experiment.paired_differences(per_seed, "worst_group_acc", baseline="kd")
+fig = fk.plots.paired_differences(diffs, "worst_group_acc", baseline="kd")
+fk.plots.savefig(fig, run.figure("06_paired_differences"), close=False)
+diffs.groupby("method")[["diff", "lo", "hi"]].agg({"diff": "mean", "lo": "first", "hi": "first"}).round(3)
