@@ -163,7 +163,10 @@ def confidence_by_group(df: pd.DataFrame, value: str = "prob", hue: str = "corre
         ax.set_xlabel("")
         ax.set_title(f"{col} = {c}" if c is not None else "")
         ax.tick_params(axis="x", labelrotation=15)
-        ax.legend(title=None, loc="lower left")
+        if ax is axes[0][-1]:
+            ax.legend(title=None, loc="best")
+        elif ax.get_legend():
+            ax.get_legend().remove()
     axes[0][0].set_ylabel(value)
     fig.suptitle(title, fontweight="bold")
     fig.tight_layout()
@@ -187,7 +190,7 @@ def laplace_samples(samples: list[dict], title: str = "Samples of the exit's pre
         pad = 0.15 * (hi - lo + 1e-6)
         for s in cur:
             z = np.asarray(s["z"])
-            ax.scatter(z[:, 0], z[:, 1], s=4, alpha=0.25, color=colors.get(s["form"], None),
+            ax.scatter(z[:, 0], z[:, 1], s=5, alpha=0.3, color=colors.get(s["form"], None),
                        label=f"{s['form']} prior", rasterized=True)
         m = np.asarray(cur[0]["mean"])
         ax.scatter([m[0]], [m[1]], marker="*", s=160, color="black", zorder=5, label="MAP")
@@ -200,10 +203,10 @@ def laplace_samples(samples: list[dict], title: str = "Samples of the exit's pre
     axes[0][0].set_ylabel("logit 1")
     handles, labels = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=len(uniq), markerscale=3,
-               bbox_to_anchor=(0.5, -0.04))
     fig.suptitle(title, fontweight="bold")
     fig.tight_layout()
+    fig.legend(uniq.values(), uniq.keys(), loc="upper center", ncol=len(uniq), markerscale=1.5,
+               bbox_to_anchor=(0.5, 0.0))
     return fig
 
 
