@@ -1,0 +1,184 @@
+"""The one training loop: it learns, it is deterministic, its checkpoints are
+reused only for the same fingerprint, and it fails loudly."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairkd_utils import models, train
+from fairkd_utils.data import GroupDataset
+from fairkd_utils.profiles import get_profile
+
+TINY = get_profile("smoke").replace(
+    teacher_widths=(8, 16), teacher_blocks=(1, 1),
+    student_widths=(8, 16), student_blocks=(1, 1), exit_stage=1, image_size=16)
+NAMES = ["y0 a0", "y0 a1", "y1 a0", "y1 a1"]
+
+
+def _split(split, n, seed, size=16):
+    """Tiny in-memory grouped data: the class shifts channel 0, the attribute channel 1."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    a = (torch.rand(n, generator=gen) < 0.3).long()
+    x = 0.8 * torch.randn(n, 3, size, size, generator=gen)
+    x[:, 0] += (2 * y - 1).float()[:, None, None]
+    x[:, 1] += 0.5 * (2 * a - 1).float()[:, None, None]
+    return GroupDataset("tiny", split, y, a, n_classes=2, n_attrs=2, group_names=NAMES,
+                        ids=[f"{split}{i}" for i in range(n)], x=x, image_size=size)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": _split("train", 192, 0), "val": _split("val", 96, 1),
+            "test": _split("test", 96, 2)}
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=64, lr=0.05, seed=0, progress=False)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def learned(splits):
+    """A tiny student trained for 3 epochs (shared by the tests that only read it)."""
+    return train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(epochs=3))
+
+
+def test_a_tiny_student_learns_well_above_chance(splits, learned):
+    res = learned
+    metrics = train.evaluate(res.model, splits["test"])
+    assert metrics["avg_acc"] > 0.85          # chance is 0.5
+    assert "exit_avg_acc" in metrics and res.history["val_avg_acc"].iloc[-1] > 0.85
+    assert res.checkpoint is None and not res.reused
+
+
+def test_the_same_seed_gives_the_same_metrics(splits, learned):
+    again = train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(epochs=3))
+    runs = [learned, again]
+    cols = [c for c in runs[0].history if c != "seconds"]
+    assert runs[0].history[cols].equals(runs[1].history[cols])
+    p0, p1 = (train.predict(r.model, splits["test"]) for r in runs)
+    assert torch.equal(p0.logits, p1.logits) and torch.equal(p0.exit_logits, p1.exit_logits)
+
+
+def test_the_kept_epoch_is_the_best_on_val_worst_group_accuracy(learned):
+    res = learned
+    h = res.history
+    best = h.sort_values(["val_worst_group_acc", "val_avg_acc"], kind="stable",
+                         ascending=False).iloc[0]
+    assert res.best_epoch == best["epoch"] and h.loc[h.best, "epoch"].item() == res.best_epoch
+    assert not any(c.startswith("test") for c in h)
+
+
+def test_predict_returns_outputs_in_dataset_order_with_groups(splits):
+    student = models.build_student(TINY, 2, seed=0)
+    p = train.predict(student, splits["val"], batch_size=40)
+    n = len(splits["val"])
+    assert p.logits.shape == (n, 2) and p.exit_logits.shape == (n, 2) and p.phi.shape == (n, 8)
+    assert p.logits.dtype == torch.float32
+    assert torch.equal(p.g, splits["val"].g)
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(splits["val"].x[:5]).logits, p.logits[:5])
+    tp = train.predict(models.build_teacher(TINY, 2, seed=0), splits["val"])
+    assert tp.exit_logits is None and tp.phi is None
+
+
+def test_checkpoint_is_reused_for_the_same_fingerprint_and_a_new_one_trains_a_new_file(
+        splits, tmp_path):
+    first = train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(epochs=1),
+                              ckpt_dir=tmp_path, name="student")
+    assert first.checkpoint.name == f"student-{first.fingerprint}.pt" and not first.reused
+    ck = torch.load(first.checkpoint, weights_only=True)       # plain tensors and values only
+    assert ck["fingerprint"] == first.fingerprint and ck["history"]
+
+    again = train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(epochs=1),
+                              ckpt_dir=tmp_path, name="student")
+    assert again.reused and again.checkpoint == first.checkpoint
+    assert again.history.equals(first.history)
+    for k, v in first.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[k], v)
+
+    other = train.train_model(models.build_student(TINY, 2, seed=0), splits,
+                              _cfg(epochs=1, lr=0.01), ckpt_dir=tmp_path, name="student")
+    assert not other.reused and other.checkpoint != first.checkpoint
+    assert len(list(tmp_path.glob("student-*.pt"))) == 2
+
+
+def test_corrupt_checkpoint_gives_a_clear_error_not_a_pickle_traceback(splits, tmp_path):
+    res = train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1),
+                            ckpt_dir=tmp_path, name="teacher")
+    res.checkpoint.write_bytes(b"\x00garbage")
+    with pytest.raises(train.CheckpointError, match="corrupt.*delete it"):
+        train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1),
+                          ckpt_dir=tmp_path, name="teacher")
+
+
+def test_a_checkpoint_from_another_config_gives_a_clear_error(splits, tmp_path):
+    res = train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1),
+                            ckpt_dir=tmp_path, name="teacher")
+    with pytest.raises(train.CheckpointError, match="produced by another config"):
+        train.load_checkpoint(res.checkpoint, expected_fingerprint="0" * 16)
+    # a foreign file under this config's name is refused too, not silently used
+    fp = train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1, lr=0.2),
+                           ckpt_dir=None, name="teacher").fingerprint
+    res.checkpoint.rename(tmp_path / f"teacher-{fp}.pt")
+    with pytest.raises(train.CheckpointError, match="another config"):
+        train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1, lr=0.2),
+                          ckpt_dir=tmp_path, name="teacher")
+
+
+class _NaNAtSecondEpoch(train.ERMObjective):
+    def loss(self, out, batch, epoch):
+        loss, w = super().loss(out, batch, epoch)
+        return (loss * float("nan") if epoch == 1 else loss), w
+
+
+def test_a_nan_loss_stops_training_with_a_clear_error_and_writes_no_checkpoint(splits, tmp_path):
+    with pytest.raises(train.NonFiniteLossError, match=r"epoch 2, step 1"):
+        train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(),
+                          _NaNAtSecondEpoch(), ckpt_dir=tmp_path, name="student")
+    assert not list(tmp_path.iterdir())
+
+
+class _GroupWeights:
+    """Weights equal to the instance's group index (ce) and twice it (kd)."""
+
+    def __init__(self):
+        self.epochs_seen, self.ended = [], []
+
+    def loss(self, out, batch, epoch):
+        self.epochs_seen.append(epoch)
+        g = (2 * batch.y + batch.a).float()
+        assert isinstance(out, models.StudentOutput) and out.phi.shape[0] == len(batch.idx)
+        return F.cross_entropy(out.logits, batch.y), {"ce": g, "kd": 2 * g}
+
+    def on_epoch_end(self, epoch):
+        self.ended.append(epoch)
+
+
+def test_the_loop_logs_each_epochs_mean_weight_per_group_from_the_objective(splits):
+    obj = _GroupWeights()
+    res = train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(), obj)
+    assert obj.ended == [0, 1] and sorted(set(obj.epochs_seen)) == [0, 1]
+    w = res.weights
+    assert list(w.columns) == list(train.WEIGHT_COLUMNS) and len(w) == 2 * 4
+    assert (w["mean_weight_ce"] == w["group"]).all()
+    assert (w["mean_weight_kd"] == 2 * w["group"]).all()
+    assert (w.groupby("epoch")["n"].sum() == len(splits["train"])).all()
+
+
+def test_erm_logs_no_weights_and_train_config_follows_the_profile():
+    cfg = train.TrainConfig.from_profile(get_profile("default"), "student", seed=2)
+    assert cfg.epochs == get_profile("default").student_epochs and cfg.seed == 2
+    with pytest.raises(ValueError, match="optimizer"):
+        train.TrainConfig(epochs=1, optimizer="rmsprop")
+
+
+def test_adamw_trains_too(splits):
+    res = train.train_model(models.build_teacher(TINY, 2, seed=0), splits,
+                            _cfg(epochs=1, optimizer="adamw", lr=1e-3))
+    assert math.isfinite(res.history["train_loss"].iloc[0])
