@@ -1,0 +1,116 @@
+"""The study end to end: the smoke profile through papermill writes every table,
+every record and every figure of DESIGN.md; failures name notebook and cell."""
+
+import hashlib
+import json
+
+import jupytext
+import nbformat
+import pandas as pd
+import pytest
+
+from fairkd_utils import pipeline
+from fairkd_utils.profiles import METHODS
+
+FIGURES = ["01_group_counts", "01_group_samples", "02_teacher_group_acc",
+           "03_exit_vs_final_group_acc", "03_exit_confidence_by_group", "04_laplace_samples",
+           "04_map_vs_laplace_confidence", "04_reliability", "04_score_auroc",
+           "05_weights_by_group", "06_wga_vs_avg", "06_group_acc_heatmap",
+           "06_weight_distributions", "06_paired_differences"]
+
+
+def test_smoke_run_writes_manifest_and_executed_notebooks(smoke_run):
+    manifest = json.loads((smoke_run / "manifest.json").read_text())
+    names = [p.stem for p in pipeline.discover_notebooks()]
+    assert list(manifest["notebooks"]) == names
+    assert all(v["status"] == "ok" for v in manifest["notebooks"].values())
+    assert manifest["versions"]["torch"].startswith("2.14.1")
+    assert manifest["config"]["profile"]["name"] == "smoke"
+    assert manifest["device"] == "cpu"
+    for name in names:
+        assert (smoke_run / "executed" / f"{name}.ipynb").is_file()
+
+
+def test_smoke_run_draws_every_figure_as_png_and_pdf(smoke_run):
+    figures = smoke_run.parent / "figures"
+    for slug in FIGURES:
+        for ext in ("png", "pdf"):
+            path = figures / f"{slug}.{ext}"
+            assert path.is_file() and path.stat().st_size > 1000, path
+
+
+def test_groups_table_has_every_split_and_group(smoke_run):
+    groups = pd.read_csv(smoke_run / "groups.csv")
+    assert list(groups.columns) == ["split", "group", "group_name", "y", "a", "n"]
+    assert set(groups.split) == {"train", "val", "test"}
+    assert (groups.groupby("split").group.nunique() == 4).all()
+    assert (groups.n > 0).all()
+
+
+def test_metrics_have_teacher_student_exit_and_laplace_rows_for_every_group(smoke_run):
+    m = pd.read_csv(smoke_run / "metrics.csv")
+    keys = ["dataset", "profile", "seed", "config_id", "model", "method", "predictive", "split",
+            "group", "n", "acc", "ece", "nll"]
+    assert set(keys) <= set(m.columns)
+    test = m[m.split == "test"]
+    for model in ("teacher", "student", "exit", "exit_laplace"):
+        groups = set(test[test.model == model].group_name)
+        assert len(groups) == 5 and "all" in groups, model
+    assert set(test[test.model == "exit_laplace"].predictive) == {"probit", "mc"}
+
+
+def test_every_method_has_rows_for_every_group_and_seed(smoke_run):
+    m = pd.read_csv(smoke_run / "metrics.csv")
+    students = m[(m.model == "student") & (m.split == "test")]
+    seeds = json.loads((smoke_run / "manifest.json").read_text())["config"]["parameters"]["seeds"]
+    counts = students.groupby(["method", "seed"]).group_name.nunique()
+    assert len(counts) == len(METHODS) * len(seeds)
+    assert (counts == 5).all()
+    weights = pd.read_csv(smoke_run / "weights.csv")
+    for method in ("dedier", "dedier_both", "laplace_kd", "group_balanced"):
+        assert weights[weights.method == method].group.nunique() == 4, method
+
+
+def test_summary_has_every_method_metric_and_paired_differences(smoke_run):
+    s = pd.read_csv(smoke_run / "summary.csv")
+    assert set(s.method) == set(METHODS)
+    assert set(s.metric) == {"worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece"}
+    assert {"mean", "std", "ci95_lo", "ci95_hi", "diff_vs_kd_mean"} <= set(s.columns)
+    p = pd.read_csv(smoke_run / "predictions.csv")
+    assert {"id", "split", "group", "y", "seed", "model", "method", "predictive", "prob",
+            "margin", "correct", "weight", "variance"} <= set(p.columns)
+    train_w = p[(p.split == "train") & p.weight.notna()]
+    assert {"dedier", "laplace_kd"} <= set(train_w.method)
+
+
+def _digest(folder, prefix):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.glob(f"{prefix}_*")) if p.suffix in (".png", ".pdf")}
+
+
+def test_fairness_plots_rerun_from_tables_byte_identical(smoke_run):
+    figures = smoke_run.parent / "figures"
+    before = _digest(figures, "06")
+    assert len(before) == 8
+    rc = pipeline.main(["--profile", "smoke", "--out", str(smoke_run.parent), "--figures",
+                        str(figures), "--only", "06", "--quiet"])
+    assert rc == 0
+    assert _digest(figures, "06") == before
+
+
+def test_missing_prerequisite_stops_naming_the_notebook(tmp_path, capsys):
+    rc = pipeline.main(["--profile", "smoke", "--out", str(tmp_path), "--figures",
+                        str(tmp_path / "fig"), "--only", "02", "--quiet"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "02_teacher" in err and "01_data_and_groups" in err and "cell" in err
+
+
+def test_a_failing_cell_is_named(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    src = tmp_path / "99_broken.py"
+    jupytext.write(nb, src, fmt="py:percent")
+    with pytest.raises(pipeline.PipelineError, match=r"99_broken.py failed in cell 1 .*ValueError: boom"):
+        pipeline.run_notebook(src, tmp_path / "out" / "99_broken.ipynb", {}, cwd=tmp_path, progress=False)
+    assert (tmp_path / "out" / "99_broken.ipynb").is_file()
