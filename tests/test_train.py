@@ -182,3 +182,26 @@ def test_adamw_trains_too(splits):
     res = train.train_model(models.build_teacher(TINY, 2, seed=0), splits,
                             _cfg(epochs=1, optimizer="adamw", lr=1e-3))
     assert math.isfinite(res.history["train_loss"].iloc[0])
+
+
+def test_paper_configuration_trains_a_few_steps_on_a_fake_waterbirds_folder(tmp_path):
+    """The GPU profile's code path (torchvision ResNet-50 teacher, ResNet-18 student
+    with its exit at layer2, the Waterbirds loader with its transforms and
+    augmentation) runs on the CPU at 64 px, so it is never first exercised on a GPU."""
+    from fakes import make_fake_waterbirds
+
+    from fairkd_utils.data import load_splits
+
+    make_fake_waterbirds(tmp_path / "wb")
+    paper = get_profile("paper")
+    sp = load_splits("waterbirds", tmp_path / "wb", image_size=64, augment=paper.augment)
+    assert sp["train"].augment and not sp["train"].in_memory
+    for role, build in (("teacher", models.build_teacher), ("student", models.build_student)):
+        model = build(paper, 2, seed=0)
+        cfg = train.TrainConfig.from_profile(paper, role, epochs=1, batch_size=6, progress=False)
+        res = train.train_model(model, sp, cfg, ckpt_dir=tmp_path / "ck", name=role)
+        assert math.isfinite(res.history["train_loss"].iloc[0]) and res.checkpoint.exists()
+        p = train.predict(res.model, sp["test"], batch_size=4)
+        assert p.logits.shape == (len(sp["test"]), 2) and torch.isfinite(p.logits).all()
+        if role == "student":
+            assert res.model.exit_stage == 2 and p.phi.shape == (len(sp["test"]), 128)
