@@ -414,14 +414,14 @@ def synthetic_counts(split: str, scale: float = 1.0, spurious_strength: float = 
 
 def make_synthetic(*, image_size: int = 32, scale: float = 1.0, seed: int = 0,
                    spurious_strength: float = 0.95, reliability: float = 0.85,
-                   background_contrast: float = 1.0, shape_size: tuple = (0.12, 0.22),
+                   background_contrast: float = 1.0, shape_size: tuple = (0.2, 0.3),
                    noise: float = 0.06) -> dict[str, GroupDataset]:
     """"Birds on backgrounds": label y = foreground shape, spurious a = background.
 
     Background (a): land = green-brown with blotches, water = blue with horizontal
     ripples — a colour/texture an early layer sees at once. Foreground (y): a small
     cross (landbird) or ring (waterbird) at a random position, scale, rotation and
-    colour — the harder feature. With probability ``1 - reliability`` the drawn shape
+    colour; landbirds dark, waterbirds light — the harder feature. With probability ``1 - reliability`` the drawn shape
     is the *other* class's, so the shape alone agrees with y in ``reliability`` of
     cases while the background agrees in ~95 % of train: the train distribution's
     Bayes classifier leans on the background, ERM's worst group stays a minority one
@@ -486,13 +486,16 @@ def _render_birds(y, a, size, gen, *, reliability, background_contrast, shape_si
     pu, pv = cos * dx + sin * dy, -sin * dx + cos * dy
     # signed distances (negative inside), in shape units
     r = torch.sqrt(pu ** 2 + pv ** 2)
-    ring = (r - 0.7).abs() - 0.3
+    ring = (r - 0.75).abs() - 0.25
     arm1 = torch.maximum(pu.abs() - 1.0, pv.abs() - 0.32)
     arm2 = torch.maximum(pu.abs() - 0.32, pv.abs() - 1.0)
     cross = torch.minimum(arm1, arm2)
     sd = torch.where(drawn == 1, ring, cross) * (radius * size)  # in pixels
     mask = (0.5 - sd).clamp(0, 1).unsqueeze(1)  # anti-aliased edge
-    colour = u(n, 3, 1, 1)
+    # dark landbirds, light waterbirds (random hue): a cue an early layer can pick up,
+    # but on a small object and only as reliable as the drawn class
+    c = u(n, 3, 1, 1)
+    colour = torch.where(drawn.view(n, 1, 1, 1) == 1, 0.65 + 0.35 * c, 0.35 * c)
     img = img * (1 - mask) + colour * mask
     img = (img + noise * torch.randn(img.shape, generator=gen)).clamp(0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
