@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "fairkd-checkpoint-v1"
-# weights DataFrame: one row per (epoch, group); NaN where the objective gave no weights
+# weights DataFrame: one row per (epoch, group) of the epochs in which the objective
+# returned weights (none for ERM: an empty frame); NaN for a term it did not return
 WEIGHT_COLUMNS = ("epoch", "group", "n", "mean_weight_ce", "mean_weight_kd")
 
 
@@ -485,7 +486,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
                 bar.set_postfix(loss=f"{loss_value:.3f}")
         objective.on_epoch_end(epoch)
 
-        for k in range(n_groups):
+        for k in range(n_groups if any(got_weights.values()) else 0):
             weight_rows.append({
                 "epoch": epoch + 1, "group": k, "n": int(w_n[k]),
                 "mean_weight_ce": float(w_sum["ce"][k] / w_n[k]) if got_weights["ce"] and w_n[k] else float("nan"),

@@ -171,7 +171,8 @@ def test_the_loop_logs_each_epochs_mean_weight_per_group_from_the_objective(spli
     assert (w.groupby("epoch")["n"].sum() == len(splits["train"])).all()
 
 
-def test_erm_logs_no_weights_and_train_config_follows_the_profile():
+def test_erm_logs_no_weights_and_train_config_follows_the_profile(learned):
+    assert learned.weights.empty and list(learned.weights.columns) == list(train.WEIGHT_COLUMNS)
     cfg = train.TrainConfig.from_profile(get_profile("default"), "student", seed=2)
     assert cfg.epochs == get_profile("default").student_epochs and cfg.seed == 2
     with pytest.raises(ValueError, match="optimizer"):
