@@ -112,6 +112,8 @@ def main(argv=None):
             acc = group_accuracy(model, splits["test"], args.device)
             res[weighting] = {"acc": acc.tolist(), "wga": float(acc.min()),
                               "tw": float((acc * prop).sum()), "t": time.time() - t0}
+            print(f"  seed {seed} {weighting}: {res[weighting]['t']:.0f}s, test group acc "
+                  f"{[round(100 * v, 1) for v in acc.tolist()]}", flush=True)
         erm, gb = res["erm"], res["group_balanced"]
         gap, gain = 100 * (erm["tw"] - erm["wga"]), 100 * (gb["wga"] - erm["wga"])
         ok_a, ok_b = gap >= 20, gain >= 10
