@@ -309,9 +309,12 @@ def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
             amp: bool | None = None, channels_last: bool | None = None,
             num_workers: int | None = None) -> Predictions:
     """Logits (and exit logits and phi for a student) on every item of ``ds``, in
-    dataset order, in eval mode (the model's mode is restored afterwards)."""
+    dataset order, in eval mode (the model's mode is restored afterwards).
+
+    ``amp`` None = off: predictions (and phi, which the Laplace fit reads) are fp32
+    even on CUDA; the training loop's per-epoch val pass uses bf16 there."""
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    amp = (dev.type == "cuda") if amp is None else amp
+    amp = False if amp is None else bool(amp)
     workers = _workers(num_workers, dev)
     channels_last = use_channels_last(model, dev, channels_last)
     was_training = model.training
