@@ -488,6 +488,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
             if cfg.progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{loss_value:.3f}")
         objective.on_epoch_end(epoch)
+        train_seconds = time.perf_counter() - t0  # the epoch's training, without validation
 
         for k in range(n_groups if any(got_weights.values()) else 0):
             weight_rows.append({
@@ -500,6 +501,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
         row = {"epoch": epoch + 1, "lr": float(sched.get_last_lr()[0]),
                "train_loss": float(loss_sum / max(seen, 1)), "train_acc": correct / max(seen, 1)}
         row.update({f"val_{k}": float(v) for k, v in ev.items()})
+        row["train_seconds"] = train_seconds
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         key = _select_key(row, cfg.select_on)
