@@ -58,7 +58,7 @@ def test_a_tiny_student_learns_well_above_chance(splits, learned):
 def test_the_same_seed_gives_the_same_metrics(splits, learned):
     again = train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(epochs=3))
     runs = [learned, again]
-    cols = [c for c in runs[0].history if c != "seconds"]
+    cols = [c for c in runs[0].history if not c.endswith("seconds")]  # timings differ
     assert runs[0].history[cols].equals(runs[1].history[cols])
     p0, p1 = (train.predict(r.model, splits["test"]) for r in runs)
     assert torch.equal(p0.logits, p1.logits) and torch.equal(p0.exit_logits, p1.exit_logits)
