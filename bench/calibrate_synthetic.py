@@ -62,7 +62,8 @@ def train_student(splits, profile, *, weighting: str, seed: int, device="cpu"):
 
 def train_student_library(splits, profile, *, weighting: str, seed: int, device="cpu"):
     """The same with the library's loop and objectives (``--loop library``): SGD with
-    Nesterov momentum, per-step cosine, checkpoint chosen on val ``profile.select_on``."""
+    Nesterov momentum, per-step cosine, checkpoint chosen on val ``profile.select_on``;
+    lam = 0 (cross-entropy only: no teacher here, as in the inline loop)."""
     from fairkd_utils.losses import default_config, make_objective
     from fairkd_utils.train import TrainConfig, train_model
 
@@ -72,7 +73,8 @@ def train_student_library(splits, profile, *, weighting: str, seed: int, device=
                          optimizer=profile.optimizer, lr=profile.lr,
                          weight_decay=profile.weight_decay, select_on=profile.select_on,
                          seed=seed, device=device, progress=False)
-    objective = make_objective(default_config(weighting, warmup_epochs=profile.warmup_epochs),
+    objective = make_objective(default_config(weighting, warmup_epochs=profile.warmup_epochs,
+                                              lam=0.0),
                                group_counts=train.group_counts(), n_train=len(train),
                                n_classes=train.n_classes)
     return train_model(model, splits, config, objective).model
