@@ -15,6 +15,9 @@ from . import records
 from .profiles import Profile, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Goes into every checkpoint fingerprint: bump it when a change to the library
+#: changes what training produces, so old checkpoints are not silently reused.
+STUDY_VERSION = 1
 
 
 def configure_threads(n: int | None = None) -> int:
@@ -65,6 +68,10 @@ class Run:
     def keys(self, **extra) -> dict:
         return {"dataset": self.dataset, "profile": self.profile.name, **extra}
 
+    def fingerprint_extra(self) -> dict:
+        """What identifies this run's data and code in checkpoint fingerprints."""
+        return self.keys(data_root=self.data_root, study_version=STUDY_VERSION)
+
 
 def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
           data_root=None, seeds=None, device: str = "auto") -> Run:
@@ -106,6 +113,9 @@ def train_config(run: Run, role: str, seed: int, **overrides):
     # channels_last crashes torch 2.14.1's CPU backward for these nets (heap
     # corruption, seen here); it is only a CUDA speed-up, so keep it to CUDA.
     overrides.setdefault("channels_last", run.device == "cuda")
+    if role == "student":
+        # Never keep a warm-up epoch: there every reweighting method is still kd.
+        overrides.setdefault("select_after", run.profile.warmup_epochs)
     return train.TrainConfig.from_profile(run.profile, role, seed=seed, device=run.device,
                                           **overrides)
 
@@ -117,7 +127,7 @@ def train_teacher(run: Run, weights_path=None):
     model = models.build_teacher(run.profile, _n_classes(run), weights_path, seed=TEACHER_SEED)
     return train.train_model(model, run.splits(), train_config(run, "teacher", TEACHER_SEED),
                              train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
-                             name="teacher", fingerprint_extra=run.keys())
+                             name="teacher", fingerprint_extra=run.fingerprint_extra())
 
 
 def save_teacher_logits(run: Run, result) -> dict:
@@ -125,7 +135,10 @@ def save_teacher_logits(run: Run, result) -> dict:
     with the teacher's fingerprint so students can check what they distil from."""
     from . import train
 
-    out = {"fingerprint": result.fingerprint}
+    from .train import _describe_data
+
+    out = {"fingerprint": result.fingerprint,
+           "train_data": str(_describe_data(run.splits()["train"]))}
     for split, ds in run.splits().items():
         out[split] = train.predict(result.model, ds, device=run.device).logits
     records.torch_save(run.path(TEACHER_LOGITS), out)
@@ -135,8 +148,14 @@ def save_teacher_logits(run: Run, result) -> dict:
 def load_teacher_logits(run: Run) -> dict:
     import torch
 
+    from .train import _describe_data
+
     path = require(run, TEACHER_LOGITS, "02_teacher")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    logits = torch.load(path, map_location="cpu", weights_only=True)
+    if logits.get("train_data") != str(_describe_data(run.splits()["train"])):
+        raise ValueError(f"{path} holds the logits of a teacher trained on other data "
+                         "(another --data-root or data version): rerun notebook 02_teacher")
+    return logits
 
 
 # --------------------------------------------------------------------------- students
@@ -152,16 +171,37 @@ def method_config(run: Run, method: str):
 
     from . import losses
 
-    overrides = {}
-    if HPARAMS_FILE.exists():
-        chosen = json.loads(HPARAMS_FILE.read_text())
-        table = chosen.get(run.name) or chosen.get("synthetic-default") or {}
-        overrides = dict(table.get(method, {}))
+    table, _ = hparams_source(run)
+    overrides = dict(table.get(method, {}))
     overrides["warmup_epochs"] = run.profile.warmup_epochs
-    return losses.default_config(method, **overrides)
+    try:
+        return losses.default_config(method, **overrides)
+    except TypeError as err:
+        raise ValueError(f"{HPARAMS_FILE}: bad entry for {method!r} ({err}); valid fields are "
+                         f"{sorted(losses.MethodConfig.__dataclass_fields__)}") from None
 
 
-def train_student(run: Run, config, seed: int, teacher=None):
+def hparams_source(run: Run) -> tuple[dict, str]:
+    """The committed hyper-parameter table that applies to ``run`` and where it came from."""
+    import json
+
+    from .profiles import METHODS
+
+    if not HPARAMS_FILE.exists():
+        return {}, "library defaults (no fairkd_utils/hparams.json)"
+    chosen = json.loads(HPARAMS_FILE.read_text())
+    key = run.name if run.name in chosen else "synthetic-default"
+    table = chosen.get(key)
+    if table is None:
+        return {}, f"library defaults ({HPARAMS_FILE.name} has no entry for {run.name})"
+    unknown = sorted(set(table) - set(METHODS) - {"_comment"})
+    if unknown:
+        raise ValueError(f"{HPARAMS_FILE}: unknown methods {unknown} under {key!r}; "
+                         f"valid ones are {list(METHODS)}")
+    return {k: v for k, v in table.items() if k != "_comment"}, f"{HPARAMS_FILE.name}[{key!r}]"
+
+
+def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None):
     """Train (or reuse) one student with its early exit under ``config``.
 
     Every method starts from the same initialisation for a given seed. ``teacher``:
@@ -184,9 +224,9 @@ def train_student(run: Run, config, seed: int, teacher=None):
                                       group_counts=ds.group_counts(), n_train=len(ds),
                                       n_classes=ds.n_classes, model=model, seed=seed)
     return train.train_model(model, splits, train_config(run, "student", seed), objective,
-                             ckpt_dir=run.path("checkpoints"),
+                             ckpt_dir=ckpt_dir or run.path("checkpoints"),
                              name=f"student-{config.method}-seed{seed}",
-                             fingerprint_extra=run.keys())
+                             fingerprint_extra=run.fingerprint_extra())
 
 
 # --------------------------------------------------------------------------- records
@@ -300,6 +340,10 @@ def erm_outputs(run: Run, seed: int, splits=("train", "val", "test")) -> tuple:
     require(run, f"records/metrics/{_record_name('student', 'erm', config.config_id, seed, 'map', 'test')}.csv",
             "03_early_exit_student")
     result = train_student(run, config, seed)
+    if not result.reused:
+        raise FileNotFoundError(f"the ERM student of seed {seed} was not found (its checkpoint is "
+                                "missing or from another configuration): rerun notebook "
+                                "03_early_exit_student")
     return result, {s: train.predict(result.model, run.splits()[s], device=run.device) for s in splits}
 
 
@@ -404,7 +448,7 @@ def per_seed_metrics(metrics, groups, model: str = "student", split: str = "test
         overall = d[d.group_name == "all"]
         per_group = d[d.group_name != "all"].set_index("group_name")
         acc = per_group["acc"]
-        w = train_n.reindex(acc.index).astype(float)
+        w = train_n.reindex(acc.index).astype(float).where(acc.notna())  # empty groups drop out
         rows.append({"method": method, "config_id": cid, "seed": int(seed),
                      "worst_group_acc": acc.min(), "avg_acc": float(overall["acc"].iloc[0]),
                      "train_weighted_acc": float(np.nansum(acc * w) / w.sum()),
@@ -433,7 +477,10 @@ def summary_table(per_seed, baseline: str = "kd"):
     import pandas as pd
 
     base = per_seed[per_seed.method == baseline]
-    base = base.set_index("seed") if base.config_id.nunique() <= 1 else None
+    if base.config_id.nunique() > 1:
+        raise ValueError(f"{baseline} has several configurations {sorted(base.config_id.unique())}: "
+                         "filter per_seed to the chosen configurations first")
+    base = base.set_index("seed") if len(base) else None
     rows = []
     for (method, cid), d in per_seed.groupby(["method", "config_id"], sort=False):
         d = d.set_index("seed")
@@ -496,16 +543,16 @@ def sweep(run: Run, methods, seed: int, teacher=None):
     import pandas as pd
 
     from . import metrics as M
+    from . import train
 
     sub = dataclasses.replace(run, run_dir=run.path("sweep"))
     sub.run_dir.mkdir(parents=True, exist_ok=True)
+    teacher = teacher or load_teacher_logits(run)
     rows = []
     val = run.splits()["val"]
     for method in methods:
         for cfg in sweep_configs(run, method):
-            result = train_student(sub, cfg, seed, teacher)
-            from . import train
-
+            result = train_student(run, cfg, seed, teacher, ckpt_dir=sub.path("checkpoints"))
             p = train.predict(result.model, val, device=run.device)
             s = M.summarize(p.probs, p.y, p.g, val.n_groups)
             rows.append({"method": method, "config_id": cfg.config_id, "seed": seed,

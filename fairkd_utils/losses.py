@@ -285,9 +285,11 @@ class MethodConfig:
 
     @property
     def config_id(self) -> str:
-        """A short stable id of every field except ``method`` (for the tables)."""
-        d = {k: v for k, v in self.to_dict().items() if k != "method"}
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        """A short stable id of every field, the method included, so that two
+        methods never share one (for the tables; always starts with a letter so
+        that a CSV reader never takes it for a number)."""
+        d = self.to_dict()
+        return "c" + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:7]
 
 
 # Unswept defaults (the lead's sweep replaces them on validation worst-group

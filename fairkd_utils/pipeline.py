@@ -159,6 +159,11 @@ def run(args) -> Path:
     params = notebook_parameters(args, run_dir, figures_dir, device)
 
     manifest_path = run_dir / "manifest.json"
+    earlier = {}
+    if args.only and manifest_path.exists():  # keep the other notebooks' entries
+        import json
+
+        earlier = json.loads(manifest_path.read_text()).get("notebooks", {})
     manifest = {
         "git_sha": _git_sha(),
         "versions": _versions(),
@@ -167,7 +172,7 @@ def run(args) -> Path:
         "device": device,
         "platform": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "notebooks": {},
+        "notebooks": dict(earlier),
     }
     total = time.perf_counter()
     for src in notebooks:

@@ -19,6 +19,9 @@ from typing import Any, Callable
 import pandas as pd
 
 TABLE_KINDS = ("metrics", "predictions", "weights")
+#: Columns read as text whatever they look like (an id such as "0123" or "1e5"
+#: must not become a number).
+TEXT_COLUMNS = {"config_id": str, "id": str, "group_name": str}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
@@ -85,12 +88,17 @@ def assemble(run_dir, kind: str, write: bool = True) -> pd.DataFrame:
     """Concatenate every record of ``kind`` into ``<run_dir>/<kind>.csv``."""
     folder = Path(run_dir) / "records" / kind
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
-    frames = [pd.read_csv(f) for f in files]
+    frames = [read_table(f) for f in files]
     frames = [f for f in frames if len(f)]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if write:
         write_csv(Path(run_dir) / f"{kind}.csv", df)
     return df
+
+
+def read_table(path) -> pd.DataFrame:
+    """A table or record CSV, with id-like columns kept as text."""
+    return pd.read_csv(path, dtype=TEXT_COLUMNS)
 
 
 def require(path, notebook: str) -> Path:

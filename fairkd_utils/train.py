@@ -117,6 +117,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     select_on: str = "worst_group_acc"  # or "avg_acc", on val
+    select_after: int = 0             # epochs 1..select_after are never kept (warm-up)
     seed: int = 0
     exit_loss_weight: float = 1.0     # weight of the early exit's CE (students)
     eval_batch_size: int = 512
@@ -136,6 +137,9 @@ class TrainConfig:
             raise ValueError(f"select_on={self.select_on!r}; use 'worst_group_acc' or 'avg_acc'")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if not 0 <= self.select_after < self.epochs:
+            raise ValueError(f"select_after={self.select_after} must lie in [0, epochs={self.epochs}): "
+                             "at least one epoch after the warm-up must be eligible")
 
     @classmethod
     def from_profile(cls, profile, role: str, seed: int = 0, device: str = "cpu",
@@ -317,8 +321,9 @@ def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
     amp = False if amp is None else bool(amp)
     workers = _workers(num_workers, dev)
     channels_last = use_channels_last(model, dev, channels_last)
-    was_training = model.training
+    was_training, was_augmenting = model.training, getattr(ds, "augment", False)
     model.eval()
+    ds.augment = False  # predictions (teacher logits, Laplace factors) see the plain images
     logits, exits, phis = [], [], []
     try:
         for batch in iterate_batches(ds, batch_size, shuffle=False, device=dev,
@@ -332,6 +337,7 @@ def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
                 phis.append(out.phi.float().cpu())
     finally:
         model.train(was_training)
+        ds.augment = was_augmenting
     cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
     y, a = ds.y.clone(), ds.a.clone()
     return Predictions(cat(logits), cat(exits), cat(phis), y, a, y * ds.n_attrs + a)
@@ -505,7 +511,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         key = _select_key(row, cfg.select_on)
-        if best_key is None or key > best_key:
+        if epoch + 1 > cfg.select_after and (best_key is None or key > best_key):
             best_key, best_epoch = key, epoch + 1
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 

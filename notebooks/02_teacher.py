@@ -45,7 +45,7 @@ print(f"teacher: {run.profile.teacher_arch} {run.profile.teacher_widths or ''}, 
 # %%
 result = fk.experiment.train_teacher(run)
 print(("reused checkpoint " if result.reused else "trained into ") + str(result.checkpoint),
-      f"(best validation epoch {result.best_epoch + 1})")
+      f"(best validation epoch {result.best_epoch})")
 cols = [c for c in ["epoch", "train_loss", "train_acc", "val_avg_acc", "val_worst_group_acc", "seconds"]
         if c in result.history]
 result.history[cols].round(3)

@@ -54,7 +54,7 @@ for seed in run.seeds:
     preds = fk.experiment.evaluate_student(run, result, config, seed)
     test_preds[seed] = preds["test"]
     print(f"seed {seed}: {'reused' if result.reused else 'trained'} {result.checkpoint.name}, "
-          f"best validation epoch {result.best_epoch + 1}")
+          f"best validation epoch {result.best_epoch}")
 
 # %% [markdown]
 # ## Exit vs final head, per group (test, mean ± sd over seeds)
@@ -62,7 +62,8 @@ for seed in run.seeds:
 # %%
 metrics = fk.records.assemble(run.run_dir, "metrics", write=False)
 erm = metrics[(metrics.method == "erm") & metrics.model.isin(["student", "exit"])
-              & (metrics.split == "test")]
+              & (metrics.split == "test") & (metrics.config_id == config.config_id)
+              & metrics.seed.isin(run.seeds)]
 erm.pivot_table(index="group_name", columns="model", values="acc", aggfunc=["mean", "std"]).round(3)
 
 # %%

@@ -118,8 +118,11 @@ reliability_df = pd.concat(reliability_rows)
 
 # %%
 metrics = fk.records.assemble(run.run_dir, "metrics", write=False)
-exit_rows = metrics[metrics.model.isin(["exit", "exit_laplace"]) & (metrics.method == "erm")
-                    & (metrics.split == "test") & (metrics.group == "all")].copy()
+erm_id = fk.experiment.method_config(run, "erm").config_id
+exit_rows = metrics[((metrics.model == "exit_laplace") | (metrics.config_id == erm_id))
+                    & metrics.model.isin(["exit", "exit_laplace"]) & (metrics.method == "erm")
+                    & (metrics.split == "test") & (metrics.group_name == "all")
+                    & metrics.seed.isin(run.seeds)].copy()
 exit_rows["predictive"] = np.where(exit_rows.model == "exit", "MAP",
                                    "Laplace " + exit_rows.config_id + " (" + exit_rows.predictive + ")")
 calibration = exit_rows.groupby("predictive")[["acc", "ece", "nll"]].agg(["mean", "std"]).round(4)
@@ -233,8 +236,8 @@ fk.plots.savefig(fig, run.figure("04_score_auroc"), close=False)
 #
 # The Laplace-KD score is the Laplace score with the highest mean AUROC for minority
 # membership on the training split. The distillation notebook uses the choice committed
-# in `fairkd_utils/hparams.json` (made from the reference `default` run); here we check
-# that this run agrees.
+# in `fairkd_utils/hparams.json` (made from this notebook on the reference
+# `synthetic-default` run); here we check that this run agrees.
 
 # %%
 laplace_only = auroc[auroc.score.str.startswith("laplace_") & (auroc.target == "minority group")]
@@ -243,6 +246,7 @@ decided = best.index[0].removeprefix("laplace_")
 fk.records.write_json(run.path("laplace_score_choice.json"),
                       {"score": decided, "mean_auroc_minority": best.to_dict()})
 committed = fk.experiment.method_config(run, "laplace_kd").score
+print("committed choice from", fk.experiment.hparams_source(run)[1])
 print(f"This run's best Laplace score for minority membership: '{decided}' "
       f"(mean AUROC {best.iloc[0]:.3f}); committed Laplace-KD score: '{committed}' -> "
       + ("agrees." if decided == committed else "DIFFERS: consider updating fairkd_utils/hparams.json."))

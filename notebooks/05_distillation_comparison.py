@@ -73,6 +73,7 @@ if reference_sweep.exists():
 
 # %%
 configs = {m: fk.experiment.method_config(run, m) for m in methods}
+print("hyper-parameters from", fk.experiment.hparams_source(run)[1])
 pd.DataFrame([{**c.to_dict(), "config_id": c.config_id} for c in configs.values()]).set_index("method")
 
 # %% [markdown]
@@ -87,7 +88,7 @@ jobs = [(seed, m) for seed in run.seeds for m in methods]
 for seed, method in tqdm(jobs, desc="students"):
     result = fk.experiment.run_method(run, method, seed, teacher, configs[method])
     tqdm.write(f"seed {seed} {method:15s} {'reused' if result.reused else 'trained'} "
-               f"(best val epoch {result.best_epoch + 1})")
+               f"(best val epoch {result.best_epoch})")
 
 # %% [markdown]
 # ## The tables
@@ -97,9 +98,9 @@ metrics = fk.records.assemble(run.run_dir, "metrics")
 predictions = fk.records.assemble(run.run_dir, "predictions")
 weights = fk.records.assemble(run.run_dir, "weights")
 groups = pd.read_csv(run.path("groups.csv"))
-chosen_ids = {c.config_id for c in configs.values()}
-per_seed = fk.experiment.per_seed_metrics(metrics, groups)
-per_seed = per_seed[per_seed.config_id.isin(chosen_ids)]
+chosen = pd.DataFrame([{"method": m, "config_id": c.config_id} for m, c in configs.items()])
+per_seed = fk.experiment.per_seed_metrics(metrics, groups).merge(chosen)
+per_seed = per_seed[per_seed.seed.isin(run.seeds)]   # records of other seeds may be lying around
 summary = fk.experiment.summary_table(per_seed)
 fk.records.write_csv(run.path("summary.csv"), summary)
 print({name: len(t) for name, t in [("metrics", metrics), ("predictions", predictions),

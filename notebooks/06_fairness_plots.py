@@ -32,11 +32,13 @@ import pandas as pd
 import fairkd_utils as fk
 
 run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
-tables = {name: pd.read_csv(fk.experiment.require(run, f"{name}.csv", "05_distillation_comparison"))
+tables = {name: fk.records.read_table(fk.experiment.require(run, f"{name}.csv", "05_distillation_comparison"))
           for name in ("metrics", "predictions", "summary")}
-groups = pd.read_csv(fk.experiment.require(run, "groups.csv", "01_data_and_groups"))
+groups = fk.records.read_table(fk.experiment.require(run, "groups.csv", "01_data_and_groups"))
 summary = tables["summary"]
-chosen = summary[["method", "config_id"]].drop_duplicates()
+chosen = summary[["method", "config_id"]].drop_duplicates()          # the configurations 05 compared
+for name in ("metrics", "predictions"):                              # ... and only this run's seeds
+    tables[name] = tables[name][tables[name].seed.isin(run.seeds)]
 per_seed = fk.experiment.per_seed_metrics(tables["metrics"], groups).merge(chosen)
 per_seed.groupby("method")[["worst_group_acc", "avg_acc"]].agg(["mean", "std"]).round(3)
 

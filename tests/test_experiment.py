@@ -82,3 +82,38 @@ def test_savefig_is_byte_stable(tmp_path):
     first = {ext: (tmp_path / f"a.{ext}").read_bytes() for ext in ("png", "pdf")}
     plots.savefig(draw(), tmp_path / "a")
     assert {ext: (tmp_path / f"a.{ext}").read_bytes() for ext in ("png", "pdf")} == first
+
+
+def test_config_ids_differ_between_methods_and_never_read_as_numbers(tmp_path):
+    from fairkd_utils import losses, records
+
+    ids = {losses.default_config(m).config_id for m in losses.DEFAULT_HPARAMS}
+    assert len(ids) == len(losses.DEFAULT_HPARAMS)
+    assert all(i[0].isalpha() for i in ids)
+    records.write_record(tmp_path, "metrics", "x", [{"config_id": "0123", "id": "1e5", "acc": 1.0}])
+    table = records.assemble(tmp_path, "metrics")
+    assert table.config_id.tolist() == ["0123"] and table.id.tolist() == ["1e5"]
+
+
+def test_summary_refuses_an_ambiguous_baseline():
+    metrics, groups = _metrics_table()
+    ps = experiment.per_seed_metrics(metrics, groups)
+    ps = pd.concat([ps, ps[ps.method == "kd"].assign(config_id="other")])
+    with pytest.raises(ValueError, match="kd has several configurations"):
+        experiment.summary_table(ps)
+
+
+def test_a_bad_hyperparameter_file_is_named(tmp_path, monkeypatch):
+    run = experiment.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=experiment.get_profile("smoke"),
+                         dataset="synthetic", data_root=None, seeds=[0], device="cpu")
+    bad = tmp_path / "hparams.json"
+    bad.write_text('{"synthetic-smoke": {"dedier": {"betta": 2}}}')
+    monkeypatch.setattr(experiment, "HPARAMS_FILE", bad)
+    with pytest.raises(ValueError, match="hparams.json: bad entry for 'dedier'"):
+        experiment.method_config(run, "dedier")
+    bad.write_text('{"synthetic-smoke": {"dedeir": {"beta": 2}}}')
+    with pytest.raises(ValueError, match="unknown methods \\['dedeir'\\]"):
+        experiment.method_config(run, "dedier")
+    bad.write_text('{"synthetic-smoke": {"dedier": {"beta": 2.5}}}')
+    assert experiment.method_config(run, "dedier").beta == 2.5
+    assert experiment.method_config(run, "dedier").warmup_epochs == run.profile.warmup_epochs

@@ -206,3 +206,24 @@ def test_paper_configuration_trains_a_few_steps_on_a_fake_waterbirds_folder(tmp_
         assert p.logits.shape == (len(sp["test"]), 2) and torch.isfinite(p.logits).all()
         if role == "student":
             assert res.model.exit_stage == 2 and p.phi.shape == (len(sp["test"]), 128)
+
+
+def test_warm_up_epochs_are_never_kept(splits):
+    res = train.train_model(models.build_student(TINY, 2, seed=0), splits,
+                            _cfg(epochs=3, select_after=2))
+    assert res.best_epoch == 3
+    with pytest.raises(ValueError, match="select_after"):
+        _cfg(epochs=2, select_after=2)
+
+
+def test_predictions_never_see_training_augmentation(splits):
+    model = models.build_student(TINY, 2, seed=0)
+    ds = splits["train"]
+    plain = train.predict(model, ds)
+    ds.augment = True
+    try:
+        augmented = train.predict(model, ds)
+        assert ds.augment  # restored
+    finally:
+        ds.augment = False
+    assert torch.equal(plain.logits, augmented.logits)
