@@ -125,7 +125,8 @@ def train_teacher(run: Run, weights_path=None):
     from . import models, train
 
     model = models.build_teacher(run.profile, _n_classes(run), weights_path, seed=TEACHER_SEED)
-    return train.train_model(model, run.splits(), train_config(run, "teacher", TEACHER_SEED),
+    config = train_config(run, "teacher", TEACHER_SEED, select_on=run.profile.teacher_select_on)
+    return train.train_model(model, run.splits(), config,
                              train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
                              name="teacher", fingerprint_extra=run.fingerprint_extra())
 

@@ -16,8 +16,9 @@
 # accuracies bound what distillation can pass on: a teacher that is right on the
 # minority groups gives the student something worth imitating there.
 #
-# The checkpoint kept is the epoch with the best **validation** worst-group accuracy
-# (never test). Its logits on train, val and test are saved for distillation. With
+# The teacher is plain ERM and never sees group labels, so the checkpoint kept is the
+# epoch with the best **validation average** accuracy (never test); the students are
+# all selected on validation worst-group accuracy. Its logits on train, val and test are saved for distillation. With
 # training augmentation (the `paper` profile) the saved logits are not used for
 # training: the distillation runs the teacher on each augmented batch instead, so
 # teacher and student always see the same crop.
