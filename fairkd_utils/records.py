@@ -19,6 +19,8 @@ from typing import Any, Callable
 import pandas as pd
 
 TABLE_KINDS = ("metrics", "predictions", "weights")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 #: Columns read as text whatever they look like (an id such as "0123" or "1e5"
 #: must not become a number).
 TEXT_COLUMNS = {"config_id": str, "id": str, "group_name": str}
@@ -30,6 +32,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)

@@ -42,3 +42,12 @@ def test_torch_checkpoint_round_trips_with_weights_only(tmp_path):
     records.torch_save(tmp_path / "c.pt", {"w": torch.arange(3.0), "fingerprint": "abc"})
     back = torch.load(tmp_path / "c.pt", weights_only=True)
     assert back["fingerprint"] == "abc" and torch.equal(back["w"], torch.arange(3.0))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    path = records.write_text(tmp_path / "t.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
