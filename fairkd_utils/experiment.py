@@ -110,9 +110,6 @@ def _n_classes(run: Run) -> int:
 def train_config(run: Run, role: str, seed: int, **overrides):
     from . import train
 
-    # channels_last crashes torch 2.14.1's CPU backward for these nets (heap
-    # corruption, seen here); it is only a CUDA speed-up, so keep it to CUDA.
-    overrides.setdefault("channels_last", run.device == "cuda")
     if role == "student":
         # Never keep a warm-up epoch: there every reweighting method is still kd.
         overrides.setdefault("select_after", run.profile.warmup_epochs)
@@ -202,7 +199,7 @@ def hparams_source(run: Run) -> tuple[dict, str]:
     return {k: v for k, v in table.items() if k != "_comment"}, f"{HPARAMS_FILE.name}[{key!r}]"
 
 
-def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None):
+def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, progress: bool = True):
     """Train (or reuse) one student with its early exit under ``config``.
 
     Every method starts from the same initialisation for a given seed. ``teacher``:
@@ -224,7 +221,7 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None):
     objective = losses.make_objective(config, teacher_logits=teacher_train,
                                       group_counts=ds.group_counts(), n_train=len(ds),
                                       n_classes=ds.n_classes, model=model, seed=seed)
-    return train.train_model(model, splits, train_config(run, "student", seed), objective,
+    return train.train_model(model, splits, train_config(run, "student", seed, progress=progress), objective,
                              ckpt_dir=ckpt_dir or run.path("checkpoints"),
                              name=f"student-{config.method}-seed{seed}",
                              fingerprint_extra=run.fingerprint_extra())
@@ -388,7 +385,7 @@ def hardness_scores(map_probs, lap, y) -> dict:
 REWEIGHTING = ("dedier", "dedier_both", "laplace_kd", "group_balanced")
 
 
-def final_train_weights(run: Run, result, config):
+def final_train_weights(run: Run, result, config, pred=None):
     """The instance weights the method assigns on the training split with the final
     student (before batch normalisation): what the weight-distribution figures show.
     ``None`` for methods that do not reweight."""
@@ -402,7 +399,7 @@ def final_train_weights(run: Run, result, config):
         return None
     if config.method == "group_balanced":
         return losses.group_balanced_weight(ds.g, ds.group_counts())
-    p = train.predict(result.model, ds, device=run.device)
+    p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
     if config.method in ("dedier", "dedier_both"):
         return losses.dedier_weight(p.exit_logits.double(), ds.y, config.beta, config.alpha)
     la = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, y=ds.y,
@@ -411,19 +408,20 @@ def final_train_weights(run: Run, result, config):
     return losses.laplace_weight(pred, ds.y, config.beta, config.score, config.alpha)
 
 
-def run_method(run: Run, method: str, seed: int, teacher=None, config=None):
+def run_method(run: Run, method: str, seed: int, teacher=None, config=None, progress: bool = False):
     """Train or reuse one student and write all its records (metrics, test
-    predictions, per-epoch weights, final training weights)."""
+    predictions, per-epoch weights, final training weights). ``progress``: the
+    per-epoch bars (off by default: the caller shows one bar over students)."""
+    from . import train
+
     config = config or method_config(run, method)
-    result = train_student(run, config, seed, teacher)
+    result = train_student(run, config, seed, teacher, progress=progress)
     evaluate_student(run, result, config, seed)
     record_weights(run, result, config, seed)
-    w = final_train_weights(run, result, config)
-    if w is not None:
-        from . import train
-
+    if config.method in REWEIGHTING:
         ds = run.splits()["train"]
         p = train.predict(result.model, ds, device=run.device)
+        w = final_train_weights(run, result, config, pred=p)
         keys = dict(seed=seed, config_id=config.config_id, model="exit", method=config.method,
                     predictive="map")
         records.write_record(run.run_dir, "predictions",
@@ -553,7 +551,8 @@ def sweep(run: Run, methods, seed: int, teacher=None):
     val = run.splits()["val"]
     for method in methods:
         for cfg in sweep_configs(run, method):
-            result = train_student(run, cfg, seed, teacher, ckpt_dir=sub.path("checkpoints"))
+            result = train_student(run, cfg, seed, teacher, ckpt_dir=sub.path("checkpoints"),
+                                   progress=False)
             p = train.predict(result.model, val, device=run.device)
             s = M.summarize(p.probs, p.y, p.g, val.n_groups)
             rows.append({"method": method, "config_id": cfg.config_id, "seed": seed,
