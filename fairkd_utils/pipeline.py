@@ -104,13 +104,31 @@ def _versions() -> dict:
     return versions
 
 
-def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progress: bool = True):
-    """Execute one percent notebook with papermill; raise PipelineError naming the cell."""
+def declared_parameters(nb) -> set[str]:
+    """Names assigned in a notebook's cell tagged ``parameters``."""
+    import ast
+
+    names = set()
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign):
+                    names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progress: bool = True,
+                 optional: dict | None = None):
+    """Execute one percent notebook with papermill; raise PipelineError naming the cell.
+    ``optional`` parameters go only to notebooks whose parameters cell defines them."""
     import jupytext
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     nb = jupytext.read(src)
+    if optional:
+        declared = declared_parameters(nb)
+        parameters = {**parameters, **{k: v for k, v in optional.items() if k in declared}}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(nb, str(out_path), parameters=parameters, kernel_name="python3",
@@ -183,7 +201,8 @@ def run(args) -> Path:
         records.write_json(manifest_path, manifest)
         try:
             run_notebook(src, run_dir / "executed" / f"{src.stem}.ipynb", params, cwd=run_dir,
-                         progress=not args.quiet)
+                         progress=not args.quiet,
+                         optional={"sweep": True} if getattr(args, "sweep", False) else None)
         except PipelineError:
             entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2))
             records.write_json(manifest_path, manifest)
@@ -213,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="figures folder (default: figures/<dataset>-<profile>/)")
     p.add_argument("--only", nargs="+", default=None, metavar="NN",
                    help="run only these notebooks, e.g. --only 04 05 (their prerequisites must exist)")
+    p.add_argument("--sweep", action="store_true",
+                   help="rerun the hyper-parameter sweep on validation worst-group accuracy "
+                        "(notebook 05; writes sweep/hparams_chosen.json)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     return p
 

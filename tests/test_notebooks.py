@@ -65,3 +65,9 @@ def test_unknown_profile_dataset_and_notebook_are_refused(capsys, tmp_path):
         pipeline.select_notebooks(NOTEBOOKS, ["42"])
     assert pipeline.main(["--dataset", "waterbirds", "--out", str(tmp_path)]) == 1
     assert "--data-root" in capsys.readouterr().err
+
+
+def test_the_sweep_switch_reaches_only_notebooks_that_declare_it():
+    declaring = [p.name for p in NOTEBOOKS if "sweep" in pipeline.declared_parameters(jupytext.read(p))]
+    assert declaring == ["05_distillation_comparison.py"]
+    assert pipeline.build_parser().parse_args(["--sweep"]).sweep is True
