@@ -56,7 +56,7 @@ result.history[cols].round(3)
 
 # %%
 logits = fk.experiment.save_teacher_logits(run, result)
-{split: tuple(t.shape) for split, t in logits.items() if split != "fingerprint"}
+{split: tuple(logits[split].shape) for split in splits}
 
 # %% [markdown]
 # ## Accuracy per group
