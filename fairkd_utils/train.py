@@ -402,7 +402,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
     fixed seed (``build_student(..., seed=...)``) for reruns to reuse it.
     Raises :class:`NonFiniteLossError` (no checkpoint written) on a NaN/inf loss.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: no ipywidgets needed in notebooks
 
     objective = ERMObjective() if objective is None else objective
     cfg = config

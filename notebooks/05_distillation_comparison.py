@@ -47,7 +47,7 @@ sweep = None          # None: the profile's setting; True reruns the hyper-param
 import json
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import fairkd_utils as fk
 
