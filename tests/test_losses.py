@@ -332,3 +332,21 @@ def test_method_config_round_trips_through_a_plain_dict():
     assert L.MethodConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown MethodConfig fields"):
         L.MethodConfig.from_dict({**cfg.to_dict(), "gamma": 1.0})
+
+
+def test_an_online_teacher_sees_the_batch_and_matches_cached_logits():
+    """With augmentation the teacher runs on each batch; without it, that equals
+    looking its logits up by index."""
+    teacher, y, a, phi = _setup()
+    net = torch.nn.Linear(1, C)
+    xs = torch.randn(N, 1)
+    with torch.no_grad():
+        cached = net(xs)
+    cfg = L.default_config("kd")
+    model = _Student()
+    online = L.make_objective(cfg, teacher_logits=L.OnlineTeacher(net, fingerprint="t"), n_classes=C)
+    lookup = L.make_objective(cfg, teacher_logits=cached, n_train=N, n_classes=C)
+    for batch, out in _batches(y, a, phi, model):
+        batch = batch._replace(x=xs[batch.idx])
+        torch.testing.assert_close(online.loss(out, batch, 0)[0], lookup.loss(out, batch, 0)[0])
+    assert online.describe()["teacher_logits"] == "online:t"
