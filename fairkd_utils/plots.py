@@ -250,7 +250,7 @@ def score_auroc(df: pd.DataFrame, title: str = "Which score singles out hard ins
                 capsize=0.1, palette="Set2", ax=ax)
     for cont in ax.containers:
         if hasattr(cont, "datavalues"):
-            ax.bar_label(cont, fmt="%.2f", fontsize=8, padding=2)
+            ax.bar_label(cont, fmt="%.2f", fontsize=9, label_type="center")
     ax.axhline(0.5, color="#444444", ls="--", lw=1, label="chance")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("")
