@@ -437,21 +437,21 @@ SUMMARY_METRICS = ("worst_group_acc", "avg_acc", "train_weighted_acc", "group_ga
 def per_seed_metrics(metrics, groups, model: str = "student", split: str = "test"):
     """One row per (method, config_id, seed): the study's scalar metrics of
     ``model`` on ``split``, from ``metrics.csv`` and ``groups.csv`` alone."""
-    import numpy as np
     import pandas as pd
+
+    from . import metrics as M
 
     m = metrics[(metrics.model == model) & (metrics.split == split) & (metrics.predictive == "map")]
     train_n = groups[groups.split == "train"].set_index("group_name")["n"]
     rows = []
     for (method, cid, seed), d in m.groupby(["method", "config_id", "seed"], sort=True):
         overall = d[d.group_name == "all"]
-        per_group = d[d.group_name != "all"].set_index("group_name")
-        acc = per_group["acc"]
-        w = train_n.reindex(acc.index).astype(float).where(acc.notna())  # empty groups drop out
+        acc = d[d.group_name != "all"].set_index("group_name")["acc"]
+        counts = train_n.reindex(acc.index).to_numpy(dtype=float)
         rows.append({"method": method, "config_id": cid, "seed": int(seed),
-                     "worst_group_acc": acc.min(), "avg_acc": float(overall["acc"].iloc[0]),
-                     "train_weighted_acc": float(np.nansum(acc * w) / w.sum()),
-                     "group_gap": acc.max() - acc.min(), "ece": float(overall["ece"].iloc[0])})
+                     "worst_group_acc": M.worst_group_acc(acc), "avg_acc": float(overall["acc"].iloc[0]),
+                     "train_weighted_acc": M.train_weighted_acc(acc.to_numpy(), counts),
+                     "group_gap": M.group_gap(acc), "ece": float(overall["ece"].iloc[0])})
     return pd.DataFrame(rows)
 
 

@@ -2,7 +2,6 @@
 every parameter the runner passes (papermill silently ignores unknown ones)."""
 
 import argparse
-import ast
 
 import jupytext
 import pytest
@@ -38,10 +37,7 @@ def test_notebook_has_exactly_one_parameters_cell(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_runner_parameter_is_defined_in_the_parameters_cell(path):
-    (cell,) = parameter_cells(path)
-    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
-                for t in node.targets if isinstance(t, ast.Name)}
-    missing = set(runner_parameters()) - assigned
+    missing = set(runner_parameters()) - pipeline.declared_parameters(jupytext.read(path))
     assert not missing, f"{path.name} does not define {sorted(missing)} in its parameters cell"
 
 
