@@ -413,49 +413,100 @@ def synthetic_counts(split: str, scale: float = 1.0, spurious_strength: float = 
 
 
 def make_synthetic(*, image_size: int = 32, scale: float = 1.0, seed: int = 0,
-                   spurious_strength: float = 0.95, reliability: float = 0.85,
-                   background_contrast: float = 1.0, shape_size: tuple = (0.2, 0.3),
-                   noise: float = 0.06) -> dict[str, GroupDataset]:
-    """"Birds on backgrounds": label y = foreground shape, spurious a = background.
+                   spurious_strength: float = 0.95, reliability: float = 1.0,
+                   colour_cue: float = 0.0, background_contrast: float = 1.0,
+                   shape_size: tuple = (0.2, 0.3), noise: float = 0.06) -> dict[str, GroupDataset]:
+    """"Birds on backgrounds", a miniature of Waterbirds: label y = foreground shape,
+    spurious attribute a = background. Each split has its own sub-seed of ``seed``.
 
     Background (a): land = green-brown with blotches, water = blue with horizontal
-    ripples — a colour/texture an early layer sees at once. Foreground (y): a small
-    cross (landbird) or ring (waterbird) at a random position, scale, rotation and
-    colour; landbirds dark, waterbirds light — the harder feature. With probability ``1 - reliability`` the drawn shape
-    is the *other* class's, so the shape alone agrees with y in ``reliability`` of
-    cases while the background agrees in ~95 % of train: the train distribution's
-    Bayes classifier leans on the background, ERM's worst group stays a minority one
-    after full training, and group-balanced weights (background uninformative) leave
-    the shape's ``reliability`` to gain.
+    ripples — a colour and texture that fill the image, which an early layer sees at
+    once. Foreground (y): a small cross (landbird) or ring (waterbird) at a random
+    position, scale, rotation and colour — the harder feature. The knobs, one per
+    property of the benchmark:
 
-    ``shape_size`` is the shape's radius range as a fraction of the side; ``noise``
-    the pixel noise std; ``background_contrast`` scales how far apart the two
-    background colours are. Each split has its own sub-seed of ``seed``.
-    The defaults are calibrated by ``bench/calibrate_synthetic.py`` (default profile,
-    full size: ERM's worst group far below its train-weighted average, group-balanced
-    weights close most of that gap).
+    * ``spurious_strength`` (0.95, Waterbirds'): in train, the fraction of each class
+      on its majority background; val and test are balanced within each class.
+    * ``reliability`` (1.0): the probability that the drawn shape is the label's. At
+      1 the object is **100 % predictive** of y, as the bird is in Waterbirds, so a
+      model that reads the background instead is relying on a spurious feature, not
+      following the Bayes rule. Below 1 the shape is swapped for the other class's.
+    * ``colour_cue`` (0.0): the probability that the shape's colour follows its class
+      (landbirds dark, waterbirds light) instead of being drawn independently. At 0
+      no pooled early feature reads the class for free: the shape must be recognised.
+    * ``background_contrast`` scales how far apart the two background colours are;
+      ``shape_size`` is the shape's radius range as a fraction of the side;
+      ``noise`` the pixel noise std.
+
+    The defaults are calibrated by ``bench/calibrate_synthetic.py`` with the teacher,
+    the ERM student, its exit, ``group_balanced`` and plain ``kd`` only.
     """
-    if not 0.5 <= reliability <= 1:
-        raise ValueError(f"reliability must be in [0.5, 1], got {reliability}")
+    _check_render_knobs(reliability, colour_cue)
     out = {}
     for k, split in enumerate(SPLITS):
         counts = synthetic_counts(split, scale, spurious_strength)
-        gen = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([int(seed), k, 20250]).generate_state(1)[0]))
-        g = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
-        g = g[torch.randperm(len(g), generator=gen)]
-        y, a = g // 2, g % 2
-        x = _render_birds(y, a, image_size, gen, reliability=reliability,
-                          background_contrast=background_contrast,
-                          shape_size=shape_size, noise=noise)
-        ids = [f"synthetic-{split}-{i:05d}" for i in range(len(y))]
-        out[split] = GroupDataset("synthetic", split, y, a, n_classes=2, n_attrs=2,
-                                  group_names=BIRD_GROUP_NAMES, ids=ids, x=x,
-                                  image_size=image_size)
+        out[split] = _synthetic_split("synthetic", split, counts, image_size,
+                                      seed=[int(seed), k, 20250], reliability=reliability,
+                                      colour_cue=colour_cue,
+                                      background_contrast=background_contrast,
+                                      shape_size=shape_size, noise=noise)
     return out
 
 
-def _render_birds(y, a, size, gen, *, reliability, background_contrast, shape_size, noise):
+def make_pretraining_corpus(*, n_per_pair: int = 2500, alignment: float = 0.5,
+                            image_size: int = 32, seed: int = 0, val_fraction: float = 0.1,
+                            **render) -> dict[str, GroupDataset]:
+    """The miniature's "ImageNet": a corpus on which the teacher is pretrained before it
+    ever sees the study's biased training split (the paper's larger, *pretrained*
+    teacher). Same renderer as :func:`make_synthetic`, an independent seed stream.
+
+    ``alignment`` is the corpus's own background–label alignment, the documented knob
+    of the teacher's bias: the fraction of each class on its "own" background (landbirds
+    on land, waterbirds on water). 0.5 is balanced over (class, background), so the
+    background carries no information; towards 1 the teacher learns to lean on it.
+    Each class has ``2 * n_per_pair`` images. Returns ``{"train", "val"}`` (the val part,
+    ``val_fraction`` of each group, selects the pretraining epoch). ``render``:
+    ``reliability``, ``colour_cue``, ``background_contrast``, ``shape_size``, ``noise``.
+    """
+    if not 0.0 <= alignment <= 1.0:
+        raise ValueError(f"pretraining alignment must lie in [0, 1], got {alignment}")
+    if n_per_pair < 1:
+        raise ValueError(f"n_per_pair must be >= 1, got {n_per_pair}")
+    _check_render_knobs(render.get("reliability", 1.0), render.get("colour_cue", 0.0))
+    n_class = 2 * int(n_per_pair)
+    own = int(round(alignment * n_class))
+    counts = [own, n_class - own, n_class - own, own]  # g = 2y + a: own background is a = y
+    out = {}
+    for k, part in enumerate(("train", "val")):
+        share = [int(round(c * val_fraction)) for c in counts]
+        part_counts = share if part == "val" else [c - v for c, v in zip(counts, share)]
+        out[part] = _synthetic_split("synthetic_pretrain", part, part_counts, image_size,
+                                     seed=[int(seed), 100 + k, 20251], **render)
+    return out
+
+
+def _check_render_knobs(reliability: float, colour_cue: float) -> None:
+    if not 0.5 <= reliability <= 1:
+        raise ValueError(f"reliability must be in [0.5, 1], got {reliability}")
+    if not 0.0 <= colour_cue <= 1:
+        raise ValueError(f"colour_cue must be in [0, 1], got {colour_cue}")
+
+
+def _synthetic_split(name: str, split: str, counts, image_size: int, *, seed, **render) -> GroupDataset:
+    """One split with ``counts[g]`` images of group g (shuffled), rendered from ``seed``."""
+    gen = torch.Generator().manual_seed(
+        int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    g = torch.repeat_interleave(torch.arange(4), torch.tensor(counts, dtype=torch.long))
+    g = g[torch.randperm(len(g), generator=gen)]
+    y, a = g // 2, g % 2
+    x = _render_birds(y, a, image_size, gen, **render)
+    ids = [f"{name}-{split}-{i:05d}" for i in range(len(y))]
+    return GroupDataset(name, split, y, a, n_classes=2, n_attrs=2, group_names=BIRD_GROUP_NAMES,
+                        ids=ids, x=x, image_size=image_size)
+
+
+def _render_birds(y, a, size, gen, *, reliability=1.0, colour_cue=0.0, background_contrast=1.0,
+                  shape_size=(0.2, 0.3), noise=0.06):
     """Images (N,3,size,size) float32, ImageNet-normalised; fully vectorised."""
     n = len(y)
     u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
@@ -477,7 +528,7 @@ def _render_birds(y, a, size, gen, *, reliability, background_contrast, shape_si
     texture = torch.where(a.view(n, 1, 1) == 1, ripple, blotch).unsqueeze(1)
     img = base + 0.07 * texture
 
-    # foreground: drawn class = y, flipped with probability 1 - reliability
+    # foreground: drawn class = y, swapped with probability 1 - reliability
     flip = u(n) >= reliability
     drawn = torch.where(flip, 1 - y, y).view(n, 1, 1)
     radius = (shape_size[0] + (shape_size[1] - shape_size[0]) * u(n, 1, 1))  # fraction of side
@@ -487,7 +538,8 @@ def _render_birds(y, a, size, gen, *, reliability, background_contrast, shape_si
     dy, dx = (row - cy) / radius, (col - cx) / radius  # shape units: radius 1
     cos, sin = torch.cos(theta), torch.sin(theta)
     pu, pv = cos * dx + sin * dy, -sin * dx + cos * dy
-    # signed distances (negative inside), in shape units
+    # signed distances (negative inside), in shape units; ring and cross cover
+    # similar areas (2.36 vs 2.15 squared radii), so size is no class cue either
     r = torch.sqrt(pu ** 2 + pv ** 2)
     ring = (r - 0.75).abs() - 0.25
     arm1 = torch.maximum(pu.abs() - 1.0, pv.abs() - 0.32)
@@ -495,10 +547,12 @@ def _render_birds(y, a, size, gen, *, reliability, background_contrast, shape_si
     cross = torch.minimum(arm1, arm2)
     sd = torch.where(drawn == 1, ring, cross) * (radius * size)  # in pixels
     mask = (0.5 - sd).clamp(0, 1).unsqueeze(1)  # anti-aliased edge
-    # dark landbirds, light waterbirds (random hue): a cue an early layer can pick up,
-    # but on a small object and only as reliable as the drawn class
+    # colour: with probability colour_cue it follows the drawn class (dark landbirds,
+    # light waterbirds, random hue), otherwise any colour, independent of the class
     c = u(n, 3, 1, 1)
-    colour = torch.where(drawn.view(n, 1, 1, 1) == 1, 0.65 + 0.35 * c, 0.35 * c)
+    cued = (u(n) < colour_cue).view(n, 1, 1, 1)
+    by_class = torch.where(drawn.view(n, 1, 1, 1) == 1, 0.65 + 0.35 * c, 0.35 * c)
+    colour = torch.where(cued, by_class, c)
     img = img * (1 - mask) + colour * mask
     img = (img + noise * torch.randn(img.shape, generator=gen)).clamp(0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

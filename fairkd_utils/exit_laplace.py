@@ -162,6 +162,20 @@ class KronFactors:
         self.n += int(pt.shape[0])
         return self
 
+    # ---------------------------------------------------------------- persistence
+    def state(self) -> dict:
+        """Plain values and tensors (``torch.load(weights_only=True)`` reads them back)."""
+        return {"n": self.n, "n_train": self.n_train, "labelled": self._labelled,
+                "B_sum": self._B_sum, "A_sum": self._A_sum, "log_lik": self._log_lik}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "KronFactors":
+        """The inverse of :meth:`state`."""
+        f = cls(n_train=state["n_train"])
+        f.n, f._labelled = int(state["n"]), state["labelled"]
+        f._B_sum, f._A_sum, f._log_lik = state["B_sum"], state["A_sum"], state["log_lik"]
+        return f
+
     # ---------------------------------------------------------------- constructors
     @classmethod
     def from_features(cls, phi: torch.Tensor, probs: torch.Tensor, y: torch.Tensor | None = None,

@@ -43,6 +43,7 @@ class Run:
     data_root: str | None
     seeds: list[int]
     device: str
+    hparams_file: str | None = None
     _splits: dict | None = field(default=None, repr=False)
 
     @property
@@ -74,7 +75,7 @@ class Run:
 
 
 def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
-          data_root=None, seeds=None, device: str = "auto") -> Run:
+          data_root=None, seeds=None, device: str = "auto", hparams_file=None) -> Run:
     """Resolve a notebook's parameters into a :class:`Run` (creating its folders)."""
     from .pipeline import DATASETS, resolve_device
 
@@ -89,7 +90,8 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
     if device == "cpu":
         configure_threads()
     return Run(run_dir=run_dir, figures_dir=figures_dir, profile=prof, dataset=dataset,
-               data_root=data_root, seeds=list(seeds) if seeds else list(prof.seeds), device=device)
+               data_root=data_root, seeds=list(seeds) if seeds else list(prof.seeds), device=device,
+               hparams_file=str(hparams_file) if hparams_file else None)
 
 
 def require(run: Run, relpath: str, notebook: str) -> Path:
@@ -117,15 +119,65 @@ def train_config(run: Run, role: str, seed: int, **overrides):
                                           **overrides)
 
 
-def train_teacher(run: Run, weights_path=None):
-    """Train the ERM teacher, or reuse its checkpoint (same fingerprint)."""
+def uses_pretraining_corpus(run: Run) -> bool:
+    """Whether the teacher is pretrained on the built-in corpus (synthetic data only)."""
+    return run.dataset == "synthetic" and run.profile.teacher_pretrain_per_pair > 0
+
+
+def pretraining_corpus(run: Run, seed: int = TEACHER_SEED) -> dict:
+    """The teacher's pretraining corpus (``data.make_pretraining_corpus``) for ``run``."""
+    from . import data
+
+    p = run.profile
+    return data.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
+                                        alignment=p.teacher_pretrain_alignment,
+                                        image_size=p.image_size, seed=seed)
+
+
+def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
+                         progress: bool = True) -> dict:
+    """Train the teacher stage by stage, or reuse each stage's checkpoint (same
+    fingerprint); ``{stage: TrainResult}`` in order, the last one is the teacher.
+
+    On synthetic data with a pretraining corpus: ``"pretrained"`` (ERM on the corpus,
+    selected on the corpus's own val split) and, if ``teacher_adapt_epochs > 0``,
+    ``"adapted"`` (ERM fine-tuning on the study's training split at
+    ``teacher_adapt_lr``, selected on val average accuracy). Otherwise one stage,
+    ``"trained"``: ``teacher_epochs`` on the study's training split, from
+    ``weights_path`` if given. The teacher is plain ERM and never sees group labels,
+    so it is selected on average accuracy."""
     from . import models, train
 
-    model = models.build_teacher(run.profile, _n_classes(run), weights_path, seed=TEACHER_SEED)
-    config = train_config(run, "teacher", TEACHER_SEED, select_on=run.profile.teacher_select_on)
-    return train.train_model(model, run.splits(), config,
-                             train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
-                             name="teacher", fingerprint_extra=run.fingerprint_extra())
+    p = run.profile
+    n_classes = _n_classes(run)
+    model = models.build_teacher(p, n_classes, weights_path, seed=seed)
+    base = dict(select_on=p.teacher_select_on, progress=progress)
+    stages = {}
+    if uses_pretraining_corpus(run):
+        corpus = pretraining_corpus(run, seed)
+        config = train_config(run, "teacher", seed, epochs=p.teacher_pretrain_epochs, **base)
+        stages["pretrained"] = train.train_model(
+            model, corpus, config, train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
+            name="teacher-pretrained", fingerprint_extra=run.fingerprint_extra())
+        if p.teacher_adapt_epochs > 0:
+            config = train_config(run, "teacher", seed, epochs=p.teacher_adapt_epochs,
+                                  lr=p.teacher_adapt_lr, **base)
+            stages["adapted"] = train.train_model(
+                model, run.splits(), config, train.ERMObjective(),
+                ckpt_dir=run.path("checkpoints"), name="teacher",
+                fingerprint_extra=run.fingerprint_extra())
+        return stages
+    config = train_config(run, "teacher", seed, **base)
+    stages["trained"] = train.train_model(model, run.splits(), config, train.ERMObjective(),
+                                          ckpt_dir=run.path("checkpoints"), name="teacher",
+                                          fingerprint_extra=run.fingerprint_extra())
+    return stages
+
+
+def train_teacher(run: Run, weights_path=None, seed: int = TEACHER_SEED, progress: bool = True):
+    """The teacher every student distils from (the last stage of
+    :func:`train_teacher_stages`), trained or reused."""
+    return list(train_teacher_stages(run, weights_path, seed, progress).values())[-1]
 
 
 def save_teacher_logits(run: Run, result) -> dict:
@@ -160,43 +212,90 @@ def load_teacher_logits(run: Run) -> dict:
 HPARAMS_FILE = Path(__file__).with_name("hparams.json")
 
 
-def method_config(run: Run, method: str):
-    """The method's hyper-parameters: the committed choice for this run's
-    ``<dataset>-<profile>`` (or ``synthetic-default`` as the fallback) from
-    ``fairkd_utils/hparams.json`` over the library defaults, with the profile's
-    warm-up (the same for every method)."""
+def read_hparams(path) -> dict:
+    """A hyper-parameter file ``{"<dataset>-<profile>": {method: {field: value}}}``,
+    or a clear error naming the file."""
     import json
 
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hyper-parameter file {str(path)!r} not found; give an existing "
+                                "file (a sweep writes <run_dir>/sweep/hparams.json) or none")
+    try:
+        chosen = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"hyper-parameter file {str(path)!r} is not valid JSON ({err})") from None
+    if not isinstance(chosen, dict):
+        raise ValueError(f"hyper-parameter file {str(path)!r} must hold an object keyed by "
+                         "'<dataset>-<profile>'")
+    return chosen
+
+
+def hparams_table(run: Run) -> tuple[dict, str]:
+    """The chosen hyper-parameters that apply to ``run`` and where they came from:
+    the file named by ``run.hparams_file`` (it must have an entry for this run), else
+    the committed ``fairkd_utils/hparams.json``'s entry for ``<dataset>-<profile>``,
+    else the library defaults. Never another dataset's or profile's entry."""
+    from .profiles import METHODS
+
+    path = Path(run.hparams_file) if run.hparams_file else HPARAMS_FILE
+    if not run.hparams_file and not path.exists():
+        return {}, "library defaults (no fairkd_utils/hparams.json)"
+    chosen = read_hparams(path)
+    table = chosen.get(run.name)
+    if table is None:
+        if run.hparams_file:
+            raise ValueError(f"{str(path)!r} has no entry for {run.name!r} (it has "
+                             f"{sorted(chosen)}); run the sweep for this dataset and profile")
+        return {}, (f"library defaults ({path.name} has no entry for {run.name}; "
+                    "choose them with --sweep)")
+    unknown = sorted(set(table) - set(METHODS) - {"_comment"})
+    if unknown:
+        raise ValueError(f"{path}: unknown methods {unknown} under {run.name!r}; "
+                         f"valid ones are {list(METHODS)}")
+    return {k: v for k, v in table.items() if k != "_comment"}, f"{path.name}[{run.name!r}]"
+
+
+def hparams_for(table: dict, method: str, source: str = "hyper-parameter table") -> dict:
+    """The overrides ``method`` takes from a chosen table: lam and T from ``kd``'s entry
+    (shared by every distillation method), beta from the method it borrows it from
+    (``METHOD_SPECS[method].beta_from``), other fields (e.g. ``score``) from its own."""
+    from .losses import METHOD_SPECS
+
+    spec = METHOD_SPECS[method]
+    own = dict(table.get(method, {}))
+    shared = sorted({"lam", "T"} & set(own)) if method != "kd" else []
+    if shared:
+        raise ValueError(f"{source}: {method!r} sets {shared}, but lam and T are kd's, shared by "
+                         "every distillation method: set them under 'kd'")
+    out = {}
+    if spec.distils:
+        out.update({k: v for k, v in table.get("kd", {}).items() if k in ("lam", "T")})
+    if spec.beta_from and "beta" in table.get(spec.beta_from, {}):
+        out["beta"] = table[spec.beta_from]["beta"]
+    out.update({k: v for k, v in own.items() if k not in ("lam", "T", "beta")
+                or (k == "beta" and spec.beta_from == method)})
+    return out
+
+
+def method_config(run: Run, method: str):
+    """The method's hyper-parameters: :func:`hparams_table` over the library defaults
+    (``losses.DEFAULT_HPARAMS``), with the profile's warm-up (the same for every method)."""
     from . import losses
 
-    table, _ = hparams_source(run)
-    overrides = dict(table.get(method, {}))
+    table, source = hparams_table(run)
+    overrides = hparams_for(table, method, source)
     overrides["warmup_epochs"] = run.profile.warmup_epochs
     try:
         return losses.default_config(method, **overrides)
     except TypeError as err:
-        raise ValueError(f"{HPARAMS_FILE}: bad entry for {method!r} ({err}); valid fields are "
+        raise ValueError(f"{source}: bad entry for {method!r} ({err}); valid fields are "
                          f"{sorted(losses.MethodConfig.__dataclass_fields__)}") from None
 
 
-def hparams_source(run: Run) -> tuple[dict, str]:
-    """The committed hyper-parameter table that applies to ``run`` and where it came from."""
-    import json
-
-    from .profiles import METHODS
-
-    if not HPARAMS_FILE.exists():
-        return {}, "library defaults (no fairkd_utils/hparams.json)"
-    chosen = json.loads(HPARAMS_FILE.read_text())
-    key = run.name if run.name in chosen else "synthetic-default"
-    table = chosen.get(key)
-    if table is None:
-        return {}, f"library defaults ({HPARAMS_FILE.name} has no entry for {run.name})"
-    unknown = sorted(set(table) - set(METHODS) - {"_comment"})
-    if unknown:
-        raise ValueError(f"{HPARAMS_FILE}: unknown methods {unknown} under {key!r}; "
-                         f"valid ones are {list(METHODS)}")
-    return {k: v for k, v in table.items() if k != "_comment"}, f"{HPARAMS_FILE.name}[{key!r}]"
+def hparams_source(run: Run) -> str:
+    """Where :func:`method_config` takes ``run``'s hyper-parameters from, in words."""
+    return hparams_table(run)[1]
 
 
 def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, progress: bool = True):
@@ -221,10 +320,28 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
     objective = losses.make_objective(config, teacher_logits=teacher_train,
                                       group_counts=ds.group_counts(), n_train=len(ds),
                                       n_classes=ds.n_classes, model=model, seed=seed)
-    return train.train_model(model, splits, train_config(run, "student", seed, progress=progress), objective,
-                             ckpt_dir=ckpt_dir or run.path("checkpoints"),
+    tconfig = train_config(run, "student", seed, progress=progress)
+    ckpt_dir = ckpt_dir or run.path("checkpoints")
+    branch = None
+    if shares_warmup(config, tconfig) and not isinstance(teacher_train, losses.OnlineTeacher):
+        def branch():  # the warm-up every distillation method of this seed shares
+            trunk = models.build_student(run.profile, ds.n_classes, seed=seed)
+            warm = losses.WarmupObjective(config, teacher_train, len(ds), ds.n_classes)
+            return train.train_warmup(trunk, splits, tconfig, warm, config.warmup_epochs,
+                                      ckpt_dir=ckpt_dir, name=f"warmup-seed{seed}",
+                                      fingerprint_extra=run.fingerprint_extra())
+    return train.train_model(model, splits, tconfig, objective, ckpt_dir=ckpt_dir,
                              name=f"student-{config.method}-seed{seed}",
-                             fingerprint_extra=run.fingerprint_extra())
+                             fingerprint_extra=run.fingerprint_extra(), branch_from=branch)
+
+
+def shares_warmup(config, train_config) -> bool:
+    """Whether the student of ``config`` branches from its seed's shared warm-up: every
+    distillation method (lam > 0) is kd until its warm-up ends, with the same lam and T."""
+    from .losses import METHOD_SPECS
+
+    return (METHOD_SPECS[config.method].distils and config.lam > 0
+            and 0 < config.warmup_epochs < train_config.epochs)
 
 
 # --------------------------------------------------------------------------- records
@@ -382,26 +499,34 @@ def hardness_scores(map_probs, lap, y) -> dict:
 
 
 # --------------------------------------------------------------------------- distillation
-REWEIGHTING = ("dedier", "dedier_both", "laplace_kd", "group_balanced")
+def _reweighting():
+    from .losses import REWEIGHTING as methods
+
+    return methods
 
 
 def final_train_weights(run: Run, result, config, pred=None):
     """The instance weights the method assigns on the training split with the final
     student (before batch normalisation): what the weight-distribution figures show.
-    ``None`` for methods that do not reweight."""
+    ``None`` for methods that do not reweight. ``shuffled``'s are DeDiER's weights
+    permuted over the split (its batches permute them within each batch)."""
     import torch
 
     from . import losses, train
     from .exit_laplace import fit_exit_laplace
 
     ds = run.splits()["train"]
-    if config.method not in REWEIGHTING:
+    source = losses.METHOD_SPECS[config.method].weight
+    if source == "none":
         return None
-    if config.method == "group_balanced":
+    if source == "true_group":
         return losses.group_balanced_weight(ds.g, ds.group_counts())
     p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
-    if config.method in ("dedier", "dedier_both"):
-        return losses.dedier_weight(p.exit_logits.double(), ds.y, config.beta, config.alpha)
+    if source in ("exit_map", "exit_map_shuffled"):
+        w = losses.dedier_weight(p.exit_logits.double(), ds.y, config.beta, config.alpha)
+        if source == "exit_map_shuffled":
+            w = w[torch.randperm(len(w), generator=torch.Generator().manual_seed(0))]
+        return w
     la = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, y=ds.y,
                           prior=config.prior, tau=config.tau)
     pred = la.predict(p.phi.double(), generator=torch.Generator().manual_seed(0))
@@ -418,7 +543,7 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
     result = train_student(run, config, seed, teacher, progress=progress)
     evaluate_student(run, result, config, seed)
     record_weights(run, result, config, seed)
-    if config.method in REWEIGHTING:
+    if config.method in _reweighting():
         ds = run.splits()["train"]
         p = train.predict(result.model, ds, device=run.device)
         w = final_train_weights(run, result, config, pred=p)
@@ -469,17 +594,28 @@ def mean_interval(values, level: float = 0.95) -> tuple[float, float, float, flo
     return mean, sd, mean - half, mean + half
 
 
-def summary_table(per_seed, baseline: str = "kd"):
+BASELINES = ("kd", "dedier_both")
+
+
+def summary_table(per_seed, baselines=BASELINES):
     """``summary.csv``: per (method, config_id, metric) the mean, std and 95 %
-    interval over seeds, and the paired per-seed difference against ``baseline``
-    (same seed), with its own interval."""
+    interval over seeds, and the paired per-seed difference against each of
+    ``baselines`` (same seed), with its own interval: columns
+    ``diff_vs_<baseline>_{mean,std,ci95_lo,ci95_hi}`` and ``paired_seeds_vs_<baseline>``."""
     import pandas as pd
 
-    base = per_seed[per_seed.method == baseline]
-    if base.config_id.nunique() > 1:
-        raise ValueError(f"{baseline} has several configurations {sorted(base.config_id.unique())}: "
-                         "filter per_seed to the chosen configurations first")
-    base = base.set_index("seed") if len(base) else None
+    from .profiles import METHODS
+
+    if isinstance(baselines, str):
+        baselines = (baselines,)
+    bases = {}
+    for baseline in baselines:
+        base = per_seed[per_seed.method == baseline]
+        if base.config_id.nunique() > 1:
+            raise ValueError(f"{baseline} has several configurations {sorted(base.config_id.unique())}: "
+                             "filter per_seed to the chosen configurations first")
+        if len(base):
+            bases[baseline] = base.set_index("seed")
     rows = []
     for (method, cid), d in per_seed.groupby(["method", "config_id"], sort=False):
         d = d.set_index("seed")
@@ -487,15 +623,17 @@ def summary_table(per_seed, baseline: str = "kd"):
             mean, sd, lo, hi = mean_interval(d[metric])
             row = {"method": method, "config_id": cid, "metric": metric, "n_seeds": len(d),
                    "mean": mean, "std": sd, "ci95_lo": lo, "ci95_hi": hi}
-            if base is not None and method != baseline:
+            for baseline, base in bases.items():
+                if method == baseline:
+                    continue
                 common = d.index.intersection(base.index)
                 diff = d.loc[common, metric] - base.loc[common, metric]
                 dm, dsd, dlo, dhi = mean_interval(diff) if len(diff) else (float("nan"),) * 4
                 row.update({f"diff_vs_{baseline}_mean": dm, f"diff_vs_{baseline}_std": dsd,
                             f"diff_vs_{baseline}_ci95_lo": dlo, f"diff_vs_{baseline}_ci95_hi": dhi,
-                            "paired_seeds": len(common)})
+                            f"paired_seeds_vs_{baseline}": len(common)})
             rows.append(row)
-    order = {m: i for i, m in enumerate(("erm", "kd", "dedier", "dedier_both", "laplace_kd", "group_balanced"))}
+    order = {m: i for i, m in enumerate(METHODS)}
     out = pd.DataFrame(rows)
     return out.sort_values(["metric", "method"], key=lambda s: s.map(order) if s.name == "method" else s,
                            kind="stable").reset_index(drop=True)
@@ -516,52 +654,87 @@ def paired_differences(per_seed, metric: str = "worst_group_acc", baseline: str 
 
 
 # --------------------------------------------------------------------------- sweep
-#: The same grid for every distillation method (kd has no beta); laplace_kd's score
-#: is decided by notebook 04, not swept, so all reweighting methods get equal grids.
+#: One grid for every method: lam and T are chosen once, for kd, and shared by every
+#: distillation method; beta is chosen per reweighting method (losses.SWEPT_BETA)
+#: on the same grid, at kd's lam and T. laplace_kd's score is the study's form
+#: (the Laplace margin), not swept.
 SWEEP_GRID = {"lam": (0.5, 0.9), "T": (2.0, 4.0), "beta": (1.0, 3.0)}
 
 
-def sweep_configs(run: Run, method: str) -> list:
-    """The configurations a sweep tries for ``method`` (erm has none)."""
+def sweep_configs(run: Run, method: str, lam_T: dict | None = None) -> list:
+    """The configurations the sweep tries for ``method``: kd's lam x T grid, or the
+    beta grid at ``lam_T`` (kd's choice) for a method whose beta is swept."""
     import itertools
 
-    base = method_config(run, method)
-    if method == "erm":
-        return [base]
-    betas = SWEEP_GRID["beta"] if method in ("dedier", "dedier_both", "laplace_kd") else (base.beta,)
-    return [base.replace(lam=lam, T=T, beta=beta)
-            for lam, T, beta in itertools.product(SWEEP_GRID["lam"], SWEEP_GRID["T"], betas)]
+    from .losses import SWEPT_BETA, default_config
+
+    base = default_config(method, warmup_epochs=run.profile.warmup_epochs)
+    if method == "kd":
+        return [base.replace(lam=lam, T=T) for lam, T in
+                itertools.product(SWEEP_GRID["lam"], SWEEP_GRID["T"])]
+    if method not in SWEPT_BETA:
+        raise ValueError(f"the sweep chooses kd's lam and T and the beta of {list(SWEPT_BETA)}; "
+                         f"{method!r} borrows its hyper-parameters")
+    return [base.replace(beta=beta, **(lam_T or {})) for beta in SWEEP_GRID["beta"]]
 
 
-def sweep(run: Run, methods, seed: int, teacher=None):
-    """Train every grid configuration of ``methods`` on one seed into
-    ``<run_dir>/sweep/`` and pick, per method, the best validation worst-group
-    accuracy (ties: validation average accuracy). Test is never looked at."""
+def sweep(run: Run, seeds, teacher=None, methods=None):
+    """Choose the hyper-parameters on **validation** worst-group accuracy averaged
+    over ``seeds`` (ties: validation average accuracy); test is never looked at.
+
+    First kd's lam and T over the grid; then, at those, the beta of every method in
+    ``methods`` whose beta is swept. Students train into ``<run_dir>/sweep/``. Writes
+    ``sweep/sweep.csv`` (one row per configuration and seed) and, whole,
+    ``sweep/hparams.json`` — every field the methods read (lam, T, beta, score) — which
+    notebook 05 reads through its ``hparams_file`` parameter. Returns (table, chosen)."""
     import dataclasses
 
     import pandas as pd
 
     from . import metrics as M
     from . import train
+    from .losses import SWEPT_BETA
 
+    if len(seeds) < 2:
+        raise ValueError(f"the sweep averages over at least two seeds, got {list(seeds)}")
     sub = dataclasses.replace(run, run_dir=run.path("sweep"))
     sub.run_dir.mkdir(parents=True, exist_ok=True)
     teacher = teacher or load_teacher_logits(run)
-    rows = []
     val = run.splits()["val"]
-    for method in methods:
-        for cfg in sweep_configs(run, method):
-            result = train_student(run, cfg, seed, teacher, ckpt_dir=sub.path("checkpoints"),
-                                   progress=False)
-            p = train.predict(result.model, val, device=run.device)
-            s = M.summarize(p.probs, p.y, p.g, val.n_groups)
-            rows.append({"method": method, "config_id": cfg.config_id, "seed": seed,
-                         **{k: v for k, v in cfg.to_dict().items() if k in ("lam", "T", "beta", "score")},
-                         "val_worst_group_acc": s["worst_group_acc"], "val_avg_acc": s["avg_acc"]})
+    rows = []
+
+    def evaluate(method, configs):
+        for cfg in configs:
+            for seed in seeds:
+                result = train_student(run, cfg, seed, teacher, ckpt_dir=sub.path("checkpoints"),
+                                       progress=False)
+                p = train.predict(result.model, val, device=run.device)
+                s = M.summarize(p.probs, p.y, p.g, val.n_groups)
+                rows.append({"method": method, "config_id": cfg.config_id, "seed": seed,
+                             "lam": cfg.lam, "T": cfg.T, "beta": cfg.beta, "score": cfg.score,
+                             "val_worst_group_acc": s["worst_group_acc"], "val_avg_acc": s["avg_acc"],
+                             "reused": result.reused})
+        table = pd.DataFrame(rows)
+        mine = table[table.method == method]
+        means = mine.groupby(["config_id", "lam", "T", "beta", "score"], as_index=False)[
+            ["val_worst_group_acc", "val_avg_acc"]].mean()
+        return means.sort_values(["val_worst_group_acc", "val_avg_acc"],
+                                 ascending=False, kind="stable").iloc[0]
+
+    best = evaluate("kd", sweep_configs(run, "kd"))
+    lam_T = {"lam": float(best.lam), "T": float(best.T)}
+    chosen = {"kd": lam_T}
+    for method in [m for m in SWEPT_BETA if methods is None or m in methods]:
+        best = evaluate(method, sweep_configs(run, method, lam_T))
+        chosen[method] = {"beta": float(best.beta)}
+        if method == "laplace_kd":
+            chosen[method]["score"] = str(best.score)
     table = pd.DataFrame(rows)
     records.write_csv(sub.path("sweep.csv"), table)
-    best = (table.sort_values(["method", "val_worst_group_acc", "val_avg_acc"], ascending=[True, False, False])
-            .groupby("method").head(1))
-    chosen = {r.method: {"lam": r.lam, "T": r.T, "beta": r.beta} for r in best.itertuples()}
-    records.write_json(sub.path("hparams_chosen.json"), {run.name: chosen})
+    comment = (f"Chosen by the sweep of notebook 05 on validation worst-group accuracy averaged "
+               f"over seeds {list(seeds)} (ties: validation average accuracy), never on test: "
+               f"kd's lam x T over {list(SWEEP_GRID['lam'])} x {list(SWEEP_GRID['T'])}, shared by "
+               f"every distillation method; then beta over {list(SWEEP_GRID['beta'])} per method "
+               f"at those lam and T. Table: sweep/sweep.csv.")
+    records.write_json(sub.path("hparams.json"), {run.name: {"_comment": comment, **chosen}})
     return table, chosen

@@ -42,15 +42,52 @@ SCORES = ("margin", "entropy", "variance")
 ALPHAS = ("wrong", "signed")
 PRIORS = ("exact", "kron")
 
-# Methods whose weights are not all 1, and which terms each weight multiplies.
-WEIGHTED_TERMS = {
-    "erm": (),
-    "kd": (),
-    "dedier": ("kd",),
-    "dedier_both": ("ce", "kd"),
-    "laplace_kd": ("ce", "kd"),
-    "group_balanced": ("ce", "kd"),
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is: where its instance weight comes from and which loss terms
+    the weight multiplies. Training, logging, figures and the sweep all read
+    :data:`METHOD_SPECS`.
+
+    ``weight``: ``"none"`` (unit weights), ``"exit_map"`` (DeDiER's ``exp(beta*cm*alpha)``
+    of the early exit's MAP softmax), ``"exit_laplace"`` (the same from the exit's
+    Laplace predictive), ``"exit_map_shuffled"`` (DeDiER's weights permuted within the
+    batch: a control) or ``"true_group"`` (inverse frequency of the true group: a
+    reference that uses group labels). ``distils``: lam and T are kd's (else lam = 0).
+    ``beta_from``: whose beta the method uses (itself when swept; ``None``: no beta).
+    """
+    weight: str
+    terms: tuple[str, ...]
+    distils: bool
+    beta_from: str | None = None
+    group_labels: bool = False
+    label: str = ""
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "erm": MethodSpec("none", (), distils=False, label="ERM"),
+    "kd": MethodSpec("none", (), distils=True, label="KD (Hinton)"),
+    "dedier": MethodSpec("exit_map", ("kd",), distils=True, beta_from="dedier", label="DeDiER (KD term)"),
+    "dedier_both": MethodSpec("exit_map", ("ce", "kd"), distils=True, beta_from="dedier_both",
+                              label="DeDiER (both terms)"),
+    "laplace_kd": MethodSpec("exit_laplace", ("ce", "kd"), distils=True, beta_from="laplace_kd",
+                             label="Laplace-KD"),
+    "shuffled": MethodSpec("exit_map_shuffled", ("ce", "kd"), distils=True, beta_from="dedier_both",
+                           label="shuffled DeDiER (control)"),
+    "group_balanced": MethodSpec("true_group", ("ce", "kd"), distils=True, group_labels=True,
+                                 label="group-balanced KD (reference)"),
+    "group_balanced_erm": MethodSpec("true_group", ("ce",), distils=False, group_labels=True,
+                                     label="group-balanced ERM (reference)"),
 }
+assert tuple(METHOD_SPECS) == METHODS, "profiles.METHODS and losses.METHOD_SPECS must agree"
+
+# Which terms each method's weight multiplies (derived from METHOD_SPECS).
+WEIGHTED_TERMS = {m: spec.terms for m, spec in METHOD_SPECS.items()}
+#: Methods whose weights are not all 1.
+REWEIGHTING = tuple(m for m, spec in METHOD_SPECS.items() if spec.weight != "none")
+#: Methods whose beta the sweep chooses (the others borrow one or have none).
+SWEPT_BETA = tuple(m for m, spec in METHOD_SPECS.items() if spec.beta_from == m)
 
 
 # --------------------------------------------------------------------------
@@ -251,8 +288,9 @@ class MethodConfig:
             bad(f"unknown prior {self.prior!r}; choose one of {list(PRIORS)}")
         if not 0.0 <= self.lam <= 1.0:
             bad(f"lam must lie in [0, 1], got {self.lam}")
-        if self.method == "erm" and self.lam != 0.0:
-            bad(f"erm is plain cross-entropy: lam must be 0, got {self.lam} (use method='kd')")
+        if not METHOD_SPECS[self.method].distils and self.lam != 0.0:
+            bad(f"{self.method} does not distil: lam must be 0, got {self.lam} "
+                "(use method='kd' or 'group_balanced')")
         if not (self.T > 0 and math.isfinite(self.T)):
             bad(f"T must be a positive number, got {self.T}")
         if not (self.beta >= 0 and math.isfinite(self.beta)):
@@ -292,11 +330,11 @@ class MethodConfig:
         return "c" + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:7]
 
 
-# Unswept defaults (the lead's sweep replaces them on validation worst-group
-# accuracy). Shared lam/T across the distillation methods so that only the
-# weights differ; beta = 3 lets a confidently wrong readout weigh up to e^3 ~ 20
-# times a right one, the order of Waterbirds' majority/minority ratio.
-# laplace_kd's score is a placeholder until notebook 04's AUROC decides it.
+# Unswept defaults (the sweep replaces them on validation worst-group accuracy).
+# Shared lam/T across the distillation methods so that only the weights differ;
+# beta = 3 lets a confidently wrong readout weigh up to e^3 ~ 20 times a right one,
+# the order of Waterbirds' majority/minority ratio. laplace_kd's score is the
+# study's form, the Laplace margin; entropy and variance are ablations.
 _LAM, _T, _BETA = 0.5, 2.0, 3.0
 DEFAULT_HPARAMS: dict[str, MethodConfig] = {
     "erm": MethodConfig("erm", lam=0.0, T=1.0, beta=0.0),
@@ -304,7 +342,9 @@ DEFAULT_HPARAMS: dict[str, MethodConfig] = {
     "dedier": MethodConfig("dedier", lam=_LAM, T=_T, beta=_BETA),
     "dedier_both": MethodConfig("dedier_both", lam=_LAM, T=_T, beta=_BETA),
     "laplace_kd": MethodConfig("laplace_kd", lam=_LAM, T=_T, beta=_BETA, score="margin"),
+    "shuffled": MethodConfig("shuffled", lam=_LAM, T=_T, beta=_BETA),
     "group_balanced": MethodConfig("group_balanced", lam=_LAM, T=_T, beta=0.0),
+    "group_balanced_erm": MethodConfig("group_balanced_erm", lam=0.0, T=1.0, beta=0.0),
 }
 
 
@@ -450,6 +490,24 @@ class DeDiERObjective(DistillationObjective):
         return dedier_weight(_exit_logits(out), y, self.config.beta, self.config.alpha)
 
 
+class ShuffledObjective(DeDiERObjective):
+    """``shuffled`` (a control): ``dedier_both``'s weights permuted at random within
+    the batch — the same distribution of weights, given to random instances. If
+    DeDiER helps because its weights find the right instances, this does not."""
+
+    def __init__(self, config, teacher_logits, n_classes, seed: int = 0):
+        super().__init__(config, teacher_logits, n_classes)
+        self.seed = seed
+        self._gen = torch.Generator().manual_seed(int(seed) + 7919)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "seed": self.seed}
+
+    def _raw_weight(self, out, batch, y, epoch):
+        w = super()._raw_weight(out, batch, y, epoch)
+        return w[torch.randperm(len(w), generator=self._gen).to(w.device)]
+
+
 class GroupBalancedObjective(DistillationObjective):
     """``group_balanced`` (a reference, not a method): inverse frequency of the
     true group ``g = y * n_attrs + a`` on both terms — labels the methods never see."""
@@ -531,7 +589,9 @@ class LaplaceKDObjective(DistillationObjective):
         la = self.laplace
         la.W = self._exit_weight().to(la.W)  # current MAP mean, covariance from the last refit
         pred = la.predict(_full(out.phi), generator=self.generator)
-        return laplace_weight(pred, y, self.config.beta, self.config.score, self.config.alpha)
+        w = laplace_weight(pred, y, self.config.beta, self.config.score, self.config.alpha)
+        self._record_effect(out, y, pred, w)
+        return w
 
     def _observe(self, out, batch, epoch):
         if not self._accumulating(epoch):
@@ -560,6 +620,86 @@ class LaplaceKDObjective(DistillationObjective):
         self.factors = None
         self._steps = 0
 
+    def load_state(self, state: dict | None, epoch: int) -> None:
+        """Continue from a shared warm-up (``train.train_warmup`` with a
+        :class:`WarmupObjective`) that ends before ``epoch``: its last epoch's factors
+        are what this objective would have accumulated itself, so the refit at that
+        epoch's end is done now, exactly as in a run from scratch."""
+        factors = (state or {}).get("laplace_factors")
+        if self._accumulating(epoch - 1) and factors is None:
+            raise ValueError("laplace_kd branches from a warm-up state without Laplace factors "
+                             "(train it with a WarmupObjective)")
+        if factors is not None and self._accumulating(epoch - 1):
+            self.factors = KronFactors.from_state(factors)
+            self.on_epoch_end(epoch - 1)
+
+    # -- the size of the Laplace effect (logged per epoch by the loop) ----------
+    def on_epoch_start(self, epoch: int) -> None:
+        self._effect = {"w_dedier": [], "w_laplace": [], "dp": []}
+
+    def _record_effect(self, out, y, pred, w) -> None:
+        effect = getattr(self, "_effect", None)
+        if effect is None:
+            return
+        exit_logits = _exit_logits(out)
+        effect["w_dedier"].append(dedier_weight(exit_logits, y, self.config.beta, self.config.alpha).cpu())
+        effect["w_laplace"].append(w.detach().cpu())
+        effect["dp"].append((pred.probs.detach() - F.softmax(exit_logits.to(pred.probs.dtype), -1))
+                            .abs().amax(-1).cpu())
+
+    def epoch_stats(self, epoch: int) -> dict:
+        """This epoch's Spearman correlation between the Laplace-KD weights and the
+        DeDiER weights the same exit would have given (same beta and alpha), and the
+        mean and max |p_Laplace - p_MAP| over the epoch's training instances: how far
+        the Laplace predictive moves the weights. NaN before the first refit."""
+        effect = getattr(self, "_effect", None) or {}
+        if not effect.get("w_laplace"):
+            return {"laplace_rank_corr": float("nan"), "laplace_max_abs_dp": float("nan"),
+                    "laplace_mean_abs_dp": float("nan")}
+        wd, wl = torch.cat(effect["w_dedier"]).double(), torch.cat(effect["w_laplace"]).double()
+        dp = torch.cat(effect["dp"]).double()
+        return {"laplace_rank_corr": spearman(wd, wl), "laplace_max_abs_dp": float(dp.max()),
+                "laplace_mean_abs_dp": float(dp.mean())}
+
+
+class WarmupObjective(KDObjective):
+    """The warm-up every distillation method shares (unit weights: kd), which also
+    accumulates the exit's Laplace factors in its last epoch, as ``laplace_kd`` would,
+    so that every method — Laplace-KD included — can branch from one warm-up per seed
+    (``train.train_warmup``) and end exactly where a run from scratch ends."""
+
+    def __init__(self, config: MethodConfig, teacher_logits, n_train: int, n_classes=None):
+        config = DEFAULT_HPARAMS["kd"].replace(lam=config.lam, T=config.T,
+                                               warmup_epochs=config.warmup_epochs)
+        super().__init__(config, teacher_logits, n_classes)
+        self.n_train = int(n_train)
+        self.factors = None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "warmup_of": "every distillation method", "n_train": self.n_train}
+
+    def _observe(self, out, batch, epoch):
+        if epoch != self.config.warmup_epochs - 1:
+            return
+        phi = _full(out.phi)
+        if self.factors is None:
+            self.factors = KronFactors(n_train=self.n_train)
+        self.factors.update(phi_tilde(phi), F.softmax(_exit_logits(out), dim=-1),
+                            batch.y.to(phi.device))
+
+    def state(self) -> dict:
+        return {"laplace_factors": None if self.factors is None else self.factors.state()}
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN if either is constant."""
+    from scipy.stats import spearmanr
+
+    a, b = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
 
 def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None,
                    group_counts: Tensor | None = None, n_train: int | None = None,
@@ -577,16 +717,15 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
     if isinstance(teacher_logits, Tensor) and n_train is not None and teacher_logits.shape[0] != n_train:
         raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but n_train={n_train}: "
                          "pass the teacher's logits on the training split, in dataset order")
-    if m == "erm":
-        return ERMObjective(config, teacher_logits, n_classes)
-    if m == "kd":
-        return KDObjective(config, teacher_logits, n_classes)
-    if m in ("dedier", "dedier_both"):
+    source = METHOD_SPECS[m].weight
+    if source == "none":
+        return (ERMObjective if m == "erm" else KDObjective)(config, teacher_logits, n_classes)
+    if source == "exit_map":
         return DeDiERObjective(config, teacher_logits, n_classes)
-    if m == "group_balanced":
+    if source == "exit_map_shuffled":
+        return ShuffledObjective(config, teacher_logits, n_classes, seed)
+    if source == "true_group":
         if group_counts is None:
-            raise ValueError("group_balanced needs group_counts (splits['train'].group_counts())")
+            raise ValueError(f"{m} needs group_counts (splits['train'].group_counts())")
         return GroupBalancedObjective(config, teacher_logits, group_counts, n_classes)
-    if m == "laplace_kd":
-        return LaplaceKDObjective(config, teacher_logits, model, n_train, n_classes, generator, seed)
-    raise ValueError(f"unknown method {m!r}; choose one of {list(METHODS)}")
+    return LaplaceKDObjective(config, teacher_logits, model, n_train, n_classes, generator, seed)

@@ -157,3 +157,53 @@ def summarize(probs, y, g, n_groups: int, train_group_counts=None) -> dict:
     }
     out.update({f"acc_g{k}": float(a) for k, a in enumerate(acc)})
     return out
+
+
+#: The calibration targets of the built-in miniature (test split unless stated), each
+#: ``(condition, what, target)``; :func:`calibration_conditions` checks them.
+CALIBRATION_TARGETS = (
+    ("a_teacher_avg", "teacher average accuracy", ">= 0.90"),
+    ("a_teacher_wga", "teacher worst-group accuracy", "in [0.55, 0.90]"),
+    ("b_erm_gap", "ERM student worst-group accuracy - teacher's", "<= -0.15"),
+    ("c_exit_wrong", "exit wrong on train minority groups (share)", ">= 0.50"),
+    ("c_exit_margin", "exit's mean margin where wrong (train minority)", ">= 0.50"),
+    ("d_gb_gain", "group_balanced_erm worst-group acc - ERM student's", ">= 0.20"),
+    ("e_kd_room", "kd worst-group accuracy - teacher's", "<= -0.05"),
+)
+
+
+def calibration_conditions(per_seed) -> "pd.DataFrame":
+    """The miniature's calibration conditions per seed and on the mean over seeds.
+
+    ``per_seed``: a DataFrame with one row per seed and columns ``seed``,
+    ``teacher_avg_acc``, ``teacher_wga``, ``erm_wga``, ``exit_minority_wrong``,
+    ``exit_minority_margin_wrong``, ``gb_wga`` (group_balanced_erm) and ``kd_wga``.
+    Returns tidy rows ``seed`` ("mean" for the mean over seeds), ``condition``,
+    ``what``, ``target``, ``value``, ``passed``. The conditions use the teacher, the
+    ERM student, its exit, group-balanced ERM and plain kd only — never a
+    reweighting method, so they cannot be tuned towards one."""
+    import pandas as pd
+
+    need = ["seed", "teacher_avg_acc", "teacher_wga", "erm_wga", "exit_minority_wrong",
+            "exit_minority_margin_wrong", "gb_wga", "kd_wga"]
+    missing = [c for c in need if c not in per_seed.columns]
+    if missing:
+        raise ValueError(f"calibration_conditions needs columns {missing}")
+    frame = per_seed[need].copy()
+    mean = frame.drop(columns="seed").mean().to_dict()
+    rows = []
+    for seed, r in [*((s, d) for s, d in zip(frame.seed, frame.to_dict("records"))), ("mean", mean)]:
+        values = {
+            "a_teacher_avg": (r["teacher_avg_acc"], r["teacher_avg_acc"] >= 0.90),
+            "a_teacher_wga": (r["teacher_wga"], 0.55 <= r["teacher_wga"] <= 0.90),
+            "b_erm_gap": (r["erm_wga"] - r["teacher_wga"], r["erm_wga"] <= r["teacher_wga"] - 0.15),
+            "c_exit_wrong": (r["exit_minority_wrong"], r["exit_minority_wrong"] >= 0.50),
+            "c_exit_margin": (r["exit_minority_margin_wrong"], r["exit_minority_margin_wrong"] >= 0.50),
+            "d_gb_gain": (r["gb_wga"] - r["erm_wga"], r["gb_wga"] >= r["erm_wga"] + 0.20),
+            "e_kd_room": (r["kd_wga"] - r["teacher_wga"], r["kd_wga"] <= r["teacher_wga"] - 0.05),
+        }
+        for cond, what, target in CALIBRATION_TARGETS:
+            value, ok = values[cond]
+            rows.append({"seed": seed, "condition": cond, "what": what, "target": target,
+                         "value": float(value), "passed": bool(ok)})
+    return pd.DataFrame(rows)

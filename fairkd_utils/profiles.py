@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-METHODS = ("erm", "kd", "dedier", "dedier_both", "laplace_kd", "group_balanced")
+METHODS = ("erm", "kd", "dedier", "dedier_both", "laplace_kd", "shuffled",
+           "group_balanced", "group_balanced_erm")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,19 @@ class Profile:
     # is ~0 at every epoch, so worst-group selection would keep an arbitrary early
     # epoch that has barely started to learn the shape.)
     teacher_select_on: str = "avg_acc"
+    # The pretrained teacher (synthetic data only; real data take pretrained weights from
+    # a local file). With teacher_pretrain_per_pair > 0 the teacher is first trained for
+    # teacher_pretrain_epochs on a built-in corpus with that many images per (class,
+    # background) pair, whose background-label alignment is teacher_pretrain_alignment
+    # (0.5 = balanced: the background tells nothing; the documented knob of the teacher's
+    # bias), then adapted for teacher_adapt_epochs (0 = not at all) on the study's
+    # biased training split at teacher_adapt_lr. Without a corpus (real data),
+    # teacher_epochs train it on the study's training split.
+    teacher_pretrain_per_pair: int = 0
+    teacher_pretrain_alignment: float = 0.5
+    teacher_pretrain_epochs: int = 0
+    teacher_adapt_epochs: int = 0
+    teacher_adapt_lr: float = 0.005
 
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
@@ -59,9 +73,10 @@ PROFILES: dict[str, Profile] = {
         teacher_arch="narrow_resnet", student_arch="narrow_resnet",
         teacher_widths=(16, 32, 64), teacher_blocks=(1, 1, 1),
         student_widths=(8, 16, 32), student_blocks=(1, 1, 1), exit_stage=1,
-        teacher_epochs=2, student_epochs=2, warmup_epochs=1, batch_size=128,
+        teacher_epochs=1, student_epochs=2, warmup_epochs=1, batch_size=128,
         optimizer="sgd", lr=0.05, weight_decay=5e-4, select_on="worst_group_acc",
         seeds=(0,), methods=METHODS, sweep=False,
+        teacher_pretrain_per_pair=150, teacher_pretrain_epochs=2, teacher_adapt_epochs=1,
     ),
     # Waterbirds-sized synthetic data at 32 px, narrow ResNets: the whole study
     # on a 2-core CPU.
@@ -77,7 +92,11 @@ PROFILES: dict[str, Profile] = {
         # ceiling under group-balanced weights within ~3 epochs; ERM plateaus in ~5.
         teacher_epochs=20, student_epochs=12, warmup_epochs=3, batch_size=128,
         optimizer="sgd", lr=0.05, weight_decay=5e-4, select_on="worst_group_acc",
-        seeds=(0, 1, 2), methods=METHODS, sweep=False,
+        seeds=(0, 1, 2, 3, 4), methods=METHODS, sweep=False,
+        # The pretrained teacher (bench/calibrate_synthetic.py): 2,500 images per
+        # (class, background) pair, 8 epochs.
+        teacher_pretrain_per_pair=2500, teacher_pretrain_alignment=0.5,
+        teacher_pretrain_epochs=8, teacher_adapt_epochs=0,
     ),
     # torchvision ResNet-50 teacher and ResNet-18 student at 224 px with
     # group_DRO/DFR-like budgets: for a GPU and real data.

@@ -389,7 +389,8 @@ def _select_key(row: dict, select_on: str) -> tuple:
 
 
 def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=None, *,
-                ckpt_dir=None, name: str = "model", fingerprint_extra=None) -> TrainResult:
+                ckpt_dir=None, name: str = "model", fingerprint_extra=None,
+                branch_from=None) -> TrainResult:
     """Train ``model`` on ``splits["train"]`` with ``objective`` (ERM if None),
     evaluating on ``splits["val"]`` every epoch; keep the epoch best on val
     ``config.select_on`` (ties broken by the other metric).  ``splits["test"]`` is
@@ -400,32 +401,99 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
     runtime fields), the model's architecture and initial weights, the train and
     val data, the objective and ``fingerprint_extra``.  So build the model with a
     fixed seed (``build_student(..., seed=...)``) for reruns to reuse it.
+
+    ``branch_from``: a :func:`train_warmup` state (or a function returning one, called
+    only if there is no checkpoint to reuse) of the *same* initial model, config and data. Training continues from its epoch instead of recomputing the epochs
+    before it — exact when those epochs are the same for this objective (the
+    warm-up, in which every distillation method is kd). The result, and so the
+    fingerprint, are those of a run from scratch.
     Raises :class:`NonFiniteLossError` (no checkpoint written) on a NaN/inf loss.
     """
-    from tqdm import tqdm  # text bars: no ipywidgets needed in notebooks
-
     objective = ERMObjective() if objective is None else objective
-    cfg = config
-    train_ds, val_ds = splits["train"], splits["val"]
-    dev = resolve_device(cfg.device)
-    amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
-    channels_last = use_channels_last(model, dev, cfg.channels_last)
-    workers = _workers(cfg.num_workers, dev)
-    is_student = None  # decided on the first forward
-
-    cfg_fp = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RUNTIME_FIELDS}
-    payload = {"name": name, "config": cfg_fp, "model": _describe_model(model),
-               "train": _describe_data(train_ds), "val": _describe_data(val_ds),
-               "objective": _describe_objective(objective), "extra": _plain(fingerprint_extra)}
-    fp = fingerprint(payload)
+    fp, payload = _fingerprint_payload(model, splits, config, objective, name, fingerprint_extra)
     path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
-
+    dev = resolve_device(config.device)
     if path is not None and path.exists():
         ck = load_checkpoint(path, model, expected_fingerprint=fp)
         model.to(dev)
         return TrainResult(model, pd.DataFrame(ck["history"]),
                            _weights_frame(ck.get("weights", [])), path, True, fp,
                            int(ck["best_epoch"]))
+    if callable(branch_from):  # computed only when training is needed
+        branch_from = branch_from()
+    state = _fit(model, splits, config, objective, name, start=branch_from, stop=config.epochs)
+    if state["best_state"] is None:
+        raise RuntimeError(f"{name}: no epoch after select_after={config.select_after} was kept")
+    model.load_state_dict(state["best_state"])
+    history, best_epoch = state["history"], state["best_epoch"]
+    for h in history:
+        h["best"] = h["epoch"] == best_epoch
+    if path is not None:
+        torch_save(path, {
+            "format": CHECKPOINT_FORMAT, "name": name, "fingerprint": fp,
+            "fingerprint_payload": json.dumps(_plain(payload), sort_keys=True)[:100_000],
+            "config": _plain(config.to_dict()),
+            "state_dict": {k: v.contiguous() for k, v in state["best_state"].items()},
+            "best_epoch": best_epoch, "history": history, "weights": state["weight_rows"],
+        })
+    return TrainResult(model, pd.DataFrame(history), _weights_frame(state["weight_rows"]), path,
+                       False, fp, best_epoch)
+
+
+WARMUP_FORMAT = "fairkd-warmup-v1"
+
+
+def train_warmup(model: nn.Module, splits: dict, config: TrainConfig, objective, epochs: int, *,
+                 ckpt_dir=None, name: str = "warmup", fingerprint_extra=None) -> dict:
+    """The first ``epochs`` epochs of ``config``'s schedule (the cosine runs over all
+    ``config.epochs``), as a state that :func:`train_model` branches from
+    (``branch_from=``): model, optimiser, schedule and data-order generator, the
+    history and weight rows so far, and the objective's ``state()`` (e.g. the Laplace
+    factors of the last warm-up epoch). ``model`` is left at its initial weights.
+    Cached as ``<ckpt_dir>/<name>-<fingerprint>.pt`` like a checkpoint."""
+    if not 0 < epochs < config.epochs:
+        raise ValueError(f"a warm-up of {epochs} epochs must lie in (0, {config.epochs})")
+    fp, _ = _fingerprint_payload(model, splits, config, objective, name,
+                                 {"extra": fingerprint_extra, "warmup_epochs": epochs})
+    path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"warm-up state {path} is corrupt ({type(exc).__name__}); "
+                                  "delete it and rerun") from None
+        if not isinstance(state, dict) or state.get("format") != WARMUP_FORMAT or state.get("fingerprint") != fp:
+            raise CheckpointError(f"warm-up state {path} is not a {WARMUP_FORMAT} file of this "
+                                  "config; delete it and rerun")
+        return state
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = _fit(model, splits, config, objective, name, start=None, stop=epochs)
+    model.load_state_dict(initial)
+    state.update(format=WARMUP_FORMAT, fingerprint=fp)
+    if path is not None:
+        torch_save(path, state)
+    return state
+
+
+def _fingerprint_payload(model, splits, config, objective, name, extra) -> tuple[str, dict]:
+    cfg_fp = {k: v for k, v in config.to_dict().items() if k not in TrainConfig.RUNTIME_FIELDS}
+    payload = {"name": name, "config": cfg_fp, "model": _describe_model(model),
+               "train": _describe_data(splits["train"]), "val": _describe_data(splits["val"]),
+               "objective": _describe_objective(objective), "extra": _plain(extra)}
+    return fingerprint(payload), payload
+
+
+def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str, *,
+         start: dict | None, stop: int) -> dict:
+    """Epochs ``[start epoch, stop)`` of ``cfg``'s schedule; returns the loop's state
+    (plain values and tensors: a :func:`train_warmup` state when ``stop`` is early)."""
+    from tqdm import tqdm  # text bars: no ipywidgets needed in notebooks
+
+    train_ds, val_ds = splits["train"], splits["val"]
+    dev = resolve_device(cfg.device)
+    amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    channels_last = use_channels_last(model, dev, cfg.channels_last)
+    workers = _workers(cfg.num_workers, dev)
 
     model.to(dev)
     if channels_last:
@@ -442,8 +510,21 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
     train_counts = train_ds.group_counts()
 
     history, weight_rows = [], []
-    best_key, best_state, best_epoch = None, None, -1
-    for epoch in range(cfg.epochs):
+    best_key, best_state, best_epoch, first = None, None, -1, 0
+    if start is not None:
+        model.load_state_dict(start["model"])
+        opt.load_state_dict(start["optimizer"])
+        sched.load_state_dict(start["scheduler"])
+        gen.set_state(start["generator"])
+        history = [dict(h) for h in start["history"]]
+        weight_rows = [dict(w) for w in start["weights"]]
+        first = int(start["epoch"])
+        if start.get("best_state") is not None:
+            best_key, best_epoch = tuple(start["best_key"]), int(start["best_epoch"])
+            best_state = start["best_state"]
+        if hasattr(objective, "load_state"):
+            objective.load_state(start.get("objective_state"), first)
+    for epoch in range(first, stop):
         t0 = time.perf_counter()
         model.train()
         if hasattr(objective, "on_epoch_start"):
@@ -463,8 +544,6 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
             with _autocast(dev, amp):
                 out = model(x)
                 loss, weights = objective.loss(out, batch, epoch)
-                if is_student is None:
-                    is_student = isinstance(out, StudentOutput)
                 if isinstance(out, StudentOutput) and cfg.exit_loss_weight:
                     loss = loss + cfg.exit_loss_weight * F.cross_entropy(
                         out.exit_logits.float(), batch.y)
@@ -507,6 +586,8 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
         row = {"epoch": epoch + 1, "lr": float(sched.get_last_lr()[0]),
                "train_loss": float(loss_sum / max(seen, 1)), "train_acc": correct / max(seen, 1)}
         row.update({f"val_{k}": float(v) for k, v in ev.items()})
+        if hasattr(objective, "epoch_stats"):  # e.g. how far Laplace-KD's weights are from DeDiER's
+            row.update(objective.epoch_stats(epoch))
         row["train_seconds"] = train_seconds
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
@@ -515,19 +596,24 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
             best_key, best_epoch = key, epoch + 1
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
-    model.load_state_dict(best_state)
-    for h in history:
-        h["best"] = h["epoch"] == best_epoch
-    if path is not None:
-        torch_save(path, {
-            "format": CHECKPOINT_FORMAT, "name": name, "fingerprint": fp,
-            "fingerprint_payload": json.dumps(_plain(payload), sort_keys=True)[:100_000],
-            "config": _plain(cfg.to_dict()),
-            "state_dict": {k: v.contiguous() for k, v in best_state.items()},
-            "best_epoch": best_epoch, "history": history, "weights": weight_rows,
-        })
-    return TrainResult(model, pd.DataFrame(history), _weights_frame(weight_rows), path, False,
-                       fp, best_epoch)
+    return {"epoch": stop, "model": {k: v.detach().to("cpu", copy=True).contiguous()
+                                     for k, v in model.state_dict().items()},
+            "optimizer": _cpu(opt.state_dict()), "scheduler": sched.state_dict(),
+            "generator": gen.get_state(), "history": history, "weights": weight_rows,
+            "weight_rows": weight_rows, "best_key": list(best_key) if best_key else None,
+            "best_epoch": best_epoch, "best_state": best_state,
+            "objective_state": objective.state() if hasattr(objective, "state") else None}
+
+
+def _cpu(obj):
+    """A state dict's tensors on the CPU (for saving a branch point)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 def _weights_frame(rows) -> pd.DataFrame:

@@ -227,3 +227,38 @@ def test_predictions_never_see_training_augmentation(splits):
     finally:
         ds.augment = False
     assert torch.equal(plain.logits, augmented.logits)
+
+
+@pytest.mark.parametrize("method", ["kd", "dedier_both", "laplace_kd", "shuffled", "group_balanced"])
+def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_path, method):
+    """Every distillation method is kd during the warm-up: branching it from one
+    warm-up state per seed ends exactly where training from scratch ends."""
+    from fairkd_utils import losses
+
+    ds = splits["train"]
+    teacher = torch.randn(len(ds), 2, generator=torch.Generator().manual_seed(5)) * 2
+    config = losses.default_config(method, lam=0.5, T=2.0, beta=2.0, warmup_epochs=2)
+    tcfg = _cfg(epochs=4, select_after=2)
+
+    def objective(model):
+        return losses.make_objective(config, teacher_logits=teacher, group_counts=ds.group_counts(),
+                                     n_train=len(ds), n_classes=2, model=model, seed=3)
+
+    scratch_model = models.build_student(TINY, 2, seed=1)
+    scratch = train.train_model(scratch_model, splits, tcfg, objective(scratch_model))
+    trunk = models.build_student(TINY, 2, seed=1)
+    warm = train.train_warmup(trunk, splits, tcfg, losses.WarmupObjective(config, teacher, len(ds), 2),
+                              2, ckpt_dir=tmp_path, name="warmup")
+    assert warm["epoch"] == 2 and len(list(tmp_path.glob("warmup-*.pt"))) == 1
+    again = train.train_warmup(models.build_student(TINY, 2, seed=1), splits, tcfg,
+                               losses.WarmupObjective(config, teacher, len(ds), 2), 2,
+                               ckpt_dir=tmp_path, name="warmup")  # cached, read back
+    branch_model = models.build_student(TINY, 2, seed=1)
+    branched = train.train_model(branch_model, splits, tcfg, objective(branch_model), branch_from=again)
+
+    assert branched.fingerprint == scratch.fingerprint and branched.best_epoch == scratch.best_epoch
+    for k, v in scratch.model.state_dict().items():
+        assert torch.equal(v, branched.model.state_dict()[k]), k
+    pd_cols = [c for c in scratch.history.columns if "seconds" not in c]
+    assert scratch.history[pd_cols].equals(branched.history[pd_cols])
+    assert scratch.weights.equals(branched.weights)
