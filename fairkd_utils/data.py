@@ -499,15 +499,18 @@ def _synthetic_split(name: str, split: str, counts, image_size: int, *, seed, **
     g = torch.repeat_interleave(torch.arange(4), torch.tensor(counts, dtype=torch.long))
     g = g[torch.randperm(len(g), generator=gen)]
     y, a = g // 2, g % 2
-    x = _render_birds(y, a, image_size, gen, **render)
+    x, drawn = _render_birds(y, a, image_size, gen, **render)
     ids = [f"{name}-{split}-{i:05d}" for i in range(len(y))]
-    return GroupDataset(name, split, y, a, n_classes=2, n_attrs=2, group_names=BIRD_GROUP_NAMES,
-                        ids=ids, x=x, image_size=image_size)
+    ds = GroupDataset(name, split, y, a, n_classes=2, n_attrs=2, group_names=BIRD_GROUP_NAMES,
+                      ids=ids, x=x, image_size=image_size)
+    ds.object_class = drawn  # the class of the shape actually drawn (== y at reliability 1)
+    return ds
 
 
 def _render_birds(y, a, size, gen, *, reliability=1.0, colour_cue=0.0, background_contrast=1.0,
                   shape_size=(0.2, 0.3), noise=0.06):
-    """Images (N,3,size,size) float32, ImageNet-normalised; fully vectorised."""
+    """Images (N,3,size,size) float32, ImageNet-normalised, and the class of the shape
+    drawn in each (N,); fully vectorised."""
     n = len(y)
     u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
@@ -557,7 +560,7 @@ def _render_birds(y, a, size, gen, *, reliability=1.0, colour_cue=0.0, backgroun
     img = (img + noise * torch.randn(img.shape, generator=gen)).clamp(0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((img - mean) / std).float().contiguous()
+    return ((img - mean) / std).float().contiguous(), drawn.view(n).clone()
 
 
 # --------------------------------------------------------------------------- batches

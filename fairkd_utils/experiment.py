@@ -552,7 +552,19 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
         records.write_record(run.run_dir, "predictions",
                              _record_name("exit", config.method, config.config_id, seed, "map", "train"),
                              prediction_frame(p.exit_probs, ds, keys=keys, weight=w.numpy()))
+    effect = [c for c in LAPLACE_EFFECT if c in result.history]
+    if effect:
+        table = result.history[["epoch", *effect]].dropna(how="all", subset=effect)
+        table.insert(0, "config_id", config.config_id)
+        table.insert(0, "method", config.method)
+        table.insert(0, "seed", seed)
+        records.write_record(run.run_dir, "laplace_effect", f"{config.method}-{config.config_id}-seed{seed}",
+                             table)
     return result
+
+
+#: Per-epoch columns of a Laplace-KD history: how far its weights are from DeDiER's.
+LAPLACE_EFFECT = ("laplace_rank_corr", "laplace_max_abs_dp", "laplace_mean_abs_dp")
 
 
 # --------------------------------------------------------------------------- summary
@@ -639,18 +651,20 @@ def summary_table(per_seed, baselines=BASELINES):
                            kind="stable").reset_index(drop=True)
 
 
-def paired_differences(per_seed, metric: str = "worst_group_acc", baseline: str = "kd"):
-    """Per-seed differences against ``baseline`` with the interval of their mean."""
+def paired_differences(per_seed, metric: str = "worst_group_acc", baselines=BASELINES):
+    """Per-seed differences against each of ``baselines`` with the interval of their
+    mean: rows baseline, method, seed, diff, lo, hi."""
     import pandas as pd
 
-    base = per_seed[per_seed.method == baseline].set_index("seed")[metric]
     rows = []
-    for method, d in per_seed[per_seed.method != baseline].groupby("method"):
-        diff = d.set_index("seed")[metric] - base
-        diff = diff.dropna()
-        _, _, lo, hi = mean_interval(diff)
-        rows += [{"method": method, "seed": s, "diff": v, "lo": lo, "hi": hi} for s, v in diff.items()]
-    return pd.DataFrame(rows)
+    for baseline in [b for b in baselines if b in set(per_seed.method)]:
+        base = per_seed[per_seed.method == baseline].set_index("seed")[metric]
+        for method, d in per_seed[per_seed.method != baseline].groupby("method"):
+            diff = (d.set_index("seed")[metric] - base).dropna()
+            _, _, lo, hi = mean_interval(diff)
+            rows += [{"baseline": baseline, "method": method, "seed": s, "diff": v, "lo": lo, "hi": hi}
+                     for s, v in diff.items()]
+    return pd.DataFrame(rows, columns=["baseline", "method", "seed", "diff", "lo", "hi"])
 
 
 # --------------------------------------------------------------------------- sweep
@@ -722,13 +736,13 @@ def sweep(run: Run, seeds, teacher=None, methods=None):
                                  ascending=False, kind="stable").iloc[0]
 
     best = evaluate("kd", sweep_configs(run, "kd"))
-    lam_T = {"lam": float(best.lam), "T": float(best.T)}
+    lam_T = {"lam": float(best["lam"]), "T": float(best["T"])}
     chosen = {"kd": lam_T}
     for method in [m for m in SWEPT_BETA if methods is None or m in methods]:
         best = evaluate(method, sweep_configs(run, method, lam_T))
-        chosen[method] = {"beta": float(best.beta)}
+        chosen[method] = {"beta": float(best["beta"])}
         if method == "laplace_kd":
-            chosen[method]["score"] = str(best.score)
+            chosen[method]["score"] = str(best["score"])
     table = pd.DataFrame(rows)
     records.write_csv(sub.path("sweep.csv"), table)
     comment = (f"Chosen by the sweep of notebook 05 on validation worst-group accuracy averaged "

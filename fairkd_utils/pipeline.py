@@ -83,6 +83,20 @@ def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> 
     }
 
 
+def optional_parameters(args) -> dict:
+    """Parameters only the notebooks that declare them receive (notebook 05)."""
+    optional = {}
+    if getattr(args, "sweep", False):
+        optional["sweep"] = True
+    if getattr(args, "hparams", None):
+        path = Path(args.hparams).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--hparams {args.hparams}: no such file (a sweep writes "
+                                    "<run_dir>/sweep/hparams.json)")
+        optional["hparams_file"] = str(path)
+    return optional
+
+
 def _git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -175,6 +189,7 @@ def run(args) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
     params = notebook_parameters(args, run_dir, figures_dir, device)
+    optional = optional_parameters(args)
 
     manifest_path = run_dir / "manifest.json"
     earlier = {}
@@ -186,7 +201,7 @@ def run(args) -> Path:
         "git_sha": _git_sha(),
         "versions": _versions(),
         "command": " ".join([Path(sys.executable).name, "-m", "fairkd_utils.pipeline", *sys.argv[1:]]),
-        "config": {"profile": profile.to_dict(), "parameters": params},
+        "config": {"profile": profile.to_dict(), "parameters": {**params, **optional}},
         "device": device,
         "platform": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -202,7 +217,7 @@ def run(args) -> Path:
         try:
             run_notebook(src, run_dir / "executed" / f"{src.stem}.ipynb", params, cwd=run_dir,
                          progress=not args.quiet,
-                         optional={"sweep": True} if getattr(args, "sweep", False) else None)
+                         optional=optional)
         except PipelineError:
             entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2))
             records.write_json(manifest_path, manifest)
@@ -234,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these notebooks, e.g. --only 04 05 (their prerequisites must exist)")
     p.add_argument("--sweep", action="store_true",
                    help="rerun the hyper-parameter sweep on validation worst-group accuracy "
-                        "(notebook 05; writes sweep/hparams_chosen.json)")
+                        "(notebook 05; writes sweep/hparams.json and uses it)")
+    p.add_argument("--hparams", default=None, metavar="FILE",
+                   help="chosen hyper-parameters (default: fairkd_utils/hparams.json's entry "
+                        "for <dataset>-<profile>)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     return p
 

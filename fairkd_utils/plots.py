@@ -16,16 +16,17 @@ import pandas as pd
 import seaborn as sns
 
 from . import records
+from .losses import METHOD_SPECS
 
-METHOD_ORDER = ["erm", "kd", "dedier", "dedier_both", "laplace_kd", "group_balanced"]
-METHOD_LABELS = {
-    "erm": "ERM", "kd": "KD (Hinton)", "dedier": "DeDiER", "dedier_both": "DeDiER (both terms)",
-    "laplace_kd": "Laplace-KD", "group_balanced": "group-balanced (reference)",
-}
+METHOD_ORDER = list(METHOD_SPECS)
+METHOD_LABELS = {m: spec.label for m, spec in METHOD_SPECS.items()}
 METHOD_COLORS = {
     "erm": "#7f7f7f", "kd": "#1f77b4", "dedier": "#ff7f0e", "dedier_both": "#d62728",
-    "laplace_kd": "#2ca02c", "group_balanced": "#222222",
+    "laplace_kd": "#2ca02c", "shuffled": "#e377c2", "group_balanced": "#222222",
+    "group_balanced_erm": "#8c564b",
 }
+#: Methods that use group labels in training: drawn hollow, marked as references.
+REFERENCES = [m for m, spec in METHOD_SPECS.items() if spec.group_labels]
 MODEL_COLORS = {"teacher": "#9467bd", "student": "#1f77b4", "exit": "#ff7f0e",
                 "exit_laplace": "#2ca02c"}
 PREDICTIVE_COLORS = {"map": "#ff7f0e", "probit": "#2ca02c", "mc": "#17becf"}
@@ -290,15 +291,15 @@ def wga_vs_avg(per_seed: pd.DataFrame, x: str = "avg_acc", y: str = "worst_group
     for m in _present(METHOD_ORDER, agg.index):
         r = agg.loc[m]
         ax.errorbar(r[(x, "mean")], r[(y, "mean")], xerr=np.nan_to_num(r[(x, "std")]),
-                    yerr=np.nan_to_num(r[(y, "std")]), fmt="o" if m != "group_balanced" else "s",
+                    yerr=np.nan_to_num(r[(y, "std")]), fmt="s" if m in REFERENCES else "o",
                     ms=8, capsize=3, color=METHOD_COLORS.get(m), label=_method_label(m),
-                    mfc="white" if m == "group_balanced" else METHOD_COLORS.get(m))
+                    mfc="white" if m in REFERENCES else METHOD_COLORS.get(m))
         sub = per_seed[per_seed["method"] == m]
         ax.scatter(sub[x], sub[y], s=12, alpha=0.35, color=METHOD_COLORS.get(m))
     ax.set_xlabel("average accuracy (test)" if x == "avg_acc" else x)
     ax.set_ylabel("worst-group accuracy (test)")
-    ax.set_title("Fairness vs accuracy")
-    ax.legend(loc="best", fontsize=9)
+    ax.set_title("Fairness vs accuracy (hollow squares use group labels)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
     return fig
 
 
@@ -334,22 +335,29 @@ def weight_distributions(df: pd.DataFrame, methods=("dedier", "laplace_kd")):
     return fig
 
 
-def paired_differences(diffs: pd.DataFrame, metric: str = "worst_group_acc", baseline: str = "kd"):
-    """Per-seed paired differences against ``baseline`` with mean and 95 % interval.
-    ``diffs``: method, seed, diff; ``ci`` columns lo/hi per method optional."""
+def paired_differences(diffs: pd.DataFrame, metric: str = "worst_group_acc"):
+    """Per-seed paired differences with mean and 95 % interval, one panel per baseline.
+    ``diffs``: baseline, method, seed, diff, lo, hi (``experiment.paired_differences``)."""
+    baselines = list(dict.fromkeys(diffs["baseline"]))
     methods = _present(METHOD_ORDER, diffs["method"])
-    fig, ax = plt.subplots(figsize=(7, 0.7 * len(methods) + 1.6))
-    for i, m in enumerate(methods):
-        sub = diffs[diffs["method"] == m]
-        ax.scatter(sub["diff"], np.full(len(sub), i), color=METHOD_COLORS.get(m), alpha=0.5, s=22)
-        mean = sub["diff"].mean()
-        lo, hi = sub["lo"].iloc[0], sub["hi"].iloc[0]
-        ax.errorbar(mean, i, xerr=[[mean - lo if np.isfinite(lo) else 0], [hi - mean if np.isfinite(hi) else 0]],
-                    fmt="D", color="black", capsize=4, ms=6)
-    ax.axvline(0, color="#c44e52", lw=1, ls="--")
-    ax.set_yticks(range(len(methods)))
-    ax.set_yticklabels([_method_label(m) for m in methods])
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{metric} − {baseline}'s (same seed); ◆ mean with 95 % interval")
-    ax.set_title(f"Paired differences against {_method_label(baseline)}")
+    fig, axes = plt.subplots(1, len(baselines), figsize=(6.2 * len(baselines), 0.62 * len(methods) + 1.8),
+                             sharey=True, squeeze=False)
+    for ax, baseline in zip(axes[0], baselines):
+        for i, m in enumerate(methods):
+            sub = diffs[(diffs["baseline"] == baseline) & (diffs["method"] == m)]
+            if sub.empty:
+                continue
+            ax.scatter(sub["diff"], np.full(len(sub), i), color=METHOD_COLORS.get(m), alpha=0.5, s=22)
+            mean = sub["diff"].mean()
+            lo, hi = sub["lo"].iloc[0], sub["hi"].iloc[0]
+            ax.errorbar(mean, i, xerr=[[mean - lo if np.isfinite(lo) else 0], [hi - mean if np.isfinite(hi) else 0]],
+                        fmt="D", color="black", capsize=4, ms=6)
+        ax.axvline(0, color="#c44e52", lw=1, ls="--")
+        ax.set_yticks(range(len(methods)))
+        ax.set_yticklabels([_method_label(m) for m in methods])
+        ax.set_xlabel(f"{metric} − {baseline}'s (same seed)")
+        ax.set_title(f"against {_method_label(baseline)}", fontsize=11)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Paired differences per seed; ◆ mean with 95 % interval", fontweight="bold")
+    fig.tight_layout()
     return fig

@@ -11,8 +11,10 @@
 # %% [markdown]
 # # 05 — DeDiER vs Laplace-KD: the distillation comparison
 #
-# Every student starts, for a given seed, from the same initialisation and distils from
-# the same teacher. The loss per instance is
+# In this notebook we will train every method's students over seeds and compare them on
+# test worst-group accuracy, paired per seed. For a given seed every student starts from
+# the same initialisation, sees the data in the same order and distils from the same
+# teacher (one teacher, shared by all seeds). The loss per instance is
 #
 # $$L_i = (1-\lambda)\, w^{ce}_i\, \mathrm{CE}(s_i, y_i) + \lambda\, w^{kd}_i\, T^2\,
 #   \mathrm{KL}\big(\mathrm{softmax}(t_i/T)\,\|\,\mathrm{softmax}(s_i/T)\big),$$
@@ -26,12 +28,18 @@
 # | `kd` (Hinton) | 1 | both |
 # | `dedier` | $\exp(\beta\,\mathrm{cm}\,\alpha)$ of the early exit's MAP softmax, $\alpha = 1$ when the exit is wrong | KD |
 # | `dedier_both` | the same | both |
-# | `laplace_kd` | from the exit's Laplace predictive (score chosen in notebook 04), refit every epoch from that epoch's batches | both |
-# | `group_balanced` | inverse frequency of the **true** group — labels the methods never see: a reference for the headroom, not a method | both |
+# | `laplace_kd` | the same form, $\mathrm{cm}$ and $\alpha$ from the exit's **Laplace predictive**, refit every epoch from that epoch's batches | both |
+# | `shuffled` (control) | `dedier_both`'s weights permuted within the batch | both |
+# | `group_balanced` (reference) | inverse frequency of the **true** group — labels the methods never see | both |
+# | `group_balanced_erm` (reference) | the same at $\lambda = 0$ | CE |
 #
-# Hyper-parameters ($\lambda, T, \beta$) come from `fairkd_utils/hparams.json`, chosen on
-# **validation** worst-group accuracy with the same grid for every method; set
-# `sweep = True` to rerun that choice (its table is shown below when present).
+# The primary contrast is `laplace_kd` against `dedier_both`: both weight both terms, so
+# they differ only in where $\mathrm{cm}$ and $\alpha$ come from. $\lambda$ and $T$ are chosen
+# once, for `kd`, and shared by every distillation method; $\beta$ per reweighting method
+# on the same grid (`shuffled` takes `dedier_both`'s); all on **validation** worst-group
+# accuracy averaged over two seeds. Every distillation method is `kd` until its warm-up
+# ends, so each seed's warm-up is computed once and every method branches from it (a
+# test checks that a branch ends exactly where a run from scratch ends).
 
 # %% tags=["parameters"]
 run_dir = None        # run directory (absolute); None: results/<dataset>-<profile>
@@ -41,42 +49,68 @@ dataset = "synthetic" # synthetic | waterbirds | celeba | folder
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
-sweep = None          # None: the profile's setting; True reruns the hyper-parameter sweep
+hparams_file = None   # chosen hyper-parameters; None: fairkd_utils/hparams.json's entry for this run
+sweep = None          # None: the profile's setting; True reruns the sweep and uses its choice
+sweep_seeds = None    # seeds the sweep averages over; None: the first two of `seeds`
 
 # %%
-import json
-
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 import fairkd_utils as fk
 
-run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
+run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
+                          hparams_file=hparams_file)
 teacher = fk.experiment.load_teacher_logits(run)          # stops if notebook 02 has not run
 methods = list(run.profile.methods)
 do_sweep = run.profile.sweep if sweep is None else bool(sweep)
 
 # %% [markdown]
-# ## How the hyper-parameters were chosen
+# ## The hyper-parameters
 
 # %%
 if do_sweep:
-    sweep_table, chosen = fk.experiment.sweep(run, [m for m in methods if m != "erm"], run.seeds[0], teacher)
-    print("chosen on validation worst-group accuracy:", json.dumps(chosen, indent=1))
-    print("(written to sweep/hparams_chosen.json; copy it into fairkd_utils/hparams.json to adopt it)")
-    display(sweep_table.sort_values(["method", "val_worst_group_acc"], ascending=[True, False]).round(3))
-reference_sweep = fk.experiment.REPO_ROOT / "results" / "reference" / "synthetic-default" / "sweep.csv"
-if reference_sweep.exists():
-    print("The committed choice came from this sweep (reference run, seed 0, validation split):")
-    display(pd.read_csv(reference_sweep).sort_values(["method", "val_worst_group_acc"],
-                                                      ascending=[True, False]).round(3))
-
-# %%
+    sweep_table, chosen = fk.experiment.sweep(run, sweep_seeds or run.seeds[:2], teacher, methods)
+    run.hparams_file = str(run.path("sweep", "hparams.json"))
+    display(sweep_table.groupby(["method", "lam", "T", "beta"])[["val_worst_group_acc", "val_avg_acc"]]
+            .mean().round(3))
 configs = {m: fk.experiment.method_config(run, m) for m in methods}
-print("hyper-parameters from", fk.experiment.hparams_source(run)[1])
+print("hyper-parameters from", fk.experiment.hparams_source(run))
 pd.DataFrame([{**c.to_dict(), "config_id": c.config_id} for c in configs.values()]).set_index("method")
 
 # %% [markdown]
+# Every distillation method has kd's $\lambda$ and $T$; only the weights differ. (With
+# `sweep = True` the table above shows the validation means behind the choice.)
+#
+# ## One batch, weighted by DeDiER and by Laplace-KD
+#
+# The weights come from the same library functions the training loop calls. Here: the
+# first seed's ERM student of notebook 03, its exit Laplace fitted on the training split,
+# and the first 8 minority-group instances of the training split, with $\beta$ as chosen.
+
+# %%
+erm_result, erm_out = fk.experiment.erm_outputs(run, run.seeds[0], splits=("train",))
+train = run.splits()["train"]
+exit_la = fk.exit_laplace.fit_exit_laplace(erm_result.model.exit, erm_out["train"].phi.double(),
+                                           erm_out["train"].exit_probs, y=train.y)
+minority = fk.experiment.minority_groups(train.group_counts())
+batch = torch.nonzero(torch.isin(train.g, torch.tensor(minority))).flatten()[:8]
+exit_logits, phi, y = erm_out["train"].exit_logits[batch].double(), erm_out["train"].phi[batch].double(), train.y[batch]
+lap = exit_la.predict(phi)
+pd.DataFrame({
+    "group": [train.group_names[g] for g in train.g[batch].tolist()],
+    "exit p(y) MAP": exit_logits.softmax(1).gather(1, y[:, None]).squeeze(1).numpy(),
+    "exit p(y) Laplace": lap.probs.gather(1, y[:, None]).squeeze(1).numpy(),
+    "w DeDiER": fk.losses.dedier_weight(exit_logits, y, configs["dedier_both"].beta).numpy(),
+    "w Laplace-KD": fk.losses.laplace_weight(lap, y, configs["laplace_kd"].beta).numpy(),
+}).round(3)
+
+# %% [markdown]
+# Where the exit is confidently wrong ($p(y)$ near 0), both weights approach
+# $e^{\beta}$; the Laplace predictive pulls the probability towards 1/2, so Laplace-KD's
+# weight is a little smaller exactly where the exit's features are atypical.
+#
 # ## Train (or reuse) every method × seed
 #
 # `erm` is notebook 03's student, reused from its checkpoint. Each student's metrics,
@@ -87,7 +121,7 @@ pd.DataFrame([{**c.to_dict(), "config_id": c.config_id} for c in configs.values(
 jobs = [(seed, m) for seed in run.seeds for m in methods]
 for seed, method in tqdm(jobs, desc="students"):
     result = fk.experiment.run_method(run, method, seed, teacher, configs[method])
-    tqdm.write(f"seed {seed} {method:15s} {'reused' if result.reused else 'trained'} "
+    tqdm.write(f"seed {seed} {method:18s} {'reused' if result.reused else 'trained'} "
                f"(best val epoch {result.best_epoch})")
 
 # %% [markdown]
@@ -117,40 +151,67 @@ summary.assign(value=summary.apply(fmt, axis=1)).pivot(index="method", columns="
     .reindex([m for m in fk.plots.METHOD_ORDER if m in methods])[list(fk.experiment.SUMMARY_METRICS)]
 
 # %% [markdown]
-# ### Paired per-seed differences against `kd` (same seed, same initialisation)
+# ### Paired per-seed differences (same seed, same initialisation)
+#
+# Against `kd` (does reweighting help at all?) and against `dedier_both` (does the
+# Laplace predictive help over the MAP readout?): mean difference with its 95 % interval.
 
 # %%
-diff_cols = [c for c in summary.columns if c.startswith("diff_vs_kd")]
-summary[summary.metric.isin(["worst_group_acc", "avg_acc"]) & (summary.method != "kd")] \
-    [["method", "metric", *diff_cols]].round(3)
+wga_rows = summary[summary.metric == "worst_group_acc"].set_index("method")
+pd.DataFrame({f"vs {b}": wga_rows.apply(lambda r, b=b: "" if pd.isna(r.get(f"diff_vs_{b}_mean")) else
+                                          f"{r[f'diff_vs_{b}_mean']:+.3f} [{r[f'diff_vs_{b}_ci95_lo']:+.3f}, "
+                                          f"{r[f'diff_vs_{b}_ci95_hi']:+.3f}]", axis=1)
+              for b in fk.experiment.BASELINES}).reindex([m for m in fk.plots.METHOD_ORDER if m in methods])
 
 # %%
 per_seed.pivot_table(index="method", columns="seed", values="worst_group_acc").round(3)
 
 # %% [markdown]
 # ### Who got upweighted during training?
+#
+# The mean weight per group at each epoch (1 during the warm-up). A method that finds
+# the minority groups lifts their lines above 1; `shuffled` should stay flat by design.
 
 # %%
-fig = fk.plots.weights_by_group(weights[weights.method.isin(fk.experiment.REWEIGHTING)], term="kd")
+fig = fk.plots.weights_by_group(weights[weights.method.isin(fk.losses.REWEIGHTING)], term="kd")
 fk.plots.savefig(fig, run.figure("05_weights_by_group"), close=False)
+
+# %% [markdown]
+# ### How far is Laplace-KD from DeDiER?
+#
+# Per epoch of Laplace-KD training: the Spearman correlation between its weights and the
+# DeDiER weights the same exit gives the same instances, and the largest and mean change
+# $|p_{\text{Laplace}} - p_{\text{MAP}}|$ of the exit's probabilities (mean over seeds).
+
+# %%
+if "laplace_kd" in methods:
+    effect = fk.records.assemble(run.run_dir, "laplace_effect")
+    effect = effect[effect.seed.isin(run.seeds) & (effect.config_id == configs["laplace_kd"].config_id)]
+    display(effect.groupby("epoch")[list(fk.experiment.LAPLACE_EFFECT)].mean().round(4))
 
 # %% [markdown]
 # ## What happened
 #
-# The numbers below are computed, not written by hand: which method has the best mean
-# test worst-group accuracy, and whether Laplace-KD's paired difference to DeDiER is
-# distinguishable from zero over these seeds.
+# Computed, not written by hand: the ranking by mean test worst-group accuracy, and the
+# primary contrast — Laplace-KD minus DeDiER (both terms), paired over seeds.
 
 # %%
 wga = summary[summary.metric == "worst_group_acc"].set_index("method")
-ranked = wga.drop(index="group_balanced", errors="ignore")["mean"].sort_values(ascending=False)
-print("Mean test worst-group accuracy, best first (group_balanced is the reference, excluded):")
+references = [m for m in fk.plots.REFERENCES if m in wga.index]
+ranked = wga.drop(index=references)["mean"].sort_values(ascending=False)
+print(f"Mean test worst-group accuracy, best first (references {references} use group labels, excluded):")
 for m, v in ranked.items():
     print(f"  {m:12s} {v:.3f} ± {wga.loc[m, 'std']:.3f}")
-if {"dedier", "laplace_kd"} <= set(per_seed.method):
-    d = (per_seed[per_seed.method == "laplace_kd"].set_index("seed").worst_group_acc
-         - per_seed[per_seed.method == "dedier"].set_index("seed").worst_group_acc).dropna()
-    mean, sd, lo, hi = fk.experiment.mean_interval(d)
-    verdict = ("better" if lo > 0 else "worse" if hi < 0 else "not distinguishable from DeDiER")
-    print(f"Laplace-KD − DeDiER, worst-group accuracy, paired over {len(d)} seeds: {mean:+.3f} "
-          f"(95 % interval [{lo:+.3f}, {hi:+.3f}]) -> {verdict}.")
+if {"dedier_both", "laplace_kd"} <= set(wga.index):
+    r = wga.loc["laplace_kd"]
+    lo, hi = r["diff_vs_dedier_both_ci95_lo"], r["diff_vs_dedier_both_ci95_hi"]
+    verdict = ("better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from")
+    print(f"Laplace-KD − DeDiER (both terms), worst-group accuracy, paired over "
+          f"{int(r['paired_seeds_vs_dedier_both'])} seeds: {r['diff_vs_dedier_both_mean']:+.3f} "
+          f"(95 % interval [{lo:+.3f}, {hi:+.3f}]) -> Laplace-KD is {verdict} DeDiER here.")
+
+# %% [markdown]
+# In this notebook we have chosen (or read) the hyper-parameters on validation, shown one
+# batch's weights under both methods, trained every method over the seeds from shared
+# warm-ups, and written `summary.csv` with paired differences against `kd` and
+# `dedier_both`. Notebook 06 draws the summary figures from these tables alone.

@@ -321,3 +321,42 @@ def test_bad_values_and_misplaced_knobs_are_clear_errors(tmp_path):
         load_splits("folder", tmp_path)
     with pytest.raises(ValueError, match="only apply to the synthetic"):
         load_splits("folder", tmp_path, reliability=0.9)
+
+
+def test_the_object_is_100_percent_predictive_by_default_and_reliability_swaps_it():
+    splits = load_splits("synthetic", scale=0.2, seed=1, image_size=8)
+    for ds in splits.values():
+        assert torch.equal(ds.object_class, ds.y)          # the bird is always the label's
+    noisy = load_splits("synthetic", scale=0.5, seed=1, image_size=8, reliability=0.8)["train"]
+    assert (noisy.object_class == noisy.y).double().mean() == pytest.approx(0.8, abs=0.03)
+
+
+def test_the_shape_colour_carries_no_class_cue_unless_asked():
+    """With colour_cue=0 the object's mean brightness is the same for both classes; at 1
+    landbirds are dark and waterbirds light (a cue a pooled early feature reads)."""
+    def shape_brightness(colour_cue):
+        x, drawn = fkdata._render_birds(torch.arange(4000) % 2, torch.zeros(4000, dtype=torch.long), 32,
+                                        torch.Generator().manual_seed(0), colour_cue=colour_cue,
+                                        noise=0.0, background_contrast=0.0)
+        raw = x * torch.tensor(fkdata.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(fkdata.IMAGENET_MEAN).view(1, 3, 1, 1)
+        mean = raw.mean(dim=(1, 2, 3))
+        return float(mean[drawn == 0].mean()), float(mean[drawn == 1].mean())
+    land, water = shape_brightness(0.0)
+    assert abs(land - water) < 0.005
+    land, water = shape_brightness(1.0)
+    assert water - land > 0.03
+    with pytest.raises(ValueError, match="colour_cue"):
+        load_splits("synthetic", scale=0.02, colour_cue=1.5)
+
+
+@pytest.mark.parametrize("alignment", [0.5, 0.8])
+def test_the_pretraining_corpus_alignment_is_what_its_knob_says(alignment):
+    corpus = fkdata.make_pretraining_corpus(n_per_pair=100, alignment=alignment, image_size=8, seed=2)
+    n = sum(ds.group_counts() for ds in corpus.values())
+    assert int(n.sum()) == 400 and n[0] + n[1] == n[2] + n[3] == 200   # classes balanced
+    own = float((n[0] + n[3]) / n.sum())                                 # a == y
+    assert own == pytest.approx(alignment, abs=1e-9)
+    assert torch.equal(corpus["train"].object_class, corpus["train"].y)
+    assert 0 < len(corpus["val"]) < len(corpus["train"])
+    with pytest.raises(ValueError, match="alignment"):
+        fkdata.make_pretraining_corpus(n_per_pair=10, alignment=1.2)

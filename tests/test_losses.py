@@ -237,12 +237,13 @@ def test_warm_up_gives_unit_weights_for_every_reweighting_method():
     teacher, y, a, phi = _setup()
     model = _Student()
     counts = torch.bincount(y * 2 + a, minlength=4)
-    for method in ("dedier", "dedier_both", "laplace_kd", "group_balanced"):
+    for method in L.REWEIGHTING:
         cfg = L.default_config(method, warmup_epochs=2, normalise=False)
         obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N,
                                n_classes=C, model=model)
         for epoch in range(3):
-            ws = [obj.loss(out, b, epoch)[1]["kd"] for b, out in _batches(y, a, phi, model)]
+            term = L.METHOD_SPECS[method].terms[0]
+            ws = [obj.loss(out, b, epoch)[1][term] for b, out in _batches(y, a, phi, model)]
             obj.on_epoch_end(epoch)
             w = torch.cat(ws)
             if epoch < 2:
@@ -350,3 +351,47 @@ def test_an_online_teacher_sees_the_batch_and_matches_cached_logits():
         batch = batch._replace(x=xs[batch.idx])
         torch.testing.assert_close(online.loss(out, batch, 0)[0], lookup.loss(out, batch, 0)[0])
     assert online.describe()["teacher_logits"] == "online:t"
+
+
+def test_shuffled_keeps_the_batch_multiset_of_dedier_both_weights_but_not_their_order():
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    batch, out = next(_batches(y, a, phi, model))
+    both = L.make_objective(L.MethodConfig("dedier_both", lam=0.5, T=2.0, beta=3.0, normalise=False),
+                            teacher_logits=teacher)
+    shuffled = L.make_objective(L.MethodConfig("shuffled", lam=0.5, T=2.0, beta=3.0, normalise=False),
+                                teacher_logits=teacher, seed=1)
+    w_both = both.loss(out, batch, epoch=0)[1]["ce"]
+    w_shuf = shuffled.loss(out, batch, epoch=0)[1]
+    torch.testing.assert_close(w_shuf["ce"], w_shuf["kd"])               # both terms
+    torch.testing.assert_close(w_shuf["ce"].sort().values, w_both.sort().values)
+    assert not torch.equal(w_shuf["ce"], w_both)
+
+
+@pytest.mark.parametrize("method", L.METHODS)
+def test_the_method_table_decides_terms_teacher_and_labels(method):
+    """One table says, per method, where its weight comes from and which terms it
+    multiplies; the objective built from it behaves accordingly after warm-up."""
+    spec = L.METHOD_SPECS[method]
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    counts = torch.bincount(y * 2 + a, minlength=4)
+    cfg = L.default_config(method, normalise=False)
+    assert (cfg.lam > 0) == spec.distils
+    obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N, n_classes=C,
+                           model=model)
+    obj.on_epoch_end(0)  # laplace_kd: nothing accumulated yet, so its weights stay 1
+    if method == "laplace_kd":
+        for b, out in _batches(y, a, phi, model):
+            obj.loss(out, b, 0)
+        obj.on_epoch_end(0)
+    batch, out = next(_batches(y, a, phi, model))
+    w = obj.loss(out, batch, epoch=1)[1]
+    for term in ("ce", "kd"):
+        weighted = not torch.allclose(w[term], torch.ones_like(w[term]))
+        assert weighted == (term in spec.terms), (method, term)
+    assert method in L.REWEIGHTING if spec.terms else method not in L.REWEIGHTING
+    if spec.group_labels:  # the weight is a function of the true group alone
+        g = batch.y * 2 + batch.a
+        for k in g.unique():
+            assert w["ce"][g == k].unique().numel() == 1
