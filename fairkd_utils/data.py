@@ -8,6 +8,7 @@ one entry point; ``iterate_batches`` feeds training loops, ``group_table`` write
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -172,6 +173,9 @@ def load_splits(dataset: str, root=None, *, image_size: int = 32, scale: float =
     training seeds. ``scale`` < 1 keeps that fraction of every group (each >= 1).
     ``augment`` enables random crops/flips on the training split. ``knobs`` go to the
     synthetic generator (see ``make_synthetic``).
+
+    A local folder is checked when opened: every listed image lies inside ``root``, is
+    listed once (in one split), exists, and decodes; each failure names the file.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)} "
@@ -193,14 +197,17 @@ def load_splits(dataset: str, root=None, *, image_size: int = 32, scale: float =
     if not root.is_dir():
         raise FileNotFoundError(f"data root {str(root)!r} for dataset {dataset!r} does not "
                                 f"exist or is not a folder\n{_LAYOUTS[dataset]}")
-    meta, n_classes, n_attrs, names = _READERS[dataset](root)
+    meta, n_classes, n_attrs, names, listing = _READERS[dataset](root)
     meta = meta.reset_index(drop=True)
+    meta["real"] = _check_inside_root(meta, dataset, root, listing)
+    _check_listed_once(meta, dataset, root, listing)
     _check_images_exist(meta["path"].tolist(), dataset, root)
+    kept = {split: meta[meta["split"] == split] for split in SPLITS}
+    if scale < 1:
+        kept = {split: _subsample(m, n_attrs, scale, seed, split) for split, m in kept.items()}
+    _check_images_decode(pd.concat(kept.values()), dataset, root, listing)
     out = {}
-    for split in SPLITS:
-        m = meta[meta["split"] == split]
-        if scale < 1:
-            m = _subsample(m, n_attrs, scale, seed, split)
+    for split, m in kept.items():
         ds = GroupDataset(dataset, split, torch.tensor(m["y"].to_numpy(np.int64)),
                           torch.tensor(m["a"].to_numpy(np.int64)), n_classes=n_classes,
                           n_attrs=n_attrs, group_names=names, ids=m["id"].astype(str).tolist(),
@@ -258,6 +265,141 @@ def _check_images_exist(paths: list[str], dataset: str, root: Path) -> None:
             f"images are missing, e.g.\n  {shown}\n{_LAYOUTS[dataset]}")
 
 
+def _check_inside_root(meta: pd.DataFrame, dataset: str, root: Path, listing: Path) -> list[str]:
+    """The real path of every listed image; each must lie inside the data root (a row
+    ``../../x.jpg`` or ``/etc/x.jpg`` would read outside it). Folders' real paths are
+    resolved once each; a file is resolved on its own only when it is a link."""
+    base = os.path.realpath(root)
+    folders, real = {}, []
+    for p in meta["path"]:
+        d, f = os.path.split(p)
+        if d not in folders:
+            folders[d] = os.path.realpath(d)
+        q = os.path.join(folders[d], f)
+        real.append(os.path.realpath(q) if f in ("", ".", "..") or os.path.islink(q) else q)
+    bad = [i for i, q in enumerate(real) if not q.startswith(base.rstrip(os.sep) + os.sep)]
+    if bad:
+        shown = "\n  ".join(f"line {meta['line'].iat[i]}: {meta['id'].iat[i]!r} -> {real[i]}"
+                            for i in bad[:5])
+        raise ValueError(
+            f"dataset {dataset!r}: {len(bad)} image(s) listed in {str(listing)!r} lie outside "
+            f"the data root {str(root)!r}, e.g.\n  {shown}\nlist image paths relative to the data "
+            "root, without '..' (a link inside it must point inside it too), or move the "
+            "images into the data root")
+    return real
+
+
+def _check_listed_once(meta: pd.DataFrame, dataset: str, root: Path, listing: Path) -> None:
+    """Every image file once, in one split: a repeat counts twice, and a file in two
+    splits leaks between them. Compares real paths, so aliases of a file count."""
+    dup = meta[meta["real"].duplicated(keep=False)]
+    if len(dup):
+        files = [d for _, d in dup.groupby("real", sort=False)]
+        leaks = sum(d["split"].nunique() > 1 for d in files)
+        shown = "\n  ".join(", ".join(f"line {n} {i!r} ({s})" for n, i, s in
+                                      zip(d["line"], d["id"], d["split"])) for d in files[:5])
+        raise ValueError(
+            f"dataset {dataset!r} at {str(root)!r}: {len(files)} image file(s) are listed more "
+            f"than once in {str(listing)!r}, {leaks} of them in more than one split, e.g.\n  "
+            f"{shown}\na repeated image counts twice, and one in two splits leaks between them "
+            "(the model is evaluated on images it trained on); list every image once, in a "
+            "single split")
+
+
+#: (real path, size, mtime_ns) of images that decoded, in this process.
+_DECODED: set = set()
+_DECODE_BAR_FROM = 2000  # images to decode before a progress bar is worth showing
+
+
+def _check_images_decode(meta: pd.DataFrame, dataset: str, root: Path, listing: Path) -> None:
+    """Decode every image once now (JPEGs at 1/8 scale: cheap, yet every byte is read),
+    so that a truncated or mislabelled file fails by name, not hours into training.
+    Images that decoded are remembered by (path, size, mtime) in this process and in
+    ``~/.cache/fairkd/decoded_images.json`` (never in the data root)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    rows = []
+    for path, line, q in zip(meta["path"], meta["line"], meta["real"]):
+        st = os.stat(q)
+        rows.append((path, line, (q, st.st_size, st.st_mtime_ns)))
+    todo = [r for r in rows if r[2] not in _DECODED]
+    if todo:
+        stored = _read_decoded_cache()
+        _DECODED.update(k for _, _, k in todo if stored.get(k[0]) == [k[1], k[2]])
+        todo = [r for r in todo if r[2] not in _DECODED]
+    bad = []
+    for path, line, key in tqdm(todo, desc=f"checking {dataset} images", unit="image",
+                                disable=len(todo) < _DECODE_BAR_FROM):
+        try:
+            with Image.open(key[0]) as im:
+                im.draft("RGB", (1, 1))
+                im.load()
+            _DECODED.add(key)
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
+            bad.append(f"line {line}: {path} ({type(exc).__name__}: {exc})")
+    if len(todo) > len(bad):
+        _write_decoded_cache([k for _, _, k in todo if k in _DECODED])
+    if bad:
+        shown = "\n  ".join(bad[:5])
+        raise ValueError(
+            f"dataset {dataset!r} at {str(root)!r}: {len(bad)} of {len(rows)} listed images "
+            f"cannot be decoded (truncated, or not an image), e.g.\n  {shown}\nre-download or "
+            f"regenerate these files, or remove their rows from {str(listing)!r}")
+
+
+def _decoded_cache_path() -> Path:
+    """``$FAIRKD_CACHE_DIR`` or ``~/.cache/fairkd`` (``$XDG_CACHE_HOME/fairkd``)."""
+    base = os.environ.get("FAIRKD_CACHE_DIR") or \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fairkd"
+    return Path(base) / "decoded_images.json"
+
+
+def _read_decoded_cache() -> dict:
+    try:
+        stored = json.loads(_decoded_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _write_decoded_cache(keys) -> None:
+    """Add decoded images to the cache file and drop those whose folder is gone; best
+    effort, written atomically (a lost update only means decoding again)."""
+    stored = _read_decoded_cache()
+    stored.update({q: [size, mtime] for q, size, mtime in keys})
+    folders: dict[str, bool] = {}
+    for q in list(stored):
+        d = os.path.dirname(q)
+        if d not in folders:
+            folders[d] = os.path.isdir(d)
+        if not folders[d]:
+            del stored[q]
+    path = _decoded_cache_path()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(stored))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _read_csv(path: Path, layout: str, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose errors name the file and say what to do."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                         f"save it with UTF-8 encoding\n{layout}") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{str(path)!r} is empty; it must hold a header line and one line per "
+                         f"image\n{layout}") from None
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{str(path)!r} cannot be parsed ({str(exc).strip()}); every line needs "
+                         f"the header's fields, quotes closed\n{layout}") from None
+
+
 def _require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path, layout: str):
     absent = [c for c in columns if c not in df.columns]
     if absent:
@@ -296,7 +438,7 @@ def _read_waterbirds(root: Path):
             (root / "waterbird_complete95_forest2water2" / "metadata.csv").is_file():
         root = root / "waterbird_complete95_forest2water2"
     path = _require_file(root / "metadata.csv", WATERBIRDS_LAYOUT, "Waterbirds metadata")
-    df = pd.read_csv(path)
+    df = _read_csv(path, WATERBIRDS_LAYOUT)
     _require_columns(df, ["img_filename", "y", "split", "place"], path, WATERBIRDS_LAYOUT)
     meta = pd.DataFrame({
         "id": df["img_filename"].astype(str),
@@ -304,9 +446,10 @@ def _read_waterbirds(root: Path):
         "split": _parse_split(df["split"], path, WATERBIRDS_LAYOUT),
         "y": _int_column(df, "y", path, WATERBIRDS_LAYOUT),
         "a": _int_column(df, "place", path, WATERBIRDS_LAYOUT),
+        "line": np.arange(len(df)) + 2,
     })
     _check_binary(meta, path, WATERBIRDS_LAYOUT, {"y": "y", "a": "place"})
-    return meta, 2, 2, BIRD_GROUP_NAMES
+    return meta, 2, 2, BIRD_GROUP_NAMES, path
 
 
 def _check_binary(meta, path, layout, cols):
@@ -324,26 +467,32 @@ def _read_celeba(root: Path):
         attr_path = root / "list_attr_celeba.txt"
         # line 1: count; line 2: 40 names (one fewer field than the rows, so the
         # filename becomes the index); then rows `filename v1..v40`
-        attrs = pd.read_csv(attr_path, sep=r"\s+", skiprows=1)
+        attrs = _read_csv(attr_path, CELEBA_LAYOUT, sep=r"\s+", skiprows=1)
+        first_line = 3
         attrs.index = attrs.index.astype(str)
         part_path = _require_file(root / "list_eval_partition.txt", CELEBA_LAYOUT,
                                   "CelebA partition file")
-        part = pd.read_csv(part_path, sep=r"\s+", header=None, names=["image_id", "partition"],
-                           dtype={"image_id": str})
+        part = _read_csv(part_path, CELEBA_LAYOUT, sep=r"\s+", header=None,
+                         names=["image_id", "partition"], dtype={"image_id": str})
     elif (root / "list_attr_celeba.csv").is_file():
         attr_path = root / "list_attr_celeba.csv"
-        attrs = pd.read_csv(attr_path, dtype={"image_id": str})
+        attrs = _read_csv(attr_path, CELEBA_LAYOUT, dtype={"image_id": str})
+        first_line = 2
         _require_columns(attrs, ["image_id"], attr_path, CELEBA_LAYOUT)
         attrs = attrs.set_index("image_id")
         part_path = _require_file(root / "list_eval_partition.csv", CELEBA_LAYOUT,
                                   "CelebA partition file")
-        part = pd.read_csv(part_path, dtype={"image_id": str})
+        part = _read_csv(part_path, CELEBA_LAYOUT, dtype={"image_id": str})
         _require_columns(part, ["image_id", "partition"], part_path, CELEBA_LAYOUT)
     else:
         raise FileNotFoundError(f"CelebA attribute file {str(root / 'list_attr_celeba.txt')!r} "
                                 f"(or .csv) not found\n{CELEBA_LAYOUT}")
     _require_columns(attrs, ["Blond_Hair", "Male"], attr_path, CELEBA_LAYOUT)
     part = part.set_index("image_id")
+    if part.index.has_duplicates:
+        twice = sorted(set(part.index[part.index.duplicated()]))
+        raise ValueError(f"{str(part_path)!r} lists {len(twice)} image(s) more than once, e.g. "
+                         f"{twice[:3]}; give every image one split\n{CELEBA_LAYOUT}")
     missing = attrs.index.difference(part.index)
     if len(missing):
         raise ValueError(f"{str(part_path)!r} has no split for {len(missing)} image(s) of "
@@ -365,13 +514,14 @@ def _read_celeba(root: Path):
                               part_path, CELEBA_LAYOUT).to_numpy(),
         "y": (y.to_numpy() > 0).astype(np.int64),
         "a": (a.to_numpy() > 0).astype(np.int64),
+        "line": np.arange(len(attrs)) + first_line,
     })
-    return meta, 2, 2, CELEBA_GROUP_NAMES
+    return meta, 2, 2, CELEBA_GROUP_NAMES, attr_path
 
 
 def _read_folder(root: Path):
     path = _require_file(root / "metadata.csv", FOLDER_LAYOUT, "metadata file")
-    df = pd.read_csv(path)
+    df = _read_csv(path, FOLDER_LAYOUT)
     _require_columns(df, ["filename", "split", "y", "a"], path, FOLDER_LAYOUT)
     if len(df) == 0:
         raise ValueError(f"{str(path)!r} lists no images\n{FOLDER_LAYOUT}")
@@ -381,12 +531,13 @@ def _read_folder(root: Path):
         "split": _parse_split(df["split"], path, FOLDER_LAYOUT),
         "y": _int_column(df, "y", path, FOLDER_LAYOUT),
         "a": _int_column(df, "a", path, FOLDER_LAYOUT),
+        "line": np.arange(len(df)) + 2,
     })
     n_classes, n_attrs = int(meta["y"].max()) + 1, int(meta["a"].max()) + 1
     if n_classes < 2:
         raise ValueError(f"{str(path)!r}: column 'y' has a single class; need >= 2\n{FOLDER_LAYOUT}")
     names = [f"y={y}, a={a}" for y in range(n_classes) for a in range(n_attrs)]
-    return meta, n_classes, n_attrs, names
+    return meta, n_classes, n_attrs, names, path
 
 
 _READERS = {"waterbirds": _read_waterbirds, "celeba": _read_celeba, "folder": _read_folder}

@@ -56,8 +56,9 @@ class Run:
             from . import data
 
             p = self.profile
+            scale = p.data_scale if self.dataset == "synthetic" else 1.0  # real data: all of it
             self._splits = data.load_splits(self.dataset, self.data_root, image_size=p.image_size,
-                                            scale=p.data_scale, seed=0, augment=p.augment)
+                                            scale=scale, seed=0, augment=p.augment)
         return self._splits
 
     def path(self, *parts) -> Path:
@@ -425,11 +426,15 @@ def record_weights(run: Run, result, config, seed: int):
 
 def minority_groups(train_counts) -> list[int]:
     """Groups with fewer than half the mean training-group size (Waterbirds: the two
-    background-mismatched groups; CelebA: blond men)."""
+    background-mismatched groups; CelebA: blond men). On balanced data, where no group
+    is that small, the smallest group(s); none when all groups have the same size."""
     import numpy as np
 
     counts = np.asarray(train_counts, dtype=float)
-    return [int(k) for k in np.flatnonzero(counts < 0.5 * counts.mean())]
+    small = np.flatnonzero(counts < 0.5 * counts.mean())
+    if len(small) == 0 and counts.min() < counts.max():
+        small = np.flatnonzero(counts == counts.min())
+    return [int(k) for k in small]
 
 
 def exit_frame(pred, ds) -> "pd.DataFrame":

@@ -213,7 +213,8 @@ def _describe_objective(objective) -> dict:
 
 
 def _describe_data(ds) -> dict:
-    """Identity of a split: name, size, labels, groups, and a sample of its pixels."""
+    """Identity of a split: name, size, labels, groups, and a sample of its pixels
+    (in memory) or every file's path, size and modification time (lazy)."""
     d = {"name": getattr(ds, "name", None), "split": getattr(ds, "split", None), "n": len(ds),
          "y": _plain(ds.y), "a": _plain(ds.a),
          "ids": hashlib.sha256("\n".join(map(str, ds.ids)).encode()).hexdigest()[:16],
@@ -221,6 +222,12 @@ def _describe_data(ds) -> dict:
     if getattr(ds, "x", None) is not None:
         step = max(1, len(ds) // 64)
         d["x_sample"] = _plain(ds.x[::step])
+    elif getattr(ds, "paths", None) is not None:  # regenerated images change it (os.stat only)
+        files = hashlib.sha256()
+        for p in ds.paths:
+            st = os.stat(p)
+            files.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        d["files"] = files.hexdigest()[:16]
     return d
 
 

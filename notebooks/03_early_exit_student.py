@@ -112,17 +112,25 @@ premise_table = pd.concat({"test": summary, "train": exit_premise(train_frame)},
 premise_table.round(3)
 
 # %%
-mino, majo = summary.loc["minority groups"], summary.loc["majority groups"]
-premise = (mino.exit_error > majo.exit_error) and (mino.mean_margin_when_wrong > 0.5)
-print(f"On the minority groups the exit is wrong on {mino.exit_error:.1%} of test instances "
-      f"(majority groups: {majo.exit_error:.1%}); when wrong there, its mean margin is "
-      f"{mino.mean_margin_when_wrong:.2f} (confidence ≈ {(1 + mino.mean_margin_when_wrong) / 2:.2f} "
-      f"for two classes), and {mino.confidently_wrong_share:.1%} of minority instances are "
-      f"wrong with margin > 0.5.")
-print("=> The early exit IS confidently wrong on the minority groups: DeDiER's premise holds here."
-      if premise else
-      "=> The early exit is NOT confidently wrong on the minority groups here: DeDiER's premise "
-      "does not hold on this run (see the figure).")
+train_counts = splits["train"].group_counts()
+if not {"minority groups", "majority groups"} <= set(summary.index):
+    print("Every training group has the same size, so no group is a minority: the premise "
+          "check is skipped on this run.")
+else:
+    if train_counts[minority].max() >= 0.5 * train_counts.double().mean():
+        print(f"No training group is below half the mean group size (balanced data); the smallest "
+              f"{[splits['train'].group_names[k] for k in minority]} stand in for the minority.")
+    mino, majo = summary.loc["minority groups"], summary.loc["majority groups"]
+    premise = (mino.exit_error > majo.exit_error) and (mino.mean_margin_when_wrong > 0.5)
+    print(f"On the minority groups the exit is wrong on {mino.exit_error:.1%} of test instances "
+          f"(majority groups: {majo.exit_error:.1%}); when wrong there, its mean margin is "
+          f"{mino.mean_margin_when_wrong:.2f} (confidence ≈ {(1 + mino.mean_margin_when_wrong) / 2:.2f} "
+          f"for two classes), and {mino.confidently_wrong_share:.1%} of minority instances are "
+          f"wrong with margin > 0.5.")
+    print("=> The early exit IS confidently wrong on the minority groups: DeDiER's premise holds here."
+          if premise else
+          "=> The early exit is NOT confidently wrong on the minority groups here: DeDiER's premise "
+          "does not hold on this run (see the figure).")
 
 # %% [markdown]
 # In this notebook we have trained the ERM student with its early exit on every seed,

@@ -26,6 +26,14 @@ def write_jpeg(path: Path, seed: int, gray: bool = False, size: int = 8) -> None
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB").save(path)
 
 
+def _write_lines(path: Path, lines: list, shuffle_seed=None) -> None:
+    """A header and rows; with ``shuffle_seed`` the rows in a shuffled order."""
+    rows = lines[1:]
+    if shuffle_seed is not None:
+        rows = [rows[i] for i in np.random.default_rng(shuffle_seed).permutation(len(rows))]
+    path.write_text("\n".join(lines[:1] + rows) + "\n")
+
+
 def _rows(counts):
     """(split, y, a) for every instance, in a fixed order."""
     out = []
@@ -35,15 +43,16 @@ def _rows(counts):
     return out
 
 
-def make_fake_waterbirds(root, counts=DEFAULT_COUNTS) -> dict:
-    """ROOT/metadata.csv (img_id, img_filename, y, split, place) and class folders of JPEGs."""
+def make_fake_waterbirds(root, counts=DEFAULT_COUNTS, shuffle_seed=None) -> dict:
+    """ROOT/metadata.csv (img_id, img_filename, y, split, place) and class folders of JPEGs
+    (rows shuffled when ``shuffle_seed`` is given)."""
     root = Path(root)
     lines = ["img_id,img_filename,y,split,place,place_filename"]
     for i, (split, y, a) in enumerate(_rows(counts)):
         fn = f"{'200.Mallard' if y else '001.Sparrow'}/bird_{i:04d}.jpg"
         write_jpeg(root / fn, i, gray=i % 5 == 0)
         lines.append(f"{i + 1},{fn},{y},{SPLIT_CODE[split]},{a},/x/place_{i}.jpg")
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    _write_lines(root / "metadata.csv", lines, shuffle_seed)
     return counts
 
 
@@ -83,13 +92,15 @@ def make_fake_celeba(root, fmt: str = "txt", counts=DEFAULT_COUNTS) -> dict:
     return counts
 
 
-def make_fake_folder(root, counts=DEFAULT_COUNTS, split_names: bool = True) -> dict:
-    """ROOT/metadata.csv (filename, split, y, a) beside JPEGs in ROOT/images/."""
+def make_fake_folder(root, counts=DEFAULT_COUNTS, split_names: bool = True,
+                     shuffle_seed=None) -> dict:
+    """ROOT/metadata.csv (filename, split, y, a) beside JPEGs in ROOT/images/ (rows
+    shuffled when ``shuffle_seed`` is given)."""
     root = Path(root)
     lines = ["filename,split,y,a"]
     for i, (split, y, a) in enumerate(_rows(counts)):
         fn = f"images/img_{i:04d}.jpg"
         write_jpeg(root / fn, 200 + i, gray=i % 3 == 0)
         lines.append(f"{fn},{split if split_names else SPLIT_CODE[split]},{y},{a}")
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    _write_lines(root / "metadata.csv", lines, shuffle_seed)
     return counts
