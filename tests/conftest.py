@@ -2,11 +2,14 @@
 that check its outputs read from the same run directory."""
 
 import os
+import tempfile
 
 import pytest
 
 # Two cores on CI: keep torch from oversubscribing them in the test process.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The image-decoding cache of real datasets: never the user's home folder in tests.
+os.environ.setdefault("FAIRKD_CACHE_DIR", os.path.join(tempfile.mkdtemp(prefix="fairkd-cache-")))
 
 
 @pytest.fixture(scope="session")

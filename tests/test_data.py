@@ -354,7 +354,7 @@ def test_the_pretraining_corpus_alignment_is_what_its_knob_says(alignment):
     corpus = fkdata.make_pretraining_corpus(n_per_pair=100, alignment=alignment, image_size=8, seed=2)
     n = sum(ds.group_counts() for ds in corpus.values())
     assert int(n.sum()) == 400 and n[0] + n[1] == n[2] + n[3] == 200   # classes balanced
-    own = float((n[0] + n[3]) / n.sum())                                 # a == y
+    own = float((n[0] + n[3]).double() / n.sum())                        # a == y
     assert own == pytest.approx(alignment, abs=1e-9)
     assert torch.equal(corpus["train"].object_class, corpus["train"].y)
     assert 0 < len(corpus["val"]) < len(corpus["train"])
