@@ -77,7 +77,10 @@ class Run:
 
 def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
           data_root=None, seeds=None, device: str = "auto", hparams_file=None) -> Run:
-    """Resolve a notebook's parameters into a :class:`Run` (creating its folders)."""
+    """Resolve a notebook's parameters into a :class:`Run` (creating its folders), and
+    append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``."""
+    import logging
+
     from .pipeline import DATASETS, resolve_device
 
     prof = get_profile(profile)
@@ -87,6 +90,16 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
     figures_dir = Path(figures_dir) if figures_dir else REPO_ROOT / "figures" / f"{dataset}-{profile}"
     run_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
+    logger, log_file = logging.getLogger("fairkd"), str((run_dir / "run.log").resolve())
+    for old in [h for h in logger.handlers if getattr(h, "fairkd_run_log", None) not in (None, log_file)]:
+        logger.removeHandler(old)  # an earlier run of this process
+        old.close()
+    if not any(getattr(h, "fairkd_run_log", None) == log_file for h in logger.handlers):
+        handler = logging.FileHandler(log_file, encoding="utf-8")  # appends
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.fairkd_run_log = log_file
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     device = resolve_device(device)
     if device == "cpu":
         configure_threads()

@@ -5,17 +5,27 @@
 
 Each notebook receives the same parameters (absolute paths, profile, dataset,
 seeds, device); notebooks share nothing but the files of the run directory
-``<out>/<dataset>-<profile>/``. A failing cell stops the run with a non-zero
-exit naming the notebook and the cell.
+``<out>/<dataset>-<profile>/``. Figures go to ``<run_dir>/figures/`` unless
+``--figures`` says otherwise (with the default ``--out results/``: the repository's
+``figures/<dataset>-<profile>/``). Before any kernel starts, the runner checks the
+folders, the seeds and the files the selected notebooks read from earlier ones. A
+failing cell stops the run with a non-zero exit naming the notebook and the cell;
+the failed notebook is kept as ``executed/NN_name.failed.ipynb`` beside the last good
+one. Training progress (one line per epoch) is appended to ``<run_dir>/run.log`` and
+echoed to the terminal unless ``--quiet``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +41,17 @@ NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 #: Packages whose versions go into manifest.json.
 MANIFEST_PACKAGES = ("torch", "torchvision", "laplace-torch", "numpy", "pandas",
                      "matplotlib", "seaborn", "papermill", "jupytext")
+#: Seeds go to numpy and torch: 0 <= seed < SEED_LIMIT.
+SEED_LIMIT = 2**31
+#: What a notebook reads that an earlier one writes: (the reading notebooks, a glob
+#: under the run directory, once per requested {seed} and profile {method}, the writer).
+PREREQUISITES = (
+    ("02 03 04 05 06", "groups.csv", "01"),
+    ("05", "teacher_logits.pt", "02"),
+    ("04 05", "records/metrics/student-erm-*-seed{seed}-map-test.csv", "03"),
+    ("06", "summary.csv", "05"),
+    ("06", "records/metrics/student-{method}-*-seed{seed}-map-test.csv", "05"),
+)
 
 
 class PipelineError(RuntimeError):
@@ -48,8 +69,12 @@ def discover_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
 def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path]:
     if not only:
         return notebooks
-    wanted = {f"{int(n):02d}" for n in only}
     known = {p.name[:2] for p in notebooks}
+    bad = [n for n in only if not re.fullmatch(r"\d{1,2}", n)]
+    if bad:
+        raise ValueError(f"--only {' '.join(bad)}: expected notebook numbers such as 04 or 4; "
+                         f"known: {' '.join(sorted(known))}")
+    wanted = {f"{int(n):02d}" for n in only}
     unknown = sorted(wanted - known)
     if unknown:
         raise ValueError(f"--only {' '.join(unknown)}: no such notebook; known: {sorted(known)}")
@@ -81,6 +106,90 @@ def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> 
         "seeds": seeds,
         "device": device,
     }
+
+
+def check_seeds(seeds) -> list[int]:
+    bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise ValueError(f"--seeds {' '.join(map(str, bad))}: every seed must satisfy "
+                         "0 <= seed < 2**31 (numpy and torch seeding)")
+    return list(seeds)
+
+
+def run_folders(args) -> tuple[Path, Path]:
+    """The run directory and the figures folder: ``<run_dir>/figures/`` unless
+    ``--figures`` is given or ``--out`` is the default ``results/`` (then the
+    repository's ``figures/<dataset>-<profile>/``)."""
+    name = f"{args.dataset}-{args.profile}"
+    run_dir = (Path(args.out) / name).resolve()
+    if args.figures:
+        return run_dir, Path(args.figures).resolve()
+    if _default_out(args):
+        return run_dir, (REPO_ROOT / "figures" / name).resolve()
+    return run_dir, run_dir / "figures"
+
+
+def _default_out(args) -> bool:
+    return Path(args.out).resolve() == (REPO_ROOT / "results").resolve()
+
+
+def check_folder(path: Path, flag: str) -> None:
+    """Stop unless ``path`` is, or can be made, a folder this process can write in."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder; pass a folder "
+                         "(it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {existing} (permission denied); "
+                         "pass a folder you can write to")
+
+
+def missing_prerequisites(run_dir: Path, selected: set[str], seeds, methods) -> list[tuple]:
+    """(notebook, glob, writer) for each file a ``selected`` notebook reads that no
+    selected notebook writes and ``run_dir`` lacks."""
+    missing = []
+    for readers, pattern, writer in PREREQUISITES:
+        if writer in selected:
+            continue
+        for nb in sorted(set(readers.split()) & selected):
+            globs = sorted({pattern.format(seed=s, method=m) for s in seeds for m in methods})
+            missing += [(nb, g, writer) for g in globs if not any(Path(run_dir).glob(g))]
+    return missing
+
+
+def check_prerequisites(args, run_dir: Path, notebooks: list[Path], known: list[Path], seeds,
+                        methods) -> None:
+    """Stop before any kernel starts if a selected notebook would miss an earlier
+    notebook's output, naming the files and the ``--only`` that makes them."""
+    selected = {p.name[:2] for p in notebooks}
+    missing = missing_prerequisites(run_dir, selected, seeds, methods)
+    if not missing:
+        return
+    needed = set(selected)
+    while more := missing_prerequisites(run_dir, needed, seeds, methods):
+        needed |= {writer for _, _, writer in more}
+    names = {p.name[:2]: p.stem for p in known}
+    by_pair = {}
+    for nb, glob, writer in missing:
+        by_pair.setdefault((nb, writer), []).append(glob)
+    lines = [f"{names.get(nb, nb)} reads {', '.join(g[:3])}" + (f" and {len(g) - 3} more" if len(g) > 3 else "")
+             + f" (written by {names.get(w, w)})" for (nb, w), g in by_pair.items()]
+    raise FileNotFoundError(
+        f"{run_dir} lacks what the selected notebooks read:\n  " + "\n  ".join(lines)
+        + f"\nrun {', '.join(names.get(n, n) for n in sorted(needed - selected))} too: "
+        + suggest_command(args, sorted(needed)))
+
+
+def suggest_command(args, only: list[str]) -> str:
+    """The command line of this run with ``--only`` replaced."""
+    parts = ["python -m fairkd_utils.pipeline", "--profile", args.profile, "--dataset", args.dataset]
+    for flag, value in (("--data-root", args.data_root), ("--figures", args.figures),
+                        ("--device", None if args.device == "auto" else args.device),
+                        ("--out", None if _default_out(args) else args.out)):
+        parts += [flag, str(value)] if value else []
+    parts += ["--only", *only] + (["--seeds", *map(str, args.seeds)] if args.seeds else [])
+    return " ".join(parts)
 
 
 def optional_parameters(args) -> dict:
@@ -133,8 +242,10 @@ def declared_parameters(nb) -> set[str]:
 
 def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progress: bool = True,
                  optional: dict | None = None):
-    """Execute one percent notebook with papermill; raise PipelineError naming the cell.
-    ``optional`` parameters go only to notebooks whose parameters cell defines them."""
+    """Execute one percent notebook with papermill into ``out_path``; raise PipelineError
+    naming the cell, keeping the failed notebook as ``NN_name.failed.ipynb`` and an earlier
+    good ``out_path``. ``optional`` parameters go only to notebooks whose parameters cell
+    defines them."""
     import jupytext
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -144,21 +255,28 @@ def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progres
         declared = declared_parameters(nb)
         parameters = {**parameters, **{k: v for k, v in optional.items() if k in declared}}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        pm.execute_notebook(nb, str(out_path), parameters=parameters, kernel_name="python3",
+    running, failed = (out_path.with_name(f"{Path(out_path).stem}.{s}.ipynb") for s in ("running", "failed"))
+    try:  # the kernel's own log level ERROR hides its "running over TCP without encryption"
+        pm.execute_notebook(nb, str(running), parameters=parameters, kernel_name="python3",
                             language="python", cwd=str(cwd), progress_bar=progress,
-                            log_output=False)
+                            log_output=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as err:
+        os.replace(running, failed)
         raise PipelineError(
             f"notebook {src.name} failed in cell {err.cell_index} "
             f"(execution count {err.exec_count}): {err.ename}: {err.evalue}\n"
-            f"the executed notebook with the traceback is {out_path}"
+            f"the executed notebook with the traceback is {failed}"
         ) from None
     except Exception as err:  # the kernel died (e.g. out of memory) or a cell timed out
+        cell = _running_cell(running)
+        if running.exists():
+            os.replace(running, failed)
         raise PipelineError(
-            f"notebook {src.name} failed in cell {_running_cell(out_path)}: "
-            f"{type(err).__name__}: {err}\nthe partly executed notebook is {out_path}"
+            f"notebook {src.name} failed in cell {cell}: "
+            f"{type(err).__name__}: {err}\nthe partly executed notebook is {failed}"
         ) from None
+    os.replace(running, out_path)
+    failed.unlink(missing_ok=True)
 
 
 def _running_cell(out_path: Path) -> str:
@@ -175,6 +293,55 @@ def _running_cell(out_path: Path) -> str:
     return "?"
 
 
+def load_manifest(path: Path) -> dict:
+    """An earlier run's manifest.json ({} if none), its entries left "running" (the
+    runner was killed) marked "interrupted"."""
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); move it away to start a new one") from None
+    for entry in manifest.get("notebooks", {}).values():
+        if entry.get("status") == "running":
+            entry["status"] = "interrupted"
+    return manifest
+
+
+def _tail(path: Path, pos: int, stop: threading.Event) -> None:
+    """Print the complete lines appended to ``path`` after byte ``pos`` until ``stop``."""
+    while True:
+        done = stop.wait(0.5)
+        if path.exists():
+            with open(path, "rb") as fh:
+                start = pos if os.fstat(fh.fileno()).st_size >= pos else 0  # truncated: from the top
+                fh.seek(start)
+                data = fh.read()
+            data = data[:data.rfind(b"\n") + 1]
+            pos = start + len(data)
+            for line in data.decode("utf-8", "replace").splitlines():
+                print(f"  {line}", flush=True)
+        if done:
+            return
+
+
+@contextlib.contextmanager
+def echo_log(path: Path, enabled: bool = True):
+    """While the block runs, print the lines appended to ``path`` (a background thread)."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    start = path.stat().st_size if path.exists() else 0
+    thread = threading.Thread(target=_tail, args=(path, start, stop), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run(args) -> Path:
     profile = get_profile(args.profile)  # fails early on an unknown profile
     if args.dataset not in DATASETS:
@@ -182,51 +349,65 @@ def run(args) -> Path:
     if args.dataset != "synthetic" and not args.data_root:
         raise ValueError(f"--dataset {args.dataset} reads a local folder: pass --data-root PATH "
                          "(see README, 'Your own data')")
-    notebooks = select_notebooks(discover_notebooks(), args.only)
+    seeds = check_seeds(args.seeds or profile.seeds)
+    known = discover_notebooks(NOTEBOOKS_DIR)
+    notebooks = select_notebooks(known, args.only)
+    run_dir, figures_dir = run_folders(args)
+    for flag, path in (("--out", Path(args.out).resolve()), ("--out", run_dir), ("--figures", figures_dir)):
+        check_folder(path, flag)
+    check_prerequisites(args, run_dir, notebooks, known, seeds, profile.methods)
+    optional = optional_parameters(args)
     device = resolve_device(args.device)
-    run_dir = (Path(args.out) / f"{args.dataset}-{args.profile}").resolve()
-    figures_dir = Path(args.figures or REPO_ROOT / "figures" / f"{args.dataset}-{args.profile}").resolve()
+    params = notebook_parameters(args, run_dir, figures_dir, device)
+    manifest_path, log_path = run_dir / "manifest.json", run_dir / "run.log"
+    earlier = load_manifest(manifest_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    params = notebook_parameters(args, run_dir, figures_dir, device)
-    optional = optional_parameters(args)
 
-    manifest_path = run_dir / "manifest.json"
-    earlier = {}
-    if args.only and manifest_path.exists():  # keep the other notebooks' entries
-        import json
-
-        earlier = json.loads(manifest_path.read_text()).get("notebooks", {})
-    manifest = {
+    argv = getattr(args, "argv", None)
+    command = " ".join([Path(sys.executable).name, "-m", "fairkd_utils.pipeline",
+                        *(sys.argv[1:] if argv is None else argv)])
+    this_run = {
         "git_sha": _git_sha(),
         "versions": _versions(),
-        "command": " ".join([Path(sys.executable).name, "-m", "fairkd_utils.pipeline", *sys.argv[1:]]),
+        "command": command,
         "config": {"profile": profile.to_dict(), "parameters": {**params, **optional}},
         "device": device,
         "platform": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "notebooks": dict(earlier),
     }
+    # the top level describes the last whole run; an --only run changes only its notebooks' entries
+    manifest = {**(earlier if args.only and earlier else this_run), "notebooks": earlier.get("notebooks", {})}
+
+    def say(message: str) -> None:
+        print(f"[fairkd] {message}", flush=True)
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} [fairkd] {message}\n")
+
     total = time.perf_counter()
     for src in notebooks:
-        print(f"[fairkd] {src.stem}  ({args.dataset}, {args.profile}, device={device})", flush=True)
+        say(f"{src.stem}  ({args.dataset}, {args.profile}, seeds={seeds}, device={device})")
         t0 = time.perf_counter()
-        entry = {"status": "running"}
+        entry = {"status": "running", "command": command, "seeds": seeds, "device": device,
+                 "git_sha": this_run["git_sha"], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         manifest["notebooks"][src.stem] = entry
         records.write_json(manifest_path, manifest)
         try:
-            run_notebook(src, run_dir / "executed" / f"{src.stem}.ipynb", params, cwd=run_dir,
-                         progress=not args.quiet,
-                         optional=optional)
-        except PipelineError:
-            entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2))
+            with echo_log(log_path, enabled=not args.quiet):
+                run_notebook(src, run_dir / "executed" / f"{src.stem}.ipynb", params, cwd=run_dir,
+                             progress=not args.quiet, optional=optional)
+        except (PipelineError, KeyboardInterrupt) as err:
+            entry.update(status="failed" if isinstance(err, PipelineError) else "interrupted",
+                         seconds=round(time.perf_counter() - t0, 2))
             records.write_json(manifest_path, manifest)
             raise
         entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2))
-        print(f"[fairkd] {src.stem} done in {entry['seconds']:.1f} s", flush=True)
-    manifest["total_seconds"] = round(time.perf_counter() - total, 2)
+        say(f"{src.stem} done in {entry['seconds']:.1f} s")
+    if not args.only:
+        manifest["total_seconds"] = round(time.perf_counter() - total, 2)
     records.write_json(manifest_path, manifest)
-    print(f"[fairkd] all done in {manifest['total_seconds']:.1f} s -> {run_dir} (figures: {figures_dir})")
+    say(f"all done in {time.perf_counter() - total:.1f} s -> {run_dir} (figures: {figures_dir}, "
+        f"log: {log_path})")
     return run_dir
 
 
@@ -244,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(REPO_ROOT / "results"),
                    help="parent of the run directory (default: results/)")
     p.add_argument("--figures", default=None,
-                   help="figures folder (default: figures/<dataset>-<profile>/)")
+                   help="figures folder (default: <run_dir>/figures/; with the default --out, "
+                        "figures/<dataset>-<profile>/)")
     p.add_argument("--only", nargs="+", default=None, metavar="NN",
                    help="run only these notebooks, e.g. --only 04 05 (their prerequisites must exist)")
     p.add_argument("--sweep", action="store_true",
@@ -253,12 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hparams", default=None, metavar="FILE",
                    help="chosen hyper-parameters (default: fairkd_utils/hparams.json's entry "
                         "for <dataset>-<profile>)")
-    p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no per-cell progress bar and no training lines (they still go to run.log)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv)  # the command line, for manifest.json
     try:
         run(args)
     except (PipelineError, ValueError, FileNotFoundError) as err:

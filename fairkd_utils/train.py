@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -43,6 +44,8 @@ __all__ = [
     "load_checkpoint", "resolve_device", "CheckpointError", "NonFiniteLossError",
     "WEIGHT_COLUMNS", "use_channels_last", "final_logits",
 ]
+#: One line per epoch; ``experiment.setup`` sends it to ``<run_dir>/run.log``.
+logger = logging.getLogger("fairkd")
 
 CHECKPOINT_FORMAT = "fairkd-checkpoint-v1"
 # weights DataFrame: one row per (epoch, group) of the epochs in which the objective
@@ -598,6 +601,9 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
         row["train_seconds"] = train_seconds
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
+        logger.info("%s epoch %d/%d loss %.3f val wga %.3f avg %.3f (%.1f s)", name, epoch + 1,
+                    cfg.epochs, row["train_loss"], row["val_worst_group_acc"], row["val_avg_acc"],
+                    row["seconds"])
         key = _select_key(row, cfg.select_on)
         if epoch + 1 > cfg.select_after and (best_key is None or key > best_key):
             best_key, best_epoch = key, epoch + 1

@@ -3,6 +3,7 @@ every record and every figure of DESIGN.md; failures name notebook and cell."""
 
 import hashlib
 import json
+import re
 
 import jupytext
 import nbformat
@@ -103,7 +104,7 @@ def test_missing_prerequisite_stops_naming_the_notebook(tmp_path, capsys):
                         str(tmp_path / "fig"), "--only", "02", "--quiet"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "02_teacher" in err and "01_data_and_groups" in err and "cell" in err
+    assert "02_teacher" in err and "01_data_and_groups" in err and "--only 01 02" in err
 
 
 def test_a_failing_cell_is_named(tmp_path):
@@ -113,4 +114,13 @@ def test_a_failing_cell_is_named(tmp_path):
     jupytext.write(nb, src, fmt="py:percent")
     with pytest.raises(pipeline.PipelineError, match=r"99_broken.py failed in cell 1 .*ValueError: boom"):
         pipeline.run_notebook(src, tmp_path / "out" / "99_broken.ipynb", {}, cwd=tmp_path, progress=False)
-    assert (tmp_path / "out" / "99_broken.ipynb").is_file()
+    assert (tmp_path / "out" / "99_broken.failed.ipynb").is_file()
+    assert not (tmp_path / "out" / "99_broken.ipynb").exists()
+
+
+def test_smoke_run_logs_every_epoch_and_notebook_to_run_log(smoke_run):
+    log = (smoke_run / "run.log").read_text()
+    assert re.search(r"^\d\d:\d\d:\d\d student-erm-seed0 epoch 1/\d+ loss [\d.]+ val wga ", log, re.M)
+    assert "[fairkd] 06_fairness_plots done in" in log
+    entries = json.loads((smoke_run / "manifest.json").read_text())["notebooks"].values()
+    assert all(e["seeds"] == [0] and "fairkd_utils.pipeline" in e["command"] for e in entries)
