@@ -170,21 +170,21 @@ def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
     if uses_pretraining_corpus(run):
         corpus = pretraining_corpus(run, seed)
         config = train_config(run, "teacher", seed, epochs=p.teacher_pretrain_epochs, **base)
-        stages["pretrained"] = train.train_model(
+        stages["pretrained"] = timed(run, "teacher", "teacher-pretrained", lambda: train.train_model(
             model, corpus, config, train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
-            name="teacher-pretrained", fingerprint_extra=run.fingerprint_extra())
+            name="teacher-pretrained", fingerprint_extra=run.fingerprint_extra()))
         if p.teacher_adapt_epochs > 0:
             config = train_config(run, "teacher", seed, epochs=p.teacher_adapt_epochs,
                                   lr=p.teacher_adapt_lr, **base)
-            stages["adapted"] = train.train_model(
+            stages["adapted"] = timed(run, "teacher", "teacher-adapted", lambda: train.train_model(
                 model, run.splits(), config, train.ERMObjective(),
                 ckpt_dir=run.path("checkpoints"), name="teacher",
-                fingerprint_extra=run.fingerprint_extra())
+                fingerprint_extra=run.fingerprint_extra()))
         return stages
     config = train_config(run, "teacher", seed, **base)
-    stages["trained"] = train.train_model(model, run.splits(), config, train.ERMObjective(),
-                                          ckpt_dir=run.path("checkpoints"), name="teacher",
-                                          fingerprint_extra=run.fingerprint_extra())
+    stages["trained"] = timed(run, "teacher", "teacher", lambda: train.train_model(
+        model, run.splits(), config, train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
+        name="teacher", fingerprint_extra=run.fingerprint_extra()))
     return stages
 
 
@@ -344,9 +344,25 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
             return train.train_warmup(trunk, splits, tconfig, warm, config.warmup_epochs,
                                       ckpt_dir=ckpt_dir, name=f"warmup-seed{seed}",
                                       fingerprint_extra=run.fingerprint_extra())
-    return train.train_model(model, splits, tconfig, objective, ckpt_dir=ckpt_dir,
-                             name=f"student-{config.method}-seed{seed}",
-                             fingerprint_extra=run.fingerprint_extra(), branch_from=branch)
+    name = f"student-{config.method}-seed{seed}"
+    return timed(run, "sweep" if ckpt_dir != run.path("checkpoints") else "student",
+                 f"{name}-{config.config_id}",
+                 lambda: train.train_model(model, splits, tconfig, objective, ckpt_dir=ckpt_dir, name=name,
+                                           fingerprint_extra=run.fingerprint_extra(), branch_from=branch))
+
+
+def timed(run: Run, stage: str, name: str, train_fn):
+    """Run ``train_fn`` (a training call returning a TrainResult) and record its wall
+    time as ``records/timings/<name>.csv`` (stage, name, seconds, reused): the run's
+    ``timings.csv``, which the manifest summarises per stage."""
+    import time
+
+    t0 = time.perf_counter()
+    result = train_fn()
+    records.write_record(run.run_dir, "timings", name, [{
+        "stage": stage, "name": name, "seconds": round(time.perf_counter() - t0, 2),
+        "reused": bool(result.reused)}])
+    return result
 
 
 def shares_warmup(config, train_config) -> bool:
@@ -690,7 +706,7 @@ def paired_differences(per_seed, metric: str = "worst_group_acc", baselines=BASE
 #: distillation method; beta is chosen per reweighting method (losses.SWEPT_BETA)
 #: on the same grid, at kd's lam and T. laplace_kd's score is the study's form
 #: (the Laplace margin), not swept.
-SWEEP_GRID = {"lam": (0.5, 0.9), "T": (2.0, 4.0), "beta": (1.0, 3.0)}
+SWEEP_GRID = {"lam": (0.5, 0.9, 0.95), "T": (2.0, 4.0, 8.0), "beta": (1.0, 2.0, 4.0)}
 
 
 def sweep_configs(run: Run, method: str, lam_T: dict | None = None) -> list:

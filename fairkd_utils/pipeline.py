@@ -405,10 +405,26 @@ def run(args) -> Path:
         say(f"{src.stem} done in {entry['seconds']:.1f} s")
     if not args.only:
         manifest["total_seconds"] = round(time.perf_counter() - total, 2)
+    manifest["training"] = training_times(run_dir)
     records.write_json(manifest_path, manifest)
     say(f"all done in {time.perf_counter() - total:.1f} s -> {run_dir} (figures: {figures_dir}, "
         f"log: {log_path})")
     return run_dir
+
+
+def training_times(run_dir: Path) -> dict:
+    """Per training stage (teacher, student, sweep), from the run's timing records:
+    seconds spent training and how many models were trained or reused — by the last
+    run that touched each model."""
+    import pandas as pd
+
+    files = sorted((run_dir / "records" / "timings").glob("*.csv"))
+    if not files:
+        return {}
+    t = pd.concat([pd.read_csv(f) for f in files])
+    return {stage: {"seconds_trained": round(float(d.seconds[~d.reused].sum()), 1),
+                    "models_trained": int((~d.reused).sum()), "models_reused": int(d.reused.sum())}
+            for stage, d in t.groupby("stage")}
 
 
 def build_parser() -> argparse.ArgumentParser:

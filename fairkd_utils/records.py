@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-TABLE_KINDS = ("metrics", "predictions", "weights", "laplace_effect")
+TABLE_KINDS = ("metrics", "predictions", "weights", "laplace_effect", "timings")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 #: Columns read as text whatever they look like (an id such as "0123" or "1e5"
