@@ -1,4 +1,4 @@
-"""Last-layer Laplace approximation at the early exit (DESIGN.md, "Laplace at the exit").
+"""Last-layer Laplace approximation at the early exit (README, "The maths").
 
 The exit head is ``Linear(D+1, C, bias=False)`` on ``phi_tilde = [phi, 1]``.  Its
 GGN is approximated by ``kron(B, A)`` with laplace-torch's normalisation:

@@ -1,5 +1,5 @@
 """Distillation losses, per-instance weights and the training objectives of
-every method (DESIGN.md, "Methods").
+every method (README, "The maths").
 
 Student loss over a batch, per instance i::
 
@@ -224,7 +224,7 @@ def normalise(w: Tensor) -> Tensor:
 def student_loss(logits: Tensor, y: Tensor, teacher_logits: Tensor | None = None,
                  w_ce: Tensor | None = None, w_kd: Tensor | None = None,
                  lam: float = 0.0, T: float = 1.0) -> Tensor:
-    """``mean_i[(1-lam) w_ce_i CE(s_i, y_i) + lam w_kd_i T^2 KL(t_i || s_i)]`` (DESIGN "Methods").
+    """``mean_i[(1-lam) w_ce_i CE(s_i, y_i) + lam w_kd_i T^2 KL(t_i || s_i)]`` (README, "The maths").
 
     ``lam = 0`` is plain cross-entropy and needs no teacher; ``None`` weights
     are 1. Weights are detached here, so they never carry gradient.
@@ -250,7 +250,7 @@ def student_loss(logits: Tensor, y: Tensor, teacher_logits: Tensor | None = None
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """One method's hyper-parameters (DESIGN "Methods").
+    """One method's hyper-parameters (README, "The maths").
 
     ``lam`` mixes CE (0) and KD (1); ``T`` is the distillation temperature;
     ``beta`` the reweighting strength (weights lie in [1, e^beta] before
@@ -259,8 +259,8 @@ class MethodConfig:
     mean; epochs before ``warmup_epochs`` use unit weights. Laplace-KD only:
     ``refit_every`` (None = refit at each epoch's end, k = also every k steps),
     ``tau`` (None = re-optimise the prior precision by marginal likelihood from
-    the factors at each refit), ``prior`` ("exact" or "kron", DESIGN "Laplace
-    at the exit").
+    the factors at each refit), ``prior`` ("exact" or "kron", README,
+    "The maths").
     """
 
     method: str
@@ -533,7 +533,7 @@ class GroupBalancedObjective(DistillationObjective):
 
 class LaplaceKDObjective(DistillationObjective):
     """``laplace_kd``: the weight from the early exit's last-layer Laplace
-    predictive, on both terms (DESIGN "Laplace at the exit").
+    predictive, on both terms (README, "The maths").
 
     During each epoch ``exit_laplace.KronFactors`` are accumulated from the
     exit's features ``phi~ = [phi, 1]``, ``softmax(exit_logits)`` and the labels

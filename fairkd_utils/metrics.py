@@ -1,6 +1,6 @@
 """Group metrics of the study, computed in float64 from probabilities.
 
-Names are the exact strings of DESIGN.md: ``worst_group_acc``, ``avg_acc`` (the
+Names are the exact strings of the tables (README, "Where things land"): ``worst_group_acc``, ``avg_acc`` (the
 test distribution's own accuracy), ``train_weighted_acc`` (group accuracies
 weighted by the *training* group proportions, the Waterbirds convention),
 ``group_gap`` (best minus worst group accuracy), ``ece`` and ``nll``.

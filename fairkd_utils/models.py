@@ -30,7 +30,7 @@ __all__ = [
 # --------------------------------------------------------------------------- exit
 def phi_tilde(phi: torch.Tensor) -> torch.Tensor:
     """``[phi, 1]``: features with a constant 1 appended, so the exit's bias is a
-    column of its weight matrix (the Laplace factors then cover it: DESIGN.md)."""
+    column of its weight matrix (the Laplace factors then cover it)."""
     return torch.cat([phi, phi.new_ones(phi.shape[:-1] + (1,))], dim=-1)
 
 

@@ -17,7 +17,7 @@
 # head, whose predictive is calibrated and whose uncertainty grows on inputs unlike
 # the training bulk.
 #
-# **The maths** (DESIGN.md, "Laplace at the exit"). The exit head is
+# **The maths** (README, "The maths"). The exit head is
 # $\mathrm{Linear}(D{+}1, C)$ on $\tilde\varphi = [\varphi, 1]$. Its Gauss–Newton matrix
 # is approximated by $B \otimes A$ with $B = \sum_n \mathrm{diag}(p_n) - p_n p_n^\top$
 # and $A = \frac1N \sum_n \tilde\varphi_n \tilde\varphi_n^\top$ (laplace-torch's

@@ -1,5 +1,5 @@
 """Claims about the distillation losses, the per-instance weights and the
-method objectives (fairkd_utils/losses.py, DESIGN "Methods")."""
+method objectives (fairkd_utils/losses.py)."""
 
 import math
 

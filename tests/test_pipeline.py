@@ -1,5 +1,5 @@
 """The study end to end: the smoke profile through papermill writes every table,
-every record and every figure of DESIGN.md; failures name notebook and cell."""
+every record and every figure of the study; failures name notebook and cell."""
 
 import hashlib
 import json
