@@ -53,6 +53,12 @@ fig = fk.plots.wga_vs_avg(per_seed)
 fk.plots.savefig(fig, run.figure("06_wga_vs_avg"), close=False)
 
 # %% [markdown]
+# Look first at the vertical gap between `kd` and the teacher-free `erm`: that is what
+# distillation alone passes on. The reweighting methods should sit above `kd` if their
+# weights find the minority instances; `shuffled` (same weights, random instances) tells
+# whether they do. Hollow squares use group labels in training and mark the headroom.
+
+# %% [markdown]
 # ## Accuracy by method and group
 
 # %%
@@ -64,6 +70,10 @@ heat = (m.groupby(["method", "group_name"]).acc.mean().unstack()
 fig = fk.plots.group_acc_heatmap(heat)
 fk.plots.savefig(fig, run.figure("06_group_acc_heatmap"), close=False)
 heat.round(3)
+
+# %% [markdown]
+# Each row is a method, each column a group; the two minority groups ("landbird on
+# water", "waterbird on land" on the bird data) are where the methods differ.
 
 # %% [markdown]
 # ## Whom do DeDiER and Laplace-KD upweight?
