@@ -263,9 +263,14 @@ def score_auroc(df: pd.DataFrame, title: str = "Which score singles out hard ins
 
 
 # --------------------------------------------------------------------- notebooks 05-06
-def weights_by_group(weights: pd.DataFrame, term: str = "kd"):
-    """Mean instance weight per group over epochs, one panel per method."""
-    df = weights[weights["term"] == term] if "term" in weights else weights
+def weights_by_group(weights: pd.DataFrame, term: str | None = None):
+    """Mean instance weight per group over epochs, one panel per method: of ``term``, or
+    (None) of the term each method weights (KD where it weights both)."""
+    if "term" in weights:
+        own = weights["method"].map(lambda m: METHOD_SPECS[m].terms[-1] if METHOD_SPECS[m].terms else "kd")
+        df = weights[weights["term"] == (term or own)]
+    else:
+        df = weights
     methods = _present(METHOD_ORDER, df["method"])
     names = list(dict.fromkeys(df.sort_values("group")["group_name"]))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.3 * len(methods), 3.6), sharey=True,
@@ -276,7 +281,7 @@ def weights_by_group(weights: pd.DataFrame, term: str = "kd"):
                      ms=3, ax=ax, legend=(ax is axes[0][-1]))
         ax.axhline(1.0, color="#888888", lw=0.8, ls=":")
         ax.set_title(_method_label(m), fontsize=10)
-        ax.set_ylabel(f"mean {term.upper()} weight")
+        ax.set_ylabel(f"mean {term.upper()} weight" if term else "mean instance weight")
     if axes[0][-1].get_legend():
         sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
     fig.suptitle("Instance weights per group during distillation", fontweight="bold")

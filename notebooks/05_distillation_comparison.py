@@ -173,7 +173,7 @@ per_seed.pivot_table(index="method", columns="seed", values="worst_group_acc").r
 # the minority groups lifts their lines above 1; `shuffled` should stay flat by design.
 
 # %%
-fig = fk.plots.weights_by_group(weights[weights.method.isin(fk.losses.REWEIGHTING)], term="kd")
+fig = fk.plots.weights_by_group(weights[weights.method.isin(fk.losses.REWEIGHTING)])
 fk.plots.savefig(fig, run.figure("05_weights_by_group"), close=False)
 
 # %% [markdown]
