@@ -338,7 +338,7 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
     ckpt_dir = ckpt_dir or run.path("checkpoints")
     branch = None
     if shares_warmup(config, tconfig) and not isinstance(teacher_train, losses.OnlineTeacher):
-        def branch():  # the warm-up every distillation method of this seed shares
+        def branch():  # the warm-up every method of this seed with this lam and T shares
             trunk = models.build_student(run.profile, ds.n_classes, seed=seed)
             warm = losses.WarmupObjective(config, teacher_train, len(ds), ds.n_classes)
             return train.train_warmup(trunk, splits, tconfig, warm, config.warmup_epochs,
@@ -366,12 +366,11 @@ def timed(run: Run, stage: str, name: str, train_fn):
 
 
 def shares_warmup(config, train_config) -> bool:
-    """Whether the student of ``config`` branches from its seed's shared warm-up: every
-    distillation method (lam > 0) is kd until its warm-up ends, with the same lam and T."""
-    from .losses import METHOD_SPECS
-
-    return (METHOD_SPECS[config.method].distils and config.lam > 0
-            and 0 < config.warmup_epochs < train_config.epochs)
+    """Whether the student of ``config`` branches from its seed's shared warm-up. Until
+    its warm-up ends every method trains with unit weights, so all methods with the
+    same lam and T share it: every distillation method is kd then, and ``erm`` and
+    ``group_balanced_erm`` (lam = 0) are the same cross-entropy."""
+    return 0 < config.warmup_epochs < train_config.epochs
 
 
 # --------------------------------------------------------------------------- records

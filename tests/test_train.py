@@ -229,15 +229,18 @@ def test_predictions_never_see_training_augmentation(splits):
     assert torch.equal(plain.logits, augmented.logits)
 
 
-@pytest.mark.parametrize("method", ["kd", "dedier_both", "laplace_kd", "shuffled", "group_balanced"])
+@pytest.mark.parametrize("method", ["kd", "dedier_both", "laplace_kd", "shuffled", "group_balanced",
+                                    "erm", "group_balanced_erm"])
 def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_path, method):
-    """Every distillation method is kd during the warm-up: branching it from one
-    warm-up state per seed ends exactly where training from scratch ends."""
+    """Every method trains with unit weights during the warm-up (distillation methods
+    are kd, lam = 0 methods plain cross-entropy): branching it from one warm-up state
+    per seed ends exactly where training from scratch ends."""
     from fairkd_utils import losses
 
     ds = splits["train"]
     teacher = torch.randn(len(ds), 2, generator=torch.Generator().manual_seed(5)) * 2
-    config = losses.default_config(method, lam=0.5, T=2.0, beta=2.0, warmup_epochs=2)
+    lam = 0.5 if losses.METHOD_SPECS[method].distils else 0.0
+    config = losses.default_config(method, lam=lam, T=2.0 if lam else 1.0, beta=2.0, warmup_epochs=2)
     tcfg = _cfg(epochs=4, select_after=2)
 
     def objective(model):
