@@ -7,6 +7,8 @@ Notebooks stay short and narrate; everything two notebooks need lives here.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,25 @@ from . import records
 from .profiles import Profile, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: Goes into every checkpoint fingerprint: bump it when a change to the library
-#: changes what training produces, so old checkpoints are not silently reused.
-STUDY_VERSION = 1
+#: The library modules that produce checkpoints: the bytes of their source go into
+#: every checkpoint fingerprint (:func:`code_fingerprint`), so editing any of them
+#: retrains instead of reusing checkpoints of the old code. (``metrics``: the val
+#: metrics that choose the kept epoch.)
+CODE_MODULES = ("data", "models", "losses", "exit_laplace", "train", "metrics", "experiment",
+                "profiles")
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(folder=None) -> str:
+    """A hash (16 hex digits) of the source of :data:`CODE_MODULES` in ``folder``
+    (default: this package's), computed once per process."""
+    folder = Path(folder) if folder else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for module in CODE_MODULES:
+        source = (folder / f"{module}.py").read_bytes()
+        h.update(f"{module}.py {len(source)}\n".encode())
+        h.update(source)
+    return h.hexdigest()[:16]
 
 
 def configure_threads(n: int | None = None) -> int:
@@ -71,8 +89,9 @@ class Run:
         return {"dataset": self.dataset, "profile": self.profile.name, **extra}
 
     def fingerprint_extra(self) -> dict:
-        """What identifies this run's data and code in checkpoint fingerprints."""
-        return self.keys(data_root=self.data_root, study_version=STUDY_VERSION)
+        """What identifies this run's data and code in checkpoint fingerprints: the
+        source of the library modules that produce checkpoints (:func:`code_fingerprint`)."""
+        return self.keys(data_root=self.data_root, code=code_fingerprint())
 
 
 def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
@@ -106,6 +125,23 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
     return Run(run_dir=run_dir, figures_dir=figures_dir, profile=prof, dataset=dataset,
                data_root=data_root, seeds=list(seeds) if seeds else list(prof.seeds), device=device,
                hparams_file=str(hparams_file) if hparams_file else None)
+
+
+def profile_note(run: Run) -> str | None:
+    """A plain warning for a profile whose numbers mean nothing (``smoke``), else None."""
+    if run.profile.name != "smoke":
+        return None
+    return ("NOTE: profile 'smoke' is a plumbing check (tiny data, 1-2 epochs): every number "
+            "below is meaningless (students predict one class, intervals read 'nan'). For real "
+            "results run `make reproduce` (the default profile), or read README, 'What the "
+            "reference run shows', and results/reference/synthetic-default/summary.csv.")
+
+
+def print_profile_note(run: Run) -> None:
+    """Print :func:`profile_note` when there is one (each notebook, after setup)."""
+    note = profile_note(run)
+    if note:
+        print(note)
 
 
 def require(run: Run, relpath: str, notebook: str) -> Path:

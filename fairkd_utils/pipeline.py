@@ -11,8 +11,11 @@ seeds, device); notebooks share nothing but the files of the run directory
 folders, the seeds and the files the selected notebooks read from earlier ones. A
 failing cell stops the run with a non-zero exit naming the notebook and the cell;
 the failed notebook is kept as ``executed/NN_name.failed.ipynb`` beside the last good
-one. Training progress (one line per epoch) is appended to ``<run_dir>/run.log`` and
-echoed to the terminal unless ``--quiet``.
+one. Training progress (one line per epoch, and "reused checkpoint <file>" for each
+checkpoint reused) is appended to ``<run_dir>/run.log`` and echoed to the terminal
+unless ``--quiet``. Checkpoints are reused when their fingerprint (config, data and the
+library's source) matches; ``--retrain [PREFIX ...]`` retrains them all, or those whose
+name starts with a prefix (``teacher``, ``warmup``, ``student-kd``, ...), once per run.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import records
-from .profiles import PROFILES, get_profile
+from .profiles import METHODS, PROFILES, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -192,6 +195,56 @@ def suggest_command(args, only: list[str]) -> str:
     return " ".join(parts)
 
 
+#: Checkpoint names: teacher-pretrained, teacher, warmup-seed<N>, student-<method>-seed<N>.
+CHECKPOINT_STEMS = ("teacher-pretrained", "teacher", "warmup-seed",
+                    *(f"student-{m}-seed" for m in METHODS))
+
+
+def check_retrain(prefixes) -> list[str] | None:
+    """``--retrain``'s prefixes (``[]``: every checkpoint), each refused unless some
+    checkpoint name can start with it."""
+    if prefixes is None:
+        return None
+    for p in prefixes:
+        ok = p and not any(c.isspace() for c in p) and any(
+            stem.startswith(p) or (p.startswith(stem) and stem.endswith("-seed")
+                                   and p[len(stem):].isdigit())
+            for stem in CHECKPOINT_STEMS)
+        if not ok:
+            raise ValueError(f"--retrain {p!r}: no checkpoint name starts with it; names are "
+                             "teacher-pretrained, teacher, warmup-seed<N> and "
+                             f"student-<method>-seed<N> (methods: {', '.join(METHODS)}); "
+                             "--retrain alone retrains every checkpoint")
+    return list(prefixes)
+
+
+def retrain_environment(prefixes) -> dict:
+    """The variables that tell the kernels which checkpoints to retrain
+    (``FAIRKD_RETRAIN``, read by ``train.train_model``/``train_warmup``) with an id of
+    this run (``FAIRKD_RETRAIN_RUN``), so each is retrained once, not by every notebook
+    that loads it; ``{}`` without ``--retrain``."""
+    if prefixes is None:
+        return {}
+    import uuid
+
+    return {"FAIRKD_RETRAIN": " ".join(prefixes) or "*", "FAIRKD_RETRAIN_RUN": uuid.uuid4().hex}
+
+
+@contextlib.contextmanager
+def environment(values: dict):
+    """While the block runs, ``os.environ`` holds ``values`` (the kernels inherit it)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def optional_parameters(args) -> dict:
     """Parameters only the notebooks that declare them receive (notebook 05)."""
     optional = {}
@@ -350,6 +403,7 @@ def run(args) -> Path:
         raise ValueError(f"--dataset {args.dataset} reads a local folder: pass --data-root PATH "
                          "(see README, 'Your own data')")
     seeds = check_seeds(args.seeds or profile.seeds)
+    retrain = check_retrain(getattr(args, "retrain", None))
     known = discover_notebooks(NOTEBOOKS_DIR)
     notebooks = select_notebooks(known, args.only)
     run_dir, figures_dir = run_folders(args)
@@ -385,6 +439,10 @@ def run(args) -> Path:
             fh.write(f"{time.strftime('%H:%M:%S')} [fairkd] {message}\n")
 
     total = time.perf_counter()
+    kernel_env = retrain_environment(retrain)
+    if retrain is not None:
+        which = " ".join(f"{p}*" for p in retrain) if retrain else "every checkpoint"
+        say(f"--retrain: retraining {which} (once in this run)")
     for src in notebooks:
         say(f"{src.stem}  ({args.dataset}, {args.profile}, seeds={seeds}, device={device})")
         t0 = time.perf_counter()
@@ -393,7 +451,7 @@ def run(args) -> Path:
         manifest["notebooks"][src.stem] = entry
         records.write_json(manifest_path, manifest)
         try:
-            with echo_log(log_path, enabled=not args.quiet):
+            with echo_log(log_path, enabled=not args.quiet), environment(kernel_env):
                 run_notebook(src, run_dir / "executed" / f"{src.stem}.ipynb", params, cwd=run_dir,
                              progress=not args.quiet, optional=optional)
         except (PipelineError, KeyboardInterrupt) as err:
@@ -451,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hparams", default=None, metavar="FILE",
                    help="chosen hyper-parameters (default: fairkd_utils/hparams.json's entry "
                         "for <dataset>-<profile>)")
+    p.add_argument("--retrain", nargs="*", default=None, metavar="PREFIX",
+                   help="retrain checkpoints instead of reusing them: all of them, or those whose "
+                        "name starts with a PREFIX (teacher, warmup, student-kd, ...)")
     p.add_argument("--quiet", action="store_true",
                    help="no per-cell progress bar and no training lines (they still go to run.log)")
     return p

@@ -87,11 +87,145 @@ def write_record(run_dir, kind: str, name: str, rows) -> Path:
     return write_csv(record_path(run_dir, kind, name), df)
 
 
+#: Per table kind: the columns every record has, and those of them never missing (keys).
+RECORD_COLUMNS = {
+    "metrics": (("dataset", "profile", "seed", "config_id", "model", "method", "predictive",
+                 "split", "group", "group_name", "n", "acc", "ece", "nll"),
+                ("dataset", "profile", "seed", "config_id", "model", "method", "predictive",
+                 "split", "group", "group_name", "n")),
+    "predictions": (("id", "split", "group", "y", "seed", "model", "method", "config_id",
+                     "predictive", "prob", "margin", "correct", "weight", "variance"),
+                    ("id", "split", "group", "y", "seed", "model", "method", "config_id",
+                     "predictive", "prob", "margin", "correct")),
+    "weights": (("seed", "method", "config_id", "epoch", "group", "n", "term", "weight",
+                 "group_name"),
+                ("seed", "method", "config_id", "epoch", "group", "n", "term", "group_name")),
+    "laplace_effect": (("seed", "method", "config_id", "epoch"),
+                       ("seed", "method", "config_id", "epoch")),
+    "timings": (("stage", "name", "seconds", "reused"), ("stage", "name", "seconds", "reused")),
+}
+
+
+class RecordError(ValueError):
+    """A record file that is damaged or incomplete; the message names the file and
+    the notebook that writes it."""
+
+
+def writer_notebook(kind: str, name: str) -> str:
+    """The notebook that writes the record ``<kind>/<name>.csv``."""
+    if kind in ("weights", "laplace_effect"):  # <method>-<config_id>-seed<seed>
+        return "03_early_exit_student" if name.startswith("erm-") else "05_distillation_comparison"
+    if name.startswith("teacher"):
+        return "02_teacher"
+    if name.startswith(("student-erm-", "exit-erm-")):
+        return "03_early_exit_student"
+    if name.startswith("exit_laplace-"):
+        return "04_laplace_early_exit"
+    return "05_distillation_comparison"
+
+
+def _damaged(path: Path, kind: str, problem: str) -> RecordError:
+    nb = writer_notebook(kind, path.stem)
+    return RecordError(
+        f"record {path} {problem}: delete it and rerun notebook {nb}, which writes it "
+        f"(e.g. `python -m fairkd_utils.pipeline --only {nb[:2]}` with the same "
+        "--profile/--dataset/--seeds)")
+
+
+def read_record(path, kind: str) -> pd.DataFrame:
+    """One record file, checked: written whole (ends with a newline), parses, has the
+    kind's columns (:data:`RECORD_COLUMNS`) and no missing key values, and has rows
+    (``laplace_effect`` may have none). Raises :class:`RecordError` otherwise."""
+    path = Path(path)
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        raise _damaged(path, kind, "is cut short (empty, or no newline at its end)")
+    try:
+        df = read_table(path)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise _damaged(path, kind, f"does not parse as CSV ({str(err).splitlines()[0]})") from None
+    columns, keys = RECORD_COLUMNS[kind]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise _damaged(path, kind, f"lacks the columns {missing} of a {kind} record")
+    gaps = [c for c in keys if df[c].isna().any()]
+    if gaps:
+        raise _damaged(path, kind, f"has missing values in {gaps}")
+    if not len(df) and kind != "laplace_effect":
+        raise _damaged(path, kind, "has no rows")
+    return df
+
+
+def _read_groups(run_dir) -> pd.DataFrame | None:
+    path = Path(run_dir) / "groups.csv"
+    if not path.is_file():
+        return None
+    try:
+        groups = read_table(path)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise RecordError(f"{path} does not parse ({str(err).splitlines()[0]}): delete it and "
+                          "rerun notebook 01_data_and_groups") from None
+    if not {"split", "group", "n"} <= set(groups.columns) or groups[["split", "group", "n"]].isna().any().any():
+        raise RecordError(f"{path} is damaged (it needs split, group and n on every row): delete "
+                          "it and rerun notebook 01_data_and_groups")
+    return groups
+
+
+def check_rows(path, kind: str, df: pd.DataFrame, groups: pd.DataFrame | None,
+               group_ids: set[str]) -> None:
+    """Whole-record checks: a metrics record has exactly one row per group plus "all"
+    (``group_ids``: the groups, from ``groups.csv`` when present), the overall ``n``
+    their sum and, with ``groups.csv``, each group's ``n``; a predictions record one row
+    per instance of its split; a weights record every group for each (epoch, term)."""
+    path = Path(path)
+    n_of = None if groups is None else {
+        split: d.assign(group=d.group.astype(str)).set_index("group")["n"].astype(int).to_dict()
+        for split, d in groups.groupby("split")}
+    if kind == "metrics":
+        for (split, *_), d in df.groupby(["split", "model", "method", "config_id", "seed",
+                                          "predictive"], sort=False):
+            got = d.group.astype(str).tolist()
+            if sorted(got) != sorted(group_ids | {"all"}):
+                raise _damaged(path, kind, f"has groups {sorted(got)} for split {split!r}, not one "
+                               f"row per group {sorted(group_ids)} plus 'all'")
+            n = d.assign(group=d.group.astype(str)).set_index("group")["n"].astype(int)
+            if n["all"] != n.drop("all").sum():
+                raise _damaged(path, kind, f"has n={n['all']} overall but {n.drop('all').sum()} "
+                               "summed over groups")
+            if n_of is not None and split in n_of and n.drop("all").to_dict() != n_of[split]:
+                raise _damaged(path, kind, f"has group sizes {n.drop('all').to_dict()} on "
+                               f"{split!r}, groups.csv {n_of[split]} (another data version?)")
+    elif kind == "predictions" and n_of is not None:
+        for split, d in df.groupby("split"):
+            if split in n_of and len(d) != sum(n_of[split].values()):
+                raise _damaged(path, kind, f"has {len(d)} rows for split {split!r}, which has "
+                               f"{sum(n_of[split].values())} instances (groups.csv)")
+    elif kind == "weights":
+        for (epoch, term), d in df.groupby(["epoch", "term"]):
+            if sorted(d.group.astype(str)) != sorted(group_ids):
+                raise _damaged(path, kind, f"has groups {sorted(d.group.astype(str))} for epoch "
+                               f"{epoch}, term {term!r}; expected each of {sorted(group_ids)} once")
+        epochs = {t: sorted(d.epoch) for t, d in df.groupby("term")}
+        if len({tuple(e) for e in epochs.values()}) > 1:
+            raise _damaged(path, kind, "has different epochs for its terms")
+
+
 def assemble(run_dir, kind: str, write: bool = True) -> pd.DataFrame:
-    """Concatenate every record of ``kind`` into ``<run_dir>/<kind>.csv``."""
+    """Concatenate every record of ``kind`` into ``<run_dir>/<kind>.csv``, each record
+    checked first (:func:`read_record`, :func:`check_rows`): a damaged one stops with a
+    :class:`RecordError` naming the file and the notebook that writes it."""
+    if kind not in TABLE_KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {TABLE_KINDS}")
     folder = Path(run_dir) / "records" / kind
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
-    frames = [read_table(f) for f in files]
+    frames = [read_record(f, kind) for f in files]
+    groups = _read_groups(run_dir) if kind in ("metrics", "predictions", "weights") else None
+    if groups is not None:
+        group_ids = set(groups.group.astype(str))
+    else:  # every group any record of this table names
+        group_ids = {str(g) for f in frames for g in f.get("group", [])} - {"all"}
+    for f, df in zip(files, frames):
+        check_rows(f, kind, df, groups, group_ids)
     frames = [f for f in frames if len(f)]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if write:

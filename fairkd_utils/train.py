@@ -10,7 +10,8 @@ of everything that produced them.
 Checkpoints: ``<ckpt_dir>/<name>-<fingerprint>.pt``, written atomically, holding
 only tensors and plain Python values (``torch.load(weights_only=True)`` reads
 them): ``format, name, fingerprint, fingerprint_payload, config, state_dict,
-best_epoch, history`` (list of dicts) and ``weights`` (list of dicts).
+best_epoch, history`` (list of dicts), ``weights`` (list of dicts) and ``run`` (the
+run that wrote it, see :func:`must_retrain`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,39 @@ CHECKPOINT_FORMAT = "fairkd-checkpoint-v1"
 # weights DataFrame: one row per (epoch, group) of the epochs in which the objective
 # returned weights (none for ERM: an empty frame); NaN for a term it did not return
 WEIGHT_COLUMNS = ("epoch", "group", "n", "mean_weight_ce", "mean_weight_kd")
+
+
+#: Set by the runner's ``--retrain`` for its kernels: checkpoint name prefixes to
+#: retrain, separated by spaces ("*": every checkpoint). Unset: reuse by fingerprint.
+RETRAIN_ENV = "FAIRKD_RETRAIN"
+#: Set by the runner with RETRAIN_ENV: an id of this run of the runner. Every checkpoint
+#: records the run that wrote it, so one retrained in this run (by an earlier notebook,
+#: or an earlier call) is reused, not retrained again.
+RETRAIN_RUN_ENV = "FAIRKD_RETRAIN_RUN"
+_PROCESS_RUN = f"process-{os.getpid()}-{time.time_ns()}"
+
+
+def _current_run() -> str:
+    return os.environ.get(RETRAIN_RUN_ENV) or _PROCESS_RUN
+
+
+def retrain_requested(name: str) -> bool:
+    """Whether ``FAIRKD_RETRAIN`` asks to retrain the checkpoint called ``name``."""
+    prefixes = os.environ.get(RETRAIN_ENV, "").split()
+    return "*" in prefixes or any(name.startswith(p) for p in prefixes)
+
+
+def must_retrain(path: Path, name: str) -> bool:
+    """Whether the existing checkpoint ``path`` of ``name`` is to be retrained: its name
+    is asked for by ``FAIRKD_RETRAIN`` and it was not written in this run (or cannot be
+    read: retraining replaces it anyway)."""
+    if not retrain_requested(name):
+        return False
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return True
+    return not isinstance(stored, dict) or stored.get("run") != _current_run()
 
 
 class CheckpointError(ValueError):
@@ -407,7 +441,9 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
     never looked at.
 
     With ``ckpt_dir``: the checkpoint ``<ckpt_dir>/<name>-<fingerprint>.pt`` is
-    reused when present (no training); the fingerprint covers the config (less
+    reused when present (no training; the ``fairkd`` log says "reused checkpoint
+    <file>"), unless ``FAIRKD_RETRAIN`` asks to retrain ``name`` (:func:`must_retrain`:
+    then it is retrained once per run and replaced); the fingerprint covers the config (less
     runtime fields), the model's architecture and initial weights, the train and
     val data, the objective and ``fingerprint_extra``.  So build the model with a
     fixed seed (``build_student(..., seed=...)``) for reruns to reuse it.
@@ -423,9 +459,10 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
     fp, payload = _fingerprint_payload(model, splits, config, objective, name, fingerprint_extra)
     path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
     dev = resolve_device(config.device)
-    if path is not None and path.exists():
+    if path is not None and path.exists() and not _retraining(path, name):
         ck = load_checkpoint(path, model, expected_fingerprint=fp)
         model.to(dev)
+        logger.info("reused checkpoint %s", path.name)
         return TrainResult(model, pd.DataFrame(ck["history"]),
                            _weights_frame(ck.get("weights", [])), path, True, fp,
                            int(ck["best_epoch"]))
@@ -445,6 +482,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
             "config": _plain(config.to_dict()),
             "state_dict": {k: v.contiguous() for k, v in state["best_state"].items()},
             "best_epoch": best_epoch, "history": history, "weights": state["weight_rows"],
+            "run": _current_run(),
         })
     return TrainResult(model, pd.DataFrame(history), _weights_frame(state["weight_rows"]), path,
                        False, fp, best_epoch)
@@ -466,7 +504,7 @@ def train_warmup(model: nn.Module, splits: dict, config: TrainConfig, objective,
     fp, _ = _fingerprint_payload(model, splits, config, objective, name,
                                  {"extra": fingerprint_extra, "warmup_epochs": epochs})
     path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
-    if path is not None and path.exists():
+    if path is not None and path.exists() and not _retraining(path, name):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -475,14 +513,23 @@ def train_warmup(model: nn.Module, splits: dict, config: TrainConfig, objective,
         if not isinstance(state, dict) or state.get("format") != WARMUP_FORMAT or state.get("fingerprint") != fp:
             raise CheckpointError(f"warm-up state {path} is not a {WARMUP_FORMAT} file of this "
                                   "config; delete it and rerun")
+        logger.info("reused checkpoint %s", path.name)
         return state
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state = _fit(model, splits, config, objective, name, start=None, stop=epochs)
     model.load_state_dict(initial)
-    state.update(format=WARMUP_FORMAT, fingerprint=fp)
+    state.update(format=WARMUP_FORMAT, fingerprint=fp, run=_current_run())
     if path is not None:
         torch_save(path, state)
     return state
+
+
+def _retraining(path: Path, name: str) -> bool:
+    """:func:`must_retrain`, said in the log when true."""
+    if must_retrain(path, name):
+        logger.info("retraining %s (%s)", path.name, RETRAIN_ENV)
+        return True
+    return False
 
 
 def _fingerprint_payload(model, splits, config, objective, name, extra) -> tuple[str, dict]:

@@ -49,6 +49,7 @@ import pandas as pd
 import fairkd_utils as fk
 
 run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
+fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 splits = run.splits()
 run
 

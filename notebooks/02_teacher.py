@@ -46,6 +46,7 @@ import pandas as pd
 import fairkd_utils as fk
 
 run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
+fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 fk.experiment.require(run, "groups.csv", "01_data_and_groups")
 splits = run.splits()
 print(f"teacher: {run.profile.teacher_arch} {run.profile.teacher_widths or ''}, "

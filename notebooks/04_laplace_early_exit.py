@@ -57,6 +57,7 @@ import fairkd_utils as fk
 from fairkd_utils.exit_laplace import fit_exit_laplace
 
 run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
+fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 fk.experiment.require(run, "groups.csv", "01_data_and_groups")
 splits = run.splits()
 train, val, test = splits["train"], splits["val"], splits["test"]

@@ -62,6 +62,7 @@ import fairkd_utils as fk
 
 run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           hparams_file=hparams_file)
+fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 teacher = fk.experiment.load_teacher_logits(run)          # stops if notebook 02 has not run
 methods = list(run.profile.methods)
 do_sweep = run.profile.sweep if sweep is None else bool(sweep)

@@ -32,6 +32,7 @@ import pandas as pd
 import fairkd_utils as fk
 
 run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
+fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 tables = {name: fk.records.read_table(fk.experiment.require(run, f"{name}.csv", "05_distillation_comparison"))
           for name in ("metrics", "predictions", "summary")}
 groups = fk.records.read_table(fk.experiment.require(run, "groups.csv", "01_data_and_groups"))

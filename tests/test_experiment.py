@@ -90,8 +90,11 @@ def test_config_ids_differ_between_methods_and_never_read_as_numbers(tmp_path):
     ids = {losses.default_config(m).config_id for m in losses.DEFAULT_HPARAMS}
     assert len(ids) == len(losses.DEFAULT_HPARAMS)
     assert all(i[0].isalpha() for i in ids)
-    records.write_record(tmp_path, "metrics", "x", [{"config_id": "0123", "id": "1e5", "acc": 1.0}])
-    table = records.assemble(tmp_path, "metrics")
+    records.write_record(tmp_path, "predictions", "x", [{
+        "id": "1e5", "split": "test", "group": 0, "y": 0, "seed": 0, "model": "student", "method": "kd",
+        "config_id": "0123", "predictive": "map", "prob": 1.0, "margin": 1.0, "correct": True,
+        "weight": None, "variance": None}])
+    table = records.assemble(tmp_path, "predictions")
     assert table.config_id.tolist() == ["0123"] and table.id.tolist() == ["1e5"]
 
 

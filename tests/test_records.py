@@ -21,12 +21,15 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_a_rerun_replaces_only_its_own_record(tmp_path):
-    records.write_record(tmp_path, "metrics", "student-kd-seed0", [{"seed": 0, "acc": 0.5}])
-    records.write_record(tmp_path, "metrics", "student-kd-seed1", [{"seed": 1, "acc": 0.6}])
-    records.write_record(tmp_path, "metrics", "student-kd-seed0", [{"seed": 0, "acc": 0.7}])
-    table = records.assemble(tmp_path, "metrics")
-    assert sorted(zip(table.seed, table.acc)) == [(0, 0.7), (1, 0.6)]
-    assert pd.read_csv(tmp_path / "metrics.csv").shape == (2, 2)
+    def row(name, seconds):
+        return [{"stage": "student", "name": name, "seconds": seconds, "reused": False}]
+
+    records.write_record(tmp_path, "timings", "student-kd-seed0", row("kd0", 0.5))
+    records.write_record(tmp_path, "timings", "student-kd-seed1", row("kd1", 0.6))
+    records.write_record(tmp_path, "timings", "student-kd-seed0", row("kd0", 0.7))
+    table = records.assemble(tmp_path, "timings")
+    assert sorted(zip(table.name, table.seconds)) == [("kd0", 0.7), ("kd1", 0.6)]
+    assert pd.read_csv(tmp_path / "timings.csv").shape == (2, 4)
 
 
 def test_unknown_record_kind_and_missing_prerequisite_are_explained(tmp_path):
