@@ -381,8 +381,8 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
                                       ckpt_dir=ckpt_dir, name=f"warmup-seed{seed}",
                                       fingerprint_extra=run.fingerprint_extra())
     name = f"student-{config.method}-seed{seed}"
-    return timed(run, "sweep" if ckpt_dir != run.path("checkpoints") else "student",
-                 f"{name}-{config.config_id}",
+    stage = "sweep" if ckpt_dir != run.path("checkpoints") else "student"
+    return timed(run, stage, f"{stage}-{name}-{config.config_id}",
                  lambda: train.train_model(model, splits, tconfig, objective, ckpt_dir=ckpt_dir, name=name,
                                            fingerprint_extra=run.fingerprint_extra(), branch_from=branch))
 
