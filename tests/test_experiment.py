@@ -195,8 +195,9 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
 
     def fake_student(run_, cfg, seed, teacher=None, ckpt_dir=None, progress=True):
         target = {"kd": 0.6 if (cfg.lam, cfg.T) == (0.9, 2.0) else 0.4}.get(cfg.method)
-        if target is None:  # beta 1 best for dedier_both, 3 for the others; seed 1 noisier
-            target = 0.7 if (cfg.beta == 1.0) == (cfg.method == "dedier_both") else 0.5
+        if target is None:  # the smallest beta best for dedier_both, the largest for the others
+            best = experiment.SWEEP_GRID["beta"][0 if cfg.method == "dedier_both" else -1]
+            target = 0.7 if cfg.beta == best else 0.5
         score[cfg.config_id] = target + (0.05 if seed == 1 else 0.0)
         return SimpleNamespace(model=cfg.config_id, reused=False)
 
@@ -215,8 +216,9 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
     monkeypatch.setattr(train, "predict", fake_predict)
     table, chosen = experiment.sweep(run, [0, 1], teacher={"train": None})
     assert chosen["kd"] == {"lam": 0.9, "T": 2.0}
-    assert chosen["dedier_both"]["beta"] == 1.0 and chosen["dedier"]["beta"] == 3.0
-    assert chosen["laplace_kd"] == {"beta": 3.0, "score": "margin"}
+    low, high = experiment.SWEEP_GRID["beta"][0], experiment.SWEEP_GRID["beta"][-1]
+    assert chosen["dedier_both"]["beta"] == low and chosen["dedier"]["beta"] == high
+    assert chosen["laplace_kd"] == {"beta": high, "score": "margin"}
     assert set(table.seed) == {0, 1}
     assert (table[table.method != "kd"][["lam", "T"]] == [0.9, 2.0]).all().all()
     written = json.loads((run.run_dir / "sweep" / "hparams.json").read_text())["synthetic-smoke"]
@@ -225,4 +227,4 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
     for m in ("dedier", "dedier_both", "laplace_kd", "shuffled", "group_balanced"):
         c = experiment.method_config(run, m)
         assert (c.lam, c.T) == (0.9, 2.0)
-    assert experiment.method_config(run, "shuffled").beta == 1.0
+    assert experiment.method_config(run, "shuffled").beta == low

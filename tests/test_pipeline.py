@@ -120,7 +120,8 @@ def test_a_failing_cell_is_named(tmp_path):
 
 def test_smoke_run_logs_every_epoch_and_notebook_to_run_log(smoke_run):
     log = (smoke_run / "run.log").read_text()
-    assert re.search(r"^\d\d:\d\d:\d\d student-erm-seed0 epoch 1/\d+ loss [\d.]+ val wga ", log, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d student-erm-seed0 epoch \d+/\d+ loss [\d.]+ val wga ", log, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d warmup-seed0 epoch 1/\d+ loss ", log, re.M)  # the shared warm-up
     assert "[fairkd] 06_fairness_plots done in" in log
     entries = json.loads((smoke_run / "manifest.json").read_text())["notebooks"].values()
     assert all(e["seeds"] == [0] and "fairkd_utils.pipeline" in e["command"] for e in entries)
