@@ -481,10 +481,10 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
             "fingerprint_payload": json.dumps(_plain(payload), sort_keys=True)[:100_000],
             "config": _plain(config.to_dict()),
             "state_dict": {k: v.contiguous() for k, v in state["best_state"].items()},
-            "best_epoch": best_epoch, "history": history, "weights": state["weight_rows"],
+            "best_epoch": best_epoch, "history": history, "weights": state["weights"],
             "run": _current_run(),
         })
-    return TrainResult(model, pd.DataFrame(history), _weights_frame(state["weight_rows"]), path,
+    return TrainResult(model, pd.DataFrame(history), _weights_frame(state["weights"]), path,
                        False, fp, best_epoch)
 
 
@@ -660,7 +660,7 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
                                      for k, v in model.state_dict().items()},
             "optimizer": _cpu(opt.state_dict()), "scheduler": sched.state_dict(),
             "generator": gen.get_state(), "history": history, "weights": weight_rows,
-            "weight_rows": weight_rows, "best_key": list(best_key) if best_key else None,
+            "best_key": list(best_key) if best_key else None,
             "best_epoch": best_epoch, "best_state": best_state,
             "objective_state": objective.state() if hasattr(objective, "state") else None}
 

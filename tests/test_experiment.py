@@ -228,3 +228,15 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
         c = experiment.method_config(run, m)
         assert (c.lam, c.T) == (0.9, 2.0)
     assert experiment.method_config(run, "shuffled").beta == low
+
+
+def test_an_invalid_hyperparameter_file_is_named(tmp_path):
+    bad = tmp_path / "h.json"
+    bad.write_text('{"synthetic-smoke": {"kd": {"lam": 0.9,}}}')
+    with pytest.raises(ValueError, match=r"h\.json' is not valid JSON"):
+        experiment.read_hparams(bad)
+    bad.write_bytes(b'{"synthetic-smoke": "\xff"}')
+    with pytest.raises(ValueError, match=r"h\.json' is not valid JSON"):
+        experiment.read_hparams(bad)
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        experiment.read_hparams(tmp_path / "nowhere.json")
