@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-DATASETS = ("synthetic", "waterbirds", "celeba", "folder")
+from .profiles import DATASETS  # one list, shared with the runner
+
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -100,7 +100,8 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
     append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``."""
     import logging
 
-    from .pipeline import DATASETS, resolve_device
+    from .pipeline import resolve_device
+    from .profiles import DATASETS
 
     prof = get_profile(profile)
     if dataset not in DATASETS:
@@ -207,19 +208,19 @@ def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
         corpus = pretraining_corpus(run, seed)
         config = train_config(run, "teacher", seed, epochs=p.teacher_pretrain_epochs, **base)
         stages["pretrained"] = timed(run, "teacher", "teacher-pretrained", lambda: train.train_model(
-            model, corpus, config, train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
+            model, corpus, config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
             name="teacher-pretrained", fingerprint_extra=run.fingerprint_extra()))
         if p.teacher_adapt_epochs > 0:
             config = train_config(run, "teacher", seed, epochs=p.teacher_adapt_epochs,
                                   lr=p.teacher_adapt_lr, **base)
             stages["adapted"] = timed(run, "teacher", "teacher-adapted", lambda: train.train_model(
-                model, run.splits(), config, train.ERMObjective(),
+                model, run.splits(), config, train.CrossEntropyObjective(),
                 ckpt_dir=run.path("checkpoints"), name="teacher",
                 fingerprint_extra=run.fingerprint_extra()))
         return stages
     config = train_config(run, "teacher", seed, **base)
     stages["trained"] = timed(run, "teacher", "teacher", lambda: train.train_model(
-        model, run.splits(), config, train.ERMObjective(), ckpt_dir=run.path("checkpoints"),
+        model, run.splits(), config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
         name="teacher", fingerprint_extra=run.fingerprint_extra()))
     return stages
 
@@ -549,7 +550,7 @@ def auroc(scores, labels) -> float:
 
 #: Scores that may single out hard instances, each oriented so that *larger* means
 #: "upweight"; the expected direction (AUROC > 0.5) is stated in notebook 04.
-SCORES = ("dedier_map_margin", "laplace_margin", "laplace_entropy", "laplace_variance")
+HARDNESS_SCORES = ("dedier_map_margin", "laplace_margin", "laplace_entropy", "laplace_variance")
 
 
 def hardness_scores(map_probs, lap, y) -> dict:

@@ -34,11 +34,10 @@ from importlib import metadata
 from pathlib import Path
 
 from . import records
-from .profiles import METHODS, PROFILES, get_profile
+from .profiles import DATASETS, METHODS, PROFILES, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-DATASETS = ("synthetic", "waterbirds", "celeba", "folder")
 DEVICES = ("auto", "cpu", "cuda")
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 #: Packages whose versions go into manifest.json.

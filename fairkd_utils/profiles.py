@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+#: The datasets the loaders know (``data.load_splits``); the runner's --dataset choices.
+DATASETS = ("synthetic", "waterbirds", "celeba", "folder")
 METHODS = ("erm", "kd", "dedier", "dedier_both", "laplace_kd", "shuffled",
            "group_balanced", "group_balanced_erm")
 

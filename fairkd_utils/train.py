@@ -40,7 +40,7 @@ from .models import StudentOutput
 from .records import torch_save
 
 __all__ = [
-    "Objective", "ERMObjective", "TrainConfig", "TrainResult", "Predictions",
+    "Objective", "CrossEntropyObjective", "TrainConfig", "TrainResult", "Predictions",
     "train_model", "predict", "evaluate", "fingerprint", "checkpoint_path",
     "load_checkpoint", "resolve_device", "CheckpointError", "NonFiniteLossError",
     "WEIGHT_COLUMNS", "use_channels_last", "final_logits",
@@ -125,8 +125,9 @@ def final_logits(out) -> torch.Tensor:
     return out.logits if isinstance(out, StudentOutput) else out
 
 
-class ERMObjective:
-    """Cross-entropy on the final head (teacher and ``erm`` student); no weights."""
+class CrossEntropyObjective:
+    """Cross-entropy on the final head, no weights: the teacher's objective (and the
+    loop's default). The students' ``erm`` is ``losses.ERMObjective``."""
 
     def loss(self, out, batch: Batch, epoch: int):
         return F.cross_entropy(final_logits(out).float(), batch.y), None
@@ -455,7 +456,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
     fingerprint, are those of a run from scratch.
     Raises :class:`NonFiniteLossError` (no checkpoint written) on a NaN/inf loss.
     """
-    objective = ERMObjective() if objective is None else objective
+    objective = CrossEntropyObjective() if objective is None else objective
     fp, payload = _fingerprint_payload(model, splits, config, objective, name, fingerprint_extra)
     path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
     dev = resolve_device(config.device)
