@@ -273,17 +273,23 @@ def weights_by_group(weights: pd.DataFrame, term: str | None = None):
         df = weights
     methods = _present(METHOD_ORDER, df["method"])
     names = list(dict.fromkeys(df.sort_values("group")["group_name"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.3 * len(methods), 3.6), sharey=True,
-                             squeeze=False)
-    for ax, m in zip(axes[0], methods):
+    ncols = min(3, len(methods))
+    nrows = -(-len(methods) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.8, 3.2 * nrows), sharey=True,
+                             sharex=True, squeeze=False)
+    flat = axes.ravel()
+    for ax, m in zip(flat, methods):
         sns.lineplot(data=df[df["method"] == m], x="epoch", y="weight", hue="group_name",
                      hue_order=names, palette=group_palette(names), errorbar="sd", marker="o",
-                     ms=3, ax=ax, legend=(ax is axes[0][-1]))
+                     ms=3, ax=ax, legend=(m == methods[ncols - 1]))
         ax.axhline(1.0, color="#888888", lw=0.8, ls=":")
         ax.set_title(_method_label(m), fontsize=10)
         ax.set_ylabel(f"mean {term.upper()} weight" if term else "mean instance weight")
-    if axes[0][-1].get_legend():
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+    for ax in flat[len(methods):]:
+        ax.set_visible(False)
+    legend_ax = flat[ncols - 1]
+    if legend_ax.get_legend():
+        sns.move_legend(legend_ax, "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
     fig.suptitle("Instance weights per group during distillation", fontweight="bold")
     fig.tight_layout()
     return fig
