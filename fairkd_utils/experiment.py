@@ -569,12 +569,6 @@ def hardness_scores(map_probs, lap, y) -> dict:
 
 
 # --------------------------------------------------------------------------- distillation
-def _reweighting():
-    from .losses import REWEIGHTING as methods
-
-    return methods
-
-
 def final_train_weights(run: Run, result, config, pred=None):
     """The instance weights the method assigns on the training split with the final
     student (before batch normalisation): what the weight-distribution figures show.
@@ -607,13 +601,13 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
     """Train or reuse one student and write all its records (metrics, test
     predictions, per-epoch weights, final training weights). ``progress``: the
     per-epoch bars (off by default: the caller shows one bar over students)."""
-    from . import train
+    from . import losses, train
 
     config = config or method_config(run, method)
     result = train_student(run, config, seed, teacher, progress=progress)
     evaluate_student(run, result, config, seed)
     record_weights(run, result, config, seed)
-    if config.method in _reweighting():
+    if config.method in losses.REWEIGHTING:
         ds = run.splits()["train"]
         p = train.predict(result.model, ds, device=run.device)
         w = final_train_weights(run, result, config, pred=p)
