@@ -91,23 +91,26 @@ class Run:
     def fingerprint_extra(self) -> dict:
         """What identifies this run's data and code in checkpoint fingerprints: the
         source of the library modules that produce checkpoints (:func:`code_fingerprint`)."""
-        return self.keys(data_root=self.data_root, code=code_fingerprint())
+        return self.keys(data_root=self.data_root, code=code_fingerprint(),
+                         profile_fields=self.profile.to_dict())
 
 
 def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
-          data_root=None, seeds=None, device: str = "auto", hparams_file=None) -> Run:
+          data_root=None, seeds=None, device: str = "auto", hparams_file=None,
+          profile_overrides=None) -> Run:
     """Resolve a notebook's parameters into a :class:`Run` (creating its folders), and
     append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``."""
     import logging
 
     from .pipeline import resolve_device
-    from .profiles import DATASETS
+    from .profiles import DATASETS, apply_overrides, overrides_tag
 
-    prof = get_profile(profile)
+    prof = apply_overrides(get_profile(profile), profile_overrides)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
-    run_dir = Path(run_dir) if run_dir else REPO_ROOT / "results" / f"{dataset}-{profile}"
-    figures_dir = Path(figures_dir) if figures_dir else REPO_ROOT / "figures" / f"{dataset}-{profile}"
+    name = f"{dataset}-{profile}{overrides_tag(profile_overrides)}"
+    run_dir = Path(run_dir) if run_dir else REPO_ROOT / "results" / name
+    figures_dir = Path(figures_dir) if figures_dir else REPO_ROOT / "figures" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
     logger, log_file = logging.getLogger("fairkd"), str((run_dir / "run.log").resolve())

@@ -34,7 +34,8 @@ from importlib import metadata
 from pathlib import Path
 
 from . import records
-from .profiles import DATASETS, METHODS, PROFILES, get_profile
+from .profiles import (DATASETS, METHODS, PROFILES, apply_overrides, get_profile,
+                       overrides_tag, parse_overrides)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -97,7 +98,8 @@ def resolve_device(name: str) -> str:
 
 def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> dict:
     """The parameters every notebook's ``parameters`` cell defines (JSON-like values only)."""
-    profile = get_profile(args.profile)
+    overrides = parse_overrides(getattr(args, "set", None))
+    profile = apply_overrides(get_profile(args.profile), overrides)
     seeds = list(args.seeds) if args.seeds else list(profile.seeds)
     return {
         "run_dir": str(run_dir),
@@ -107,6 +109,7 @@ def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> 
         "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
         "seeds": seeds,
         "device": device,
+        "profile_overrides": overrides or None,
     }
 
 
@@ -122,7 +125,7 @@ def run_folders(args) -> tuple[Path, Path]:
     """The run directory and the figures folder: ``<run_dir>/figures/`` unless
     ``--figures`` is given or ``--out`` is the default ``results/`` (then the
     repository's ``figures/<dataset>-<profile>/``)."""
-    name = f"{args.dataset}-{args.profile}"
+    name = f"{args.dataset}-{args.profile}{overrides_tag(parse_overrides(getattr(args, 'set', None)))}"
     run_dir = (Path(args.out) / name).resolve()
     if args.figures:
         return run_dir, Path(args.figures).resolve()
@@ -395,7 +398,8 @@ def echo_log(path: Path, enabled: bool = True):
 
 
 def run(args) -> Path:
-    profile = get_profile(args.profile)  # fails early on an unknown profile
+    # fails early on an unknown profile or a bad --set
+    profile = apply_overrides(get_profile(args.profile), parse_overrides(getattr(args, "set", None)))
     if args.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {DATASETS}")
     if args.dataset != "synthetic" and not args.data_root:
@@ -502,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "figures/<dataset>-<profile>/)")
     p.add_argument("--only", nargs="+", default=None, metavar="NN",
                    help="run only these notebooks, e.g. --only 04 05 (their prerequisites must exist)")
+    p.add_argument("--set", nargs="+", action="extend", default=None, metavar="FIELD=VALUE",
+                   help="override profile fields, e.g. --set student_epochs=5 seeds=[0,1]; the run "
+                        "goes to its own run directory <dataset>-<profile>-set-<hash>")
     p.add_argument("--sweep", action="store_true",
                    help="rerun the hyper-parameter sweep on validation worst-group accuracy "
                         "(notebook 05; writes sweep/hparams.json and uses it)")

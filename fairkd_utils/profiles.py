@@ -122,3 +122,58 @@ def get_profile(name: str) -> Profile:
             f"unknown profile {name!r}; choose one of {sorted(PROFILES)} "
             "(e.g. `--profile smoke` for a quick end-to-end check)"
         ) from None
+
+
+def parse_overrides(items) -> dict:
+    """``["student_epochs=5", "student_widths=[8,16,32]"]`` -> ``{"student_epochs": 5, ...}``:
+    values are read as JSON (numbers, true/false, lists, quoted strings), else as text.
+    Checked against the profile's fields by :func:`apply_overrides`."""
+    import json
+
+    out = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set student_epochs=5")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def apply_overrides(profile: Profile, overrides: dict | None) -> Profile:
+    """``profile`` with ``overrides`` (field -> value) applied, each checked against the
+    field's type (lists become tuples; an int is accepted for a float field)."""
+    if not overrides:
+        return profile
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in fields or key == "name":
+            raise ValueError(f"--set {key}=...: no such profile field; settable fields are "
+                             f"{sorted(k for k in fields if k != 'name')}")
+        current = getattr(profile, key)
+        if isinstance(current, tuple):
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"--set {key}={value!r}: expected true or false")
+        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(current, tuple) and current is not None and type(value) is not type(current):
+            raise ValueError(f"--set {key}={value!r}: expected a {type(current).__name__} "
+                             f"like the profile's {current!r}")
+        changes[key] = value
+    return profile.replace(**changes)
+
+
+def overrides_tag(overrides: dict | None) -> str:
+    """The run-directory suffix of a run with overrides (``""`` without): such a run
+    never writes into the plain profile's run directory."""
+    import hashlib
+    import json
+
+    if not overrides:
+        return ""
+    return "-set-" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:6]

@@ -49,6 +49,7 @@ dataset = "synthetic" # synthetic | waterbirds | celeba | folder
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
+profile_overrides = None  # {"field": value} over the profile (--set field=value)
 hparams_file = None   # chosen hyper-parameters; None: fairkd_utils/hparams.json's entry for this run
 sweep = None          # None: the profile's setting; True reruns the sweep and uses its choice
 sweep_seeds = None    # seeds the sweep averages over; None: the first two of `seeds`
@@ -61,7 +62,7 @@ from tqdm import tqdm
 import fairkd_utils as fk
 
 run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
-                          hparams_file=hparams_file)
+                          hparams_file=hparams_file, profile_overrides=profile_overrides)
 fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 teacher = fk.experiment.load_teacher_logits(run)          # stops if notebook 02 has not run
 methods = list(run.profile.methods)

@@ -25,13 +25,15 @@ dataset = "synthetic" # synthetic | waterbirds | celeba | folder
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
+profile_overrides = None  # {"field": value} over the profile (--set field=value)
 
 # %%
 import pandas as pd
 
 import fairkd_utils as fk
 
-run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device)
+run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
+                          profile_overrides=profile_overrides)
 fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 tables = {name: fk.records.read_table(fk.experiment.require(run, f"{name}.csv", "05_distillation_comparison"))
           for name in ("metrics", "predictions", "summary")}

@@ -125,3 +125,29 @@ def test_smoke_run_logs_every_epoch_and_notebook_to_run_log(smoke_run):
     assert "[fairkd] 06_fairness_plots done in" in log
     entries = json.loads((smoke_run / "manifest.json").read_text())["notebooks"].values()
     assert all(e["seeds"] == [0] and "fairkd_utils.pipeline" in e["command"] for e in entries)
+
+
+def test_set_overrides_profile_fields_with_their_types_and_a_run_directory_of_their_own(tmp_path):
+    from fairkd_utils.profiles import apply_overrides, get_profile, overrides_tag, parse_overrides
+
+    o = parse_overrides(["student_epochs=5", "lr=1", "student_widths=[8,16,32]", "optimizer=adamw",
+                         "augment=true"])
+    assert o == {"student_epochs": 5, "lr": 1, "student_widths": [8, 16, 32], "optimizer": "adamw",
+                 "augment": True}
+    p = apply_overrides(get_profile("smoke"), o)
+    assert (p.student_epochs, p.lr, p.student_widths, p.optimizer, p.augment) == (5, 1.0, (8, 16, 32), "adamw", True)
+    assert get_profile("smoke").student_epochs != 5                       # the profile itself is untouched
+    with pytest.raises(ValueError, match="no such profile field.*student_epochs"):
+        apply_overrides(get_profile("smoke"), {"student_epoch": 5})
+    with pytest.raises(ValueError, match="expected a int"):
+        apply_overrides(get_profile("smoke"), {"student_epochs": "five"})
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_overrides(["student_epochs"])
+    args = pipeline.build_parser().parse_args(["--profile", "smoke", "--out", str(tmp_path),
+                                               "--set", "student_epochs=5", "--set", "seeds=[1]"])
+    run_dir, figures = pipeline.run_folders(args)
+    assert run_dir.name == "synthetic-smoke" + overrides_tag({"student_epochs": 5, "seeds": [1]})
+    assert run_dir.name.startswith("synthetic-smoke-set-") and figures == run_dir / "figures"
+    params = pipeline.notebook_parameters(args, run_dir, figures, "cpu")
+    assert params["profile_overrides"] == {"student_epochs": 5, "seeds": [1]} and params["seeds"] == [1]
+    assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path), "--set", "epochs=3"]) == 1
