@@ -158,9 +158,14 @@ def confidence_by_group(df: pd.DataFrame, value: str = "prob", hue: str = "corre
         sns.boxplot(data=sub, x="group_name", y=value, hue=hue, order=order, hue_order=hue_order,
                     palette=pal, showfliers=False, width=0.7, ax=ax)
         shown = sub.sample(frac=1.0, random_state=0).groupby([hue, "group_name"]).head(60)
-        sns.stripplot(data=shown,
-                      x="group_name", y=value, hue=hue, order=order, hue_order=hue_order,
-                      dodge=True, palette=pal, size=2, alpha=0.45, legend=False, ax=ax)
+        state = np.random.get_state()  # seaborn jitters with numpy's global generator:
+        np.random.seed(0)              # seed it here so reruns draw byte-identical figures
+        try:
+            sns.stripplot(data=shown,
+                          x="group_name", y=value, hue=hue, order=order, hue_order=hue_order,
+                          dodge=True, palette=pal, size=2, alpha=0.45, legend=False, ax=ax)
+        finally:
+            np.random.set_state(state)
         ax.set_xlabel("")
         ax.set_title(f"{col} = {c}" if c is not None else "")
         ax.tick_params(axis="x", labelrotation=15)
