@@ -38,17 +38,15 @@ def main() -> int:
     for name, entry in manifest["notebooks"].items():
         print(f"  {name:30s} {entry.get('seconds', float('nan')):8.1f} s  {entry['status']}")
     run_dir = out / f"synthetic-{args.profile}"
-    timings = sorted((run_dir / "records" / "timings").glob("*.csv"))
-    if timings:
+    for stage, t in manifest.get("training", {}).items():
+        print(f"  training: {stage:20s} {t['seconds_trained']:8.1f} s over {t['models_trained']} models")
+    if (run_dir / "timings.csv").is_file():  # written by the runner with the manifest
         import pandas as pd
 
         from fairkd_utils.profiles import get_profile
 
-        t = pd.concat([pd.read_csv(f) for f in timings])
-        fresh = t[~t.reused]
-        for stage, d in fresh.groupby("stage"):
-            print(f"  training: {stage:20s} {d.seconds.sum():8.1f} s over {len(d)} models")
-        erm = fresh[fresh.name.str.startswith("student-erm-")]
+        t = pd.read_csv(run_dir / "timings.csv")
+        erm = t[~t.reused & t.name.str.contains("student-erm-")]
         if len(erm):
             epoch = erm.seconds.mean() / get_profile(args.profile).student_epochs
             print(f"  student epoch time (ERM, with validation): {epoch:.2f} s")

@@ -394,11 +394,14 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
 def timed(run: Run, stage: str, name: str, train_fn):
     """Run ``train_fn`` (a training call returning a TrainResult) and record its wall
     time as ``records/timings/<name>.csv`` (stage, name, seconds, reused): the run's
-    ``timings.csv``, which the manifest summarises per stage."""
+    ``timings.csv``, which the manifest summarises per stage. Reusing a checkpoint
+    keeps the record of the training that produced it."""
     import time
 
     t0 = time.perf_counter()
     result = train_fn()
+    if result.reused and records.record_path(run.run_dir, "timings", name).exists():
+        return result  # keep the time of the training that produced the checkpoint
     records.write_record(run.run_dir, "timings", name, [{
         "stage": stage, "name": name, "seconds": round(time.perf_counter() - t0, 2),
         "reused": bool(result.reused)}])

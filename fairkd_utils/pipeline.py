@@ -474,15 +474,12 @@ def run(args) -> Path:
 
 
 def training_times(run_dir: Path) -> dict:
-    """Per training stage (teacher, student, sweep), from the run's timing records:
-    seconds spent training and how many models were trained or reused — by the last
-    run that touched each model."""
-    import pandas as pd
-
-    files = sorted((run_dir / "records" / "timings").glob("*.csv"))
-    if not files:
+    """Per training stage (teacher, student, sweep), from the run's timing records
+    (assembled, checked, into ``timings.csv``): seconds spent training the models of
+    this run directory, how many were trained, and how many were only ever reused."""
+    t = records.assemble(run_dir, "timings")
+    if t.empty:
         return {}
-    t = pd.concat([pd.read_csv(f) for f in files])
     return {stage: {"seconds_trained": round(float(d.seconds[~d.reused].sum()), 1),
                     "models_trained": int((~d.reused).sum()), "models_reused": int(d.reused.sum())}
             for stage, d in t.groupby("stage")}
