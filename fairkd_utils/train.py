@@ -282,9 +282,11 @@ def checkpoint_path(ckpt_dir, name: str, fp: str) -> Path:
 
 # --------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path, model: nn.Module | None = None,
-                    expected_fingerprint: str | None = None) -> dict:
-    """Read a checkpoint (``weights_only=True``); optionally check its fingerprint
+                    expected_fingerprint: str | None = None, fmt: str | None = None) -> dict:
+    """Read a checkpoint (``weights_only=True``) of format ``fmt`` (default: a model
+    checkpoint; ``WARMUP_FORMAT`` for a warm-up state); optionally check its fingerprint
     and load its weights into ``model``.  Clear errors, never a pickle traceback."""
+    fmt = fmt or CHECKPOINT_FORMAT
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; train the model first "
@@ -296,8 +298,8 @@ def load_checkpoint(path, model: nn.Module | None = None,
             f"checkpoint {path} is corrupt or not a fairkd checkpoint "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             f"delete it and rerun to retrain") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file; "
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        raise CheckpointError(f"checkpoint {path} is not a {fmt} file; "
                               f"delete it and rerun to retrain")
     if expected_fingerprint is not None and ck.get("fingerprint") != expected_fingerprint:
         raise CheckpointError(
@@ -506,14 +508,7 @@ def train_warmup(model: nn.Module, splits: dict, config: TrainConfig, objective,
                                  {"extra": fingerprint_extra, "warmup_epochs": epochs})
     path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
     if path is not None and path.exists() and not _retraining(path, name):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"warm-up state {path} is corrupt ({type(exc).__name__}); "
-                                  "delete it and rerun") from None
-        if not isinstance(state, dict) or state.get("format") != WARMUP_FORMAT or state.get("fingerprint") != fp:
-            raise CheckpointError(f"warm-up state {path} is not a {WARMUP_FORMAT} file of this "
-                                  "config; delete it and rerun")
+        state = load_checkpoint(path, expected_fingerprint=fp, fmt=WARMUP_FORMAT)
         logger.info("reused checkpoint %s", path.name)
         return state
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
