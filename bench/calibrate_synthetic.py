@@ -29,7 +29,7 @@ import time
 import pandas as pd
 import torch
 
-from fairkd_utils import experiment as E
+from fairkd_utils import rundir, study
 from fairkd_utils import metrics as M
 from fairkd_utils import train
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="default")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the profile's)")
-    p.add_argument("--teacher-seeds", type=int, nargs="+", default=[E.TEACHER_SEED])
+    p.add_argument("--teacher-seeds", type=int, nargs="+", default=[study.TEACHER_SEED])
     p.add_argument("--alignment", type=float, default=None, help="pretraining corpus alignment")
     p.add_argument("--adapt-epochs", type=int, default=None, help="teacher adaptation epochs")
     p.add_argument("--pretrain-epochs", type=int, default=None)
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--csv", default=None, help="also write the per-seed values here")
     args = p.parse_args(argv)
-    run = E.setup(args.run_dir, "/tmp/fairkd-calibration-figures", args.profile, "synthetic",
+    run = rundir.setup(args.run_dir, "/tmp/fairkd-calibration-figures", args.profile, "synthetic",
                   None, args.seeds, args.device)
     changes = {k: v for k, v in {"teacher_pretrain_alignment": args.alignment,
                                  "teacher_adapt_epochs": args.adapt_epochs,
@@ -63,17 +63,17 @@ def main(argv=None) -> int:
     print(f"profile {pr.name} {changes or ''}: teacher pretrained on {4 * pr.teacher_pretrain_per_pair} "
           f"images (alignment {pr.teacher_pretrain_alignment}, {pr.teacher_pretrain_epochs} epochs), "
           f"adapted {pr.teacher_adapt_epochs} epochs; students {pr.student_epochs} epochs, "
-          f"seeds {run.seeds}; kd from {E.hparams_source(run)}; torch threads {torch.get_num_threads()}",
+          f"seeds {run.seeds}; kd from {study.hparams_source(run)}; torch threads {torch.get_num_threads()}",
           flush=True)
     splits = run.splits()
     train_ds, test = splits["train"], splits["test"]
-    minority = torch.tensor(E.minority_groups(train_ds.group_counts()))
+    minority = torch.tensor(study.minority_groups(train_ds.group_counts()))
     in_minority = torch.isin(train_ds.g, minority)
-    configs = {m: E.method_config(run, m) for m in ("erm", "group_balanced_erm", "kd")}
+    configs = {m: study.method_config(run, m) for m in ("erm", "group_balanced_erm", "kd")}
     rows = []
     for tseed in args.teacher_seeds:
         t0 = time.time()
-        stages = E.train_teacher_stages(run, seed=tseed, progress=False)
+        stages = study.train_teacher_stages(run, seed=tseed, progress=False)
         for stage, res in stages.items():
             s = group_summary(train.predict(res.model, test).probs, test)
             print(f"teacher seed {tseed} {stage}: test avg {s['avg']:.3f} wga {s['wga']:.3f} "
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                    "teacher_wga": ts["wga"]}
             for method, cfg in configs.items():
                 t0 = time.time()
-                res = E.train_student(run, cfg, seed, teacher, progress=False)
+                res = study.train_student(run, cfg, seed, teacher, progress=False)
                 s = group_summary(train.predict(res.model, test).probs, test)
                 key = {"erm": "erm", "group_balanced_erm": "gb", "kd": "kd"}[method]
                 row[f"{key}_wga"], row[f"{key}_avg"] = s["wga"], s["avg"]

@@ -1,21 +1,26 @@
 """fairkd_utils: the thin library under the fairkd notebooks.
 
-One concept per module: ``data``, ``models``, ``losses``, ``exit_laplace``,
-``train``, ``metrics``, ``plots``, ``records``, ``pipeline`` and ``profiles``.
+One concept per module (README, "Where each formula lives"):
+
+- ``profiles``: the vocabulary — datasets, methods and what each one weights
+  (``METHOD_SPECS``), devices, scores — and the run profiles;
+- ``data``: the datasets and their groups; ``models``: teacher and early-exit student;
+- ``losses``: the student loss, every method's instance weight, the objectives;
+- ``exit_laplace``: the last-layer Laplace approximation at the early exit;
+- ``train``: the one training loop; ``checkpoints``: fingerprints and checkpoint files;
+- ``metrics``: group metrics and the statistics over seeds;
+- ``rundir``: a run's directory and set-up; ``study``: the steps the notebooks share;
+- ``records``: tidy record files and atomic writes; ``plots``: the figures;
+- ``pipeline``: the command line that runs the notebooks
+  (``python -m fairkd_utils.pipeline``; not imported here, so that ``-m`` runs it
+  as a fresh module).
+
 Notebooks ``import fairkd_utils as fk`` and call small named functions.
 """
 
-import importlib
+from . import (checkpoints, data, exit_laplace, losses, metrics, models, plots, profiles,
+               records, rundir, study, train)
 
 __version__ = "0.1.0"
-
-_MODULES = ("data", "models", "losses", "exit_laplace", "train", "metrics",
-            "plots", "records", "pipeline", "profiles", "experiment")
-
-
-def __getattr__(name):
-    # Lazy submodule access (fk.data, fk.plots, ...) keeps `import fairkd_utils`
-    # cheap for the runner, which does not need torch in its own process.
-    if name in _MODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module 'fairkd_utils' has no attribute {name!r}")
+__all__ = ["checkpoints", "data", "exit_laplace", "losses", "metrics", "models", "plots",
+           "profiles", "records", "rundir", "study", "train"]

@@ -38,13 +38,13 @@ import torch
 from torch import nn
 
 from .models import ExitHead, phi_tilde
+from .profiles import PRIORS
 
 __all__ = [
     "KronFactors", "ExitLaplace", "LaplacePrediction", "fit_exit_laplace",
     "probit_two_class", "phi_tilde",
 ]
 
-_PRIORS = ("exact", "kron")
 _LINKS = ("auto", "probit", "mc")
 _MATH = torch.float64
 
@@ -337,8 +337,8 @@ class ExitLaplace:
 
     def __init__(self, weight: torch.Tensor, factors: KronFactors, prior: str = "exact",
                  tau: float | None = None):
-        if prior not in _PRIORS:
-            raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}.")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
         weight = torch.as_tensor(weight).detach()
         if weight.ndim != 2:
             raise ValueError(f"weight must be (C, D+1), got shape {tuple(weight.shape)}.")

@@ -36,58 +36,8 @@ from torch import Tensor
 
 from .exit_laplace import ExitLaplace, KronFactors
 from .models import phi_tilde
-from .profiles import METHODS
-
-SCORES = ("margin", "entropy", "variance")
-ALPHAS = ("wrong", "signed")
-PRIORS = ("exact", "kron")
-
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method is: where its instance weight comes from and which loss terms
-    the weight multiplies. Training, logging, figures and the sweep all read
-    :data:`METHOD_SPECS`.
-
-    ``weight``: ``"none"`` (unit weights), ``"exit_map"`` (DeDiER's ``exp(beta*cm*alpha)``
-    of the early exit's MAP softmax), ``"exit_laplace"`` (the same from the exit's
-    Laplace predictive), ``"exit_map_shuffled"`` (DeDiER's weights permuted within the
-    batch: a control) or ``"true_group"`` (inverse frequency of the true group: a
-    reference that uses group labels). ``distils``: lam and T are kd's (else lam = 0).
-    ``beta_from``: whose beta the method uses (itself when swept; ``None``: no beta).
-    """
-    weight: str
-    terms: tuple[str, ...]
-    distils: bool
-    beta_from: str | None = None
-    group_labels: bool = False
-    label: str = ""
-
-
-METHOD_SPECS: dict[str, MethodSpec] = {
-    "erm": MethodSpec("none", (), distils=False, label="ERM"),
-    "kd": MethodSpec("none", (), distils=True, label="KD (Hinton)"),
-    "dedier": MethodSpec("exit_map", ("kd",), distils=True, beta_from="dedier", label="DeDiER (KD term)"),
-    "dedier_both": MethodSpec("exit_map", ("ce", "kd"), distils=True, beta_from="dedier_both",
-                              label="DeDiER (both terms)"),
-    "laplace_kd": MethodSpec("exit_laplace", ("ce", "kd"), distils=True, beta_from="laplace_kd",
-                             label="Laplace-KD"),
-    "shuffled": MethodSpec("exit_map_shuffled", ("ce", "kd"), distils=True, beta_from="dedier_both",
-                           label="shuffled DeDiER (control)"),
-    "group_balanced": MethodSpec("true_group", ("ce", "kd"), distils=True, group_labels=True,
-                                 label="group-balanced KD (reference)"),
-    "group_balanced_erm": MethodSpec("true_group", ("ce",), distils=False, group_labels=True,
-                                     label="group-balanced ERM (reference)"),
-}
-assert tuple(METHOD_SPECS) == METHODS, "profiles.METHODS and losses.METHOD_SPECS must agree"
-
-# Which terms each method's weight multiplies (derived from METHOD_SPECS).
-WEIGHTED_TERMS = {m: spec.terms for m, spec in METHOD_SPECS.items()}
-#: Methods whose weights are not all 1.
-REWEIGHTING = tuple(m for m, spec in METHOD_SPECS.items() if spec.weight != "none")
-#: Methods whose beta the sweep chooses (the others borrow one or have none).
-SWEPT_BETA = tuple(m for m, spec in METHOD_SPECS.items() if spec.beta_from == m)
+from .profiles import (ALPHAS, LAPLACE_SCORES, METHOD_SPECS, METHODS, PRIORS,
+                       WEIGHTED_TERMS)
 
 
 # --------------------------------------------------------------------------
@@ -125,21 +75,28 @@ def _alpha(wrong: Tensor, alpha: str) -> Tensor:
 
 
 @torch.no_grad()
-def dedier_weight(readout_logits: Tensor, y: Tensor, beta: float, alpha: str = "wrong") -> Tensor:
-    """DeDiER's weight ``exp(beta * cm * alpha)`` from an early readout's MAP softmax.
-
-    ``cm`` is the readout's confidence margin and ``alpha`` is 1 where the
-    readout is wrong, 0 where right (``"signed"``: +1 / -1), so a confidently
-    wrong readout gets ``exp(beta * cm)`` and a right one 1. No gradient;
-    not normalised (see ``normalise``).
-    """
+def dedier_score(readout_logits: Tensor, y: Tensor, alpha: str = "wrong") -> Tensor:
+    """DeDiER's score ``u = cm * alpha`` of an early readout's MAP softmax: its
+    confidence margin where it is wrong (``alpha="wrong"``: 0 where right;
+    ``"signed"``: ``-cm`` where right). The weight is ``exp(beta * u)``."""
     logits = readout_logits.detach()
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     probs = F.softmax(logits, dim=-1)
-    cm = confidence_margin(probs)
+    return _margin_score(probs, confidence_margin(probs), y, alpha)
+
+
+def _margin_score(probs: Tensor, cm: Tensor, y: Tensor, alpha: str) -> Tensor:
     wrong = probs.argmax(-1) != y.to(probs.device)
-    return torch.exp(beta * cm * _alpha(wrong, alpha).to(cm))
+    return cm * _alpha(wrong, alpha).to(cm)
+
+
+@torch.no_grad()
+def dedier_weight(readout_logits: Tensor, y: Tensor, beta: float, alpha: str = "wrong") -> Tensor:
+    """DeDiER's weight ``exp(beta * cm * alpha)`` from an early readout's MAP softmax
+    (:func:`dedier_score`): a confidently wrong readout gets ``exp(beta * cm)``, a
+    right one 1. No gradient; not normalised (see ``normalise``)."""
+    return torch.exp(beta * dedier_score(readout_logits, y, alpha))
 
 
 def _field(pred: Any, name: str) -> Tensor | None:
@@ -148,12 +105,11 @@ def _field(pred: Any, name: str) -> Tensor | None:
 
 
 @torch.no_grad()
-def laplace_weight(pred: Any, y: Tensor, beta: float, score: str = "margin",
-                   alpha: str = "wrong", variance_ref: Tensor | float | None = None) -> Tensor:
-    """Laplace-KD's weight from the exit's Laplace predictive (a ``LaplacePrediction``
-    with ``probs``, ``margin``, ``entropy``, ``variance``), one per instance.
-
-    Each score is mapped to ``u`` in [0, 1] and the weight is ``exp(beta * u)``,
+def laplace_score(pred: Any, y: Tensor, score: str = "margin", alpha: str = "wrong",
+                  variance_ref: Tensor | float | None = None) -> Tensor:
+    """Laplace-KD's score ``u`` in [0, 1] from the exit's Laplace predictive (a
+    ``LaplacePrediction`` with ``probs``, ``margin``, ``entropy``, ``variance``), one per
+    instance; the weight is ``exp(beta * u)`` (:func:`laplace_weight`),
     so ``beta`` bounds the log-ratio between the most and least weighted
     instance identically for every score and for DeDiER:
 
@@ -175,8 +131,8 @@ def laplace_weight(pred: Any, y: Tensor, beta: float, score: str = "margin",
     ``entropy`` and ``variance`` use no label: they upweight uncertain
     instances, right or wrong; ``alpha`` applies to ``margin`` only.
     """
-    if score not in SCORES:
-        raise ValueError(f"unknown Laplace score {score!r}; choose one of {list(SCORES)}")
+    if score not in LAPLACE_SCORES:
+        raise ValueError(f"unknown Laplace score {score!r}; choose one of {list(LAPLACE_SCORES)}")
     probs = _field(pred, "probs")
     if score == "margin":
         if probs is None:
@@ -184,8 +140,7 @@ def laplace_weight(pred: Any, y: Tensor, beta: float, score: str = "margin",
         cm = _field(pred, "margin")
         if cm is None:
             cm = confidence_margin(probs)
-        wrong = probs.argmax(-1) != y.to(probs.device)
-        u = cm * _alpha(wrong, alpha).to(cm)
+        u = _margin_score(probs, cm, y, alpha)
     elif score == "entropy":
         h = _field(pred, "entropy")
         if probs is None:
@@ -201,7 +156,16 @@ def laplace_weight(pred: Any, y: Tensor, beta: float, score: str = "margin",
         ref = v.mean() if variance_ref is None else torch.as_tensor(variance_ref, dtype=v.dtype,
                                                                        device=v.device)
         u = v / (v + ref).clamp_min(torch.finfo(v.dtype).tiny)
-    return torch.exp(beta * u)
+    return u
+
+
+@torch.no_grad()
+def laplace_weight(pred: Any, y: Tensor, beta: float, score: str = "margin",
+                   alpha: str = "wrong", variance_ref: Tensor | float | None = None) -> Tensor:
+    """Laplace-KD's weight ``exp(beta * u)`` with ``u`` = :func:`laplace_score`; with
+    ``score="margin"`` exactly DeDiER's form, the Laplace predictive in place of the
+    MAP softmax."""
+    return torch.exp(beta * laplace_score(pred, y, score, alpha, variance_ref))
 
 
 def group_balanced_weight(g: Tensor, group_counts: Tensor) -> Tensor:
@@ -219,6 +183,43 @@ def normalise(w: Tensor) -> Tensor:
     """``w / mean(w)`` over the batch, detached: weights carry no gradient."""
     w = w.detach()
     return w / w.mean().clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def instance_weight(config: "MethodConfig", y: Tensor, *, exit_logits: Tensor | None = None,
+                    laplace_pred: Any = None, g: Tensor | None = None,
+                    group_weights: Tensor | None = None,
+                    generator: torch.Generator | None = None) -> Tensor | None:
+    """The one place that computes a method's raw (unnormalised) instance weight from
+    what its source needs (``METHOD_SPECS[method].weight``): ``None`` for unit weights;
+    ``exit_map``: :func:`dedier_weight` of ``exit_logits``; ``exit_map_shuffled``: the
+    same, permuted with ``generator``; ``exit_laplace``: :func:`laplace_weight` of
+    ``laplace_pred``; ``true_group``: ``group_weights[g]`` (:func:`group_balanced_weight`
+    per group). Training (the objectives) and the figures (``study.final_train_weights``)
+    both call it; which loss terms it multiplies is ``WEIGHTED_TERMS[method]``."""
+    source = METHOD_SPECS[config.method].weight
+    if source == "none":
+        return None
+    if source == "true_group":
+        return group_weights.to(g.device)[g]
+    if source == "exit_laplace":
+        return laplace_weight(laplace_pred, y, config.beta, config.score, config.alpha)
+    w = dedier_weight(exit_logits, y, config.beta, config.alpha)
+    if source == "exit_map_shuffled":
+        w = w[torch.randperm(len(w), generator=generator).to(w.device)]
+    return w
+
+
+def hardness_scores(map_probs: Tensor, lap: Any, y: Tensor) -> dict:
+    """The candidate scores of notebook 04 per instance (``profiles.HARDNESS_SCORES``),
+    each the ``u`` a weight ``exp(beta * u)`` would use: DeDiER's ``cm * alpha`` of the
+    MAP exit, and the Laplace-KD scores (:func:`laplace_score`) margin, entropy and
+    variance of the Laplace predictive ``lap``."""
+    probs = map_probs.double()
+    return {
+        "dedier_map_margin": _margin_score(probs, confidence_margin(probs), y, "wrong").numpy(),
+        **{f"laplace_{score}": laplace_score(lap, y, score).double().numpy()
+           for score in LAPLACE_SCORES},
+    }
 
 
 def student_loss(logits: Tensor, y: Tensor, teacher_logits: Tensor | None = None,
@@ -280,8 +281,8 @@ class MethodConfig:
             raise ValueError(f"MethodConfig({self.method!r}): {msg}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
-        if self.score not in SCORES:
-            bad(f"unknown score {self.score!r}; choose one of {list(SCORES)}")
+        if self.score not in LAPLACE_SCORES:
+            bad(f"unknown score {self.score!r}; choose one of {list(LAPLACE_SCORES)}")
         if self.alpha not in ALPHAS:
             bad(f"unknown alpha {self.alpha!r}; choose one of {list(ALPHAS)}")
         if self.prior not in PRIORS:
@@ -473,12 +474,8 @@ def _full(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-class ERMObjective(DistillationObjective):
-    """``erm``: plain cross-entropy on the final head (lam = 0, w = 1)."""
-
-
-class KDObjective(DistillationObjective):
-    """``kd``: Hinton's distillation, unit weights."""
+class UnweightedObjective(DistillationObjective):
+    """``erm`` (lam = 0: cross-entropy) and ``kd`` (Hinton's distillation): unit weights."""
 
 
 class DeDiERObjective(DistillationObjective):
@@ -487,10 +484,10 @@ class DeDiERObjective(DistillationObjective):
     exit with its own CE on detached features)."""
 
     def _raw_weight(self, out, batch, y, epoch):
-        return dedier_weight(_exit_logits(out), y, self.config.beta, self.config.alpha)
+        return instance_weight(self.config, y, exit_logits=_exit_logits(out))
 
 
-class ShuffledObjective(DeDiERObjective):
+class ShuffledObjective(DistillationObjective):
     """``shuffled`` (a control): ``dedier_both``'s weights permuted at random within
     the batch — the same distribution of weights, given to random instances. If
     DeDiER helps because its weights find the right instances, this does not."""
@@ -504,8 +501,7 @@ class ShuffledObjective(DeDiERObjective):
         return {**super().describe(), "seed": self.seed}
 
     def _raw_weight(self, out, batch, y, epoch):
-        w = super()._raw_weight(out, batch, y, epoch)
-        return w[torch.randperm(len(w), generator=self._gen).to(w.device)]
+        return instance_weight(self.config, y, exit_logits=_exit_logits(out), generator=self._gen)
 
 
 class GroupBalancedObjective(DistillationObjective):
@@ -525,10 +521,10 @@ class GroupBalancedObjective(DistillationObjective):
         return {**super().describe(), "group_counts": self._per_group.cpu()}
 
     def _raw_weight(self, out, batch, y, epoch):
-        g = y * self.n_attrs + batch.a.to(y.device)
         if self._per_group.device != y.device:
             self._per_group = self._per_group.to(y.device)
-        return self._per_group[g]
+        return instance_weight(self.config, y, g=y * self.n_attrs + batch.a.to(y.device),
+                               group_weights=self._per_group)
 
 
 class LaplaceKDObjective(DistillationObjective):
@@ -589,7 +585,7 @@ class LaplaceKDObjective(DistillationObjective):
         la = self.laplace
         la.W = self._exit_weight().to(la.W)  # current MAP mean, covariance from the last refit
         pred = la.predict(_full(out.phi), generator=self.generator)
-        w = laplace_weight(pred, y, self.config.beta, self.config.score, self.config.alpha)
+        w = instance_weight(self.config, y, laplace_pred=pred)
         self._record_effect(out, y, pred, w)
         return w
 
@@ -662,7 +658,7 @@ class LaplaceKDObjective(DistillationObjective):
                 "laplace_mean_abs_dp": float(dp.mean())}
 
 
-class WarmupObjective(KDObjective):
+class WarmupObjective(UnweightedObjective):
     """The warm-up every distillation method shares (unit weights: kd), which also
     accumulates the exit's Laplace factors in its last epoch, as ``laplace_kd`` would,
     so that every method — Laplace-KD included — can branch from one warm-up per seed
@@ -718,14 +714,14 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
         raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but n_train={n_train}: "
                          "pass the teacher's logits on the training split, in dataset order")
     source = METHOD_SPECS[m].weight
-    if source == "none":
-        return (ERMObjective if m == "erm" else KDObjective)(config, teacher_logits, n_classes)
-    if source == "exit_map":
-        return DeDiERObjective(config, teacher_logits, n_classes)
-    if source == "exit_map_shuffled":
-        return ShuffledObjective(config, teacher_logits, n_classes, seed)
-    if source == "true_group":
-        if group_counts is None:
-            raise ValueError(f"{m} needs group_counts (splits['train'].group_counts())")
-        return GroupBalancedObjective(config, teacher_logits, group_counts, n_classes)
-    return LaplaceKDObjective(config, teacher_logits, model, n_train, n_classes, generator, seed)
+    if source == "true_group" and group_counts is None:
+        raise ValueError(f"{m} needs group_counts (splits['train'].group_counts())")
+    build = {
+        "none": lambda: UnweightedObjective(config, teacher_logits, n_classes),
+        "exit_map": lambda: DeDiERObjective(config, teacher_logits, n_classes),
+        "exit_map_shuffled": lambda: ShuffledObjective(config, teacher_logits, n_classes, seed),
+        "true_group": lambda: GroupBalancedObjective(config, teacher_logits, group_counts, n_classes),
+        "exit_laplace": lambda: LaplaceKDObjective(config, teacher_logits, model, n_train, n_classes,
+                                                   generator, seed),
+    }
+    return build[source]()

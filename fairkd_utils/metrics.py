@@ -15,14 +15,20 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+from scipy import stats
+
+from .profiles import BASELINES, METHODS
 
 __all__ = [
     "group_accuracy", "worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap",
-    "ece", "nll", "metric_rows", "summarize", "SUMMARY_METRICS",
+    "ece", "nll", "metric_rows", "summarize", "SUMMARY_METRICS", "calibration_conditions",
+    "auroc", "per_seed_metrics", "mean_interval", "summary_table", "paired_differences",
 ]
 
-SUMMARY_METRICS = ("worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece", "nll")
+#: The scalar metrics of ``summary.csv`` (per method, over seeds).
+SUMMARY_METRICS = ("worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece")
 
 
 def _t(x, dtype=None) -> torch.Tensor:
@@ -172,7 +178,7 @@ CALIBRATION_TARGETS = (
 )
 
 
-def calibration_conditions(per_seed) -> "pd.DataFrame":
+def calibration_conditions(per_seed) -> pd.DataFrame:
     """The miniature's calibration conditions per seed and on the mean over seeds.
 
     ``per_seed``: a DataFrame with one row per seed and columns ``seed``,
@@ -182,7 +188,6 @@ def calibration_conditions(per_seed) -> "pd.DataFrame":
     ``what``, ``target``, ``value``, ``passed``. The conditions use the teacher, the
     ERM student, its exit, group-balanced ERM and plain kd only — never a
     reweighting method, so they cannot be tuned towards one."""
-    import pandas as pd
 
     need = ["seed", "teacher_avg_acc", "teacher_wga", "erm_wga", "exit_minority_wrong",
             "exit_minority_margin_wrong", "gb_wga", "kd_wga"]
@@ -207,3 +212,97 @@ def calibration_conditions(per_seed) -> "pd.DataFrame":
             rows.append({"seed": seed, "condition": cond, "what": what, "target": target,
                          "value": float(value), "passed": bool(ok)})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- statistics over seeds
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U,
+    ties counted one half); NaN when a class is absent. Direction as given: no
+    ``max(AUC, 1 - AUC)``."""
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def per_seed_metrics(metrics, groups, model: str = "student", split: str = "test"):
+    """One row per (method, config_id, seed): the study's scalar metrics of
+    ``model`` on ``split``, from ``metrics.csv`` and ``groups.csv`` alone."""
+    m = metrics[(metrics.model == model) & (metrics.split == split) & (metrics.predictive == "map")]
+    train_n = groups[groups.split == "train"].set_index("group_name")["n"]
+    rows = []
+    for (method, cid, seed), d in m.groupby(["method", "config_id", "seed"], sort=True):
+        overall = d[d.group_name == "all"]
+        acc = d[d.group_name != "all"].set_index("group_name")["acc"]
+        counts = train_n.reindex(acc.index).to_numpy(dtype=float)
+        rows.append({"method": method, "config_id": cid, "seed": int(seed),
+                     "worst_group_acc": worst_group_acc(acc), "avg_acc": float(overall["acc"].iloc[0]),
+                     "train_weighted_acc": train_weighted_acc(acc.to_numpy(), counts),
+                     "group_gap": group_gap(acc), "ece": float(overall["ece"].iloc[0])})
+    return pd.DataFrame(rows)
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean, sample std and the Student-t interval of the mean."""
+    v = np.asarray(values, dtype=float)
+    n, mean = len(v), float(np.mean(v))
+    if n < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    sd = float(np.std(v, ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / np.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def summary_table(per_seed, baselines=BASELINES):
+    """``summary.csv``: per (method, config_id, metric) the mean, std and 95 %
+    interval over seeds, and the paired per-seed difference against each of
+    ``baselines`` (same seed), with its own interval: columns
+    ``diff_vs_<baseline>_{mean,std,ci95_lo,ci95_hi}`` and ``paired_seeds_vs_<baseline>``."""
+    if isinstance(baselines, str):
+        baselines = (baselines,)
+    bases = {}
+    for baseline in baselines:
+        base = per_seed[per_seed.method == baseline]
+        if base.config_id.nunique() > 1:
+            raise ValueError(f"{baseline} has several configurations {sorted(base.config_id.unique())}: "
+                             "filter per_seed to the chosen configurations first")
+        if len(base):
+            bases[baseline] = base.set_index("seed")
+    rows = []
+    for (method, cid), d in per_seed.groupby(["method", "config_id"], sort=False):
+        d = d.set_index("seed")
+        for metric in SUMMARY_METRICS:
+            mean, sd, lo, hi = mean_interval(d[metric])
+            row = {"method": method, "config_id": cid, "metric": metric, "n_seeds": len(d),
+                   "mean": mean, "std": sd, "ci95_lo": lo, "ci95_hi": hi}
+            for baseline, base in bases.items():
+                if method == baseline:
+                    continue
+                common = d.index.intersection(base.index)
+                diff = d.loc[common, metric] - base.loc[common, metric]
+                dm, dsd, dlo, dhi = mean_interval(diff) if len(diff) else (float("nan"),) * 4
+                row.update({f"diff_vs_{baseline}_mean": dm, f"diff_vs_{baseline}_std": dsd,
+                            f"diff_vs_{baseline}_ci95_lo": dlo, f"diff_vs_{baseline}_ci95_hi": dhi,
+                            f"paired_seeds_vs_{baseline}": len(common)})
+            rows.append(row)
+    order = {m: i for i, m in enumerate(METHODS)}
+    out = pd.DataFrame(rows)
+    return out.sort_values(["metric", "method"], key=lambda s: s.map(order) if s.name == "method" else s,
+                           kind="stable").reset_index(drop=True)
+
+
+def paired_differences(per_seed, metric: str = "worst_group_acc", baselines=BASELINES):
+    """Per-seed differences against each of ``baselines`` with the interval of their
+    mean: rows baseline, method, seed, diff, lo, hi."""
+    rows = []
+    for baseline in [b for b in baselines if b in set(per_seed.method)]:
+        base = per_seed[per_seed.method == baseline].set_index("seed")[metric]
+        for method, d in per_seed[per_seed.method != baseline].groupby("method"):
+            diff = (d.set_index("seed")[metric] - base).dropna()
+            _, _, lo, hi = mean_interval(diff)
+            rows += [{"baseline": baseline, "method": method, "seed": s, "diff": v, "lo": lo, "hi": hi}
+                     for s, v in diff.items()]
+    return pd.DataFrame(rows, columns=["baseline", "method", "seed", "diff", "lo", "hi"])

@@ -34,12 +34,11 @@ from importlib import metadata
 from pathlib import Path
 
 from . import records
-from .profiles import (DATASETS, METHODS, PROFILES, apply_overrides, get_profile,
-                       overrides_tag, parse_overrides)
+from .profiles import (DATASETS, DEVICES, METHODS, PROFILES, apply_overrides, get_profile,
+                       overrides_tag, parse_overrides, resolve_device)
+from .rundir import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-DEVICES = ("auto", "cpu", "cuda")
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 #: Packages whose versions go into manifest.json.
 MANIFEST_PACKAGES = ("torch", "torchvision", "laplace-torch", "numpy", "pandas",
@@ -82,18 +81,6 @@ def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path
     if unknown:
         raise ValueError(f"--only {' '.join(unknown)}: no such notebook; known: {sorted(known)}")
     return [p for p in notebooks if p.name[:2] in wanted]
-
-
-def resolve_device(name: str) -> str:
-    if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; choose one of {DEVICES}")
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
-    return name
 
 
 def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> dict:

@@ -1,7 +1,10 @@
-"""Run profiles: model sizes and budgets, defined once and shared by the runner,
-the notebooks, the tests and the benchmarks.
+"""The study's one vocabulary — datasets, methods (what each one weights), devices,
+scores — and the run profiles: model sizes and budgets, defined once and shared by the
+runner, the notebooks, the tests and the benchmarks.
 
-A profile fixes *how much* is computed; ``--dataset`` fixes *on what*.
+A profile fixes *how much* is computed; ``--dataset`` fixes *on what*; ``METHOD_SPECS``
+fixes *what each method is*. Plain data only (no torch at import), so the command-line
+runner reads it without starting torch.
 """
 
 from __future__ import annotations
@@ -11,8 +14,85 @@ from dataclasses import dataclass
 
 #: The datasets the loaders know (``data.load_splits``); the runner's --dataset choices.
 DATASETS = ("synthetic", "waterbirds", "celeba", "folder")
-METHODS = ("erm", "kd", "dedier", "dedier_both", "laplace_kd", "shuffled",
-           "group_balanced", "group_balanced_erm")
+#: ``--device`` choices; :func:`resolve_device` turns one into a torch device string.
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is: where its instance weight comes from and which loss terms
+    the weight multiplies. Training (``losses.instance_weight``), logging, figures,
+    the sweep and notebook 04's scores all read :data:`METHOD_SPECS`.
+
+    ``weight``: ``"none"`` (unit weights), ``"exit_map"`` (DeDiER's ``exp(beta*cm*alpha)``
+    of the early exit's MAP softmax), ``"exit_laplace"`` (the same from the exit's
+    Laplace predictive), ``"exit_map_shuffled"`` (DeDiER's weights permuted within the
+    batch: a control) or ``"true_group"`` (inverse frequency of the true group: a
+    reference that uses group labels). ``distils``: lam and T are kd's (else lam = 0).
+    ``beta_from``: whose beta the method uses (itself when swept; ``None``: no beta).
+    """
+    weight: str
+    terms: tuple[str, ...]
+    distils: bool
+    beta_from: str | None = None
+    group_labels: bool = False
+    label: str = ""
+
+
+#: Every method of the study, in table order.
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "erm": MethodSpec("none", (), distils=False, label="ERM"),
+    "kd": MethodSpec("none", (), distils=True, label="KD (Hinton)"),
+    "dedier": MethodSpec("exit_map", ("kd",), distils=True, beta_from="dedier", label="DeDiER (KD term)"),
+    "dedier_both": MethodSpec("exit_map", ("ce", "kd"), distils=True, beta_from="dedier_both",
+                              label="DeDiER (both terms)"),
+    "laplace_kd": MethodSpec("exit_laplace", ("ce", "kd"), distils=True, beta_from="laplace_kd",
+                             label="Laplace-KD"),
+    "shuffled": MethodSpec("exit_map_shuffled", ("ce", "kd"), distils=True, beta_from="dedier_both",
+                           label="shuffled DeDiER (control)"),
+    "group_balanced": MethodSpec("true_group", ("ce", "kd"), distils=True, group_labels=True,
+                                 label="group-balanced KD (reference)"),
+    "group_balanced_erm": MethodSpec("true_group", ("ce",), distils=False, group_labels=True,
+                                     label="group-balanced ERM (reference)"),
+}
+METHODS = tuple(METHOD_SPECS)
+#: Which loss terms each method's weight multiplies.
+WEIGHTED_TERMS = {m: spec.terms for m, spec in METHOD_SPECS.items()}
+#: Methods whose weights are not all 1.
+REWEIGHTING = tuple(m for m, spec in METHOD_SPECS.items() if spec.weight != "none")
+#: Methods whose beta the sweep chooses (the others borrow one or have none).
+SWEPT_BETA = tuple(m for m, spec in METHOD_SPECS.items() if spec.beta_from == m)
+#: References: methods that read the true group labels (the others never do).
+REFERENCES = tuple(m for m, spec in METHOD_SPECS.items() if spec.group_labels)
+#: The paired differences of ``summary.csv`` are taken against these; the primary
+#: contrast is ``laplace_kd`` against ``dedier_both`` (same terms, same form).
+BASELINES = ("kd", "dedier_both")
+
+#: Laplace-KD's scores (``losses.laplace_score``); ``margin`` is the study's form.
+LAPLACE_SCORES = ("margin", "entropy", "variance")
+#: The sign rule of the margin weights: 1 where the readout is wrong (or +1/-1).
+ALPHAS = ("wrong", "signed")
+#: Priors of the exit's Laplace posterior (``exit_laplace.ExitLaplace``).
+PRIORS = ("exact", "kron")
+#: Scores notebook 04 compares for singling out hard instances
+#: (``losses.hardness_scores``), each oriented so that larger means "upweight".
+HARDNESS_SCORES = ("dedier_map_margin", "laplace_margin", "laplace_entropy", "laplace_variance")
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; ``"cpu"``;
+    ``"cuda"`` (or ``"cuda:N"``) only when torch sees one. The one device rule of the
+    runner, the notebooks and the training loop."""
+    if name not in DEVICES and not str(name).startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; choose one of {DEVICES}")
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; "
+                         "use --device cpu or auto")
+    return name
 
 
 @dataclass(frozen=True)

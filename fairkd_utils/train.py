@@ -7,88 +7,43 @@ checkpoint selection on val (never test), the early exit's own cross-entropy,
 logging of per-group instance weights, and checkpoints keyed by a fingerprint
 of everything that produced them.
 
-Checkpoints: ``<ckpt_dir>/<name>-<fingerprint>.pt``, written atomically, holding
-only tensors and plain Python values (``torch.load(weights_only=True)`` reads
-them): ``format, name, fingerprint, fingerprint_payload, config, state_dict,
-best_epoch, history`` (list of dicts), ``weights`` (list of dicts) and ``run`` (the
-run that wrote it, see :func:`must_retrain`).
+Checkpoints (fingerprints, files, reading them back) are ``checkpoints``'s.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoints as ck
 from . import metrics as M
 from .data import Batch, iterate_batches
 from .models import StudentOutput
+from .profiles import resolve_device
 from .records import torch_save
 
 __all__ = [
     "Objective", "CrossEntropyObjective", "TrainConfig", "TrainResult", "Predictions",
-    "train_model", "predict", "evaluate", "fingerprint", "checkpoint_path",
-    "load_checkpoint", "resolve_device", "CheckpointError", "NonFiniteLossError",
+    "train_model", "train_warmup", "predict", "evaluate", "NonFiniteLossError",
     "WEIGHT_COLUMNS", "use_channels_last", "final_logits",
 ]
 #: One line per epoch; ``experiment.setup`` sends it to ``<run_dir>/run.log``.
 logger = logging.getLogger("fairkd")
 
-CHECKPOINT_FORMAT = "fairkd-checkpoint-v1"
 # weights DataFrame: one row per (epoch, group) of the epochs in which the objective
 # returned weights (none for ERM: an empty frame); NaN for a term it did not return
 WEIGHT_COLUMNS = ("epoch", "group", "n", "mean_weight_ce", "mean_weight_kd")
-
-
-#: Set by the runner's ``--retrain`` for its kernels: checkpoint name prefixes to
-#: retrain, separated by spaces ("*": every checkpoint). Unset: reuse by fingerprint.
-RETRAIN_ENV = "FAIRKD_RETRAIN"
-#: Set by the runner with RETRAIN_ENV: an id of this run of the runner. Every checkpoint
-#: records the run that wrote it, so one retrained in this run (by an earlier notebook,
-#: or an earlier call) is reused, not retrained again.
-RETRAIN_RUN_ENV = "FAIRKD_RETRAIN_RUN"
-_PROCESS_RUN = f"process-{os.getpid()}-{time.time_ns()}"
-
-
-def _current_run() -> str:
-    return os.environ.get(RETRAIN_RUN_ENV) or _PROCESS_RUN
-
-
-def retrain_requested(name: str) -> bool:
-    """Whether ``FAIRKD_RETRAIN`` asks to retrain the checkpoint called ``name``."""
-    prefixes = os.environ.get(RETRAIN_ENV, "").split()
-    return "*" in prefixes or any(name.startswith(p) for p in prefixes)
-
-
-def must_retrain(path: Path, name: str) -> bool:
-    """Whether the existing checkpoint ``path`` of ``name`` is to be retrained: its name
-    is asked for by ``FAIRKD_RETRAIN`` and it was not written in this run (or cannot be
-    read: retraining replaces it anyway)."""
-    if not retrain_requested(name):
-        return False
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return True
-    return not isinstance(stored, dict) or stored.get("run") != _current_run()
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used (unreadable or from another config)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -127,7 +82,7 @@ def final_logits(out) -> torch.Tensor:
 
 class CrossEntropyObjective:
     """Cross-entropy on the final head, no weights: the teacher's objective (and the
-    loop's default). The students' ``erm`` is ``losses.ERMObjective``."""
+    loop's default). The students' ``erm`` is ``losses.UnweightedObjective`` at lam = 0."""
 
     def loss(self, out, batch: Batch, epoch: int):
         return F.cross_entropy(final_logits(out).float(), batch.y), None
@@ -196,126 +151,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'")
-    return dev
-
-
-# --------------------------------------------------------------------------- fingerprints
-def _hash_tensor(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
-
-
-def _plain(obj):
-    """A JSON-able description of ``obj`` (tensors by shape + content hash)."""
-    if isinstance(obj, torch.Tensor):
-        return {"tensor": list(obj.shape), "dtype": str(obj.dtype), "sha": _hash_tensor(obj)}
-    if isinstance(obj, np.ndarray):
-        return _plain(torch.from_numpy(np.ascontiguousarray(obj)))
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return obj.item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _plain(dataclasses.asdict(obj))
-    return f"<{type(obj).__qualname__}>"
-
-
-def fingerprint(obj) -> str:
-    """A short stable hash (16 hex digits) of a plain-value / tensor structure."""
-    text = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _describe_objective(objective) -> dict:
-    if hasattr(objective, "describe"):
-        return {"class": type(objective).__qualname__, **_plain(objective.describe())}
-    attrs = {}
-    for k, v in sorted(vars(objective).items()):
-        if isinstance(v, (str, int, float, bool, type(None), torch.Tensor, tuple, list, dict)):
-            attrs[k] = _plain(v)
-    return {"class": type(objective).__qualname__, **attrs}
-
-
-def _describe_data(ds) -> dict:
-    """Identity of a split: name, size, labels, groups, and a sample of its pixels
-    (in memory) or every file's path, size and modification time (lazy)."""
-    d = {"name": getattr(ds, "name", None), "split": getattr(ds, "split", None), "n": len(ds),
-         "y": _plain(ds.y), "a": _plain(ds.a),
-         "ids": hashlib.sha256("\n".join(map(str, ds.ids)).encode()).hexdigest()[:16],
-         "image_size": getattr(ds, "image_size", None), "augment": getattr(ds, "augment", None)}
-    if getattr(ds, "x", None) is not None:
-        step = max(1, len(ds) // 64)
-        d["x_sample"] = _plain(ds.x[::step])
-    elif getattr(ds, "paths", None) is not None:  # regenerated images change it (os.stat only)
-        files = hashlib.sha256()
-        for p in ds.paths:
-            st = os.stat(p)
-            files.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        d["files"] = files.hexdigest()[:16]
-    return d
-
-
-def _describe_model(model: nn.Module) -> dict:
-    return {"class": type(model).__qualname__,
-            "exit_stage": getattr(model, "exit_stage", None),
-            "detach_exit": getattr(model, "detach_exit", None),
-            "initial_state": _plain(dict(model.state_dict()))}
-
-
-def checkpoint_path(ckpt_dir, name: str, fp: str) -> Path:
-    return Path(ckpt_dir) / f"{name}-{fp}.pt"
-
-
-# --------------------------------------------------------------------------- checkpoints
-def load_checkpoint(path, model: nn.Module | None = None,
-                    expected_fingerprint: str | None = None, fmt: str | None = None) -> dict:
-    """Read a checkpoint (``weights_only=True``) of format ``fmt`` (default: a model
-    checkpoint; ``WARMUP_FORMAT`` for a warm-up state); optionally check its fingerprint
-    and load its weights into ``model``.  Clear errors, never a pickle traceback."""
-    fmt = fmt or CHECKPOINT_FORMAT
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train the model first "
-                                f"(run the notebook that produces it)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a fairkd checkpoint "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"delete it and rerun to retrain") from None
-    if not isinstance(ck, dict) or ck.get("format") != fmt:
-        raise CheckpointError(f"checkpoint {path} is not a {fmt} file; "
-                              f"delete it and rerun to retrain")
-    if expected_fingerprint is not None and ck.get("fingerprint") != expected_fingerprint:
-        raise CheckpointError(
-            f"checkpoint {path} was produced by another config (fingerprint "
-            f"{ck.get('fingerprint')}, expected {expected_fingerprint}); delete it, or "
-            f"rerun with the config that produced it, or train into a new file")
-    if model is not None:
-        try:
-            model.load_state_dict(ck["state_dict"])
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0]}); "
-                f"delete it and rerun to retrain") from None
-    return ck
-
-
 # --------------------------------------------------------------------------- prediction
 class Predictions(NamedTuple):
     """Model outputs on a split, float32 CPU tensors; exit_logits/phi None for a teacher."""
@@ -364,7 +199,7 @@ def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
 
     ``amp`` None = off: predictions (and phi, which the Laplace fit reads) are fp32
     even on CUDA; the training loop's per-epoch val pass uses bf16 there."""
-    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    dev = torch.device(resolve_device(device)) if isinstance(device, str) else torch.device(device)
     amp = False if amp is None else bool(amp)
     workers = _workers(num_workers, dev)
     channels_last = use_channels_last(model, dev, channels_last)
@@ -445,7 +280,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
 
     With ``ckpt_dir``: the checkpoint ``<ckpt_dir>/<name>-<fingerprint>.pt`` is
     reused when present (no training; the ``fairkd`` log says "reused checkpoint
-    <file>"), unless ``FAIRKD_RETRAIN`` asks to retrain ``name`` (:func:`must_retrain`:
+    <file>"), unless ``FAIRKD_RETRAIN`` asks to retrain ``name`` (``checkpoints.must_retrain``:
     then it is retrained once per run and replaced); the fingerprint covers the config (less
     runtime fields), the model's architecture and initial weights, the train and
     val data, the objective and ``fingerprint_extra``.  So build the model with a
@@ -459,39 +294,27 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
     Raises :class:`NonFiniteLossError` (no checkpoint written) on a NaN/inf loss.
     """
     objective = CrossEntropyObjective() if objective is None else objective
-    fp, payload = _fingerprint_payload(model, splits, config, objective, name, fingerprint_extra)
-    path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
-    dev = resolve_device(config.device)
-    if path is not None and path.exists() and not _retraining(path, name):
-        ck = load_checkpoint(path, model, expected_fingerprint=fp)
-        model.to(dev)
+    fp, payload = ck.fingerprint_payload(model, splits, config, objective, name, fingerprint_extra)
+    path = ck.checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
+    if path is not None and path.exists() and not ck.retraining(path, name):
+        stored = ck.load_checkpoint(path, model, expected_fingerprint=fp)
+        model.to(torch.device(resolve_device(config.device)))
         logger.info("reused checkpoint %s", path.name)
-        return TrainResult(model, pd.DataFrame(ck["history"]),
-                           _weights_frame(ck.get("weights", [])), path, True, fp,
-                           int(ck["best_epoch"]))
+        return TrainResult(model, pd.DataFrame(stored["history"]),
+                           _weights_frame(stored.get("weights", [])), path, True, fp,
+                           int(stored["best_epoch"]))
     if callable(branch_from):  # computed only when training is needed
         branch_from = branch_from()
     state = _fit(model, splits, config, objective, name, start=branch_from, stop=config.epochs)
     if state["best_state"] is None:
         raise RuntimeError(f"{name}: no epoch after select_after={config.select_after} was kept")
     model.load_state_dict(state["best_state"])
-    history, best_epoch = state["history"], state["best_epoch"]
-    for h in history:
-        h["best"] = h["epoch"] == best_epoch
+    for h in state["history"]:
+        h["best"] = h["epoch"] == state["best_epoch"]
     if path is not None:
-        torch_save(path, {
-            "format": CHECKPOINT_FORMAT, "name": name, "fingerprint": fp,
-            "fingerprint_payload": json.dumps(_plain(payload), sort_keys=True)[:100_000],
-            "config": _plain(config.to_dict()),
-            "state_dict": {k: v.contiguous() for k, v in state["best_state"].items()},
-            "best_epoch": best_epoch, "history": history, "weights": state["weights"],
-            "run": _current_run(),
-        })
-    return TrainResult(model, pd.DataFrame(history), _weights_frame(state["weights"]), path,
-                       False, fp, best_epoch)
-
-
-WARMUP_FORMAT = "fairkd-warmup-v1"
+        ck.save_model(path, name=name, fp=fp, payload=payload, config=config, state=state)
+    return TrainResult(model, pd.DataFrame(state["history"]), _weights_frame(state["weights"]),
+                       path, False, fp, state["best_epoch"])
 
 
 def train_warmup(model: nn.Module, splits: dict, config: TrainConfig, objective, epochs: int, *,
@@ -504,36 +327,20 @@ def train_warmup(model: nn.Module, splits: dict, config: TrainConfig, objective,
     Cached as ``<ckpt_dir>/<name>-<fingerprint>.pt`` like a checkpoint."""
     if not 0 < epochs < config.epochs:
         raise ValueError(f"a warm-up of {epochs} epochs must lie in (0, {config.epochs})")
-    fp, _ = _fingerprint_payload(model, splits, config, objective, name,
-                                 {"extra": fingerprint_extra, "warmup_epochs": epochs})
-    path = checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
-    if path is not None and path.exists() and not _retraining(path, name):
-        state = load_checkpoint(path, expected_fingerprint=fp, fmt=WARMUP_FORMAT)
+    fp, _ = ck.fingerprint_payload(model, splits, config, objective, name,
+                                   {"extra": fingerprint_extra, "warmup_epochs": epochs})
+    path = ck.checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
+    if path is not None and path.exists() and not ck.retraining(path, name):
+        state = ck.load_checkpoint(path, expected_fingerprint=fp, fmt=ck.WARMUP_FORMAT)
         logger.info("reused checkpoint %s", path.name)
         return state
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state = _fit(model, splits, config, objective, name, start=None, stop=epochs)
     model.load_state_dict(initial)
-    state.update(format=WARMUP_FORMAT, fingerprint=fp, run=_current_run())
+    state.update(format=ck.WARMUP_FORMAT, fingerprint=fp, run=ck.current_run())
     if path is not None:
         torch_save(path, state)
     return state
-
-
-def _retraining(path: Path, name: str) -> bool:
-    """:func:`must_retrain`, said in the log when true."""
-    if must_retrain(path, name):
-        logger.info("retraining %s (%s)", path.name, RETRAIN_ENV)
-        return True
-    return False
-
-
-def _fingerprint_payload(model, splits, config, objective, name, extra) -> tuple[str, dict]:
-    cfg_fp = {k: v for k, v in config.to_dict().items() if k not in TrainConfig.RUNTIME_FIELDS}
-    payload = {"name": name, "config": cfg_fp, "model": _describe_model(model),
-               "train": _describe_data(splits["train"]), "val": _describe_data(splits["val"]),
-               "objective": _describe_objective(objective), "extra": _plain(extra)}
-    return fingerprint(payload), payload
 
 
 def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str, *,
@@ -543,7 +350,7 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
     from tqdm import tqdm  # text bars: no ipywidgets needed in notebooks
 
     train_ds, val_ds = splits["train"], splits["val"]
-    dev = resolve_device(cfg.device)
+    dev = torch.device(resolve_device(cfg.device))
     amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
     channels_last = use_channels_last(model, dev, cfg.channels_last)
     workers = _workers(cfg.num_workers, dev)

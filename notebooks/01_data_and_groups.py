@@ -49,9 +49,9 @@ import pandas as pd
 
 import fairkd_utils as fk
 
-run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
+run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           profile_overrides=profile_overrides)
-fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
+fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 splits = run.splits()
 run
 

@@ -46,16 +46,16 @@ import pandas as pd
 
 import fairkd_utils as fk
 
-run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
+run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           profile_overrides=profile_overrides)
-fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
-fk.experiment.require(run, "groups.csv", "01_data_and_groups")
+fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
+fk.rundir.require(run, "groups.csv", "01_data_and_groups")
 splits = run.splits()
 print(f"teacher: {run.profile.teacher_arch} {run.profile.teacher_widths or ''}, "
       f"{run.profile.teacher_epochs} epochs on {len(splits['train'])} training images")
 
 # %%
-stages = fk.experiment.train_teacher_stages(run)
+stages = fk.study.train_teacher_stages(run)
 for stage, res in stages.items():
     print(f"{stage}: " + ("reused " if res.reused else "trained into ") + res.checkpoint.name
           + f" (best validation epoch {res.best_epoch})")
@@ -85,7 +85,7 @@ stage_table[list(stages)].round(3)
 # ## Teacher logits for distillation
 
 # %%
-logits = fk.experiment.save_teacher_logits(run, result)
+logits = fk.study.save_teacher_logits(run, result)
 {split: tuple(logits[split].shape) for split in splits}
 
 # %% [markdown]
@@ -98,8 +98,8 @@ rows = []
 for split in ("val", "test"):
     ds = splits[split]
     probs = logits[split].double().softmax(1)
-    rows += fk.experiment.record(run, probs, ds, model="teacher", method="erm",
-                                 seed=fk.experiment.TEACHER_SEED, config_id="teacher",
+    rows += fk.study.record(run, probs, ds, model="teacher", method="erm",
+                                 seed=fk.study.TEACHER_SEED, config_id="teacher",
                                  predictions=(split == "test"))
 teacher_metrics = pd.DataFrame(rows)
 teacher_metrics.pivot(index="group_name", columns="split", values="acc").round(3)

@@ -57,13 +57,13 @@ import torch
 import fairkd_utils as fk
 from fairkd_utils.exit_laplace import fit_exit_laplace
 
-run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
+run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           profile_overrides=profile_overrides)
-fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
-fk.experiment.require(run, "groups.csv", "01_data_and_groups")
+fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
+fk.rundir.require(run, "groups.csv", "01_data_and_groups")
 splits = run.splits()
 train, val, test = splits["train"], splits["val"], splits["test"]
-minority = fk.experiment.minority_groups(train.group_counts())
+minority = fk.study.minority_groups(train.group_counts())
 N_SAMPLES = 100  # Monte-Carlo samples of the predictive
 
 # %% [markdown]
@@ -76,7 +76,7 @@ N_SAMPLES = 100  # Monte-Carlo samples of the predictive
 # %%
 fits, outputs = {}, {}
 for seed in run.seeds:
-    result, out = fk.experiment.erm_outputs(run, seed)
+    result, out = fk.study.erm_outputs(run, seed)
     phi_tr = out["train"].phi.double()
     exact = fit_exit_laplace(result.model.exit, phi_tr, out["train"].exit_probs, y=train.y,
                              prior="exact")
@@ -110,7 +110,7 @@ for seed in run.seeds:
             probs = outputs[seed][split].exit_probs if lap is None else lap.probs.double()
             label = "MAP" if lap is None else f"Laplace {form} ({predictive})"
             if lap is not None:
-                rows += fk.experiment.record(run, probs, ds, model=model, method="erm", seed=seed,
+                rows += fk.study.record(run, probs, ds, model=model, method="erm", seed=seed,
                                              config_id=form, predictive=predictive,
                                              variance=lap.variance, predictions=(split == "test"))
             if split == "test":
@@ -121,7 +121,7 @@ reliability_df = pd.concat(reliability_rows)
 
 # %%
 metrics = fk.records.assemble(run.run_dir, "metrics", write=False)
-erm_id = fk.experiment.method_config(run, "erm").config_id
+erm_id = fk.study.method_config(run, "erm").config_id
 exit_rows = metrics[((metrics.model == "exit_laplace") | (metrics.config_id == erm_id))
                     & metrics.model.isin(["exit", "exit_laplace"]) & (metrics.method == "erm")
                     & (metrics.split == "test") & (metrics.group_name == "all")
@@ -217,13 +217,13 @@ auroc_rows = []
 for seed in run.seeds:
     out = outputs[seed]
     lap = fits[seed]["exact"].predict(out["train"].phi.double(), link="probit")
-    scores = fk.experiment.hardness_scores(out["train"].exit_probs, lap, train.y)
+    scores = fk.losses.hardness_scores(out["train"].exit_probs, lap, train.y)
     targets = {"minority group": np.isin(train.g.numpy(), minority),
                "ERM student wrong": (out["train"].probs.argmax(1) != train.y).numpy()}
     for score, values in scores.items():
         for target, labels in targets.items():
             auroc_rows.append({"seed": seed, "score": score, "target": target,
-                               "auroc": fk.experiment.auroc(values, labels),
+                               "auroc": fk.metrics.auroc(values, labels),
                                "positives": int(labels.sum())})
 auroc = pd.DataFrame(auroc_rows)
 fk.records.write_csv(run.path("score_auroc.csv"), auroc)
@@ -256,7 +256,7 @@ seed = run.seeds[0]
 out = outputs[seed]["train"]
 tau_ml = fits[seed]["exact"].tau
 tau_rows = []
-erm_model = fk.experiment.erm_outputs(run, seed, splits=())[0].model
+erm_model = fk.study.erm_outputs(run, seed, splits=())[0].model
 w_map = fk.losses.dedier_weight(out.exit_logits.double(), train.y, 3.0)
 for factor in (1.0, 1e-2, 1e-4, 1e-6):
     la = fit_exit_laplace(erm_model.exit, out.phi.double(), out.exit_probs, y=train.y,

@@ -61,10 +61,10 @@ from tqdm import tqdm
 
 import fairkd_utils as fk
 
-run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
+run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           hparams_file=hparams_file, profile_overrides=profile_overrides)
-fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
-teacher = fk.experiment.load_teacher_logits(run)          # stops if notebook 02 has not run
+fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
+teacher = fk.study.load_teacher_logits(run)          # stops if notebook 02 has not run
 methods = list(run.profile.methods)
 do_sweep = run.profile.sweep if sweep is None else bool(sweep)
 
@@ -73,12 +73,12 @@ do_sweep = run.profile.sweep if sweep is None else bool(sweep)
 
 # %%
 if do_sweep:
-    sweep_table, chosen = fk.experiment.sweep(run, sweep_seeds or run.seeds[:2], teacher, methods)
+    sweep_table, chosen = fk.study.sweep(run, sweep_seeds or run.seeds[:2], teacher, methods)
     run.hparams_file = str(run.path("sweep", "hparams.json"))
     display(sweep_table.groupby(["method", "lam", "T", "beta"])[["val_worst_group_acc", "val_avg_acc"]]
             .mean().round(3))
-configs = {m: fk.experiment.method_config(run, m) for m in methods}
-print("hyper-parameters from", fk.experiment.hparams_source(run))
+configs = {m: fk.study.method_config(run, m) for m in methods}
+print("hyper-parameters from", fk.study.hparams_source(run))
 pd.DataFrame([{**c.to_dict(), "config_id": c.config_id} for c in configs.values()]).set_index("method")
 
 # %% [markdown]
@@ -92,11 +92,11 @@ pd.DataFrame([{**c.to_dict(), "config_id": c.config_id} for c in configs.values(
 # and the first 8 minority-group instances of the training split, with $\beta$ as chosen.
 
 # %%
-erm_result, erm_out = fk.experiment.erm_outputs(run, run.seeds[0], splits=("train",))
+erm_result, erm_out = fk.study.erm_outputs(run, run.seeds[0], splits=("train",))
 train = run.splits()["train"]
 exit_la = fk.exit_laplace.fit_exit_laplace(erm_result.model.exit, erm_out["train"].phi.double(),
                                            erm_out["train"].exit_probs, y=train.y)
-minority = fk.experiment.minority_groups(train.group_counts())
+minority = fk.study.minority_groups(train.group_counts())
 batch = torch.nonzero(torch.isin(train.g, torch.tensor(minority))).flatten()[:8]
 exit_logits, phi, y = erm_out["train"].exit_logits[batch].double(), erm_out["train"].phi[batch].double(), train.y[batch]
 lap = exit_la.predict(phi)
@@ -122,7 +122,7 @@ pd.DataFrame({
 # %%
 jobs = [(seed, m) for seed in run.seeds for m in methods]
 for seed, method in tqdm(jobs, desc="students"):
-    result = fk.experiment.run_method(run, method, seed, teacher, configs[method])
+    result = fk.study.run_method(run, method, seed, teacher, configs[method])
     tqdm.write(f"seed {seed} {method:18s} {'reused' if result.reused else 'trained'} "
                f"(best val epoch {result.best_epoch})")
 
@@ -135,9 +135,9 @@ predictions = fk.records.assemble(run.run_dir, "predictions")
 weights = fk.records.assemble(run.run_dir, "weights")
 groups = pd.read_csv(run.path("groups.csv"))
 chosen = pd.DataFrame([{"method": m, "config_id": c.config_id} for m, c in configs.items()])
-per_seed = fk.experiment.per_seed_metrics(metrics, groups).merge(chosen)
+per_seed = fk.metrics.per_seed_metrics(metrics, groups).merge(chosen)
 per_seed = per_seed[per_seed.seed.isin(run.seeds)]   # records of other seeds may be lying around
-summary = fk.experiment.summary_table(per_seed)
+summary = fk.metrics.summary_table(per_seed)
 fk.records.write_csv(run.path("summary.csv"), summary)
 print({name: len(t) for name, t in [("metrics", metrics), ("predictions", predictions),
                                      ("weights", weights), ("summary", summary)]})
@@ -150,7 +150,7 @@ def fmt(r):
     return f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci95_lo']:.3f}, {r['ci95_hi']:.3f}]"
 
 summary.assign(value=summary.apply(fmt, axis=1)).pivot(index="method", columns="metric", values="value") \
-    .reindex([m for m in fk.plots.METHOD_ORDER if m in methods])[list(fk.experiment.SUMMARY_METRICS)]
+    .reindex([m for m in fk.plots.METHOD_ORDER if m in methods])[list(fk.metrics.SUMMARY_METRICS)]
 
 # %% [markdown]
 # ### Paired per-seed differences (same seed, same initialisation)
@@ -163,7 +163,7 @@ wga_rows = summary[summary.metric == "worst_group_acc"].set_index("method")
 pd.DataFrame({f"vs {b}": wga_rows.apply(lambda r, b=b: "" if pd.isna(r.get(f"diff_vs_{b}_mean")) else
                                           f"{r[f'diff_vs_{b}_mean']:+.3f} [{r[f'diff_vs_{b}_ci95_lo']:+.3f}, "
                                           f"{r[f'diff_vs_{b}_ci95_hi']:+.3f}]", axis=1)
-              for b in fk.experiment.BASELINES}).reindex([m for m in fk.plots.METHOD_ORDER if m in methods])
+              for b in fk.profiles.BASELINES}).reindex([m for m in fk.plots.METHOD_ORDER if m in methods])
 
 # %%
 per_seed.pivot_table(index="method", columns="seed", values="worst_group_acc").round(3)
@@ -175,7 +175,7 @@ per_seed.pivot_table(index="method", columns="seed", values="worst_group_acc").r
 # the minority groups lifts their lines above 1; `shuffled` should stay flat by design.
 
 # %%
-fig = fk.plots.weights_by_group(weights[weights.method.isin(fk.losses.REWEIGHTING)])
+fig = fk.plots.weights_by_group(weights[weights.method.isin(fk.profiles.REWEIGHTING)])
 fk.plots.savefig(fig, run.figure("05_weights_by_group"), close=False)
 
 # %% [markdown]
@@ -189,7 +189,7 @@ fk.plots.savefig(fig, run.figure("05_weights_by_group"), close=False)
 if "laplace_kd" in methods:
     effect = fk.records.assemble(run.run_dir, "laplace_effect")
     effect = effect[effect.seed.isin(run.seeds) & (effect.config_id == configs["laplace_kd"].config_id)]
-    display(effect.groupby("epoch")[list(fk.experiment.LAPLACE_EFFECT)].mean().round(4))
+    display(effect.groupby("epoch")[list(fk.study.LAPLACE_EFFECT)].mean().round(4))
 
 # %% [markdown]
 # ## What happened

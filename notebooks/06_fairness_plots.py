@@ -32,17 +32,17 @@ import pandas as pd
 
 import fairkd_utils as fk
 
-run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
+run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           profile_overrides=profile_overrides)
-fk.experiment.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
-tables = {name: fk.records.read_table(fk.experiment.require(run, f"{name}.csv", "05_distillation_comparison"))
+fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
+tables = {name: fk.records.read_table(fk.rundir.require(run, f"{name}.csv", "05_distillation_comparison"))
           for name in ("metrics", "predictions", "summary")}
-groups = fk.records.read_table(fk.experiment.require(run, "groups.csv", "01_data_and_groups"))
+groups = fk.records.read_table(fk.rundir.require(run, "groups.csv", "01_data_and_groups"))
 summary = tables["summary"]
 chosen = summary[["method", "config_id"]].drop_duplicates()          # the configurations 05 compared
 for name in ("metrics", "predictions"):                              # ... and only this run's seeds
     tables[name] = tables[name][tables[name].seed.isin(run.seeds)]
-per_seed = fk.experiment.per_seed_metrics(tables["metrics"], groups).merge(chosen)
+per_seed = fk.metrics.per_seed_metrics(tables["metrics"], groups).merge(chosen)
 per_seed.groupby("method")[["worst_group_acc", "avg_acc"]].agg(["mean", "std"]).round(3)
 
 # %% [markdown]
@@ -107,7 +107,7 @@ w.groupby(["method", "group_name"]).weight.describe()[["mean", "50%", "max"]].ro
 # The right panel's Laplace-KD row is the study's primary contrast.
 
 # %%
-diffs = fk.experiment.paired_differences(per_seed, "worst_group_acc")
+diffs = fk.metrics.paired_differences(per_seed, "worst_group_acc")
 fig = fk.plots.paired_differences(diffs, "worst_group_acc")
 fk.plots.savefig(fig, run.figure("06_paired_differences"), close=False)
 diffs.groupby(["baseline", "method"])[["diff", "lo", "hi"]].agg({"diff": "mean", "lo": "first", "hi": "first"}).round(3)

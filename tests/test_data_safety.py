@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from fairkd_utils import data as fkdata
-from fairkd_utils import experiment
+from fairkd_utils import rundir, study
 from fairkd_utils.data import load_splits
 from fairkd_utils.profiles import get_profile
-from fairkd_utils.train import _describe_data, fingerprint
+from fairkd_utils.checkpoints import describe_data, fingerprint
 from fakes import make_fake_celeba, make_fake_folder, make_fake_waterbirds, write_jpeg
 
 ODD_COUNTS = {"train": (7, 3, 1, 5), "val": (3, 1, 1, 2), "test": (1, 3, 2, 1)}
@@ -53,14 +53,14 @@ def test_lazy_fingerprint_follows_each_files_size_and_mtime(tmp_path):
     root = tmp_path / "data"
     make_fake_folder(root, counts=ODD_COUNTS)
     train = load_splits("folder", root)["train"]
-    before = fingerprint(_describe_data(train))
-    assert fingerprint(_describe_data(load_splits("folder", root)["train"])) == before
+    before = fingerprint(describe_data(train))
+    assert fingerprint(describe_data(load_splits("folder", root)["train"])) == before
     write_jpeg(Path(train.paths[3]), seed=999, size=16)  # regenerated, same name
-    assert fingerprint(_describe_data(train)) != before
-    again = fingerprint(_describe_data(train))
+    assert fingerprint(describe_data(train)) != before
+    again = fingerprint(describe_data(train))
     st = os.stat(train.paths[0])
     os.utime(train.paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # touched only
-    assert fingerprint(_describe_data(train)) != again
+    assert fingerprint(describe_data(train)) != again
 
 
 def test_in_memory_fingerprint_is_what_it_was():
@@ -71,8 +71,8 @@ def test_in_memory_fingerprint_is_what_it_was():
     ds = fkdata.GroupDataset("synthetic", "train", y, a, n_classes=2, n_attrs=2,
                              group_names=fkdata.BIRD_GROUP_NAMES,
                              ids=[f"i{k}" for k in range(6)], x=x, image_size=4)
-    assert "files" not in _describe_data(ds)
-    assert fingerprint(_describe_data(ds)) == "4cf2d573bc018707"
+    assert "files" not in describe_data(ds)
+    assert fingerprint(describe_data(ds)) == "4cf2d573bc018707"
 
 
 # --------------------------------------------------------------------------- 3: each file once
@@ -265,10 +265,10 @@ def test_decoding_many_images_shows_a_progress_bar(tmp_path, monkeypatch, capsys
 
 
 def test_minority_groups_of_balanced_data_are_the_smallest_or_none():
-    assert experiment.minority_groups([3498, 184, 56, 1057]) == [1, 2]  # unchanged
-    assert experiment.minority_groups([10, 10, 9, 10]) == [2]
-    assert experiment.minority_groups([9, 10, 9, 12, 11, 10]) == [0, 2]
-    assert experiment.minority_groups([5, 5, 5, 5]) == []
+    assert study.minority_groups([3498, 184, 56, 1057]) == [1, 2]  # unchanged
+    assert study.minority_groups([10, 10, 9, 10]) == [2]
+    assert study.minority_groups([9, 10, 9, 12, 11, 10]) == [0, 2]
+    assert study.minority_groups([5, 5, 5, 5]) == []
 
 
 def _premise_cells():
@@ -290,8 +290,8 @@ def test_notebook_03_premise_check_handles_balanced_training_data(counts, capsys
                             group_names=["g0", "g1", "g2", "g3"])
     namespace = {"pd": pd, "np": np, "frame": frame, "train_preds": {0: frame},
                  "splits": {"train": train},
-                 "minority": experiment.minority_groups(counts),
-                 "fk": SimpleNamespace(experiment=SimpleNamespace(exit_frame=lambda p, ds: p))}
+                 "minority": study.minority_groups(counts),
+                 "fk": SimpleNamespace(study=SimpleNamespace(exit_frame=lambda p, ds: p))}
     for source in _premise_cells():
         exec(source, namespace)
     out = capsys.readouterr().out
@@ -306,11 +306,11 @@ def test_data_scale_applies_to_synthetic_data_only(tmp_path):
     smoke = get_profile("smoke")
     assert smoke.data_scale < 0.5
     make_fake_folder(tmp_path / "data", counts=ODD_COUNTS)
-    run = experiment.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=smoke, dataset="folder",
+    run = rundir.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=smoke, dataset="folder",
                          data_root=str(tmp_path / "data"), seeds=[0], device="cpu")
     for split, counts in ODD_COUNTS.items():
         assert run.splits()[split].group_counts().tolist() == list(counts)
-    synth = experiment.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=smoke,
+    synth = rundir.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=smoke,
                            dataset="synthetic", data_root=None, seeds=[0], device="cpu")
     assert synth.splits()["train"].group_counts().tolist() == \
         fkdata.synthetic_counts("train", smoke.data_scale)

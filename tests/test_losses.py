@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fairkd_utils import losses as L
+from fairkd_utils import profiles
 from fairkd_utils.data import Batch
 from fairkd_utils.exit_laplace import ExitLaplace, KronFactors, LaplacePrediction
 from fairkd_utils.models import ExitHead, StudentOutput, phi_tilde
@@ -237,12 +238,12 @@ def test_warm_up_gives_unit_weights_for_every_reweighting_method():
     teacher, y, a, phi = _setup()
     model = _Student()
     counts = torch.bincount(y * 2 + a, minlength=4)
-    for method in L.REWEIGHTING:
+    for method in profiles.REWEIGHTING:
         cfg = L.default_config(method, warmup_epochs=2, normalise=False)
         obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N,
                                n_classes=C, model=model)
         for epoch in range(3):
-            term = L.METHOD_SPECS[method].terms[0]
+            term = profiles.METHOD_SPECS[method].terms[0]
             ws = [obj.loss(out, b, epoch)[1][term] for b, out in _batches(y, a, phi, model)]
             obj.on_epoch_end(epoch)
             w = torch.cat(ws)
@@ -318,7 +319,7 @@ def test_objectives_need_what_their_method_reads():
 
 
 def test_objective_fingerprint_description_changes_with_every_hyperparameter():
-    from fairkd_utils.train import fingerprint
+    from fairkd_utils.checkpoints import fingerprint
     teacher, y, a, phi = _setup()
     base = L.default_config("dedier")
     fp = lambda cfg, t=teacher: fingerprint(L.make_objective(cfg, teacher_logits=t).describe())  # noqa: E731
@@ -372,7 +373,7 @@ def test_shuffled_keeps_the_batch_multiset_of_dedier_both_weights_but_not_their_
 def test_the_method_table_decides_terms_teacher_and_labels(method):
     """One table says, per method, where its weight comes from and which terms it
     multiplies; the objective built from it behaves accordingly after warm-up."""
-    spec = L.METHOD_SPECS[method]
+    spec = profiles.METHOD_SPECS[method]
     teacher, y, a, phi = _setup()
     model = _Student()
     counts = torch.bincount(y * 2 + a, minlength=4)
@@ -390,7 +391,7 @@ def test_the_method_table_decides_terms_teacher_and_labels(method):
     for term in ("ce", "kd"):
         weighted = not torch.allclose(w[term], torch.ones_like(w[term]))
         assert weighted == (term in spec.terms), (method, term)
-    assert method in L.REWEIGHTING if spec.terms else method not in L.REWEIGHTING
+    assert method in profiles.REWEIGHTING if spec.terms else method not in profiles.REWEIGHTING
     if spec.group_labels:  # the weight is a function of the true group alone
         g = batch.y * 2 + batch.a
         for k in g.unique():

@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from fairkd_utils import experiment, pipeline, train
+from fairkd_utils import pipeline, rundir, train
 from fairkd_utils.profiles import METHODS
 
 # One tiny notebook "01" (no prerequisites): it logs like the training loop, draws a
@@ -30,7 +30,7 @@ device = "cpu"
 import logging
 from pathlib import Path
 import fairkd_utils as fk
-run = fk.experiment.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, "cpu")
+run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, "cpu")
 logging.getLogger("fairkd").info("fake-seed%d epoch 1/1 loss 0.5", run.seeds[0])
 Path(figures_dir, "fake.png").write_bytes(b"png")
 if Path(run_dir, "fail").exists():
@@ -217,7 +217,7 @@ def test_the_training_loop_logs_one_line_per_epoch(caplog):
 def test_setup_appends_the_fairkd_log_to_run_log_once(tmp_path):
     logger = logging.getLogger("fairkd")
     for run_dir in ("a", "a", "b"):
-        experiment.setup(tmp_path / run_dir, tmp_path / "fig", "smoke", device="cpu")
+        rundir.setup(tmp_path / run_dir, tmp_path / "fig", "smoke", device="cpu")
         logger.info("line in %s", run_dir)
     handlers = [h for h in logger.handlers if getattr(h, "fairkd_run_log", None)]
     assert len(handlers) == 1

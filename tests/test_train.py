@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairkd_utils import models, train
+from fairkd_utils import checkpoints, models, profiles, train
 from fairkd_utils.data import GroupDataset
 from fairkd_utils.profiles import get_profile
 
@@ -112,7 +112,7 @@ def test_corrupt_checkpoint_gives_a_clear_error_not_a_pickle_traceback(splits, t
     res = train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1),
                             ckpt_dir=tmp_path, name="teacher")
     res.checkpoint.write_bytes(b"\x00garbage")
-    with pytest.raises(train.CheckpointError, match="corrupt.*delete it"):
+    with pytest.raises(checkpoints.CheckpointError, match="corrupt.*delete it"):
         train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1),
                           ckpt_dir=tmp_path, name="teacher")
 
@@ -120,13 +120,13 @@ def test_corrupt_checkpoint_gives_a_clear_error_not_a_pickle_traceback(splits, t
 def test_a_checkpoint_from_another_config_gives_a_clear_error(splits, tmp_path):
     res = train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1),
                             ckpt_dir=tmp_path, name="teacher")
-    with pytest.raises(train.CheckpointError, match="produced by another config"):
-        train.load_checkpoint(res.checkpoint, expected_fingerprint="0" * 16)
+    with pytest.raises(checkpoints.CheckpointError, match="produced by another config"):
+        checkpoints.load_checkpoint(res.checkpoint, expected_fingerprint="0" * 16)
     # a foreign file under this config's name is refused too, not silently used
     fp = train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1, lr=0.2),
                            ckpt_dir=None, name="teacher").fingerprint
     res.checkpoint.rename(tmp_path / f"teacher-{fp}.pt")
-    with pytest.raises(train.CheckpointError, match="another config"):
+    with pytest.raises(checkpoints.CheckpointError, match="another config"):
         train.train_model(models.build_teacher(TINY, 2, seed=0), splits, _cfg(epochs=1, lr=0.2),
                           ckpt_dir=tmp_path, name="teacher")
 
@@ -239,7 +239,7 @@ def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_p
 
     ds = splits["train"]
     teacher = torch.randn(len(ds), 2, generator=torch.Generator().manual_seed(5)) * 2
-    lam = 0.5 if losses.METHOD_SPECS[method].distils else 0.0
+    lam = 0.5 if profiles.METHOD_SPECS[method].distils else 0.0
     config = losses.default_config(method, lam=lam, T=2.0 if lam else 1.0, beta=2.0, warmup_epochs=2)
     tcfg = _cfg(epochs=4, select_after=2)
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fairkd_utils import experiment, losses, metrics, models, pipeline, records, train
+from fairkd_utils import checkpoints, losses, metrics, models, pipeline, profiles, records, rundir, study, train
 from test_train import TINY, _cfg, _split
 
 
@@ -28,7 +28,7 @@ def no_retrain(monkeypatch):
 
 
 def _smoke_run(tmp_path, profile="smoke"):
-    return experiment.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=experiment.get_profile(profile),
+    return rundir.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=profiles.get_profile(profile),
                           dataset="synthetic", data_root=None, seeds=[0], device="cpu")
 
 
@@ -43,32 +43,32 @@ def _messages(caplog):
 
 # ---------------------------------------------------------------- 1: code in the fingerprint
 def test_the_fingerprint_covers_the_source_of_the_modules_that_train(tmp_path):
-    package = os.path.dirname(experiment.__file__)
-    for module in experiment.CODE_MODULES:
+    package = os.path.dirname(study.__file__)
+    for module in checkpoints.CODE_MODULES:
         shutil.copy(os.path.join(package, f"{module}.py"), tmp_path)
-    before = experiment.code_fingerprint(tmp_path / ".")
-    assert before == experiment.code_fingerprint(str(tmp_path)) != ""
+    before = checkpoints.code_fingerprint(tmp_path / ".")
+    assert before == checkpoints.code_fingerprint(str(tmp_path)) != ""
     source = (tmp_path / "losses.py").read_text()
     assert "def _raw_weight" in source
     (tmp_path / "losses.py").write_text(source.replace("def _raw_weight", "def _raw_weight  ", 1))
-    experiment.code_fingerprint.cache_clear()
-    assert experiment.code_fingerprint(tmp_path) != before
-    assert {"data", "models", "losses", "exit_laplace", "train", "experiment", "profiles"} <= set(
-        experiment.CODE_MODULES)
+    checkpoints.code_fingerprint.cache_clear()
+    assert checkpoints.code_fingerprint(tmp_path) != before
+    assert {"data", "models", "losses", "exit_laplace", "train", "checkpoints", "study", "rundir", "profiles"} <= set(
+        checkpoints.CODE_MODULES)
 
 
 def test_runs_fingerprint_holds_the_code_and_no_hand_bumped_version(tmp_path):
     extra = _smoke_run(tmp_path).fingerprint_extra()
-    assert extra["code"] == experiment.code_fingerprint()
-    assert "study_version" not in extra and not hasattr(experiment, "STUDY_VERSION")
+    assert extra["code"] == checkpoints.code_fingerprint()
+    assert "study_version" not in extra and not hasattr(study, "STUDY_VERSION")
 
 
 def test_a_library_edit_retrains_instead_of_reusing(splits, tmp_path, no_retrain):
     run = _smoke_run(tmp_path)
-    no_retrain.setattr(experiment, "code_fingerprint", lambda folder=None: "old-code")
+    no_retrain.setattr(rundir, "code_fingerprint", lambda folder=None: "old-code")
     first = _student(splits, tmp_path, run.fingerprint_extra())
     assert _student(splits, tmp_path, run.fingerprint_extra()).reused
-    no_retrain.setattr(experiment, "code_fingerprint", lambda folder=None: "edited-code")
+    no_retrain.setattr(rundir, "code_fingerprint", lambda folder=None: "edited-code")
     edited = _student(splits, tmp_path, run.fingerprint_extra())
     assert not edited.reused and edited.checkpoint != first.checkpoint
 
@@ -105,7 +105,7 @@ def test_a_corrupt_checkpoint_asked_to_retrain_is_replaced(splits, tmp_path, no_
     first.checkpoint.write_bytes(b"garbage")
     no_retrain.setenv("FAIRKD_RETRAIN", "student")
     assert not _student(splits, tmp_path).reused
-    assert torch.load(first.checkpoint, weights_only=True)["format"] == train.CHECKPOINT_FORMAT
+    assert torch.load(first.checkpoint, weights_only=True)["format"] == checkpoints.CHECKPOINT_FORMAT
 
 
 def test_the_warmup_state_is_reused_with_a_log_line_and_retrained_on_request(
@@ -273,11 +273,11 @@ def test_each_record_names_the_notebook_that_writes_it(kind, name, notebook):
 
 # ---------------------------------------------------------------- 13: plumbing-check profile
 def test_the_smoke_profile_says_its_numbers_mean_nothing_and_where_real_ones_are(tmp_path):
-    note = experiment.profile_note(_smoke_run(tmp_path))
+    note = rundir.profile_note(_smoke_run(tmp_path))
     assert "plumbing check" in note and "meaningless" in note and "make reproduce" in note
     assert "results/reference/synthetic-default/summary.csv" in note
-    assert experiment.profile_note(_smoke_run(tmp_path, "default")) is None
-    root = experiment.REPO_ROOT
+    assert rundir.profile_note(_smoke_run(tmp_path, "default")) is None
+    root = rundir.REPO_ROOT
     assert (root / "results" / "reference" / "synthetic-default" / "summary.csv").is_file()
     assert "## What the reference run shows" in (root / "README.md").read_text()
 
@@ -286,6 +286,6 @@ def test_the_smoke_profile_says_its_numbers_mean_nothing_and_where_real_ones_are
 def test_every_notebook_prints_the_note_right_after_setup(path):
     body = ast.parse(path.read_text()).body
     setup = [i for i, node in enumerate(body) if isinstance(node, ast.Assign)
-             and ast.unparse(node.value).startswith("fk.experiment.setup(")]
+             and ast.unparse(node.value).startswith("fk.rundir.setup(")]
     assert len(setup) == 1
-    assert ast.unparse(body[setup[0] + 1]) == "fk.experiment.print_profile_note(run)"
+    assert ast.unparse(body[setup[0] + 1]) == "fk.rundir.print_profile_note(run)"

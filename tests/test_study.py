@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fairkd_utils import experiment, plots
+from fairkd_utils import metrics as M
+from fairkd_utils import plots, profiles, rundir, study
 
 
 def test_auroc_equals_the_share_of_correctly_ordered_pairs():
@@ -18,14 +19,14 @@ def test_auroc_equals_the_share_of_correctly_ordered_pairs():
     labels = rng.random(60) < 0.3
     pairs = [(1.0 if p > n else 0.5 if p == n else 0.0)
              for p, n in itertools.product(scores[labels], scores[~labels])]
-    assert experiment.auroc(scores, labels) == pytest.approx(np.mean(pairs))
-    assert experiment.auroc(-scores, labels) == pytest.approx(1 - np.mean(pairs))  # no flipping
-    assert math.isnan(experiment.auroc(scores, np.zeros(60, bool)))
+    assert M.auroc(scores, labels) == pytest.approx(np.mean(pairs))
+    assert M.auroc(-scores, labels) == pytest.approx(1 - np.mean(pairs))  # no flipping
+    assert math.isnan(M.auroc(scores, np.zeros(60, bool)))
 
 
 def test_minority_groups_are_the_small_training_groups():
-    assert experiment.minority_groups([3498, 184, 56, 1057]) == [1, 2]
-    assert experiment.minority_groups([71629, 66874, 22880, 1387]) == [3]
+    assert study.minority_groups([3498, 184, 56, 1057]) == [1, 2]
+    assert study.minority_groups([71629, 66874, 22880, 1387]) == [3]
 
 
 def _metrics_table():
@@ -46,7 +47,7 @@ def _metrics_table():
 
 def test_per_seed_metrics_by_hand():
     metrics, groups = _metrics_table()
-    ps = experiment.per_seed_metrics(metrics, groups).set_index(["method", "seed"])
+    ps = M.per_seed_metrics(metrics, groups).set_index(["method", "seed"])
     row = ps.loc[("kd", 0)]
     assert row.worst_group_acc == 0.4
     assert row.group_gap == pytest.approx(0.5)
@@ -57,8 +58,8 @@ def test_per_seed_metrics_by_hand():
 
 def test_summary_interval_is_student_t_and_differences_are_paired():
     metrics, groups = _metrics_table()
-    ps = experiment.per_seed_metrics(metrics, groups)
-    s = experiment.summary_table(ps).set_index(["method", "metric"])
+    ps = M.per_seed_metrics(metrics, groups)
+    s = M.summary_table(ps).set_index(["method", "metric"])
     wga = s.loc[("dedier", "worst_group_acc")]
     assert wga["mean"] == pytest.approx(0.6) and wga["std"] == pytest.approx(0.0)
     kd = s.loc[("kd", "worst_group_acc")]
@@ -68,7 +69,7 @@ def test_summary_interval_is_student_t_and_differences_are_paired():
     # paired: dedier - kd per seed = (0.2, 0.1)
     assert wga["diff_vs_kd_mean"] == pytest.approx(0.15)
     assert wga["diff_vs_kd_std"] == pytest.approx(np.std([0.2, 0.1], ddof=1))
-    d = experiment.paired_differences(ps)
+    d = M.paired_differences(ps)
     assert sorted(d["diff"].round(6)) == [0.1, 0.2]
 
 
@@ -100,26 +101,26 @@ def test_config_ids_differ_between_methods_and_never_read_as_numbers(tmp_path):
 
 def test_summary_refuses_an_ambiguous_baseline():
     metrics, groups = _metrics_table()
-    ps = experiment.per_seed_metrics(metrics, groups)
+    ps = M.per_seed_metrics(metrics, groups)
     ps = pd.concat([ps, ps[ps.method == "kd"].assign(config_id="other")])
     with pytest.raises(ValueError, match="kd has several configurations"):
-        experiment.summary_table(ps)
+        M.summary_table(ps)
 
 
 def test_a_bad_hyperparameter_file_is_named(tmp_path, monkeypatch):
-    run = experiment.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=experiment.get_profile("smoke"),
+    run = rundir.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=profiles.get_profile("smoke"),
                          dataset="synthetic", data_root=None, seeds=[0], device="cpu")
     bad = tmp_path / "hparams.json"
     bad.write_text('{"synthetic-smoke": {"dedier": {"betta": 2}}}')
-    monkeypatch.setattr(experiment, "HPARAMS_FILE", bad)
+    monkeypatch.setattr(study, "HPARAMS_FILE", bad)
     with pytest.raises(ValueError, match="hparams.json.*: bad entry for 'dedier'"):
-        experiment.method_config(run, "dedier")
+        study.method_config(run, "dedier")
     bad.write_text('{"synthetic-smoke": {"dedeir": {"beta": 2}}}')
     with pytest.raises(ValueError, match="unknown methods \\['dedeir'\\]"):
-        experiment.method_config(run, "dedier")
+        study.method_config(run, "dedier")
     bad.write_text('{"synthetic-smoke": {"dedier": {"beta": 2.5}}}')
-    assert experiment.method_config(run, "dedier").beta == 2.5
-    assert experiment.method_config(run, "dedier").warmup_epochs == run.profile.warmup_epochs
+    assert study.method_config(run, "dedier").beta == 2.5
+    assert study.method_config(run, "dedier").warmup_epochs == run.profile.warmup_epochs
 
 
 
@@ -129,7 +130,7 @@ def test_summary_carries_paired_differences_against_kd_and_dedier_both():
         for method, v in (("kd", kd), ("dedier_both", both), ("laplace_kd", lap)):
             rows.append({"method": method, "config_id": "c" + method, "seed": seed, "worst_group_acc": v,
                          "avg_acc": 0.8, "train_weighted_acc": 0.9, "group_gap": 0.3, "ece": 0.1})
-    s = experiment.summary_table(pd.DataFrame(rows))
+    s = M.summary_table(pd.DataFrame(rows))
     lap = s[(s.method == "laplace_kd") & (s.metric == "worst_group_acc")].iloc[0]
     diffs = np.array([0.65 - 0.6, 0.5 - 0.55, 0.6 - 0.5])
     assert lap.diff_vs_dedier_both_mean == pytest.approx(diffs.mean())
@@ -161,21 +162,21 @@ def test_calibration_conditions_from_hand_made_metrics():
 
 
 def test_hyperparameters_share_kds_lam_and_t_and_refuse_them_elsewhere(tmp_path):
-    run = experiment.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=experiment.get_profile("smoke"),
+    run = rundir.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=profiles.get_profile("smoke"),
                          dataset="synthetic", data_root=None, seeds=[0], device="cpu",
                          hparams_file=str(tmp_path / "h.json"))
     (tmp_path / "h.json").write_text('{"synthetic-smoke": {"kd": {"lam": 0.9, "T": 4}, '
                                      '"dedier_both": {"beta": 2}, "laplace_kd": {"beta": 1, "score": "margin"}}}')
-    cfgs = {m: experiment.method_config(run, m) for m in experiment.get_profile("smoke").methods}
+    cfgs = {m: study.method_config(run, m) for m in profiles.get_profile("smoke").methods}
     for m, c in cfgs.items():
         assert (c.lam, c.T) == ((0.9, 4.0) if m not in ("erm", "group_balanced_erm") else (0.0, 1.0)), m
     assert cfgs["shuffled"].beta == cfgs["dedier_both"].beta == 2 and cfgs["laplace_kd"].beta == 1
     (tmp_path / "h.json").write_text('{"synthetic-smoke": {"dedier": {"lam": 0.5}}}')
     with pytest.raises(ValueError, match="lam and T are kd's"):
-        experiment.method_config(run, "dedier")
+        study.method_config(run, "dedier")
     (tmp_path / "h.json").write_text('{"synthetic-default": {}}')
     with pytest.raises(ValueError, match="no entry for 'synthetic-smoke'"):
-        experiment.method_config(run, "kd")
+        study.method_config(run, "kd")
 
 
 def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, monkeypatch):
@@ -189,14 +190,14 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
 
     from fairkd_utils import train
 
-    run = experiment.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic", None, [0, 1], "cpu")
+    run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic", None, [0, 1], "cpu")
     val = run.splits()["val"]
     score = {}
 
     def fake_student(run_, cfg, seed, teacher=None, ckpt_dir=None, progress=True):
         target = {"kd": 0.6 if (cfg.lam, cfg.T) == (0.9, 2.0) else 0.4}.get(cfg.method)
         if target is None:  # the smallest beta best for dedier_both, the largest for the others
-            best = experiment.SWEEP_GRID["beta"][0 if cfg.method == "dedier_both" else -1]
+            best = study.SWEEP_GRID["beta"][0 if cfg.method == "dedier_both" else -1]
             target = 0.7 if cfg.beta == best else 0.5
         score[cfg.config_id] = target + (0.05 if seed == 1 else 0.0)
         return SimpleNamespace(model=cfg.config_id, reused=False)
@@ -212,11 +213,11 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
         logits = torch.nn.functional.one_hot(pred, 2).float() * 4
         return train.Predictions(logits, None, None, ds.y, ds.a, ds.g)
 
-    monkeypatch.setattr(experiment, "train_student", fake_student)
+    monkeypatch.setattr(study, "train_student", fake_student)
     monkeypatch.setattr(train, "predict", fake_predict)
-    table, chosen = experiment.sweep(run, [0, 1], teacher={"train": None})
+    table, chosen = study.sweep(run, [0, 1], teacher={"train": None})
     assert chosen["kd"] == {"lam": 0.9, "T": 2.0}
-    low, high = experiment.SWEEP_GRID["beta"][0], experiment.SWEEP_GRID["beta"][-1]
+    low, high = study.SWEEP_GRID["beta"][0], study.SWEEP_GRID["beta"][-1]
     assert chosen["dedier_both"]["beta"] == low and chosen["dedier"]["beta"] == high
     assert chosen["laplace_kd"] == {"beta": high, "score": "margin"}
     assert set(table.seed) == {0, 1}
@@ -225,18 +226,18 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
     assert {k: v for k, v in written.items() if k != "_comment"} == chosen
     run.hparams_file = str(run.run_dir / "sweep" / "hparams.json")
     for m in ("dedier", "dedier_both", "laplace_kd", "shuffled", "group_balanced"):
-        c = experiment.method_config(run, m)
+        c = study.method_config(run, m)
         assert (c.lam, c.T) == (0.9, 2.0)
-    assert experiment.method_config(run, "shuffled").beta == low
+    assert study.method_config(run, "shuffled").beta == low
 
 
 def test_an_invalid_hyperparameter_file_is_named(tmp_path):
     bad = tmp_path / "h.json"
     bad.write_text('{"synthetic-smoke": {"kd": {"lam": 0.9,}}}')
     with pytest.raises(ValueError, match=r"h\.json' is not valid JSON"):
-        experiment.read_hparams(bad)
+        study.read_hparams(bad)
     bad.write_bytes(b'{"synthetic-smoke": "\xff"}')
     with pytest.raises(ValueError, match=r"h\.json' is not valid JSON"):
-        experiment.read_hparams(bad)
+        study.read_hparams(bad)
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
-        experiment.read_hparams(tmp_path / "nowhere.json")
+        study.read_hparams(tmp_path / "nowhere.json")

@@ -1,157 +1,27 @@
-"""The study's steps as named functions, shared by the notebooks: set up a run,
-load its data, and (later sections) train or reuse teacher and students and
-record what they predict.
+"""What the notebooks orchestrate: train or reuse the teacher and the students,
+choose the hyper-parameters, and record what every model predicts.
 
-Notebooks stay short and narrate; everything two notebooks need lives here.
+Notebooks stay short and narrate; the steps two notebooks share live here. The
+formulas are elsewhere: losses and weights in ``losses``, the exit's Laplace in
+``exit_laplace``, the loop in ``train``, the statistics in ``metrics``.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-from dataclasses import dataclass, field
+import dataclasses
+import itertools
+import json
+import time
 from pathlib import Path
 
-from . import records
-from .profiles import Profile, get_profile
+import numpy as np
+import pandas as pd
+import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-#: The library modules that produce checkpoints: the bytes of their source go into
-#: every checkpoint fingerprint (:func:`code_fingerprint`), so editing any of them
-#: retrains instead of reusing checkpoints of the old code. (``metrics``: the val
-#: metrics that choose the kept epoch.)
-CODE_MODULES = ("data", "models", "losses", "exit_laplace", "train", "metrics", "experiment",
-                "profiles")
-
-
-@functools.lru_cache(maxsize=None)
-def code_fingerprint(folder=None) -> str:
-    """A hash (16 hex digits) of the source of :data:`CODE_MODULES` in ``folder``
-    (default: this package's), computed once per process."""
-    folder = Path(folder) if folder else Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for module in CODE_MODULES:
-        source = (folder / f"{module}.py").read_bytes()
-        h.update(f"{module}.py {len(source)}\n".encode())
-        h.update(source)
-    return h.hexdigest()[:16]
-
-
-def configure_threads(n: int | None = None) -> int:
-    """Use the cores this process may run on (``os.sched_getaffinity``), or ``n``."""
-    import torch
-
-    if n is None:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
-
-
-@dataclass
-class Run:
-    """Where a run's files go and how it was configured (the parameters cell, resolved)."""
-    run_dir: Path
-    figures_dir: Path
-    profile: Profile
-    dataset: str
-    data_root: str | None
-    seeds: list[int]
-    device: str
-    hparams_file: str | None = None
-    _splits: dict | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}-{self.profile.name}"
-
-    def splits(self) -> dict:
-        """train/val/test datasets for this run (built once per process)."""
-        if self._splits is None:
-            from . import data
-
-            p = self.profile
-            scale = p.data_scale if self.dataset == "synthetic" else 1.0  # real data: all of it
-            self._splits = data.load_splits(self.dataset, self.data_root, image_size=p.image_size,
-                                            scale=scale, seed=0, augment=p.augment)
-        return self._splits
-
-    def path(self, *parts) -> Path:
-        return self.run_dir.joinpath(*parts)
-
-    def figure(self, slug: str) -> Path:
-        return self.figures_dir / slug
-
-    def keys(self, **extra) -> dict:
-        return {"dataset": self.dataset, "profile": self.profile.name, **extra}
-
-    def fingerprint_extra(self) -> dict:
-        """What identifies this run's data and code in checkpoint fingerprints: the
-        source of the library modules that produce checkpoints (:func:`code_fingerprint`)."""
-        return self.keys(data_root=self.data_root, code=code_fingerprint(),
-                         profile_fields=self.profile.to_dict())
-
-
-def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
-          data_root=None, seeds=None, device: str = "auto", hparams_file=None,
-          profile_overrides=None) -> Run:
-    """Resolve a notebook's parameters into a :class:`Run` (creating its folders), and
-    append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``."""
-    import logging
-
-    from .pipeline import resolve_device
-    from .profiles import DATASETS, apply_overrides, overrides_tag
-
-    prof = apply_overrides(get_profile(profile), profile_overrides)
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
-    name = f"{dataset}-{profile}{overrides_tag(profile_overrides)}"
-    run_dir = Path(run_dir) if run_dir else REPO_ROOT / "results" / name
-    figures_dir = Path(figures_dir) if figures_dir else REPO_ROOT / "figures" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    logger, log_file = logging.getLogger("fairkd"), str((run_dir / "run.log").resolve())
-    for old in [h for h in logger.handlers if getattr(h, "fairkd_run_log", None) not in (None, log_file)]:
-        logger.removeHandler(old)  # an earlier run of this process
-        old.close()
-    if not any(getattr(h, "fairkd_run_log", None) == log_file for h in logger.handlers):
-        handler = logging.FileHandler(log_file, encoding="utf-8")  # appends
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        handler.fairkd_run_log = log_file
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    device = resolve_device(device)
-    if device == "cpu":
-        configure_threads()
-    return Run(run_dir=run_dir, figures_dir=figures_dir, profile=prof, dataset=dataset,
-               data_root=data_root, seeds=list(seeds) if seeds else list(prof.seeds), device=device,
-               hparams_file=str(hparams_file) if hparams_file else None)
-
-
-def profile_note(run: Run) -> str | None:
-    """A plain warning for a profile whose numbers mean nothing (``smoke``), else None."""
-    if run.profile.name != "smoke":
-        return None
-    return ("NOTE: profile 'smoke' is a plumbing check (tiny data, 1-2 epochs): every number "
-            "below is meaningless (students predict one class, intervals read 'nan'). For real "
-            "results run `make reproduce` (the default profile), or read README, 'What the "
-            "reference run shows', and results/reference/synthetic-default/summary.csv.")
-
-
-def print_profile_note(run: Run) -> None:
-    """Print :func:`profile_note` when there is one (each notebook, after setup)."""
-    note = profile_note(run)
-    if note:
-        print(note)
-
-
-def require(run: Run, relpath: str, notebook: str) -> Path:
-    """A prerequisite file of the run, or a clear stop naming the notebook to run."""
-    return records.require(run.path(relpath), notebook)
-
+from . import checkpoints, data, losses, metrics, models, records, train
+from .exit_laplace import fit_exit_laplace
+from .profiles import METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_BETA
+from .rundir import Run, require
 
 # --------------------------------------------------------------------------- teacher
 #: One teacher per (dataset, profile), shared by all student seeds.
@@ -164,8 +34,6 @@ def _n_classes(run: Run) -> int:
 
 
 def train_config(run: Run, role: str, seed: int, **overrides):
-    from . import train
-
     if role == "student":
         # Never keep a warm-up epoch: there every reweighting method is still kd.
         overrides.setdefault("select_after", run.profile.warmup_epochs)
@@ -180,8 +48,6 @@ def uses_pretraining_corpus(run: Run) -> bool:
 
 def pretraining_corpus(run: Run, seed: int = TEACHER_SEED) -> dict:
     """The teacher's pretraining corpus (``data.make_pretraining_corpus``) for ``run``."""
-    from . import data
-
     p = run.profile
     return data.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
                                         alignment=p.teacher_pretrain_alignment,
@@ -200,8 +66,6 @@ def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
     ``"trained"``: ``teacher_epochs`` on the study's training split, from
     ``weights_path`` if given. The teacher is plain ERM and never sees group labels,
     so it is selected on average accuracy."""
-    from . import models, train
-
     p = run.profile
     n_classes = _n_classes(run)
     model = models.build_teacher(p, n_classes, weights_path, seed=seed)
@@ -237,12 +101,8 @@ def train_teacher(run: Run, weights_path=None, seed: int = TEACHER_SEED, progres
 def save_teacher_logits(run: Run, result) -> dict:
     """Teacher logits on every split (eval mode, no augmentation), saved atomically
     with the teacher's fingerprint so students can check what they distil from."""
-    from . import train
-
-    from .train import _describe_data
-
     out = {"fingerprint": result.fingerprint,
-           "train_data": str(_describe_data(run.splits()["train"]))}
+           "train_data": str(checkpoints.describe_data(run.splits()["train"]))}
     for split, ds in run.splits().items():
         out[split] = train.predict(result.model, ds, device=run.device).logits
     records.torch_save(run.path(TEACHER_LOGITS), out)
@@ -250,13 +110,9 @@ def save_teacher_logits(run: Run, result) -> dict:
 
 
 def load_teacher_logits(run: Run) -> dict:
-    import torch
-
-    from .train import _describe_data
-
     path = require(run, TEACHER_LOGITS, "02_teacher")
     logits = torch.load(path, map_location="cpu", weights_only=True)
-    if logits.get("train_data") != str(_describe_data(run.splits()["train"])):
+    if logits.get("train_data") != str(checkpoints.describe_data(run.splits()["train"])):
         raise ValueError(f"{path} holds the logits of a teacher trained on other data "
                          "(another --data-root or data version): rerun notebook 02_teacher")
     return logits
@@ -269,8 +125,6 @@ HPARAMS_FILE = Path(__file__).with_name("hparams.json")
 def read_hparams(path) -> dict:
     """A hyper-parameter file ``{"<dataset>-<profile>": {method: {field: value}}}``,
     or a clear error naming the file."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"hyper-parameter file {str(path)!r} not found; give an existing "
@@ -290,8 +144,6 @@ def hparams_table(run: Run) -> tuple[dict, str]:
     the file named by ``run.hparams_file`` (it must have an entry for this run), else
     the committed ``fairkd_utils/hparams.json``'s entry for ``<dataset>-<profile>``,
     else the library defaults. Never another dataset's or profile's entry."""
-    from .profiles import METHODS
-
     path = Path(run.hparams_file) if run.hparams_file else HPARAMS_FILE
     if not run.hparams_file and not path.exists():
         return {}, "library defaults (no fairkd_utils/hparams.json)"
@@ -314,8 +166,6 @@ def hparams_for(table: dict, method: str, source: str = "hyper-parameter table")
     """The overrides ``method`` takes from a chosen table: lam and T from ``kd``'s entry
     (shared by every distillation method), beta from the method it borrows it from
     (``METHOD_SPECS[method].beta_from``), other fields (e.g. ``score``) from its own."""
-    from .losses import METHOD_SPECS
-
     spec = METHOD_SPECS[method]
     own = dict(table.get(method, {}))
     shared = sorted({"lam", "T"} & set(own)) if method != "kd" else []
@@ -335,8 +185,6 @@ def hparams_for(table: dict, method: str, source: str = "hyper-parameter table")
 def method_config(run: Run, method: str):
     """The method's hyper-parameters: :func:`hparams_table` over the library defaults
     (``losses.DEFAULT_HPARAMS``), with the profile's warm-up (the same for every method)."""
-    from . import losses
-
     table, source = hparams_table(run)
     overrides = hparams_for(table, method, source)
     overrides["warmup_epochs"] = run.profile.warmup_epochs
@@ -359,8 +207,6 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
     the dict of :func:`load_teacher_logits` (needed when ``config.lam > 0``).
     With training augmentation (``paper`` profile) the teacher model itself is run
     on each augmented batch instead of the cached logits."""
-    from . import losses, models, train
-
     splits = run.splits()
     ds = splits["train"]
     model = models.build_student(run.profile, ds.n_classes, seed=seed)
@@ -378,7 +224,7 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
     ckpt_dir = ckpt_dir or run.path("checkpoints")
     branch = None
     if shares_warmup(config, tconfig) and not isinstance(teacher_train, losses.OnlineTeacher):
-        def branch():  # the warm-up every method of this seed with this lam and T shares
+        def branch():  # noqa: F811 — the warm-up every method of this seed with this lam and T shares
             trunk = models.build_student(run.profile, ds.n_classes, seed=seed)
             warm = losses.WarmupObjective(config, teacher_train, len(ds), ds.n_classes)
             return train.train_warmup(trunk, splits, tconfig, warm, config.warmup_epochs,
@@ -396,8 +242,6 @@ def timed(run: Run, stage: str, name: str, train_fn):
     time as ``records/timings/<name>.csv`` (stage, name, seconds, reused): the run's
     ``timings.csv``, which the manifest summarises per stage. Reusing a checkpoint
     keeps the record of the training that produced it."""
-    import time
-
     t0 = time.perf_counter()
     result = train_fn()
     if result.reused and records.record_path(run.run_dir, "timings", name).exists():
@@ -423,11 +267,6 @@ def _record_name(model: str, method: str, config_id: str, seed: int, predictive:
 
 def prediction_frame(probs, ds, *, keys: dict, weight=None, variance=None):
     """Per-instance rows of ``predictions.csv`` for one model on one split."""
-    import numpy as np
-    import pandas as pd
-
-    from . import losses
-
     probs = probs.double()
     pred = probs.argmax(1)
     n = len(ds)
@@ -447,8 +286,6 @@ def record(run: Run, probs, ds, *, model: str, method: str, seed: int, config_id
            predictive: str = "map", weight=None, variance=None, predictions: bool = True) -> list[dict]:
     """Write this model's metrics (per group and overall) and, optionally, its
     per-instance predictions on ``ds`` as record files of their own."""
-    from . import metrics
-
     keys = dict(seed=seed, config_id=config_id, model=model, method=method,
                 predictive=predictive, split=ds.split)
     rows = metrics.metric_rows(probs, ds.y, ds.g, ds.group_names, **run.keys(**keys))
@@ -463,8 +300,6 @@ def record(run: Run, probs, ds, *, model: str, method: str, seed: int, config_id
 def evaluate_student(run: Run, result, config, seed: int, splits=("val", "test")) -> dict:
     """Record the student's final head and its exit on ``splits`` (predictions on
     test only, to keep ``predictions.csv`` small); return the raw predictions."""
-    from . import train
-
     preds = {}
     for split in splits:
         ds = run.splits()[split]
@@ -478,8 +313,6 @@ def evaluate_student(run: Run, result, config, seed: int, splits=("val", "test")
 
 def record_weights(run: Run, result, config, seed: int):
     """The per-epoch mean instance weight per group, tidy, as its own record."""
-    import pandas as pd
-
     w = result.weights
     if w is None or not len(w):
         return pd.DataFrame()
@@ -499,8 +332,6 @@ def minority_groups(train_counts) -> list[int]:
     """Groups with fewer than half the mean training-group size (Waterbirds: the two
     background-mismatched groups; CelebA: blond men). On balanced data, where no group
     is that small, the smallest group(s); none when all groups have the same size."""
-    import numpy as np
-
     counts = np.asarray(train_counts, dtype=float)
     small = np.flatnonzero(counts < 0.5 * counts.mean())
     if len(small) == 0 and counts.min() < counts.max():
@@ -510,10 +341,6 @@ def minority_groups(train_counts) -> list[int]:
 
 def exit_frame(pred, ds) -> "pd.DataFrame":
     """Per-instance exit confidence, margin and correctness on ``ds`` (for figures)."""
-    import pandas as pd
-
-    from . import losses
-
     probs = pred.exit_probs
     return pd.DataFrame({
         "group": ds.g.numpy(), "group_name": [ds.group_names[k] for k in ds.g.tolist()],
@@ -525,8 +352,6 @@ def exit_frame(pred, ds) -> "pd.DataFrame":
 def erm_outputs(run: Run, seed: int, splits=("train", "val", "test")) -> tuple:
     """The ERM student of notebook 03 (reused, never retrained here) and its
     predictions (logits, exit logits, phi) on ``splits``."""
-    from . import train
-
     config = method_config(run, "erm")
     require(run, f"records/metrics/{_record_name('student', 'erm', config.config_id, seed, 'map', 'test')}.csv",
             "03_early_exit_student")
@@ -538,82 +363,38 @@ def erm_outputs(run: Run, seed: int, splits=("train", "val", "test")) -> tuple:
     return result, {s: train.predict(result.model, run.splits()[s], device=run.device) for s in splits}
 
 
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U,
-    ties counted one half); NaN when a class is absent. Direction as given: no
-    ``max(AUC, 1 - AUC)``."""
-    import numpy as np
-    from scipy.stats import rankdata
-
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-#: Scores that may single out hard instances, each oriented so that *larger* means
-#: "upweight"; the expected direction (AUROC > 0.5) is stated in notebook 04.
-HARDNESS_SCORES = ("dedier_map_margin", "laplace_margin", "laplace_entropy", "laplace_variance")
-
-
-def hardness_scores(map_probs, lap, y) -> dict:
-    """The candidate scores per instance: DeDiER's ``cm·α`` of the MAP exit,
-    the same from the Laplace predictive ``lap``, Laplace entropy and logit variance."""
-    from . import losses
-
-    wrong_map = (map_probs.argmax(1) != y).double()
-    wrong_lap = (lap.probs.argmax(1) != y).double()
-    return {
-        "dedier_map_margin": (losses.confidence_margin(map_probs.double()) * wrong_map).numpy(),
-        "laplace_margin": (lap.margin.double() * wrong_lap).numpy(),
-        "laplace_entropy": lap.entropy.double().numpy(),
-        "laplace_variance": lap.variance.double().numpy(),
-    }
-
-
 # --------------------------------------------------------------------------- distillation
 def final_train_weights(run: Run, result, config, pred=None):
     """The instance weights the method assigns on the training split with the final
     student (before batch normalisation): what the weight-distribution figures show.
     ``None`` for methods that do not reweight. ``shuffled``'s are DeDiER's weights
     permuted over the split (its batches permute them within each batch)."""
-    import torch
-
-    from . import losses, train
-    from .exit_laplace import fit_exit_laplace
-
     ds = run.splits()["train"]
-    source = losses.METHOD_SPECS[config.method].weight
+    source = METHOD_SPECS[config.method].weight
     if source == "none":
         return None
-    if source == "true_group":
-        return losses.group_balanced_weight(ds.g, ds.group_counts())
-    p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
-    if source in ("exit_map", "exit_map_shuffled"):
-        w = losses.dedier_weight(p.exit_logits.double(), ds.y, config.beta, config.alpha)
-        if source == "exit_map_shuffled":
-            w = w[torch.randperm(len(w), generator=torch.Generator().manual_seed(0))]
-        return w
-    la = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, y=ds.y,
-                          prior=config.prior, tau=config.tau)
-    pred = la.predict(p.phi.double(), generator=torch.Generator().manual_seed(0))
-    return losses.laplace_weight(pred, ds.y, config.beta, config.score, config.alpha)
+    inputs = {"g": ds.g, "group_weights": losses.group_balanced_weight(
+        torch.arange(ds.n_groups), ds.group_counts())}
+    if source != "true_group":
+        p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
+        inputs.update(exit_logits=p.exit_logits.double(),
+                      generator=torch.Generator().manual_seed(0))
+    if source == "exit_laplace":
+        la = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, y=ds.y,
+                              prior=config.prior, tau=config.tau)
+        inputs["laplace_pred"] = la.predict(p.phi.double(), generator=torch.Generator().manual_seed(0))
+    return losses.instance_weight(config, ds.y, **inputs)
 
 
 def run_method(run: Run, method: str, seed: int, teacher=None, config=None, progress: bool = False):
     """Train or reuse one student and write all its records (metrics, test
     predictions, per-epoch weights, final training weights). ``progress``: the
     per-epoch bars (off by default: the caller shows one bar over students)."""
-    from . import losses, train
-
     config = config or method_config(run, method)
     result = train_student(run, config, seed, teacher, progress=progress)
     evaluate_student(run, result, config, seed)
     record_weights(run, result, config, seed)
-    if config.method in losses.REWEIGHTING:
+    if config.method in REWEIGHTING:
         ds = run.splits()["train"]
         p = train.predict(result.model, ds, device=run.device)
         w = final_train_weights(run, result, config, pred=p)
@@ -637,109 +418,9 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
 LAPLACE_EFFECT = ("laplace_rank_corr", "laplace_max_abs_dp", "laplace_mean_abs_dp")
 
 
-# --------------------------------------------------------------------------- summary
-SUMMARY_METRICS = ("worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece")
-
-
-def per_seed_metrics(metrics, groups, model: str = "student", split: str = "test"):
-    """One row per (method, config_id, seed): the study's scalar metrics of
-    ``model`` on ``split``, from ``metrics.csv`` and ``groups.csv`` alone."""
-    import pandas as pd
-
-    from . import metrics as M
-
-    m = metrics[(metrics.model == model) & (metrics.split == split) & (metrics.predictive == "map")]
-    train_n = groups[groups.split == "train"].set_index("group_name")["n"]
-    rows = []
-    for (method, cid, seed), d in m.groupby(["method", "config_id", "seed"], sort=True):
-        overall = d[d.group_name == "all"]
-        acc = d[d.group_name != "all"].set_index("group_name")["acc"]
-        counts = train_n.reindex(acc.index).to_numpy(dtype=float)
-        rows.append({"method": method, "config_id": cid, "seed": int(seed),
-                     "worst_group_acc": M.worst_group_acc(acc), "avg_acc": float(overall["acc"].iloc[0]),
-                     "train_weighted_acc": M.train_weighted_acc(acc.to_numpy(), counts),
-                     "group_gap": M.group_gap(acc), "ece": float(overall["ece"].iloc[0])})
-    return pd.DataFrame(rows)
-
-
-def mean_interval(values, level: float = 0.95) -> tuple[float, float, float, float]:
-    """Mean, sample std and the Student-t interval of the mean."""
-    import numpy as np
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    n, mean = len(v), float(np.mean(v))
-    if n < 2:
-        return mean, float("nan"), float("nan"), float("nan")
-    sd = float(np.std(v, ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / np.sqrt(n)
-    return mean, sd, mean - half, mean + half
-
-
-BASELINES = ("kd", "dedier_both")
-
-
-def summary_table(per_seed, baselines=BASELINES):
-    """``summary.csv``: per (method, config_id, metric) the mean, std and 95 %
-    interval over seeds, and the paired per-seed difference against each of
-    ``baselines`` (same seed), with its own interval: columns
-    ``diff_vs_<baseline>_{mean,std,ci95_lo,ci95_hi}`` and ``paired_seeds_vs_<baseline>``."""
-    import pandas as pd
-
-    from .profiles import METHODS
-
-    if isinstance(baselines, str):
-        baselines = (baselines,)
-    bases = {}
-    for baseline in baselines:
-        base = per_seed[per_seed.method == baseline]
-        if base.config_id.nunique() > 1:
-            raise ValueError(f"{baseline} has several configurations {sorted(base.config_id.unique())}: "
-                             "filter per_seed to the chosen configurations first")
-        if len(base):
-            bases[baseline] = base.set_index("seed")
-    rows = []
-    for (method, cid), d in per_seed.groupby(["method", "config_id"], sort=False):
-        d = d.set_index("seed")
-        for metric in SUMMARY_METRICS:
-            mean, sd, lo, hi = mean_interval(d[metric])
-            row = {"method": method, "config_id": cid, "metric": metric, "n_seeds": len(d),
-                   "mean": mean, "std": sd, "ci95_lo": lo, "ci95_hi": hi}
-            for baseline, base in bases.items():
-                if method == baseline:
-                    continue
-                common = d.index.intersection(base.index)
-                diff = d.loc[common, metric] - base.loc[common, metric]
-                dm, dsd, dlo, dhi = mean_interval(diff) if len(diff) else (float("nan"),) * 4
-                row.update({f"diff_vs_{baseline}_mean": dm, f"diff_vs_{baseline}_std": dsd,
-                            f"diff_vs_{baseline}_ci95_lo": dlo, f"diff_vs_{baseline}_ci95_hi": dhi,
-                            f"paired_seeds_vs_{baseline}": len(common)})
-            rows.append(row)
-    order = {m: i for i, m in enumerate(METHODS)}
-    out = pd.DataFrame(rows)
-    return out.sort_values(["metric", "method"], key=lambda s: s.map(order) if s.name == "method" else s,
-                           kind="stable").reset_index(drop=True)
-
-
-def paired_differences(per_seed, metric: str = "worst_group_acc", baselines=BASELINES):
-    """Per-seed differences against each of ``baselines`` with the interval of their
-    mean: rows baseline, method, seed, diff, lo, hi."""
-    import pandas as pd
-
-    rows = []
-    for baseline in [b for b in baselines if b in set(per_seed.method)]:
-        base = per_seed[per_seed.method == baseline].set_index("seed")[metric]
-        for method, d in per_seed[per_seed.method != baseline].groupby("method"):
-            diff = (d.set_index("seed")[metric] - base).dropna()
-            _, _, lo, hi = mean_interval(diff)
-            rows += [{"baseline": baseline, "method": method, "seed": s, "diff": v, "lo": lo, "hi": hi}
-                     for s, v in diff.items()]
-    return pd.DataFrame(rows, columns=["baseline", "method", "seed", "diff", "lo", "hi"])
-
-
 # --------------------------------------------------------------------------- sweep
 #: One grid for every method: lam and T are chosen once, for kd, and shared by every
-#: distillation method; beta is chosen per reweighting method (losses.SWEPT_BETA)
+#: distillation method; beta is chosen per reweighting method (profiles.SWEPT_BETA)
 #: on the same grid, at kd's lam and T. laplace_kd's score is the study's form
 #: (the Laplace margin), not swept.
 SWEEP_GRID = {"lam": (0.5, 0.9, 0.95), "T": (2.0, 4.0, 8.0), "beta": (1.0, 2.0, 4.0)}
@@ -748,11 +429,7 @@ SWEEP_GRID = {"lam": (0.5, 0.9, 0.95), "T": (2.0, 4.0, 8.0), "beta": (1.0, 2.0, 
 def sweep_configs(run: Run, method: str, lam_T: dict | None = None) -> list:
     """The configurations the sweep tries for ``method``: kd's lam x T grid, or the
     beta grid at ``lam_T`` (kd's choice) for a method whose beta is swept."""
-    import itertools
-
-    from .losses import SWEPT_BETA, default_config
-
-    base = default_config(method, warmup_epochs=run.profile.warmup_epochs)
+    base = losses.default_config(method, warmup_epochs=run.profile.warmup_epochs)
     if method == "kd":
         return [base.replace(lam=lam, T=T) for lam, T in
                 itertools.product(SWEEP_GRID["lam"], SWEEP_GRID["T"])]
@@ -771,14 +448,6 @@ def sweep(run: Run, seeds, teacher=None, methods=None):
     ``sweep/sweep.csv`` (one row per configuration and seed) and, whole,
     ``sweep/hparams.json`` — every field the methods read (lam, T, beta, score) — which
     notebook 05 reads through its ``hparams_file`` parameter. Returns (table, chosen)."""
-    import dataclasses
-
-    import pandas as pd
-
-    from . import metrics as M
-    from . import train
-    from .losses import SWEPT_BETA
-
     if len(seeds) < 2:
         raise ValueError(f"the sweep averages over at least two seeds, got {list(seeds)}")
     sub = dataclasses.replace(run, run_dir=run.path("sweep"))
@@ -793,7 +462,7 @@ def sweep(run: Run, seeds, teacher=None, methods=None):
                 result = train_student(run, cfg, seed, teacher, ckpt_dir=sub.path("checkpoints"),
                                        progress=False)
                 p = train.predict(result.model, val, device=run.device)
-                s = M.summarize(p.probs, p.y, p.g, val.n_groups)
+                s = metrics.summarize(p.probs, p.y, p.g, val.n_groups)
                 rows.append({"method": method, "config_id": cfg.config_id, "seed": seed,
                              "lam": cfg.lam, "T": cfg.T, "beta": cfg.beta, "score": cfg.score,
                              "val_worst_group_acc": s["worst_group_acc"], "val_avg_acc": s["avg_acc"],

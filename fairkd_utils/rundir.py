@@ -1,0 +1,131 @@
+"""A run: its directory, its profile and device, and the set-up every notebook and
+the runner share (folders, the ``run.log`` logger, CPU threads).
+
+A run directory ``results/<dataset>-<profile>/`` holds everything a run writes;
+notebooks share nothing but its files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import records
+from .checkpoints import code_fingerprint
+from .profiles import DATASETS, Profile, apply_overrides, get_profile, overrides_tag, resolve_device
+
+#: The repository (default ``results/`` and ``figures/`` live here).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Use the cores this process may run on (``os.sched_getaffinity``), or ``n``."""
+    import torch
+
+    if n is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+@dataclass
+class Run:
+    """Where a run's files go and how it was configured (the parameters cell, resolved)."""
+    run_dir: Path
+    figures_dir: Path
+    profile: Profile
+    dataset: str
+    data_root: str | None
+    seeds: list[int]
+    device: str
+    hparams_file: str | None = None
+    _splits: dict | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.profile.name}"
+
+    def splits(self) -> dict:
+        """train/val/test datasets for this run (built once per process)."""
+        if self._splits is None:
+            from . import data
+
+            p = self.profile
+            scale = p.data_scale if self.dataset == "synthetic" else 1.0  # real data: all of it
+            self._splits = data.load_splits(self.dataset, self.data_root, image_size=p.image_size,
+                                            scale=scale, seed=0, augment=p.augment)
+        return self._splits
+
+    def path(self, *parts) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    def figure(self, slug: str) -> Path:
+        return self.figures_dir / slug
+
+    def keys(self, **extra) -> dict:
+        return {"dataset": self.dataset, "profile": self.profile.name, **extra}
+
+    def fingerprint_extra(self) -> dict:
+        """What identifies this run's data and code in checkpoint fingerprints: the
+        source of the library modules that produce checkpoints (:func:`code_fingerprint`)."""
+        return self.keys(data_root=self.data_root, code=code_fingerprint(),
+                         profile_fields=self.profile.to_dict())
+
+
+def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
+          data_root=None, seeds=None, device: str = "auto", hparams_file=None,
+          profile_overrides=None) -> Run:
+    """Resolve a notebook's parameters into a :class:`Run` (creating its folders), and
+    append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``."""
+    import logging
+
+    prof = apply_overrides(get_profile(profile), profile_overrides)
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    name = f"{dataset}-{profile}{overrides_tag(profile_overrides)}"
+    run_dir = Path(run_dir) if run_dir else REPO_ROOT / "results" / name
+    figures_dir = Path(figures_dir) if figures_dir else REPO_ROOT / "figures" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    logger, log_file = logging.getLogger("fairkd"), str((run_dir / "run.log").resolve())
+    for old in [h for h in logger.handlers if getattr(h, "fairkd_run_log", None) not in (None, log_file)]:
+        logger.removeHandler(old)  # an earlier run of this process
+        old.close()
+    if not any(getattr(h, "fairkd_run_log", None) == log_file for h in logger.handlers):
+        handler = logging.FileHandler(log_file, encoding="utf-8")  # appends
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.fairkd_run_log = log_file
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    device = resolve_device(device)
+    if device == "cpu":
+        configure_threads()
+    return Run(run_dir=run_dir, figures_dir=figures_dir, profile=prof, dataset=dataset,
+               data_root=data_root, seeds=list(seeds) if seeds else list(prof.seeds), device=device,
+               hparams_file=str(hparams_file) if hparams_file else None)
+
+
+def profile_note(run: Run) -> str | None:
+    """A plain warning for a profile whose numbers mean nothing (``smoke``), else None."""
+    if run.profile.name != "smoke":
+        return None
+    return ("NOTE: profile 'smoke' is a plumbing check (tiny data, 1-2 epochs): every number "
+            "below is meaningless (students predict one class, intervals read 'nan'). For real "
+            "results run `make reproduce` (the default profile), or read README, 'What the "
+            "reference run shows', and results/reference/synthetic-default/summary.csv.")
+
+
+def print_profile_note(run: Run) -> None:
+    """Print :func:`profile_note` when there is one (each notebook, after setup)."""
+    note = profile_note(run)
+    if note:
+        print(note)
+
+
+def require(run: Run, relpath: str, notebook: str) -> Path:
+    """A prerequisite file of the run, or a clear stop naming the notebook to run."""
+    return records.require(run.path(relpath), notebook)
