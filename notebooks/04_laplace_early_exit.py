@@ -47,7 +47,7 @@ dataset = "synthetic" # synthetic | waterbirds | celeba | folder
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
-profile_overrides = None  # {"field": value} over the profile (--set field=value)
+profile_overrides = None  # dict of profile fields to change, from --set
 
 # %%
 import numpy as np

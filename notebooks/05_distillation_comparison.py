@@ -49,7 +49,7 @@ dataset = "synthetic" # synthetic | waterbirds | celeba | folder
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
-profile_overrides = None  # {"field": value} over the profile (--set field=value)
+profile_overrides = None  # dict of profile fields to change, from --set
 hparams_file = None   # chosen hyper-parameters; None: fairkd_utils/hparams.json's entry for this run
 sweep = None          # None: the profile's setting; True reruns the sweep and uses its choice
 sweep_seeds = None    # seeds the sweep averages over; None: the first two of `seeds`

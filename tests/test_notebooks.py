@@ -67,3 +67,16 @@ def test_the_sweep_switch_reaches_only_notebooks_that_declare_it():
     declaring = [p.name for p in NOTEBOOKS if "sweep" in pipeline.declared_parameters(jupytext.read(p))]
     assert declaring == ["05_distillation_comparison.py"]
     assert pipeline.build_parser().parse_args(["--sweep"]).sweep is True
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_parses_every_line_of_the_parameters_cell(path):
+    """papermill reads the parameters cell to tell a known parameter from an unknown
+    one; a line it cannot parse (e.g. ``=`` or a parenthesis in the comment) makes it
+    warn 'Passed unknown parameter' for a parameter that is defined."""
+    from papermill.translators import PythonTranslator
+
+    (cell,) = parameter_cells(path)
+    lines = [ln for ln in cell.source.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    parsed = {p.name for p in PythonTranslator.inspect(cell)}
+    assert len(parsed) == len(lines), f"{path.name}: papermill parses {sorted(parsed)} of {lines}"
