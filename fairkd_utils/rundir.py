@@ -63,6 +63,10 @@ class Run:
     def path(self, *parts) -> Path:
         return self.run_dir.joinpath(*parts)
 
+    def require(self, relpath: str, notebook: str) -> Path:
+        """A prerequisite file of the run, or a clear stop naming the notebook to run."""
+        return records.require(self.path(relpath), notebook)
+
     def figure(self, slug: str) -> Path:
         return self.figures_dir / slug
 
@@ -125,7 +129,3 @@ def print_profile_note(run: Run) -> None:
     if note:
         print(note)
 
-
-def require(run: Run, relpath: str, notebook: str) -> Path:
-    """A prerequisite file of the run, or a clear stop naming the notebook to run."""
-    return records.require(run.path(relpath), notebook)

@@ -21,7 +21,7 @@ import torch
 from . import checkpoints, data, losses, metrics, models, records, train
 from .exit_laplace import fit_exit_laplace
 from .profiles import METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_BETA
-from .rundir import Run, require
+from .rundir import Run
 
 # --------------------------------------------------------------------------- teacher
 #: One teacher per (dataset, profile), shared by all student seeds.
@@ -110,7 +110,7 @@ def save_teacher_logits(run: Run, result) -> dict:
 
 
 def load_teacher_logits(run: Run) -> dict:
-    path = require(run, TEACHER_LOGITS, "02_teacher")
+    path = run.require(TEACHER_LOGITS, "02_teacher")
     logits = torch.load(path, map_location="cpu", weights_only=True)
     if logits.get("train_data") != str(checkpoints.describe_data(run.splits()["train"])):
         raise ValueError(f"{path} holds the logits of a teacher trained on other data "
@@ -353,7 +353,7 @@ def erm_outputs(run: Run, seed: int, splits=("train", "val", "test")) -> tuple:
     """The ERM student of notebook 03 (reused, never retrained here) and its
     predictions (logits, exit logits, phi) on ``splits``."""
     config = method_config(run, "erm")
-    require(run, f"records/metrics/{_record_name('student', 'erm', config.config_id, seed, 'map', 'test')}.csv",
+    run.require(f"records/metrics/{_record_name('student', 'erm', config.config_id, seed, 'map', 'test')}.csv",
             "03_early_exit_student")
     result = train_student(run, config, seed)
     if not result.reused:

@@ -49,7 +49,7 @@ import fairkd_utils as fk
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           profile_overrides=profile_overrides)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
-fk.rundir.require(run, "groups.csv", "01_data_and_groups")
+run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
 print(f"teacher: {run.profile.teacher_arch} {run.profile.teacher_widths or ''}, "
       f"{run.profile.teacher_epochs} epochs on {len(splits['train'])} training images")

@@ -42,7 +42,7 @@ import fairkd_utils as fk
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           profile_overrides=profile_overrides)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
-fk.rundir.require(run, "groups.csv", "01_data_and_groups")
+run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
 config = fk.study.method_config(run, "erm")
 minority = fk.study.minority_groups(splits["train"].group_counts())

@@ -60,7 +60,7 @@ from fairkd_utils.exit_laplace import fit_exit_laplace
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           profile_overrides=profile_overrides)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
-fk.rundir.require(run, "groups.csv", "01_data_and_groups")
+run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
 train, val, test = splits["train"], splits["val"], splits["test"]
 minority = fk.study.minority_groups(train.group_counts())

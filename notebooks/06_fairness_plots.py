@@ -35,9 +35,9 @@ import fairkd_utils as fk
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                           profile_overrides=profile_overrides)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
-tables = {name: fk.records.read_table(fk.rundir.require(run, f"{name}.csv", "05_distillation_comparison"))
+tables = {name: fk.records.read_table(run.require(f"{name}.csv", "05_distillation_comparison"))
           for name in ("metrics", "predictions", "summary")}
-groups = fk.records.read_table(fk.rundir.require(run, "groups.csv", "01_data_and_groups"))
+groups = fk.records.read_table(run.require("groups.csv", "01_data_and_groups"))
 summary = tables["summary"]
 chosen = summary[["method", "config_id"]].drop_duplicates()          # the configurations 05 compared
 for name in ("metrics", "predictions"):                              # ... and only this run's seeds
