@@ -38,7 +38,7 @@ __all__ = [
     "train_model", "train_warmup", "predict", "evaluate", "NonFiniteLossError",
     "WEIGHT_COLUMNS", "use_channels_last", "final_logits",
 ]
-#: One line per epoch; ``experiment.setup`` sends it to ``<run_dir>/run.log``.
+#: One line per epoch; ``rundir.setup`` sends it to ``<run_dir>/run.log``.
 logger = logging.getLogger("fairkd")
 
 # weights DataFrame: one row per (epoch, group) of the epochs in which the objective

@@ -75,6 +75,12 @@ fig = fk.plots.group_accuracy_bars(erm, hue="model", title="ERM student: early e
 fk.plots.savefig(fig, run.figure("03_exit_vs_final_group_acc"), close=False)
 
 # %% [markdown]
+# Look at the two minority groups (background against the label): the exit, which reads
+# only the early stage, is as good as the final head on the majority groups but far
+# below it — often near zero — on the minority ones. That gap is what DeDiER and
+# Laplace-KD turn into weights.
+
+# %% [markdown]
 # ## How confident is the exit when it is wrong?
 #
 # Confidence is the exit's top-class probability; the margin is the gap between the

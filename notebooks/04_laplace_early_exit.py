@@ -138,6 +138,12 @@ fig = fk.plots.reliability(reliability_df, hue="predictive", ece=ece_by,
 fk.plots.savefig(fig, run.figure("04_reliability"), close=False)
 
 # %% [markdown]
+# A calibrated predictive lies on the diagonal: confidence equals accuracy. Look at
+# whether the Laplace curves sit closer to the diagonal than the MAP curve in the
+# high-confidence bins, where the exit's confidently wrong minority instances are; the
+# legend gives each predictive's ECE.
+
+# %% [markdown]
 # ## MAP vs Laplace confidence by group
 #
 # The Laplace predictive (exact prior, probit) against the MAP softmax, right and wrong
@@ -163,6 +169,11 @@ fig = fk.plots.confidence_by_group(conf, value="confidence", hue="predictive", c
 fk.plots.savefig(fig, run.figure("04_map_vs_laplace_confidence"), close=False)
 conf.pivot_table(index=["group_name", "prediction"], columns="predictive",
                  values=["confidence", "margin"], aggfunc="mean").round(3)
+
+# %% [markdown]
+# Look at the "wrong" panel: if the Laplace predictive is to change the weights, its
+# confidence on wrong instances must sit clearly below the MAP's. Boxes that overlap
+# mean the Laplace weights will rank instances as DeDiER's do.
 
 # %% [markdown]
 # ## The slides' sampling formula, made visible
