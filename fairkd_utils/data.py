@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .profiles import DATASETS  # one list, shared with the runner
+from .profiles import DATASETS, TEXT_DATASETS  # one list, shared with the runner
 
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,9 +178,11 @@ def load_splits(dataset: str, root=None, *, image_size: int = 32, scale: float =
     A local folder is checked when opened: every listed image lies inside ``root``, is
     listed once (in one split), exists, and decodes; each failure names the file.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)} "
-                         "(synthetic needs no files; the others read --data-root)")
+    if dataset not in DATASETS or dataset in TEXT_DATASETS:
+        images = [d for d in DATASETS if d not in TEXT_DATASETS]
+        raise ValueError(f"unknown image dataset {dataset!r}; choose one of {images} "
+                         "(synthetic needs no files; the others read --data-root; text "
+                         "datasets are read by fairkd_utils.text)")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     if dataset == "synthetic":

@@ -34,8 +34,9 @@ from importlib import metadata
 from pathlib import Path
 
 from . import records
-from .profiles import (DATASETS, DEVICES, METHODS, PROFILES, apply_overrides, get_profile,
-                       overrides_tag, parse_overrides, resolve_device)
+from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHODS, PROFILES, TEXT_DATASETS,
+                       apply_overrides, get_profile, overrides_tag, parse_overrides,
+                       resolve_device)
 from .rundir import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -86,7 +87,7 @@ def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path
 def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> dict:
     """The parameters every notebook's ``parameters`` cell defines (JSON-like values only)."""
     overrides = parse_overrides(getattr(args, "set", None))
-    profile = apply_overrides(get_profile(args.profile), overrides)
+    profile = apply_overrides(get_profile(args.profile, args.dataset), overrides)
     seeds = list(args.seeds) if args.seeds else list(profile.seeds)
     return {
         "run_dir": str(run_dir),
@@ -97,7 +98,13 @@ def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> 
         "seeds": seeds,
         "device": device,
         "profile_overrides": overrides or None,
+        "teacher_model": _local_path(getattr(args, "teacher_model", None)),
+        "student_model": _local_path(getattr(args, "student_model", None)),
     }
+
+
+def _local_path(path) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else None
 
 
 def check_seeds(seeds) -> list[int]:
@@ -176,7 +183,10 @@ def check_prerequisites(args, run_dir: Path, notebooks: list[Path], known: list[
 def suggest_command(args, only: list[str]) -> str:
     """The command line of this run with ``--only`` replaced."""
     parts = ["python -m fairkd_utils.pipeline", "--profile", args.profile, "--dataset", args.dataset]
-    for flag, value in (("--data-root", args.data_root), ("--figures", args.figures),
+    for flag, value in (("--data-root", args.data_root),
+                        ("--teacher-model", getattr(args, "teacher_model", None)),
+                        ("--student-model", getattr(args, "student_model", None)),
+                        ("--figures", args.figures),
                         ("--device", None if args.device == "auto" else args.device),
                         ("--out", None if _default_out(args) else args.out)):
         parts += [flag, str(value)] if value else []
@@ -386,12 +396,20 @@ def echo_log(path: Path, enabled: bool = True):
 
 def run(args) -> Path:
     # fails early on an unknown profile or a bad --set
-    profile = apply_overrides(get_profile(args.profile), parse_overrides(getattr(args, "set", None)))
+    profile = apply_overrides(get_profile(args.profile, args.dataset), parse_overrides(getattr(args, "set", None)))
     if args.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {DATASETS}")
-    if args.dataset != "synthetic" and not args.data_root:
+    if args.dataset not in BUILT_IN_DATASETS and not args.data_root:
         raise ValueError(f"--dataset {args.dataset} reads a local folder: pass --data-root PATH "
                          "(see README, 'Your own data')")
+    for role, arch in (("teacher", profile.teacher_arch), ("student", profile.student_arch)):
+        path = getattr(args, f"{role}_model", None)
+        if arch == "hf" and not path:
+            raise ValueError(f"--profile {args.profile} on {args.dataset} loads the {role} from a "
+                             f"local Hugging Face folder: pass --{role}-model DIR (nothing is "
+                             "downloaded; see README, 'MultiNLI with BERT')")
+        if path and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"--{role}-model {path}: no such file or folder")
     seeds = check_seeds(args.seeds or profile.seeds)
     retrain = check_retrain(getattr(args, "retrain", None))
     known = discover_notebooks(NOTEBOOKS_DIR)
@@ -480,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="synthetic", choices=DATASETS,
                    help="the data (default: %(default)s, built in)")
     p.add_argument("--data-root", default=None, help="local folder of a real dataset")
+    p.add_argument("--teacher-model", default=None, metavar="PATH",
+                   help="local pretrained teacher: a torchvision state_dict file (images) or a "
+                        "Hugging Face model folder (text; its tokenizer tokenises MultiNLI)")
+    p.add_argument("--student-model", default=None, metavar="PATH",
+                   help="local pretrained student backbone: a state_dict file or a Hugging Face "
+                        "model folder")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="student seeds (default: the profile's)")
     p.add_argument("--device", default="auto", choices=DEVICES)

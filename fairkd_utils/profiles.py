@@ -12,8 +12,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-#: The datasets the loaders know (``data.load_splits``); the runner's --dataset choices.
-DATASETS = ("synthetic", "waterbirds", "celeba", "folder")
+#: The datasets the loaders know; the runner's --dataset choices. Images:
+#: ``data.load_splits``; text (:data:`TEXT_DATASETS`): ``text.make_synthetic_text`` and
+#: ``text.read_multinli``.
+DATASETS = ("synthetic", "waterbirds", "celeba", "folder", "synthetic_text", "multinli")
+TEXT_DATASETS = ("synthetic_text", "multinli")
+#: Built in (generated in code, no --data-root): scaled by the profile's data_scale.
+BUILT_IN_DATASETS = ("synthetic", "synthetic_text")
 #: ``--device`` choices; :func:`resolve_device` turns one into a torch device string.
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -140,7 +145,12 @@ class Profile:
     teacher_pretrain_epochs: int = 0
     teacher_adapt_epochs: int = 0
     teacher_adapt_lr: float = 0.005
-
+    # Text only (TEXT_PROFILES): the widths are the encoders' hidden sizes, the blocks
+    # their transformer layers, exit_stage the student layer the exit reads, and
+    # attention_heads (teacher, student); max_length the tokens per pair. For "hf"
+    # archs the sizes come from the local model folders (--teacher-model/--student-model).
+    attention_heads: tuple[int, ...] = ()
+    max_length: int = 0
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
 
@@ -193,13 +203,57 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str) -> Profile:
-    """The named profile, or a ValueError that lists the known ones."""
+#: The text study's profiles (``--dataset synthetic_text`` or ``multinli``): the same
+#: names and roles as :data:`PROFILES`, with BERT-style encoders.
+TEXT_PROFILES: dict[str, Profile] = {
+    # Tiny data, 1-2 epochs: every notebook end to end for the tests.
+    "smoke": Profile(
+        name="smoke", data_scale=0.05, image_size=0, augment=False,
+        teacher_arch="tiny_bert", student_arch="tiny_bert",
+        teacher_widths=(32,), teacher_blocks=(2,), student_widths=(32,), student_blocks=(2,),
+        exit_stage=1, attention_heads=(2, 2), max_length=18,
+        teacher_epochs=1, student_epochs=2, warmup_epochs=1, batch_size=128,
+        optimizer="adamw", lr=2e-3, weight_decay=0.01, select_on="worst_group_acc",
+        seeds=(0,), methods=METHODS, sweep=False,
+        teacher_pretrain_per_pair=100, teacher_pretrain_epochs=2,
+    ),
+    # synthetic_text at scale 1 (MultiNLI's group counts / 20): the whole text study
+    # on a 2-core CPU (bench/bench_text_throughput.py, bench/calibrate_synthetic.py).
+    "default": Profile(
+        name="default", data_scale=1.0, image_size=0, augment=False,
+        teacher_arch="tiny_bert", student_arch="tiny_bert",
+        teacher_widths=(64,), teacher_blocks=(4,), student_widths=(64,), student_blocks=(2,),
+        exit_stage=1, attention_heads=(2, 2), max_length=18,
+        teacher_epochs=10, student_epochs=10, warmup_epochs=3, batch_size=128,
+        optimizer="adamw", lr=2e-3, weight_decay=0.01, select_on="worst_group_acc",
+        seeds=(0, 1, 2, 3, 4), methods=METHODS, sweep=False,
+        teacher_pretrain_per_pair=2000, teacher_pretrain_epochs=8,
+    ),
+    # MultiNLI with BERT from local Hugging Face folders (e.g. bert-base-uncased teacher,
+    # a 4-layer BERT student): group_DRO's MultiNLI budget — AdamW, lr 2e-5, batch 32,
+    # no weight decay, 3 epochs, max length 128 (kohpangwei/group_DRO README, "MultiNLI
+    # with annotated negations", and its cached *_bert-base-uncased_128_* features).
+    "paper": Profile(
+        name="paper", data_scale=1.0, image_size=0, augment=False,
+        teacher_arch="hf", student_arch="hf",
+        teacher_widths=(), teacher_blocks=(), student_widths=(), student_blocks=(),
+        exit_stage=2, max_length=128,
+        teacher_epochs=3, student_epochs=3, warmup_epochs=1, batch_size=32,
+        optimizer="adamw", lr=2e-5, weight_decay=0.0, select_on="worst_group_acc",
+        seeds=(0, 1, 2), methods=METHODS, sweep=False,
+    ),
+}
+
+
+def get_profile(name: str, dataset: str = "synthetic") -> Profile:
+    """The named profile for ``dataset`` (:data:`TEXT_PROFILES` for a text dataset,
+    else :data:`PROFILES`), or a ValueError that lists the known ones."""
+    table = TEXT_PROFILES if dataset in TEXT_DATASETS else PROFILES
     try:
-        return PROFILES[name]
+        return table[name]
     except KeyError:
         raise ValueError(
-            f"unknown profile {name!r}; choose one of {sorted(PROFILES)} "
+            f"unknown profile {name!r}; choose one of {sorted(table)} "
             "(e.g. `--profile smoke` for a quick end-to-end check)"
         ) from None
 

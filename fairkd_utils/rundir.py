@@ -13,7 +13,8 @@ from pathlib import Path
 
 from . import records
 from .checkpoints import code_fingerprint
-from .profiles import DATASETS, Profile, apply_overrides, get_profile, overrides_tag, resolve_device
+from .profiles import (BUILT_IN_DATASETS, DATASETS, Profile, apply_overrides, get_profile,
+                       overrides_tag, resolve_device)
 
 #: The repository (default ``results/`` and ``figures/`` live here).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,8 @@ class Run:
     seeds: list[int]
     device: str
     hparams_file: str | None = None
+    teacher_model: str | None = None   # local weights file (images) or Hugging Face folder (text)
+    student_model: str | None = None
     _splits: dict | None = field(default=None, repr=False)
 
     @property
@@ -50,14 +53,26 @@ class Run:
         return f"{self.dataset}-{self.profile.name}"
 
     def splits(self) -> dict:
-        """train/val/test datasets for this run (built once per process)."""
+        """train/val/test datasets for this run (built once per process): the built-in
+        datasets at the profile's ``data_scale``, a local folder whole. MultiNLI is
+        tokenised with the teacher model folder's tokenizer."""
         if self._splits is None:
-            from . import data
+            from . import data, text
 
             p = self.profile
-            scale = p.data_scale if self.dataset == "synthetic" else 1.0  # real data: all of it
-            self._splits = data.load_splits(self.dataset, self.data_root, image_size=p.image_size,
-                                            scale=scale, seed=0, augment=p.augment)
+            scale = p.data_scale if self.dataset in BUILT_IN_DATASETS else 1.0
+            if self.dataset == "synthetic_text":
+                self._splits = text.make_synthetic_text(scale=scale, seed=0)
+            elif self.dataset == "multinli":
+                if not self.teacher_model:
+                    raise ValueError("--dataset multinli is tokenised with the teacher's "
+                                     "tokenizer: pass --teacher-model DIR (a local Hugging Face "
+                                     "model folder)")
+                self._splits = text.read_multinli(self.data_root, text.load_tokenizer(self.teacher_model),
+                                                  max_length=p.max_length)
+            else:
+                self._splits = data.load_splits(self.dataset, self.data_root, image_size=p.image_size,
+                                                scale=scale, seed=0, augment=p.augment)
         return self._splits
 
     def path(self, *parts) -> Path:
@@ -76,18 +91,21 @@ class Run:
     def fingerprint_extra(self) -> dict:
         """What identifies this run's data and code in checkpoint fingerprints: the
         source of the library modules that produce checkpoints (:func:`code_fingerprint`)."""
-        return self.keys(data_root=self.data_root, code=code_fingerprint(),
-                         profile_fields=self.profile.to_dict())
+        extra = self.keys(data_root=self.data_root, code=code_fingerprint(),
+                          profile_fields=self.profile.to_dict())
+        if self.teacher_model or self.student_model:  # absent for the built-in runs
+            extra.update(teacher_model=self.teacher_model, student_model=self.student_model)
+        return extra
 
 
 def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
           data_root=None, seeds=None, device: str = "auto", hparams_file=None,
-          profile_overrides=None) -> Run:
+          profile_overrides=None, teacher_model=None, student_model=None) -> Run:
     """Resolve a notebook's parameters into a :class:`Run` (creating its folders), and
     append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``."""
     import logging
 
-    prof = apply_overrides(get_profile(profile), profile_overrides)
+    prof = apply_overrides(get_profile(profile, dataset), profile_overrides)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     name = f"{dataset}-{profile}{overrides_tag(profile_overrides)}"
@@ -110,7 +128,9 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
         configure_threads()
     return Run(run_dir=run_dir, figures_dir=figures_dir, profile=prof, dataset=dataset,
                data_root=data_root, seeds=list(seeds) if seeds else list(prof.seeds), device=device,
-               hparams_file=str(hparams_file) if hparams_file else None)
+               hparams_file=str(hparams_file) if hparams_file else None,
+               teacher_model=str(teacher_model) if teacher_model else None,
+               student_model=str(student_model) if student_model else None)
 
 
 def profile_note(run: Run) -> str | None:

@@ -18,19 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoints, data, losses, metrics, models, records, train
+from . import checkpoints, data, losses, metrics, models, records, text, train
 from .exit_laplace import fit_exit_laplace
-from .profiles import METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_BETA
+from .profiles import BUILT_IN_DATASETS, METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_BETA, TEXT_DATASETS
 from .rundir import Run
 
 # --------------------------------------------------------------------------- teacher
 #: One teacher per (dataset, profile), shared by all student seeds.
 TEACHER_SEED = 0
 TEACHER_LOGITS = "teacher_logits.pt"
-
-
-def _n_classes(run: Run) -> int:
-    return run.splits()["train"].n_classes
 
 
 def train_config(run: Run, role: str, seed: int, **overrides):
@@ -42,16 +38,65 @@ def train_config(run: Run, role: str, seed: int, **overrides):
 
 
 def uses_pretraining_corpus(run: Run) -> bool:
-    """Whether the teacher is pretrained on the built-in corpus (synthetic data only)."""
-    return run.dataset == "synthetic" and run.profile.teacher_pretrain_per_pair > 0
+    """Whether the teacher is pretrained on a built-in corpus (built-in data only)."""
+    return run.dataset in BUILT_IN_DATASETS and run.profile.teacher_pretrain_per_pair > 0
 
 
 def pretraining_corpus(run: Run, seed: int = TEACHER_SEED) -> dict:
-    """The teacher's pretraining corpus (``data.make_pretraining_corpus``) for ``run``."""
+    """The teacher's pretraining corpus for ``run`` as ``{"train", "val"}``: images
+    (``data.make_pretraining_corpus``) or text pairs (``text.make_text_pretraining_corpus``,
+    its val part drawn from another seed)."""
     p = run.profile
+    if run.dataset == "synthetic_text":
+        return {part: text.make_text_pretraining_corpus(
+            n_per_group=p.teacher_pretrain_per_pair if part == "train"
+            else max(1, p.teacher_pretrain_per_pair // 10), seed=seed + 1000 * k)
+            for k, part in enumerate(("train", "val"))}
     return data.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
                                         alignment=p.teacher_pretrain_alignment,
                                         image_size=p.image_size, seed=seed)
+
+
+def build_teacher(run: Run, weights_path=None, seed: int = TEACHER_SEED):
+    """The run's teacher, ``teacher(x) -> logits``: a ResNet (``models``) for images; for
+    text a tiny BERT built in code, or the encoder of a local Hugging Face folder
+    (``--teacher-model``, ``hf`` archs). ``weights_path`` defaults to ``run.teacher_model``."""
+    p, ds = run.profile, run.splits()["train"]
+    weights_path = weights_path or run.teacher_model
+    if run.dataset not in TEXT_DATASETS:
+        return models.build_teacher(p, ds.n_classes, weights_path, seed=seed)
+    if p.teacher_arch == "hf":
+        return text.load_text_teacher(_model_folder(weights_path, "teacher"), ds.n_classes, seed=seed)
+    return text.build_text_teacher(_bert_config(run, ds, "teacher"), ds.n_classes, seed=seed)
+
+
+def build_student(run: Run, seed: int):
+    """The run's student with its early exit at ``profile.exit_stage`` (a ResNet stage,
+    or a transformer layer for text), initialised under ``seed``."""
+    p, ds = run.profile, run.splits()["train"]
+    if run.dataset not in TEXT_DATASETS:
+        return models.build_student(p, ds.n_classes, run.student_model, seed=seed)
+    if p.student_arch == "hf":
+        return text.load_text_student(_model_folder(run.student_model, "student"), ds.n_classes,
+                                      p.exit_stage, seed=seed)
+    return text.build_text_student(_bert_config(run, ds, "student"), ds.n_classes, p.exit_stage,
+                                   seed=seed)
+
+
+def _model_folder(path, role: str) -> str:
+    if not path:
+        raise ValueError(f"this profile's {role} is a Hugging Face model from a local folder: "
+                         f"pass --{role}-model DIR (nothing is downloaded)")
+    return path
+
+
+def _bert_config(run: Run, ds, role: str):
+    p = run.profile
+    k = 0 if role == "teacher" else 1
+    widths, blocks = (p.teacher_widths, p.teacher_blocks) if k == 0 else (p.student_widths, p.student_blocks)
+    return text.bert_config(len(ds.vocab), hidden_size=widths[0], num_layers=blocks[0],
+                            num_heads=p.attention_heads[k], max_length=p.max_length,
+                            pad_token_id=ds.pad_id)
 
 
 def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
@@ -67,8 +112,7 @@ def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
     ``weights_path`` if given. The teacher is plain ERM and never sees group labels,
     so it is selected on average accuracy."""
     p = run.profile
-    n_classes = _n_classes(run)
-    model = models.build_teacher(p, n_classes, weights_path, seed=seed)
+    model = build_teacher(run, weights_path, seed=seed)
     base = dict(select_on=p.teacher_select_on, progress=progress)
     stages = {}
     if uses_pretraining_corpus(run):
@@ -209,7 +253,7 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
     on each augmented batch instead of the cached logits."""
     splits = run.splits()
     ds = splits["train"]
-    model = models.build_student(run.profile, ds.n_classes, seed=seed)
+    model = build_student(run, seed)
     teacher_train = None
     if config.lam > 0:
         if run.profile.augment:
@@ -225,7 +269,7 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
     branch = None
     if shares_warmup(config, tconfig) and not isinstance(teacher_train, losses.OnlineTeacher):
         def branch():  # noqa: F811 — the warm-up every method of this seed with this lam and T shares
-            trunk = models.build_student(run.profile, ds.n_classes, seed=seed)
+            trunk = build_student(run, seed)
             warm = losses.WarmupObjective(config, teacher_train, len(ds), ds.n_classes)
             return train.train_warmup(trunk, splits, tconfig, warm, config.warmup_epochs,
                                       ckpt_dir=ckpt_dir, name=f"warmup-seed{seed}",

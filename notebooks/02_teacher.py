@@ -26,8 +26,11 @@
 #    fine-tuning on the study's training split. Measured: unbounded ERM fine-tuning on the
 #    95 %-aligned split collapses the teacher's worst group within an epoch.
 #
-# On real data the teacher starts from a local pretrained weights file (`paper`) and is
-# trained on the training split. The teacher never sees group labels, so each stage is
+# The text miniature (`synthetic_text`) does the same with a tiny BERT: pretrained on
+# pairs whose negation word is independent of the label. On real data the teacher
+# starts from a local pretrained model (`--teacher-model`: a torchvision weights file,
+# or a Hugging Face folder such as bert-base-uncased for MultiNLI) and is trained on the
+# training split. The teacher never sees group labels, so each stage is
 # selected on **validation average** accuracy (never test). Its logits on train, val and
 # test are saved for distillation.
 
@@ -35,11 +38,13 @@
 run_dir = None        # run directory (absolute); None: results/<dataset>-<profile>
 figures_dir = None    # figures folder; None: figures/<dataset>-<profile>
 profile = "smoke"     # smoke | default | paper
-dataset = "synthetic" # synthetic | waterbirds | celeba | folder
+dataset = "synthetic" # synthetic | waterbirds | celeba | folder | synthetic_text | multinli
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
 profile_overrides = None  # dict of profile fields to change, from --set
+teacher_model = None  # local teacher weights file or Hugging Face folder
+student_model = None  # local student weights file or Hugging Face folder
 
 # %%
 import pandas as pd
@@ -47,12 +52,13 @@ import pandas as pd
 import fairkd_utils as fk
 
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
-                          profile_overrides=profile_overrides)
+                      profile_overrides=profile_overrides, teacher_model=teacher_model,
+                      student_model=student_model)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
 print(f"teacher: {run.profile.teacher_arch} {run.profile.teacher_widths or ''}, "
-      f"{run.profile.teacher_epochs} epochs on {len(splits['train'])} training images")
+      f"{len(splits['train'])} training instances")
 
 # %%
 stages = fk.study.train_teacher_stages(run)

@@ -27,11 +27,13 @@
 run_dir = None        # run directory (absolute); None: results/<dataset>-<profile>
 figures_dir = None    # figures folder; None: figures/<dataset>-<profile>
 profile = "smoke"     # smoke | default | paper
-dataset = "synthetic" # synthetic | waterbirds | celeba | folder
+dataset = "synthetic" # synthetic | waterbirds | celeba | folder | synthetic_text | multinli
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
 profile_overrides = None  # dict of profile fields to change, from --set
+teacher_model = None  # local teacher weights file or Hugging Face folder
+student_model = None  # local student weights file or Hugging Face folder
 
 # %%
 import numpy as np
@@ -40,7 +42,8 @@ import pandas as pd
 import fairkd_utils as fk
 
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
-                          profile_overrides=profile_overrides)
+                      profile_overrides=profile_overrides, teacher_model=teacher_model,
+                      student_model=student_model)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()

@@ -43,11 +43,13 @@
 run_dir = None        # run directory (absolute); None: results/<dataset>-<profile>
 figures_dir = None    # figures folder; None: figures/<dataset>-<profile>
 profile = "smoke"     # smoke | default | paper
-dataset = "synthetic" # synthetic | waterbirds | celeba | folder
+dataset = "synthetic" # synthetic | waterbirds | celeba | folder | synthetic_text | multinli
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
 profile_overrides = None  # dict of profile fields to change, from --set
+teacher_model = None  # local teacher weights file or Hugging Face folder
+student_model = None  # local student weights file or Hugging Face folder
 
 # %%
 import numpy as np
@@ -58,13 +60,23 @@ import fairkd_utils as fk
 from fairkd_utils.exit_laplace import fit_exit_laplace
 
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
-                          profile_overrides=profile_overrides)
+                      profile_overrides=profile_overrides, teacher_model=teacher_model,
+                      student_model=student_model)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
 train, val, test = splits["train"], splits["val"], splits["test"]
 minority = fk.study.minority_groups(train.group_counts())
 N_SAMPLES = 100  # Monte-Carlo samples of the predictive
+# The predictive Laplace-KD trains with ("auto"): the probit for two classes, Monte Carlo
+# for more (three for MultiNLI). The figures and scores below use the same one.
+LINK = "probit" if train.n_classes == 2 else "mc"
+
+
+def laplace_predictive(la, phi, seed=0):
+    """The exit's Laplace predictive as Laplace-KD computes it (``LINK``)."""
+    return la.predict(phi, link=LINK, n_samples=N_SAMPLES,
+                      generator=torch.Generator().manual_seed(seed))
 
 # %% [markdown]
 # ## Fit both forms on every seed's ERM exit
@@ -146,18 +158,19 @@ fk.plots.savefig(fig, run.figure("04_reliability"), close=False)
 # %% [markdown]
 # ## MAP vs Laplace confidence by group
 #
-# The Laplace predictive (exact prior, probit) against the MAP softmax, right and wrong
-# exit predictions apart, test split, all seeds pooled. For two classes the argmax is
-# the same, so "right" and "wrong" are the same instances in both.
+# The Laplace predictive (exact prior; the probit for two classes, Monte Carlo for more)
+# against the MAP softmax, right and wrong exit predictions apart (by the MAP exit),
+# test split, all seeds pooled. For two classes the argmax is the same, so "right" and
+# "wrong" are the same instances in both.
 
 # %%
 frames = []
 for seed in run.seeds:
     map_probs = outputs[seed]["test"].exit_probs
-    lap = fits[seed]["exact"].predict(outputs[seed]["test"].phi.double(), link="probit")
+    lap = laplace_predictive(fits[seed]["exact"], outputs[seed]["test"].phi.double(), seed)
     correct = (map_probs.argmax(1) == test.y).numpy()
     for name, p, m in (("map", map_probs.max(1).values, fk.losses.confidence_margin(map_probs)),
-                       ("probit", lap.probs.max(1).values, lap.margin)):
+                       (LINK, lap.probs.max(1).values, lap.margin)):
         frames.append(pd.DataFrame({"seed": seed, "group": test.g.numpy(),
                                     "group_name": [test.group_names[k] for k in test.g.tolist()],
                                     "predictive": name, "confidence": p.numpy(),
@@ -165,7 +178,7 @@ for seed in run.seeds:
                                     "prediction": np.where(correct, "right", "wrong")}))
 conf = pd.concat(frames)
 fig = fk.plots.confidence_by_group(conf, value="confidence", hue="predictive", col="prediction",
-                                   title="Exit confidence: MAP vs Laplace (exact prior, probit)")
+                                   title=f"Exit confidence: MAP vs Laplace (exact prior, {LINK})")
 fk.plots.savefig(fig, run.figure("04_map_vs_laplace_confidence"), close=False)
 conf.pivot_table(index=["group_name", "prediction"], columns="predictive",
                  values=["confidence", "margin"], aggfunc="mean").round(3)
@@ -227,7 +240,7 @@ if test.n_classes == 2:
 auroc_rows = []
 for seed in run.seeds:
     out = outputs[seed]
-    lap = fits[seed]["exact"].predict(out["train"].phi.double(), link="probit")
+    lap = laplace_predictive(fits[seed]["exact"], out["train"].phi.double(), seed)
     scores = fk.losses.hardness_scores(out["train"].exit_probs, lap, train.y)
     targets = {"minority group": np.isin(train.g.numpy(), minority),
                "ERM student wrong": (out["train"].probs.argmax(1) != train.y).numpy()}
@@ -272,7 +285,7 @@ w_map = fk.losses.dedier_weight(out.exit_logits.double(), train.y, 3.0)
 for factor in (1.0, 1e-2, 1e-4, 1e-6):
     la = fit_exit_laplace(erm_model.exit, out.phi.double(), out.exit_probs, y=train.y,
                           prior="exact", tau=tau_ml * factor)
-    lap = la.predict(out.phi.double(), link="probit")
+    lap = laplace_predictive(la, out.phi.double(), seed)
     w_lap = fk.losses.laplace_weight(lap, train.y, 3.0, "margin")
     dp = (lap.probs - out.exit_probs).abs().max(1).values
     tau_rows.append({"tau": la.tau, "tau / tau_ML": factor, "max |dp|": float(dp.max()),

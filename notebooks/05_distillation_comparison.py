@@ -45,11 +45,13 @@
 run_dir = None        # run directory (absolute); None: results/<dataset>-<profile>
 figures_dir = None    # figures folder; None: figures/<dataset>-<profile>
 profile = "smoke"     # smoke | default | paper
-dataset = "synthetic" # synthetic | waterbirds | celeba | folder
+dataset = "synthetic" # synthetic | waterbirds | celeba | folder | synthetic_text | multinli
 data_root = None      # local folder for real datasets
 seeds = None          # student seeds; None: the profile's
 device = "auto"       # auto | cpu | cuda
 profile_overrides = None  # dict of profile fields to change, from --set
+teacher_model = None  # local teacher weights file or Hugging Face folder
+student_model = None  # local student weights file or Hugging Face folder
 hparams_file = None   # chosen hyper-parameters; None: fairkd_utils/hparams.json's entry for this run
 sweep = None          # None: the profile's setting; True reruns the sweep and uses its choice
 sweep_seeds = None    # seeds the sweep averages over; None: the first two of `seeds`
@@ -62,7 +64,8 @@ from tqdm import tqdm
 import fairkd_utils as fk
 
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
-                          hparams_file=hparams_file, profile_overrides=profile_overrides)
+                      hparams_file=hparams_file, profile_overrides=profile_overrides,
+                      teacher_model=teacher_model, student_model=student_model)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 teacher = fk.study.load_teacher_logits(run)          # stops if notebook 02 has not run
 methods = list(run.profile.methods)

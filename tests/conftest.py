@@ -22,3 +22,15 @@ def smoke_run(tmp_path_factory):
                         str(out / "figures"), "--quiet"])
     assert rc == 0, "the smoke pipeline failed; see the executed notebook named above"
     return out / "synthetic-smoke"
+
+
+@pytest.fixture(scope="session")
+def text_smoke_run(tmp_path_factory):
+    """Run every notebook with ``--profile smoke --dataset synthetic_text``."""
+    from fairkd_utils import pipeline
+
+    out = tmp_path_factory.mktemp("text-smoke")
+    rc = pipeline.main(["--profile", "smoke", "--dataset", "synthetic_text", "--out", str(out),
+                        "--figures", str(out / "figures"), "--quiet"])
+    assert rc == 0, "the text smoke pipeline failed; see the executed notebook named above"
+    return out / "synthetic_text-smoke"
