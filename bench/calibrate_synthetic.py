@@ -12,8 +12,9 @@ Only the teacher, the ERM student, its exit, group-balanced ERM and kd are train
 the reweighting methods are never looked at. The conditions are computed by
 ``fairkd_utils.metrics.calibration_conditions``.
 
-    .venv/bin/python bench/calibrate_synthetic.py [--seeds 0 1 2 3 4] [--teacher-seeds 0]
-        [--alignment 0.5] [--adapt-epochs 0] [--run-dir results/synthetic-default]
+    .venv/bin/python bench/calibrate_synthetic.py [--dataset synthetic|synthetic_text]
+        [--seeds 0 1 2 3 4] [--teacher-seeds 0] [--alignment 0.5] [--adapt-epochs 0]
+        [--run-dir results/<dataset>-default] [--set FIELD=VALUE ...]
 
 Checkpoints go to ``<run-dir>/checkpoints`` under the same fingerprints the pipeline
 uses, so with the default run directory and teacher seed 0 a later ``make reproduce``
@@ -29,7 +30,7 @@ import time
 import pandas as pd
 import torch
 
-from fairkd_utils import rundir, study
+from fairkd_utils import profiles, rundir, study
 from fairkd_utils import metrics as M
 from fairkd_utils import train
 
@@ -43,25 +44,31 @@ def group_summary(probs, ds) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="default")
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "synthetic_text"])
+    p.add_argument("--set", nargs="+", default=None, metavar="FIELD=VALUE",
+                   help="profile fields to change (a run directory of their own, as the runner)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the profile's)")
     p.add_argument("--teacher-seeds", type=int, nargs="+", default=[study.TEACHER_SEED])
     p.add_argument("--alignment", type=float, default=None, help="pretraining corpus alignment")
     p.add_argument("--adapt-epochs", type=int, default=None, help="teacher adaptation epochs")
     p.add_argument("--pretrain-epochs", type=int, default=None)
-    p.add_argument("--run-dir", default=None, help="default: results/synthetic-<profile>")
+    p.add_argument("--run-dir", default=None, help="default: results/<dataset>-<profile>")
     p.add_argument("--device", default="cpu")
     p.add_argument("--csv", default=None, help="also write the per-seed values here")
     args = p.parse_args(argv)
-    run = rundir.setup(args.run_dir, "/tmp/fairkd-calibration-figures", args.profile, "synthetic",
-                  None, args.seeds, args.device)
+    run = rundir.setup(args.run_dir, "/tmp/fairkd-calibration-figures", args.profile, args.dataset,
+                       None, args.seeds, args.device,
+                       profile_overrides=profiles.parse_overrides(args.set) or None)
     changes = {k: v for k, v in {"teacher_pretrain_alignment": args.alignment,
                                  "teacher_adapt_epochs": args.adapt_epochs,
                                  "teacher_pretrain_epochs": args.pretrain_epochs}.items()
                if v is not None}
     run.profile = run.profile.replace(**changes)
     pr = run.profile
-    print(f"profile {pr.name} {changes or ''}: teacher pretrained on {4 * pr.teacher_pretrain_per_pair} "
-          f"images (alignment {pr.teacher_pretrain_alignment}, {pr.teacher_pretrain_epochs} epochs), "
+    n_groups = 6 if args.dataset == "synthetic_text" else 4
+    print(f"{args.dataset} profile {pr.name} {changes or ''} {args.set or ''}: teacher pretrained on "
+          f"{n_groups * pr.teacher_pretrain_per_pair} instances (alignment "
+          f"{pr.teacher_pretrain_alignment}, {pr.teacher_pretrain_epochs} epochs), "
           f"adapted {pr.teacher_adapt_epochs} epochs; students {pr.student_epochs} epochs, "
           f"seeds {run.seeds}; kd from {study.hparams_source(run)}; torch threads {torch.get_num_threads()}",
           flush=True)

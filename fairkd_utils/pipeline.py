@@ -34,7 +34,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import records
-from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHODS, PROFILES, TEXT_DATASETS,
+from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHODS, PROFILES,
                        apply_overrides, get_profile, overrides_tag, parse_overrides,
                        resolve_device)
 from .rundir import REPO_ROOT
