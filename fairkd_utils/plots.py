@@ -1,5 +1,27 @@
-"""Every figure of the study, drawn from tidy tables, with one palette and one
-set of names so that notebooks and slides agree.
+"""Every figure of the study, drawn from tidy tables, with one palette per concept
+and one set of names so that notebooks and slides agree.
+
+Colours are looked up by *key*, never by display label: a method (``"kd"``), a
+model (``"exit"``), a predictive (``"map"``), a group (its index, or its place in
+the group table). The same key has the same colour in every figure:
+
+* methods (:data:`METHOD_COLORS`): Okabe-Ito's colour-blind-safe set plus three
+  dark/light extras for the methods still to come (``jtt``, ``dfr``,
+  ``dedier_final``); any other method gets a stable colour of its own (a hash of
+  its name into a reserve list). References (methods that use group labels) are
+  drawn hollow.
+* groups (:func:`group_palette`): a palette of their own, never a method's
+  colour: one hue per label (olive, violet, rose), dark for the first attribute
+  value and light for the second (``g = 2 y + a``): four groups for the bird
+  data, six for three labels x negation.
+* predictives (:data:`PREDICTIVE_COLORS`): MAP in DeDiER's orange, the Laplace
+  probit in Laplace-KD's green (the readout each method weights by), MC sampling
+  in sky blue; models (:data:`MODEL_COLORS`) reuse them for the exit.
+
+Every pair within a palette stays apart under simulated deuteranopia and
+protanopia (checked in ``tests/test_plots.py``). Labels are human: methods from
+:data:`METHOD_LABELS`, metrics from :data:`METRIC_LABELS`, scores from
+:data:`SCORE_LABELS`, anything else through :func:`human_label`.
 
 ``savefig(fig, figures_dir / "04_reliability")`` writes ``.png`` (for reading)
 and ``.pdf`` (for slides), both byte-stable across reruns.
@@ -8,29 +30,115 @@ and ``.pdf`` (for slides), both byte-stable across reruns.
 from __future__ import annotations
 
 import io
+import re
+import textwrap
+import zlib
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import to_hex
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from . import records
 from .losses import METHOD_SPECS
 
+
+class KeyedPalette(dict):
+    """``key -> colour``; a key it does not hold gets a stable colour from
+    ``reserve`` (chosen by a CRC of the key, so the same in every process)."""
+
+    def __init__(self, colors: dict, reserve):
+        super().__init__(colors)
+        self.reserve = tuple(reserve)
+
+    def __missing__(self, key):
+        return self.reserve[zlib.crc32(str(key).encode()) % len(self.reserve)]
+
+    def get(self, key, default=None):
+        if key in self or default is None:
+            return self[key]
+        return default
+
+
 METHOD_ORDER = list(METHOD_SPECS)
 METHOD_LABELS = {m: spec.label for m, spec in METHOD_SPECS.items()}
-METHOD_COLORS = {
-    "erm": "#7f7f7f", "kd": "#1f77b4", "dedier": "#ff7f0e", "dedier_both": "#d62728",
-    "laplace_kd": "#2ca02c", "shuffled": "#e377c2", "group_balanced": "#222222",
-    "group_balanced_erm": "#8c564b",
-}
+#: Okabe & Ito (2008) for the study's methods, grey for the teacher-free baseline,
+#: black and wine for the references; the last three are reserved for methods to come.
+METHOD_COLORS = KeyedPalette({
+    "erm": "#BBBBBB", "kd": "#0072B2", "dedier": "#E69F00", "dedier_both": "#D55E00",
+    "laplace_kd": "#009E73", "shuffled": "#CC79A7", "group_balanced": "#000000",
+    "group_balanced_erm": "#882255",
+    "jtt": "#56B4E9", "dfr": "#332288", "dedier_final": "#5C3A00",
+}, reserve=("#E1BE6A", "#1A85FF", "#222255", "#117733"))
+#: Marker per method (a second cue next to colour); references are hollow squares.
+METHOD_MARKERS = {"erm": "v", "kd": "o", "dedier": "^", "dedier_both": "D", "laplace_kd": "*",
+                  "shuffled": "P", "jtt": "X", "dedier_final": "h"}
 #: Methods that use group labels in training: drawn hollow, marked as references.
 REFERENCES = [m for m, spec in METHOD_SPECS.items() if spec.group_labels]
-MODEL_COLORS = {"teacher": "#9467bd", "student": "#1f77b4", "exit": "#ff7f0e",
-                "exit_laplace": "#2ca02c"}
-PREDICTIVE_COLORS = {"map": "#ff7f0e", "probit": "#2ca02c", "mc": "#17becf"}
+
+#: One hue per label, dark then light for the two attribute values (g = 2 y + a).
+GROUP_COLORS = ("#424B01", "#919D33",   # label 0: olive
+                "#605889", "#9789EB",   # label 1: violet
+                "#9B575B", "#E5A6A7")   # label 2: rose
+
+PREDICTIVE_ORDER = ["map", "probit", "mc"]
+PREDICTIVE_COLORS = KeyedPalette({"map": "#E69F00", "probit": "#009E73", "mc": "#56B4E9"},
+                                 reserve=("#6699CC", "#AA4499"))
+PREDICTIVE_LABELS = {"map": "MAP", "probit": "Laplace (probit)", "mc": "Laplace (MC samples)"}
+#: Prior forms of the exit Laplace (colour in the sample clouds, line style in curves).
+FORM_COLORS = {"exact": "#009E73", "kron": "#7E57C2"}
+FORM_LINESTYLES = {"exact": "-", "kron": "--"}
+FORM_LABELS = {"exact": "exact prior", "kron": "Kronecker prior"}
+
+MODEL_ORDER = ["teacher", "student", "exit", "exit_laplace"]
+MODEL_COLORS = KeyedPalette({"teacher": "#332288", "student": "#0072B2",
+                             "exit": PREDICTIVE_COLORS["map"],
+                             "exit_laplace": PREDICTIVE_COLORS["probit"]},
+                            reserve=("#88CCEE", "#AA4499"))
+MODEL_LABELS = {"teacher": "teacher", "student": "student (final head)",
+                "exit": "early exit", "exit_laplace": "early exit (Laplace)"}
+
 SPLIT_ORDER = ["train", "val", "test"]
+SPLIT_COLORS = {"train": "#D9D9D9", "val": "#9E9E9E", "test": "#4D4D4D"}
+SPLIT_LABELS = {"train": "train", "val": "validation", "test": "test"}
+
+#: Right and wrong predictions (Tol's medium-contrast blue and red).
+OUTCOME_COLORS = {"right": "#6699CC", "wrong": "#BB5566"}
+#: What a hardness score should single out (Tol's high-contrast pair).
+TARGET_COLORS = KeyedPalette({"minority group": "#DDAA33", "ERM student wrong": "#004488"},
+                             reserve=("#BB5566", "#6699CC", "#999933"))
+
+METRIC_LABELS = {
+    "worst_group_acc": "worst-group accuracy", "avg_acc": "average accuracy",
+    "train_weighted_acc": "train-weighted accuracy", "group_gap": "group gap (best − worst)",
+    "ece": "calibration error (ECE)", "nll": "negative log-likelihood", "acc": "accuracy",
+    "auroc": "AUROC",
+}
+SCORE_LABELS = {
+    "dedier_map_margin": "DeDiER margin (MAP exit)", "laplace_margin": "Laplace margin",
+    "laplace_entropy": "Laplace entropy", "laplace_variance": "Laplace logit variance",
+}
+#: Words :func:`human_label` spells its own way.
+_WORDS = {"map": "MAP", "kd": "KD", "erm": "ERM", "dedier": "DeDiER", "laplace": "Laplace",
+          "jtt": "JTT", "dfr": "DFR", "auroc": "AUROC", "ece": "ECE", "nll": "NLL",
+          "mc": "MC", "acc": "accuracy", "avg": "average", "val": "validation", "kron": "Kronecker"}
+
+
+def human_label(key) -> str:
+    """The display name of a key: from the label tables, else the key with its
+    underscores as spaces and known words spelled out (``dedier_map_margin`` ->
+    ``DeDiER MAP margin``)."""
+    key = str(key)
+    for table in (METHOD_LABELS, METRIC_LABELS, SCORE_LABELS):
+        if key in table:
+            return table[key]
+    words = [w for w in re.split(r"[_\s]+", key) if w]
+    return " ".join(_WORDS.get(w.lower(), w) for w in words) or key
 
 
 def use_style() -> None:
@@ -46,12 +154,36 @@ def use_style() -> None:
 use_style()
 
 
+def _group_color(index: int, n_groups: int):
+    if n_groups <= len(GROUP_COLORS):
+        return GROUP_COLORS[index]
+    # More groups than the paired palette holds: evenly along cividis (blue to
+    # yellow, colour-blind safe, no method's green).
+    return to_hex(plt.get_cmap("cividis")(0.1 + 0.8 * index / max(n_groups - 1, 1)))
+
+
 def group_palette(group_names) -> dict:
-    """A colour per group: blues for label 0, oranges for label 1 (majority darker)."""
-    names = list(group_names)
-    cols = sns.color_palette("Paired", n_colors=max(len(names), 4))
-    order = [1, 0, 6, 7, 3, 2, 5, 4, 9, 8, 11, 10]
-    return {n: cols[order[i % len(order)] % len(cols)] for i, n in enumerate(names)}
+    """A colour per group, the names given in group order (``g = 2 y + a``): one
+    hue per label, dark for the first attribute value and light for the second
+    (olive, violet, rose: up to six groups; more fall back to cividis). Never a
+    method's colour."""
+    names = list(dict.fromkeys(group_names))
+    return {n: _group_color(i, len(names)) for i, n in enumerate(names)}
+
+
+def _groups_of(df: pd.DataFrame):
+    """Group names in group order and their colours, keyed by the group index
+    where ``df`` has one (so a subset of groups keeps its colours)."""
+    if "group" in df:
+        pairs = df[["group", "group_name"]].drop_duplicates("group_name")
+        pairs = pairs.assign(group=pd.to_numeric(pairs["group"], errors="coerce")).dropna()
+    if "group" in df and len(pairs):
+        pairs = pairs.sort_values("group", kind="stable")
+        n = int(pairs["group"].max()) + 1
+        return list(pairs["group_name"]), {name: _group_color(int(g), n)
+                                            for g, name in zip(pairs["group"], pairs["group_name"])}
+    names = list(dict.fromkeys(df["group_name"]))
+    return names, group_palette(names)
 
 
 def savefig(fig, stem, close: bool = True) -> None:
@@ -68,7 +200,16 @@ def savefig(fig, stem, close: bool = True) -> None:
 
 
 def _method_label(m):
-    return METHOD_LABELS.get(m, m)
+    return METHOD_LABELS.get(m) or human_label(m)
+
+
+#: Inches per category on a categorical x axis: a wrapped group name ("contradiction,
+#: no negation") fits without touching its neighbours.
+_SLOT_IN = 1.5
+
+
+def _wrap(text, width: int = 14) -> str:
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
 
 def _present(order, values):
@@ -76,21 +217,108 @@ def _present(order, values):
     return [v for v in order if v in values] + [v for v in values if v not in order]
 
 
+def _predictive_key(value):
+    """The predictive a hue value stands for: ``"map"``, ``"MAP"``, ``"Laplace exact
+    (probit)"`` -> map, map, probit; None when it names none."""
+    low = str(value).strip().lower()
+    if low in PREDICTIVE_COLORS:
+        return low
+    inside = re.findall(r"\(([a-z]+)\)", low)
+    for word in inside + re.findall(r"[a-z]+", low):
+        if word in PREDICTIVE_COLORS:
+            return word
+    return None
+
+
+def _form_key(value):
+    words = re.findall(r"[a-z]+", str(value).lower())
+    return next((w for w in words if w in FORM_COLORS), None)
+
+
+def _hue_color(hue: str, value):
+    """The colour of one hue value of a known concept, looked up by key."""
+    if hue == "method":
+        return METHOD_COLORS[value]
+    if hue == "model":
+        return MODEL_COLORS[value]
+    if hue == "predictive":
+        key = _predictive_key(value)
+        return PREDICTIVE_COLORS[key if key is not None else value]
+    if hue == "split":
+        return SPLIT_COLORS.get(value)
+    if hue == "target":
+        return TARGET_COLORS[value]
+    if hue in ("prediction", "correct"):
+        return OUTCOME_COLORS.get(value)
+    for table in (MODEL_COLORS, METHOD_COLORS):
+        if value in table:
+            return table[value]
+    return None
+
+
+def _hue_label(hue: str, value) -> str:
+    if hue == "method":
+        return _method_label(value)
+    if hue == "model":
+        return MODEL_LABELS.get(value, human_label(value))
+    if hue == "split":
+        return SPLIT_LABELS.get(value, value)
+    if hue == "predictive":
+        return _predictive_label(value)
+    return str(value)
+
+
+def _predictive_label(value) -> str:
+    """``map`` -> MAP, ``Laplace kron (mc)`` -> Laplace Kronecker (MC): keys through
+    :data:`PREDICTIVE_LABELS`, labels with their abbreviations spelled out."""
+    if value in PREDICTIVE_LABELS:
+        return PREDICTIVE_LABELS[value]
+    return re.sub(r"\bkron\b", "Kronecker", str(value)).replace("(mc)", "(MC)")
+
+
+def _hue_order(hue: str, values):
+    order = {"method": METHOD_ORDER, "model": MODEL_ORDER, "split": SPLIT_ORDER,
+             "predictive": PREDICTIVE_ORDER, "prediction": ["right", "wrong"]}.get(hue, [])
+    return _present(order, values)
+
+
+def _legend_outside(ax, handles=None, labels=None, **kw):
+    """The legend to the right of ``ax``, outside the plot area (the constrained
+    layout makes room for it)."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if ax.get_legend():
+        ax.get_legend().remove()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                  **kw)
+
+
+def _patches(colors: dict):
+    return [Patch(facecolor=c, edgecolor="#333333", linewidth=0.6) for c in colors.values()], list(colors)
+
+
+def _lines(colors: dict, lw: float = 1.8):
+    return [Line2D([], [], color=c, lw=lw) for c in colors.values()], list(colors)
+
+
 # --------------------------------------------------------------------- notebook 01
 def group_counts(groups: pd.DataFrame):
     """Bar chart of samples per group and split (log scale: groups differ ~60x)."""
-    names = list(dict.fromkeys(groups.sort_values("group")["group_name"]))
+    names, pal = _groups_of(groups)
     splits = _present(SPLIT_ORDER, groups["split"])
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2), layout="constrained")
     sns.barplot(data=groups, x="split", y="n", hue="group_name", order=splits, hue_order=names,
-                palette=group_palette(names), ax=ax)
-    for cont in ax.containers:
+                palette=pal, saturation=1, ax=ax)
+    for cont, name in zip(ax.containers, names):   # one container per group, in hue order
+        cont.set_label(name)
         ax.bar_label(cont, fmt="%d", fontsize=8, padding=1)
     ax.set_yscale("log")
     ax.set_ylabel("instances (log scale)")
     ax.set_xlabel("")
+    ax.set_xticks(range(len(splits)), [SPLIT_LABELS.get(s, s) for s in splits])
     ax.set_title("Instances per group and split")
-    ax.legend(title=None, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _legend_outside(ax, *_patches({n: pal[n] for n in names}), title="group")
     return fig
 
 
@@ -98,8 +326,8 @@ def group_samples(images: dict, n_cols: int | None = None):
     """A row of example images per group; ``images`` maps group name -> list of HWC arrays."""
     n_rows = len(images)
     n_cols = n_cols or max(len(v) for v in images.values())
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols + 1.6, 1.3 * n_rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols + 1.8, 1.3 * n_rows + 0.5),
+                             squeeze=False, layout="constrained")
     for r, (name, imgs) in enumerate(images.items()):
         for c in range(n_cols):
             ax = axes[r, c]
@@ -108,74 +336,120 @@ def group_samples(images: dict, n_cols: int | None = None):
                 s.set_visible(False)
             if c < len(imgs):
                 ax.imshow(np.clip(imgs[c], 0, 1), interpolation="nearest")
-        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+        axes[r, 0].set_ylabel(_wrap(name, 18), rotation=0, ha="right", va="center", fontsize=10)
     fig.suptitle("Examples per group (label on background)", fontweight="bold")
-    fig.tight_layout()
     return fig
 
 
 # --------------------------------------------------------------------- notebooks 02-03
+def _bars_with_labels(ax, agg: pd.DataFrame, cats, levels, colors, labels, width: float = 0.8,
+                      fmt: str = "{:.2f}", fontsize: float = 8, pad: float = 0.015):
+    """Grouped bars of ``agg`` (index (category, level); columns mean, std, n) with the
+    sd as error bars and the value written above the error bar. Returns the label texts."""
+    step = width / len(levels)
+    texts = []
+    for j, level in enumerate(levels):
+        xs, means, sds = [], [], []
+        for i, cat in enumerate(cats):
+            if (cat, level) in agg.index:
+                r = agg.loc[(cat, level)]
+                xs.append(i + (j - (len(levels) - 1) / 2) * step)
+                means.append(float(r["mean"]))
+                sds.append(float(r["std"]) if r["n"] > 1 and np.isfinite(r["std"]) else 0.0)
+        if not xs:
+            continue
+        ax.bar(xs, means, step * 0.92, color=colors[level], label=labels[level],
+               edgecolor="white", linewidth=0.6, zorder=2)
+        if any(s > 0 for s in sds):
+            ax.errorbar(xs, means, yerr=sds, fmt="none", ecolor="#333333", elinewidth=1.1,
+                        capsize=3, zorder=3)
+        for x, m, s in zip(xs, means, sds):
+            texts.append(ax.text(x, m + s + pad, fmt.format(m), ha="center", va="bottom",
+                                 fontsize=fontsize, rotation=90 if len(levels) > 3 else 0,
+                                 zorder=4))
+    return texts
+
+
 def group_accuracy_bars(df: pd.DataFrame, hue: str = "model", title: str = "", palette=None):
     """Per-group accuracy bars (``df``: group_name, acc, and the ``hue`` column),
-    error bars over seeds where there are several."""
+    error bars (sd) over seeds where there are several; each value is written
+    above its error bar. Colours by key of the ``hue`` concept (model, method,
+    split), or ``palette`` (hue value -> colour) where given."""
     names = [n for n in dict.fromkeys(df["group_name"]) if n != "all"]
+    if "group" in df:
+        names = _groups_of(df[df["group_name"] != "all"])[0]
     names = names + (["all"] if (df["group_name"] == "all").any() else [])
-    fig, ax = plt.subplots(figsize=(8.5, 4))
-    hue_order = list(dict.fromkeys(df[hue]))
-    pal = palette or {h: MODEL_COLORS.get(h, METHOD_COLORS.get(h, None)) for h in hue_order}
-    if any(v is None for v in pal.values()):
-        pal = None
-    sns.barplot(data=df, x="group_name", y="acc", hue=hue, order=names, hue_order=hue_order,
-                palette=pal, errorbar="sd", capsize=0.1, ax=ax)
-    for cont in ax.containers:
-        if hasattr(cont, "datavalues"):
-            ax.bar_label(cont, fmt="%.2f", fontsize=8, padding=2)
-    ax.set_ylim(0, 1.08)
+    levels = _hue_order(hue, df[hue])
+    colors = {h: (palette or {}).get(h) or _hue_color(hue, h) for h in levels}
+    fallback = iter(sns.color_palette("colorblind", len(levels)))
+    colors = {h: c if c is not None else next(fallback) for h, c in colors.items()}
+    agg = df.groupby(["group_name", hue])["acc"].agg(["mean", "std", "count"]).rename(
+        columns={"count": "n"})
+    fig, ax = plt.subplots(figsize=(max(8.5, _SLOT_IN * len(names) + 3.0), 4.2), layout="constrained")
+    texts = _bars_with_labels(ax, agg, names, levels, colors, {h: _hue_label(hue, h) for h in levels},
+                              fontsize=8 if len(levels) <= 3 else 7)
+    ax.set_xticks(range(len(names)), [_wrap("all groups" if n == "all" else n) for n in names])
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    label_h = 0.11 if len(levels) > 3 else 0.06      # a value label's height in data units (about)
+    ax.set_ylim(0, max([1.14] + [t.get_position()[1] + label_h for t in texts]))
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_xlabel("")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.tick_params(axis="x", labelrotation=12)
-    ax.legend(title=None, loc="lower left")
+    ax.grid(axis="x", visible=False)
+    _legend_outside(ax, title=None)
     return fig
 
 
 def confidence_by_group(df: pd.DataFrame, value: str = "prob", hue: str = "correct",
-                        col: str | None = None, title: str = ""):
+                        col: str | None = None, title: str = "", ylabel: str | None = None):
     """Distribution of a confidence score per group, right vs wrong predictions apart.
-    ``df``: group_name, ``value``, ``hue`` (and optionally ``col`` for facets)."""
+    ``df``: group_name, ``value``, ``hue`` (and optionally ``col`` for facets).
+    A ``predictive`` hue is coloured by its key (``map``, ``probit``, ``mc``, or a
+    label naming one such as ``"Laplace exact (probit)"``)."""
     df = df.copy()
     if hue == "correct":
         df["prediction"] = np.where(df["correct"].astype(bool), "right", "wrong")
-        hue, hue_order, pal = "prediction", ["right", "wrong"], {"right": "#4c72b0", "wrong": "#c44e52"}
-    else:
-        hue_order = list(dict.fromkeys(df[hue]))
-        pal = PREDICTIVE_COLORS if set(hue_order) <= set(PREDICTIVE_COLORS) else None
-    order = list(dict.fromkeys(df.sort_values("group")["group_name"])) if "group" in df else None
+        hue = "prediction"
+    levels = _hue_order(hue, df[hue])
+    shown_as = {h: _hue_label(hue, h) for h in levels}
+    df["_hue"] = df[hue].map(shown_as)
+    hue_order = [shown_as[h] for h in levels]
+    pal = {shown_as[h]: _hue_color(hue, h) for h in levels}
+    if any(c is None for c in pal.values()):   # a hue of no known concept
+        pal = dict(zip(hue_order, sns.color_palette("colorblind", len(hue_order)).as_hex()))
+    order = _groups_of(df)[0] if "group" in df else list(dict.fromkeys(df["group_name"]))
     cols = list(dict.fromkeys(df[col])) if col else [None]
-    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols) + 1, 4.2), squeeze=False, sharey=True)
+    panel_w = max(5.2, _SLOT_IN * len(order))
+    fig, axes = plt.subplots(1, len(cols), figsize=(panel_w * len(cols) + 1.6, 4.4), squeeze=False,
+                             sharey=True, layout="constrained")
     for ax, c in zip(axes[0], cols):
         sub = df if c is None else df[df[col] == c]
-        sns.boxplot(data=sub, x="group_name", y=value, hue=hue, order=order, hue_order=hue_order,
-                    palette=pal, showfliers=False, width=0.7, ax=ax)
-        shown = sub.sample(frac=1.0, random_state=0).groupby([hue, "group_name"]).head(60)
+        sns.boxplot(data=sub, x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
+                    palette=pal, saturation=1, showfliers=False, width=0.7, ax=ax)
+        shown = sub.sample(frac=1.0, random_state=0).groupby(["_hue", "group_name"]).head(60)
         state = np.random.get_state()  # seaborn jitters with numpy's global generator:
         np.random.seed(0)              # seed it here so reruns draw byte-identical figures
         try:
             sns.stripplot(data=shown,
-                          x="group_name", y=value, hue=hue, order=order, hue_order=hue_order,
+                          x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
                           dodge=True, palette=pal, size=2, alpha=0.45, legend=False, ax=ax)
         finally:
             np.random.set_state(state)
         ax.set_xlabel("")
-        ax.set_title(f"{col} = {c}" if c is not None else "")
-        ax.tick_params(axis="x", labelrotation=15)
-        if ax is axes[0][-1]:
-            ax.legend(title=None, loc="best")
-        elif ax.get_legend():
+        ax.set_xticks(range(len(order)), [_wrap(n) for n in order])
+        if c is None:
+            ax.set_title("")
+        elif col == "prediction":
+            ax.set_title(f"{c} predictions")
+        else:
+            ax.set_title(human_label(c))
+        if ax.get_legend():
             ax.get_legend().remove()
-    axes[0][0].set_ylabel(value)
-    fig.suptitle(title, fontweight="bold")
-    fig.tight_layout()
+    axes[0][0].set_ylabel(ylabel or (human_label(col) if value == "value" and col else human_label(value)))
+    _legend_outside(axes[0][-1], *_patches(pal), title="prediction" if hue == "prediction" else None)
+    if title:
+        fig.suptitle(title, fontweight="bold")
     return fig
 
 
@@ -187,8 +461,7 @@ def laplace_samples(samples: list[dict], title: str = "Samples of the exit's pre
     mean (2,), y. Each panel shows the MAP logit, the sample cloud of both
     forms and the decision line z0 = z1."""
     groups = list(dict.fromkeys(s["group_name"] for s in samples))
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.8), squeeze=False)
-    colors = {"exact": "#2ca02c", "kron": "#9467bd"}
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 4.6), squeeze=False)
     for ax, gname in zip(axes[0], groups):
         cur = [s for s in samples if s["group_name"] == gname]
         allz = np.concatenate([np.asarray(s["z"]) for s in cur])
@@ -196,23 +469,23 @@ def laplace_samples(samples: list[dict], title: str = "Samples of the exit's pre
         pad = 0.15 * (hi - lo + 1e-6)
         for s in cur:
             z = np.asarray(s["z"])
-            ax.scatter(z[:, 0], z[:, 1], s=5, alpha=0.3, color=colors.get(s["form"], None),
-                       label=f"{s['form']} prior", rasterized=True)
+            ax.scatter(z[:, 0], z[:, 1], s=5, alpha=0.3, color=FORM_COLORS.get(s["form"], "#777777"),
+                       label=FORM_LABELS.get(s["form"], f"{s['form']} prior"), rasterized=True)
         m = np.asarray(cur[0]["mean"])
-        ax.scatter([m[0]], [m[1]], marker="*", s=160, color="black", zorder=5, label="MAP")
-        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="#c44e52", lw=1.2, ls="--",
-                label="decision line")
+        ax.scatter([m[0]], [m[1]], marker="*", s=160, color="black", zorder=5, label="MAP logits")
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="#444444", lw=1.2, ls="--",
+                label="decision line $z_0 = z_1$")
         ax.set_xlim(lo - pad, hi + pad), ax.set_ylim(lo - pad, hi + pad)
         ax.set_aspect("equal")
         ax.set_title(f"{gname}\n(true y = {cur[0]['y']})", fontsize=10)
-        ax.set_xlabel("logit 0")
-    axes[0][0].set_ylabel("logit 1")
+        ax.set_xlabel("logit $z_0$")
+    axes[0][0].set_ylabel("logit $z_1$")
     handles, labels = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     fig.suptitle(title, fontweight="bold")
-    fig.tight_layout()
-    fig.legend(uniq.values(), uniq.keys(), loc="upper center", ncol=len(uniq), markerscale=1.5,
-               bbox_to_anchor=(0.5, 0.0))
+    fig.legend(uniq.values(), uniq.keys(), loc="lower center", bbox_to_anchor=(0.5, 0.0),
+               ncol=len(uniq), markerscale=1.5)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))   # fixed-aspect panels: tight, not constrained
     return fig
 
 
@@ -229,41 +502,88 @@ def reliability_curve(prob_max: np.ndarray, correct: np.ndarray, n_bins: int = 1
     return pd.DataFrame(rows)
 
 
+_PREDICTIVE_MARKERS = {"map": "o", "probit": "s", "mc": "^"}
+
+
 def reliability(df: pd.DataFrame, hue: str = "predictive", ece: dict | None = None,
                 title: str = "Reliability of the early exit"):
-    """Reliability diagram: ``df`` has prob (top-label confidence), correct and ``hue``."""
-    fig, ax = plt.subplots(figsize=(5.2, 5))
-    ax.plot([0, 1], [0, 1], color="#888888", ls="--", lw=1, label="perfect calibration")
-    for h in dict.fromkeys(df[hue]):
+    """Reliability diagram: ``df`` has prob (top-label confidence), correct and ``hue``.
+    Colour by the predictive each hue value names (``map``/``MAP``, ``... (probit)``,
+    ``... (mc)``), line style by the prior form it names (exact solid, kron dashed)."""
+    fig, ax = plt.subplots(figsize=(5.6, 6.2), layout="constrained")
+    ax.plot([0, 1], [0, 1], color="#888888", ls=":", lw=1.2, label="perfect calibration")
+    values = list(dict.fromkeys(df[hue]))
+    keyed = {h: _predictive_key(h) for h in values}
+    rank = {k: i for i, k in enumerate(PREDICTIVE_ORDER)}
+    values.sort(key=lambda h: (rank.get(keyed[h], len(rank)), _form_key(h) == "kron"))
+    for h in values:
         sub = df[df[hue] == h]
         curve = reliability_curve(sub["prob"].to_numpy(), sub["correct"].to_numpy().astype(float))
-        lab = f"{h}" + (f" (ECE {ece[h]:.3f})" if ece and h in ece else "")
-        ax.plot(curve["confidence"], curve["accuracy"], marker="o", ms=4,
-                color=PREDICTIVE_COLORS.get(h), label=lab)
+        key, form = keyed[h], _form_key(h)
+        name = _predictive_label(h)
+        lab = name + (f" (ECE {ece[h]:.3f})" if ece and h in ece else "")
+        color = PREDICTIVE_COLORS[key if key is not None else h]
+        filled = key in (None, "map")
+        ax.plot(curve["confidence"], curve["accuracy"], marker=_PREDICTIVE_MARKERS.get(key, "D"),
+                ms=6 if filled else 7, color=color, mfc=color if filled else "white", mew=1.4,
+                ls=FORM_LINESTYLES.get(form, "-"), lw=1.6, label=lab, zorder=3 if filled else 2)
     ax.set_xlim(0.45 if df["prob"].min() >= 0.45 else 0, 1.0)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("confidence (top label)")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=9, ncol=1)
     return fig
 
 
-def score_auroc(df: pd.DataFrame, title: str = "Which score singles out hard instances?"):
-    """AUROC per score and target (``df``: score, target, auroc[, auroc_std])."""
-    fig, ax = plt.subplots(figsize=(8, 4))
-    sns.barplot(data=df, x="score", y="auroc", hue="target", errorbar="sd" if "seed" in df else None,
-                capsize=0.1, palette="Set2", ax=ax)
-    for cont in ax.containers:
-        if hasattr(cont, "datavalues"):
-            ax.bar_label(cont, fmt="%.2f", fontsize=9, label_type="center")
-    ax.axhline(0.5, color="#444444", ls="--", lw=1, label="chance")
-    ax.set_ylim(0, 1.05)
+def score_auroc(df: pd.DataFrame, title: str = "Which score singles out hard instances?",
+                labels: dict | None = None):
+    """AUROC per score and target (``df``: score, target, auroc[, seed]): mean over
+    seeds with sd error bars and one dot per seed; values written above each bar,
+    clear of the 0.5 chance line. Tick labels from ``labels`` or :data:`SCORE_LABELS`
+    (else :func:`human_label` of the key)."""
+    scores = list(dict.fromkeys(df["score"]))
+    targets = _present(list(TARGET_COLORS), df["target"])
+    agg = df.groupby(["score", "target"])["auroc"].agg(["mean", "std", "count", "max"]).rename(
+        columns={"count": "n"})
+    names = {**SCORE_LABELS, **(labels or {})}
+    fig, ax = plt.subplots(figsize=(9, 4.6), layout="constrained")
+    width = 0.8 / len(targets)
+    text_h = 0.055                               # a label's height in data units (about)
+    top = 1.0
+    for j, t in enumerate(targets):
+        xs, means, sds = [], [], []
+        for i, s in enumerate(scores):
+            if (s, t) not in agg.index:
+                continue
+            r = agg.loc[(s, t)]
+            x = i + (j - (len(targets) - 1) / 2) * width
+            sd = float(r["std"]) if r["n"] > 1 and np.isfinite(r["std"]) else 0.0
+            xs.append(x), means.append(float(r["mean"])), sds.append(sd)
+            if "seed" in df and r["n"] > 1:
+                vals = df[(df["score"] == s) & (df["target"] == t)].sort_values("seed")["auroc"]
+                ax.scatter(x + np.linspace(-0.22, 0.22, len(vals)) * width, vals, s=10,
+                           color="white", edgecolor="#222222", linewidth=0.7, zorder=4)
+            y = max(float(r["mean"]) + sd, float(r["max"])) + 0.02
+            if y < 0.5 + 0.02 and y + text_h > 0.5 - 0.02:   # would sit on the chance line
+                y = 0.5 + 0.02
+            ax.text(x, y, f"{r['mean']:.2f}", ha="center", va="bottom", fontsize=9, zorder=5)
+            top = max(top, y + text_h + 0.02)
+        ax.bar(xs, means, width * 0.92, color=TARGET_COLORS[t], label=t, edgecolor="white", zorder=2)
+        if any(sd > 0 for sd in sds):
+            ax.errorbar(xs, means, yerr=sds, fmt="none", ecolor="#333333", capsize=3, zorder=3)
+    ax.axhline(0.5, color="#222222", ls="--", lw=1.1, label="chance (0.5)", zorder=3.5)
+    ax.set_xticks(range(len(scores)), [_wrap(names.get(s) or human_label(s), 16) for s in scores])
+    ax.set_xlim(-0.6, len(scores) - 0.4)
+    ax.set_ylim(0, top)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_xlabel("")
     ax.set_ylabel("AUROC (expected direction)")
     ax.set_title(title)
-    ax.tick_params(axis="x", labelrotation=10)
-    ax.legend(title=None, loc="lower right")
+    ax.grid(axis="x", visible=False)
+    handles, names = _patches({t: TARGET_COLORS[t] for t in targets})
+    handles.append(Line2D([], [], color="#222222", ls="--", lw=1.1))
+    _legend_outside(ax, handles, names + ["chance (0.5)"], title="target")
     return fig
 
 
@@ -277,57 +597,82 @@ def weights_by_group(weights: pd.DataFrame, term: str | None = None):
     else:
         df = weights
     methods = _present(METHOD_ORDER, df["method"])
-    names = list(dict.fromkeys(df.sort_values("group")["group_name"]))
+    names, pal = _groups_of(df)
     ncols = min(3, len(methods))
     nrows = -(-len(methods) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.8, 3.2 * nrows), sharey=True,
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 2.2, 3.2 * nrows + 0.4),
+                             sharey=True, sharex=True, squeeze=False, layout="constrained")
     flat = axes.ravel()
     for ax, m in zip(flat, methods):
         sns.lineplot(data=df[df["method"] == m], x="epoch", y="weight", hue="group_name",
-                     hue_order=names, palette=group_palette(names), errorbar="sd", marker="o",
-                     ms=3, ax=ax, legend=(m == methods[ncols - 1]))
+                     hue_order=names, palette=pal, errorbar="sd", marker="o",
+                     ms=3, lw=1.8, ax=ax, legend=False)
         ax.axhline(1.0, color="#888888", lw=0.8, ls=":")
         ax.set_title(_method_label(m), fontsize=10)
         ax.set_ylabel(f"mean {term.upper()} weight" if term else "mean instance weight")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in flat[len(methods):]:
         ax.set_visible(False)
-    legend_ax = flat[ncols - 1]
-    if legend_ax.get_legend():
-        sns.move_legend(legend_ax, "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+    _legend_outside(flat[ncols - 1], *_lines({n: pal[n] for n in names}), title="group")
     fig.suptitle("Instance weights per group during distillation", fontweight="bold")
-    fig.tight_layout()
     return fig
 
 
 def wga_vs_avg(per_seed: pd.DataFrame, x: str = "avg_acc", y: str = "worst_group_acc"):
-    """Worst-group vs average accuracy per method, mean +- std over seeds."""
-    fig, ax = plt.subplots(figsize=(6.4, 5))
+    """Worst-group vs average accuracy per method, mean +- std over seeds; small dots
+    are single seeds, references (group labels in training) hollow squares."""
+    fig, ax = plt.subplots(figsize=(8.4, 5.2), layout="constrained")
     agg = per_seed.groupby("method")[[x, y]].agg(["mean", "std"])
     for m in _present(METHOD_ORDER, agg.index):
         r = agg.loc[m]
+        color, ref = METHOD_COLORS[m], m in REFERENCES
+        marker = "s" if ref else METHOD_MARKERS.get(m, "o")
         ax.errorbar(r[(x, "mean")], r[(y, "mean")], xerr=np.nan_to_num(r[(x, "std")]),
-                    yerr=np.nan_to_num(r[(y, "std")]), fmt="s" if m in REFERENCES else "o",
-                    ms=8, capsize=3, color=METHOD_COLORS.get(m), label=_method_label(m),
-                    mfc="white" if m in REFERENCES else METHOD_COLORS.get(m))
+                    yerr=np.nan_to_num(r[(y, "std")]), fmt=marker,
+                    ms=12 if marker == "*" else 8, capsize=3, color=color, label=_method_label(m),
+                    mfc="white" if ref else color, mec=color, mew=1.6, zorder=3)
         sub = per_seed[per_seed["method"] == m]
-        ax.scatter(sub[x], sub[y], s=12, alpha=0.35, color=METHOD_COLORS.get(m))
-    ax.set_xlabel("average accuracy (test)" if x == "avg_acc" else x)
-    ax.set_ylabel("worst-group accuracy (test)")
+        ax.scatter(sub[x], sub[y], s=14, alpha=0.45, color=color, linewidths=0, zorder=2)
+    ax.set_xlabel(f"{human_label(x)} (test)")
+    ax.set_ylabel(f"{human_label(y)} (test)")
     ax.set_title("Fairness vs accuracy (hollow squares use group labels)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+    _legend_outside(ax, fontsize=9)
     return fig
 
 
+#: Colour-blind-safe sequential map for accuracies (dark = 0, light = 1).
+HEATMAP_CMAP = "cividis"
+
+
+def _luminance(rgba) -> float:
+    """WCAG relative luminance of an RGB(A) colour."""
+    c = np.asarray(rgba[:3], dtype=float)
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(c @ [0.2126, 0.7152, 0.0722])
+
+
 def group_acc_heatmap(table: pd.DataFrame):
-    """Mean test accuracy per method (rows) and group (columns)."""
-    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.55 * table.shape[0] + 1.8))
-    sns.heatmap(table, annot=True, fmt=".2f", cmap="RdYlGn", vmin=0, vmax=1, cbar_kws={"label": "accuracy"},
+    """Mean test accuracy per method (rows) and group (columns); cividis (colour-blind
+    safe, light = accurate), references below a white rule."""
+    fig, ax = plt.subplots(figsize=(1.7 * table.shape[1] + 4.2, 0.55 * table.shape[0] + 2.0),
+                           layout="constrained")
+    cmap = plt.get_cmap(HEATMAP_CMAP)
+    sns.heatmap(table, annot=False, cmap=cmap, vmin=0, vmax=1, cbar_kws={"label": "accuracy"},
                 linewidths=0.5, ax=ax)
-    ax.set_yticklabels([_method_label(t.get_text()) for t in ax.get_yticklabels()], rotation=0)
+    values = table.to_numpy(dtype=float)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):   # black or white, whichever contrasts more with the cell
+            ax.text(j + 0.5, i + 0.5, f"{v:.2f}", ha="center", va="center", fontsize=11,
+                    color="black" if _luminance(cmap(v)) > 0.179 else "white")
+    rows = [str(r) for r in table.index]
+    ax.set_yticks(np.arange(len(rows)) + 0.5, [_method_label(r) for r in rows], rotation=0)
+    ax.set_xticks(np.arange(table.shape[1]) + 0.5, [_wrap(c) for c in table.columns], rotation=0)
+    refs = [i for i, r in enumerate(rows) if r in REFERENCES]
+    if refs and refs == list(range(refs[0], len(rows))) and refs[0] > 0:
+        ax.axhline(refs[0], color="white", lw=4)
     ax.set_xlabel("")
     ax.set_ylabel("")
-    ax.tick_params(axis="x", labelrotation=15)
+    ax.tick_params(axis="both", length=0)
     ax.set_title("Test accuracy by method and group (mean over seeds)")
     return fig
 
@@ -335,45 +680,50 @@ def group_acc_heatmap(table: pd.DataFrame):
 def weight_distributions(df: pd.DataFrame, methods=("dedier", "laplace_kd")):
     """Histograms of final instance weights on the training set by group, one panel per method."""
     methods = [m for m in methods if m in set(df["method"])]
-    names = list(dict.fromkeys(df.sort_values("group")["group_name"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.4 * len(methods), 4), sharey=True,
-                             squeeze=False)
+    names, pal = _groups_of(df)
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.0 * len(methods) + 2.0, 4.2), sharey=True,
+                             squeeze=False, layout="constrained")
     for ax, m in zip(axes[0], methods):
         sns.histplot(data=df[df["method"] == m], x="weight", hue="group_name", hue_order=names,
-                     palette=group_palette(names), stat="density", common_norm=False,
-                     element="step", fill=False, bins=30, ax=ax, legend=(ax is axes[0][-1]))
+                     palette=pal, stat="density", common_norm=False,
+                     element="step", fill=False, bins=30, lw=1.8, ax=ax, legend=False)
         ax.set_title(_method_label(m))
-        ax.set_xlabel("instance weight (before batch normalisation)")
-    if axes[0][-1].get_legend():
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+        ax.set_xlabel("instance weight\n(before batch normalisation)")
+    axes[0][0].set_ylabel("density (within each group)")
+    _legend_outside(axes[0][-1], *_lines({n: pal[n] for n in names}), title="group")
     fig.suptitle("Who gets upweighted? Training-set weights by group", fontweight="bold")
-    fig.tight_layout()
     return fig
 
 
 def paired_differences(diffs: pd.DataFrame, metric: str = "worst_group_acc"):
     """Per-seed paired differences with mean and 95 % interval, one panel per baseline.
-    ``diffs``: baseline, method, seed, diff, lo, hi (``experiment.paired_differences``)."""
+    ``diffs``: baseline, method, seed, diff, lo, hi (``paired_differences`` of the metrics)."""
     baselines = list(dict.fromkeys(diffs["baseline"]))
-    methods = _present(METHOD_ORDER, diffs["method"])
-    fig, axes = plt.subplots(1, len(baselines), figsize=(6.2 * len(baselines), 0.62 * len(methods) + 1.8),
-                             sharey=True, squeeze=False)
+    methods = _present(METHOD_ORDER, list(diffs["method"]) + baselines)
+    fig, axes = plt.subplots(1, len(baselines), figsize=(5.4 * len(baselines) + 2.6, 0.55 * len(methods) + 2.2),
+                             sharey=True, squeeze=False, layout="constrained")
     for ax, baseline in zip(axes[0], baselines):
         for i, m in enumerate(methods):
+            if m == baseline:
+                ax.text(0, i, "baseline  ", fontsize=9, fontstyle="italic", color="#666666",
+                        ha="right", va="center")
+                continue
             sub = diffs[(diffs["baseline"] == baseline) & (diffs["method"] == m)]
             if sub.empty:
                 continue
-            ax.scatter(sub["diff"], np.full(len(sub), i), color=METHOD_COLORS.get(m), alpha=0.5, s=22)
+            color, ref = METHOD_COLORS[m], m in REFERENCES
+            ax.scatter(sub["diff"], np.full(len(sub), i), s=26, zorder=2,
+                       facecolors="white" if ref else color, edgecolors=color, linewidths=1.2,
+                       alpha=0.9 if ref else 0.6)
             mean = sub["diff"].mean()
             lo, hi = sub["lo"].iloc[0], sub["hi"].iloc[0]
             ax.errorbar(mean, i, xerr=[[mean - lo if np.isfinite(lo) else 0], [hi - mean if np.isfinite(hi) else 0]],
-                        fmt="D", color="black", capsize=4, ms=6)
-        ax.axvline(0, color="#c44e52", lw=1, ls="--")
-        ax.set_yticks(range(len(methods)))
-        ax.set_yticklabels([_method_label(m) for m in methods])
-        ax.set_xlabel(f"{metric} − {baseline}'s (same seed)")
+                        fmt="D", color="black", capsize=4, ms=6, zorder=3)
+        ax.axvline(0, color="#444444", lw=1, ls="--", zorder=1)
+        ax.set_yticks(range(len(methods)), [_method_label(m) for m in methods])
+        ax.set_ylim(len(methods) - 0.5, -0.5)
+        ax.set_xlabel(f"Δ {human_label(metric)}\n(method − baseline, same seed)")
         ax.set_title(f"against {_method_label(baseline)}", fontsize=11)
-    axes[0][0].invert_yaxis()
-    fig.suptitle("Paired differences per seed; ◆ mean with 95 % interval", fontweight="bold")
-    fig.tight_layout()
+    fig.suptitle(f"Paired differences in {human_label(metric)} per seed "
+                 "(◆ mean with 95 % interval)", fontweight="bold")
     return fig
