@@ -45,7 +45,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from . import records
-from .losses import METHOD_SPECS
+from .profiles import METHOD_SPECS, REFERENCES
 
 
 class KeyedPalette(dict):
@@ -79,7 +79,6 @@ METHOD_COLORS = KeyedPalette({
 METHOD_MARKERS = {"erm": "v", "kd": "o", "dedier": "^", "dedier_both": "D", "laplace_kd": "*",
                   "shuffled": "P", "jtt": "X", "dedier_final": "h"}
 #: Methods that use group labels in training: drawn hollow, marked as references.
-REFERENCES = [m for m, spec in METHOD_SPECS.items() if spec.group_labels]
 
 #: One hue per label, dark then light for the two attribute values (g = 2 y + a).
 GROUP_COLORS = ("#424B01", "#919D33",   # label 0: olive
@@ -695,7 +694,7 @@ def weight_distributions(df: pd.DataFrame, methods=("dedier", "laplace_kd")):
     return fig
 
 
-def paired_differences(diffs: pd.DataFrame, metric: str = "worst_group_acc"):
+def paired_difference_intervals(diffs: pd.DataFrame, metric: str = "worst_group_acc"):
     """Per-seed paired differences with mean and 95 % interval, one panel per baseline.
     ``diffs``: baseline, method, seed, diff, lo, hi (``paired_differences`` of the metrics)."""
     baselines = list(dict.fromkeys(diffs["baseline"]))

@@ -202,7 +202,7 @@ if "laplace_kd" in methods:
 
 # %%
 wga = summary[summary.metric == "worst_group_acc"].set_index("method")
-references = [m for m in fk.plots.REFERENCES if m in wga.index]
+references = [m for m in fk.profiles.REFERENCES if m in wga.index]
 ranked = wga.drop(index=references)["mean"].sort_values(ascending=False)
 print(f"Mean test worst-group accuracy, best first (references {references} use group labels, excluded):")
 for m, v in ranked.items():

@@ -111,7 +111,7 @@ w.groupby(["method", "group_name"]).weight.describe()[["mean", "50%", "max"]].ro
 
 # %%
 diffs = fk.metrics.paired_differences(per_seed, "worst_group_acc")
-fig = fk.plots.paired_differences(diffs, "worst_group_acc")
+fig = fk.plots.paired_difference_intervals(diffs, "worst_group_acc")
 fk.plots.savefig(fig, run.figure("06_paired_differences"), close=False)
 diffs.groupby(["baseline", "method"])[["diff", "lo", "hi"]].agg({"diff": "mean", "lo": "first", "hi": "first"}).round(3)
 

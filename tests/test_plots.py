@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_hex, to_rgb, to_rgba  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from fairkd_utils import plots  # noqa: E402
+from fairkd_utils import plots, profiles  # noqa: E402
 
 GROUPS4 = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
 GROUPS6 = [f"{y}, {a}" for y in ("contradiction", "entailment", "neutral")
@@ -193,7 +193,7 @@ def every_figure():
     yield "group_acc_heatmap", plots.group_acc_heatmap(heat_table())
     yield "weight_distributions", plots.weight_distributions(weight_distribution_table(),
                                                              methods=("dedier_both", "laplace_kd", "shuffled"))
-    yield "paired_differences", plots.paired_differences(diffs_table())
+    yield "paired_differences", plots.paired_difference_intervals(diffs_table())
 
 
 # ------------------------------------------------------------------ artist readers
@@ -308,9 +308,9 @@ def test_method_colour_by_key_in_every_figure_that_draws_it():
     for label, line in drawn.items():
         assert same(line.get_markeredgecolor(), expected[label]), label
         hollow = same(line.get_markerfacecolor(), "white")
-        assert hollow == (by_label[label] in plots.REFERENCES), label     # references hollow
+        assert hollow == (by_label[label] in profiles.REFERENCES), label     # references hollow
 
-    pdiff = plots.paired_differences(diffs_table(methods))
+    pdiff = plots.paired_difference_intervals(diffs_table(methods))
     ticks = [t.get_text() for t in pdiff.axes[0].get_yticklabels()]   # y is shared
     assert ticks == [plots._method_label(m) for m in methods]
     for ax in pdiff.axes:
@@ -321,7 +321,7 @@ def test_method_colour_by_key_in_every_figure_that_draws_it():
             label = ticks[rows.pop()]
             assert same(np.atleast_2d(coll.get_edgecolor())[0], expected[label]), label
             filled = not same(np.atleast_2d(coll.get_facecolor())[0], "white")
-            assert filled == (by_label[label] not in plots.REFERENCES), label
+            assert filled == (by_label[label] not in profiles.REFERENCES), label
 
     bars = plots.group_accuracy_bars(accuracy_table("method", methods), hue="method")
     for label, color in bar_colors(bars.axes[0]).items():
@@ -437,7 +437,7 @@ def test_every_figure_fits_uses_human_labels_and_its_texts_do_not_collide():
 
 
 def test_paired_differences_label_is_readable():
-    fig = plots.paired_differences(diffs_table(), "worst_group_acc")
+    fig = plots.paired_difference_intervals(diffs_table(), "worst_group_acc")
     for ax in fig.axes:
         assert "worst-group accuracy" in ax.get_xlabel()
         assert "_" not in ax.get_xlabel() + ax.get_title()
