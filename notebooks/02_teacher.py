@@ -111,8 +111,7 @@ teacher_metrics = pd.DataFrame(rows)
 teacher_metrics.pivot(index="group_name", columns="split", values="acc").round(3)
 
 # %%
-fig = fk.plots.group_accuracy_bars(teacher_metrics, hue="split", title="Teacher accuracy per group",
-                                   palette={"val": "#a6cee3", "test": "#1f78b4"})
+fig = fk.plots.group_accuracy_bars(teacher_metrics, hue="split", title="Teacher accuracy per group")
 fk.plots.savefig(fig, run.figure("02_teacher_group_acc"), close=False)
 
 # %%
