@@ -19,11 +19,18 @@ $(VENV)/.test-stamp: $(VENV)/.setup-stamp
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# The text study (DATASET=synthetic_text or multinli) needs the optional extra [text].
+$(VENV)/.text-stamp: $(VENV)/.setup-stamp
+	$(PY) -m pip install --quiet -e '.[text]'
+	touch $@
+TEXT_DATASETS := synthetic_text multinli
+SETUP_FOR_DATASET := $(VENV)/.setup-stamp $(if $(filter $(DATASET),$(TEXT_DATASETS)),$(VENV)/.text-stamp)
+
 setup: $(VENV)/.setup-stamp
 
 setup-test: $(VENV)/.test-stamp
 
-reproduce: setup
+reproduce: $(SETUP_FOR_DATASET)
 	$(PY) -m fairkd_utils.pipeline --profile $(PROFILE) --dataset $(DATASET) $(ARGS)
 
 test: setup-test
