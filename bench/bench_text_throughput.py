@@ -1,0 +1,146 @@
+"""Training throughput of the text study's tiny BERTs on this CPU (not a test).
+
+Prints the load average first (a shared CPU makes every number below slower), then,
+for the default tiny student and teacher and a few alternative sizes: tokens/s (non-pad
+tokens) of a forward + backward + optimiser step at batch 128 on synthetic_text pairs,
+and the time of one epoch over the synthetic_text train split at scale 1 (every batch
+of the split, shuffled; no evaluation), with the whole study's training time it implies.
+
+    python bench/bench_text_throughput.py [--threads 2] [--steps 20] [--optimizer adamw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fairkd_utils import text
+from fairkd_utils.data import iterate_batches
+from fairkd_utils.models import StudentOutput
+
+# (name, hidden, layers, heads, exit_layer or None for a teacher); the first student
+# and the first teacher are the recommended defaults.
+SIZES = [
+    ("student h64 L2 (default)", 64, 2, 2, 1),
+    ("teacher h128 L4 (default)", 128, 4, 4, None),
+    ("student h64 L3", 64, 3, 2, 1),
+    ("student h128 L2", 128, 2, 4, 1),
+    ("teacher h128 L3", 128, 3, 4, None),
+    ("teacher h256 L4", 256, 4, 4, None),
+]
+N_STUDENTS, STUDENT_EPOCHS = 40, 10
+
+
+def build(vocab_size, length, hidden, layers, heads, exit_layer, seed=0):
+    cfg = text.bert_config(vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                           max_length=length)
+    if exit_layer is None:
+        return text.build_text_teacher(cfg, 3, seed=seed)
+    return text.build_text_student(cfg, 3, exit_layer, seed=seed)
+
+
+def make_optimizer(model, name, lr):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+
+
+def step_fn(model, opt):
+    def step(x, y):
+        out = model(x)
+        if isinstance(out, StudentOutput):
+            loss = F.cross_entropy(out.logits, y) + F.cross_entropy(out.exit_logits, y)
+        else:
+            loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def tokens_per_second(model, ds, *, batch_size, steps, warmup, optimizer):
+    model.train()
+    step = step_fn(model, make_optimizer(model, optimizer, 1e-3))
+    x, y = ds.x[:batch_size], ds.y[:batch_size]
+    tokens = int((x[:, 0] != text.PAD).sum())
+    for _ in range(warmup):
+        step(x, y)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    median = times[len(times) // 2]                 # robust to a shared CPU
+    return tokens / median, batch_size / median
+
+
+def epoch_seconds(model, ds, *, batch_size, optimizer):
+    model.train()
+    step = step_fn(model, make_optimizer(model, optimizer, 1e-3))
+    gen = torch.Generator().manual_seed(0)
+    t = time.perf_counter()
+    for batch in iterate_batches(ds, batch_size, shuffle=True, generator=gen):
+        step(batch.x, batch.y)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def eval_seconds(model, splits, batch_size=512):
+    model.eval()
+    t = time.perf_counter()
+    for name in ("val", "test"):
+        for batch in iterate_batches(splits[name], batch_size, shuffle=False):
+            model(batch.x)
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    ap.add_argument("--all", action="store_true", help="also time the alternative sizes' epochs")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min) on "
+          f"{os.cpu_count()} cores; torch threads {torch.get_num_threads()}, torch "
+          f"{torch.__version__}")
+    if load[0] > 0.5 * (os.cpu_count() or 1):
+        print("  warning: the machine is busy; the numbers below are slower than an idle CPU's")
+    splits = text.make_synthetic_text(scale=1.0, seed=0)
+    train = splits["train"]
+    vocab = text.synthetic_text_vocab()
+    length = train.x.shape[-1]
+    nonpad = float((train.x[:, 0] != text.PAD).float().sum(1).mean())
+    print(f"synthetic_text scale 1: train {len(train)}, val {len(splits['val'])}, test "
+          f"{len(splits['test'])} pairs; {length} positions, {nonpad:.1f} non-pad tokens per "
+          f"pair; vocabulary {vocab.size}; batch {args.batch_size}, {args.optimizer}")
+    print(f"{'model':28s} {'params':>8s} {'tokens/s':>9s} {'pairs/s':>8s} {'epoch s':>8s} "
+          f"{'val+test eval s':>15s}")
+    results = {}
+    for k, (name, hidden, layers, heads, exit_layer) in enumerate(SIZES):
+        model = build(vocab.size, length, hidden, layers, heads, exit_layer)
+        n_params = sum(p.numel() for p in model.parameters())
+        tok_s, pair_s = tokens_per_second(model, train, batch_size=args.batch_size,
+                                          steps=args.steps, warmup=3, optimizer=args.optimizer)
+        ep = ev = float("nan")
+        if k < 2 or args.all:
+            ep = epoch_seconds(model, train, batch_size=args.batch_size, optimizer=args.optimizer)
+            ev = eval_seconds(model, splits)
+        results[name] = (ep, ev)
+        print(f"{name:28s} {n_params:8d} {tok_s:9.0f} {pair_s:8.0f} {ep:8.2f} {ev:15.2f}")
+    (s_ep, s_ev), (t_ep, t_ev) = results[SIZES[0][0]], results[SIZES[1][0]]
+    students = N_STUDENTS * STUDENT_EPOCHS * (s_ep + s_ev / 2)     # val every epoch
+    print(f"\nimplied study time: {N_STUDENTS} students x {STUDENT_EPOCHS} epochs (train + val "
+          f"each epoch) = {students:.0f} s; a teacher epoch {t_ep:.2f} s (+ {t_ev / 2:.2f} s val)")
+
+
+if __name__ == "__main__":
+    main()
