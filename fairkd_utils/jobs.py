@@ -4,9 +4,10 @@ notebook's process (``inline``, the default), as worker processes on this machin
 
 **What a job is.** One student: train it (or reuse its checkpoint) and write its
 own records, or — for the sweep — its row of ``sweep.csv``. Every distillation method
-of a seed branches from one shared warm-up (``study.StudentPlan``), so a student that
-is going to be trained waits for a *warm-up job*, one per warm-up file. The teacher is
-not a job: notebook 02 trains it first, in its own process.
+of a seed branches from one shared warm-up (``study.StudentPlan``), so students that
+are going to be trained and share a missing warm-up wait for a *warm-up job*, one per
+warm-up file (a warm-up only one student needs is trained by that student's job). The
+teacher is not a job: notebook 02 trains it first, in its own process.
 
 **Skipping what is done.** A finished job writes, last, a stamp
 ``<run_dir>/records/done/<job>.json`` (sweep jobs: ``<run_dir>/sweep/records/done/``)
@@ -235,21 +236,25 @@ def _will_train(path: Path, name: str) -> bool:
 
 
 def with_warmups(jobs: list[Job], plans: dict) -> list[Job]:
-    """``jobs`` preceded by the warm-up jobs they wait for: one per warm-up file that a
-    student about to be trained branches from and that is missing (or to be retrained)."""
-    warmups, out = {}, []
+    """``jobs`` preceded by the warm-up jobs they wait for: one per warm-up file that two
+    or more students about to be trained branch from and that is missing (or to be
+    retrained). A warm-up only one of them needs is trained by that student's job."""
+    users = {}
     for job in jobs:
         plan = plans[job.name]
         if plan.shares_warmup and _will_train(plan.checkpoint, plan.name):
             path = plan.warmup_checkpoint()
             if _will_train(path, f"warmup-seed{plan.seed}"):
-                if path.stem not in warmups:
-                    warmups[path.stem] = dataclasses.replace(
-                        job, name=path.stem, kind="warmup", fingerprint=path.stem.rsplit("-", 1)[-1],
-                        checkpoint=f"warmup-seed{plan.seed}")
-                job = dataclasses.replace(job, after=path.stem)
-        out.append(job)
-    return list(warmups.values()) + out
+                users.setdefault(path, []).append(job.name)
+    after = {name: path.stem for path, names in users.items() if len(names) > 1 for name in names}
+    warmups = {}
+    for job in jobs:
+        stem = after.get(job.name)
+        if stem and stem not in warmups:
+            warmups[stem] = dataclasses.replace(
+                job, name=stem, kind="warmup", fingerprint=stem.rsplit("-", 1)[-1],
+                checkpoint=stem.rsplit("-", 1)[0])
+    return list(warmups.values()) + [dataclasses.replace(j, after=after.get(j.name)) for j in jobs]
 
 
 # --------------------------------------------------------------------------- the job itself
@@ -454,18 +459,32 @@ def slurm_parameters(opts: Options) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def slurm_executor(opts: Options, folder: Path):
+    """A submitit executor for SLURM (``opts.executor_factory`` stands in for
+    ``submitit.AutoExecutor`` in tests) with :func:`slurm_parameters` set; its files go
+    to ``folder``."""
+    import submitit
+
+    executor = (opts.executor_factory or submitit.AutoExecutor)(folder=folder, cluster="slurm")
+    executor.update_parameters(**slurm_parameters(opts))
+    return executor
+
+
+def submit_array(executor, jobs: list[Job], opts: Options) -> list:
+    """Submit ``jobs`` as one job array (``map_array``); each task gets its device
+    (``cuda`` with ``--slurm-gpus``, else ``cpu``) and threads (``--threads``, else
+    ``--slurm-cpus``) as arguments."""
+    s = opts.slurm or {}
+    device = "cuda" if int(s.get("gpus", 0)) > 0 else "cpu"
+    threads = opts.threads or s.get("cpus")
+    return executor.map_array(execute, [_for_worker(j, threads) for j in jobs], [device] * len(jobs))
+
+
 def _run_array(jobs: list[Job], opts: Options, folder: Path, progress: _Progress, results: dict,
                handles: dict) -> None:
     """A SLURM job array per phase (the warm-ups, then the rest), each task on the GPUs
     and CPUs ``--slurm-*`` asks for."""
-    import submitit
-
-    params = slurm_parameters(opts)
-    device = "cuda" if params["gpus_per_node"] > 0 else "cpu"
-    threads = opts.threads or (opts.slurm or {}).get("cpus")
-    factory = opts.executor_factory or submitit.AutoExecutor
-    executor = factory(folder=folder, cluster="slurm")
-    executor.update_parameters(**params)
+    executor = slurm_executor(opts, folder)
     for phase in ([j for j in jobs if j.kind == "warmup"], [j for j in jobs if j.kind != "warmup"]):
         todo = []
         for job in phase:
@@ -477,12 +496,12 @@ def _run_array(jobs: list[Job], opts: Options, folder: Path, progress: _Progress
                 todo.append(job)
         if not todo:
             continue
-        subs = executor.map_array(execute, [_for_worker(j, threads) for j in todo], [device] * len(todo))
+        subs = submit_array(executor, todo, opts)
         t0 = time.perf_counter()
         logger.info("submitted %d jobs as array %s (logs: %s)", len(subs),
                     str(subs[0].job_id).split("_")[0], folder)
-        waiting = dict(zip([j.name for j in todo], zip(todo, subs)))
-        handles.update({j.name: s for j, s in zip(todo, subs)})
+        handles.update({j.name: sub for j, sub in zip(todo, subs)})
+        waiting = {j.name: (j, sub) for j, sub in zip(todo, subs)}
         while waiting:
             for name, (job, sub) in list(waiting.items()):
                 if sub.done():

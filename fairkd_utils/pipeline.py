@@ -16,6 +16,10 @@ checkpoint reused) is appended to ``<run_dir>/run.log`` and echoed to the termin
 unless ``--quiet``. Checkpoints are reused when their fingerprint (config, data and the
 library's source) matches; ``--retrain [PREFIX ...]`` retrains them all, or those whose
 name starts with a prefix (``teacher``, ``warmup``, ``student-kd``, ...), once per run.
+``--executor local|slurm`` runs notebook 05's method x seed students and the sweep as
+jobs (``fairkd_utils.jobs``: worker processes, or a SLURM job array through submitit).
+One runner at a time per run directory (``<run_dir>/runner.lock``): a second one stops
+at once, naming the first.
 """
 
 from __future__ import annotations
