@@ -529,7 +529,7 @@ def run_jobs(run: Run, jobs: list[Job], plans: dict, opts: Options | None = None
     n_warm = sum(j.kind == "warmup" for j in todo)
     logger.info("%s: %d jobs, %d done already (same fingerprint), %d to run%s on %s", label,
                 len(jobs), len(skipped), len(todo) - n_warm,
-                f" after {n_warm} warm-up jobs" if n_warm else "", opts.executor)
+                f" after {n_warm} warm-up job{'s' if n_warm > 1 else ''}" if n_warm else "", opts.executor)
     results = {j.name: {"status": "skipped"} for j in skipped}
     handles, folder = {}, None
     progress = _Progress(len(todo), label, show)
