@@ -11,6 +11,7 @@ One concept per module (README, "Where each formula lives"):
 - ``metrics``: group metrics and the statistics over seeds;
 - ``rundir``: a run's directory and set-up; ``study``: the steps the notebooks share;
 - ``records``: tidy record files and atomic writes; ``plots``: the figures;
+- ``jobs``: notebook 05's students and sweep as jobs (inline, local processes, SLURM);
 - ``pipeline``: the command line that runs the notebooks
   (``python -m fairkd_utils.pipeline``; not imported here, so that ``-m`` runs it
   as a fresh module).
@@ -18,9 +19,9 @@ One concept per module (README, "Where each formula lives"):
 Notebooks ``import fairkd_utils as fk`` and call small named functions.
 """
 
-from . import (checkpoints, data, exit_laplace, losses, metrics, models, plots, profiles,
+from . import (checkpoints, data, exit_laplace, jobs, losses, metrics, models, plots, profiles,
                records, rundir, study, train)
 
 __version__ = "0.1.0"
-__all__ = ["checkpoints", "data", "exit_laplace", "losses", "metrics", "models", "plots",
+__all__ = ["checkpoints", "data", "exit_laplace", "jobs", "losses", "metrics", "models", "plots",
            "profiles", "records", "rundir", "study", "train"]

@@ -16,6 +16,10 @@ checkpoint reused) is appended to ``<run_dir>/run.log`` and echoed to the termin
 unless ``--quiet``. Checkpoints are reused when their fingerprint (config, data and the
 library's source) matches; ``--retrain [PREFIX ...]`` retrains them all, or those whose
 name starts with a prefix (``teacher``, ``warmup``, ``student-kd``, ...), once per run.
+``--executor local|slurm`` runs notebook 05's method x seed students and the sweep as
+jobs (``fairkd_utils.jobs``: worker processes, or a SLURM job array through submitit).
+One runner at a time per run directory (``<run_dir>/runner.lock``): a second one stops
+at once, naming the first.
 """
 
 from __future__ import annotations
@@ -244,9 +248,27 @@ def environment(values: dict):
                 os.environ[k] = v
 
 
+def executor_parameters(args) -> dict:
+    """Notebook 05's ``executor``, ``workers``, ``threads`` and ``slurm`` from
+    ``--executor``, ``--workers``, ``--threads`` and ``--slurm-*``, checked (by
+    ``jobs.options``) before any kernel starts; {} for the default (inline, as given)."""
+    from . import jobs
+
+    slurm = {k: getattr(args, f"slurm_{k}", None) for k in jobs.SLURM_KEYS}
+    slurm = {k: v for k, v in slurm.items() if v is not None}
+    executor = getattr(args, "executor", None) or "inline"
+    workers, threads = getattr(args, "workers", None), getattr(args, "threads", None)
+    if workers is not None and executor == "inline":
+        raise ValueError("--workers applies to --executor local or slurm (inline runs one job at a time)")
+    opts = jobs.options(executor, workers, threads, slurm)
+    out = {"executor": opts.executor, "workers": opts.workers, "threads": opts.threads,
+           "slurm": opts.slurm}
+    return {k: v for k, v in out.items() if v is not None and (k, v) != ("executor", "inline")}
+
+
 def optional_parameters(args) -> dict:
     """Parameters only the notebooks that declare them receive (notebook 05)."""
-    optional = {}
+    optional = executor_parameters(args)
     if getattr(args, "sweep", False):
         optional["sweep"] = True
     if getattr(args, "hparams", None):
@@ -421,9 +443,22 @@ def run(args) -> Path:
     optional = optional_parameters(args)
     device = resolve_device(args.device)
     params = notebook_parameters(args, run_dir, figures_dir, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with records.exclusive(run_dir / RUN_LOCK, f"run directory {run_dir}",
+                           hint="give this run another --out"):
+        return _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir,
+                           optional, device, params)
+
+
+#: While a runner works in a run directory it holds this file's lock: a second runner
+#: into the same directory stops at once, naming the first.
+RUN_LOCK = "runner.lock"
+
+
+def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, optional,
+                device, params) -> Path:
     manifest_path, log_path = run_dir / "manifest.json", run_dir / "run.log"
     earlier = load_manifest(manifest_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
 
     argv = getattr(args, "argv", None)
@@ -526,6 +561,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", nargs="*", default=None, metavar="PREFIX",
                    help="retrain checkpoints instead of reusing them: all of them, or those whose "
                         "name starts with a PREFIX (teacher, warmup, student-kd, ...)")
+    jobs = p.add_argument_group(
+        "jobs", "where notebook 05's method x seed students and the sweep train (the teacher and "
+        "notebook 03's ERM students always train inline). A job whose records exist with the "
+        "same fingerprint is skipped, so rerunning finishes only what is missing")
+    jobs.add_argument("--executor", default="inline", choices=("inline", "local", "slurm"),
+                      help="inline: one after another in the notebook (default); local: worker "
+                           "processes on this machine; slurm: a SLURM job array (submitit)")
+    jobs.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="local: jobs at once (default: one per GPU, or one per core on CPU); "
+                           "slurm: array tasks running at once (default: no limit)")
+    jobs.add_argument("--threads", type=int, default=None, metavar="N",
+                      help="torch threads per job (default: all cores inline, cores // workers "
+                           "locally, --slurm-cpus on SLURM)")
+    jobs.add_argument("--slurm-partition", default=None, metavar="NAME")
+    jobs.add_argument("--slurm-time", default=None, metavar="TIME",
+                      help="time limit per job, as sbatch --time: minutes or H:M:S, D-H:M:S "
+                           "(default: 4:00:00)")
+    jobs.add_argument("--slurm-gpus", type=int, default=None, metavar="N",
+                      help="GPUs per job (default 0: CPU jobs); >0 trains on cuda")
+    jobs.add_argument("--slurm-cpus", type=int, default=None, metavar="N", help="CPUs per job")
     p.add_argument("--quiet", action="store_true",
                    help="no per-cell progress bar and no training lines (they still go to run.log)")
     return p
@@ -536,7 +591,7 @@ def main(argv=None) -> int:
     args.argv = None if argv is None else list(argv)  # the command line, for manifest.json
     try:
         run(args)
-    except (PipelineError, ValueError, FileNotFoundError) as err:
+    except (PipelineError, ValueError, FileNotFoundError, records.Locked) as err:
         print(f"[fairkd] error: {err}", file=sys.stderr)
         return 1
     return 0

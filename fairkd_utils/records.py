@@ -9,10 +9,14 @@ records, so a rerun replaces exactly its own rows and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +28,53 @@ os.umask(_UMASK)
 #: Columns read as text whatever they look like (an id such as "0123" or "1e5"
 #: must not become a number).
 TEXT_COLUMNS = {"config_id": str, "id": str, "group_name": str}
+#: Lists that :func:`collect_writes` fills with every path :func:`atomic_write` writes.
+_COLLECTORS: list[list[Path]] = []
+
+
+@contextlib.contextmanager
+def collect_writes():
+    """While the block runs, the list it yields receives every path written through
+    :func:`atomic_write` in this process (records, checkpoints): what one job wrote."""
+    written: list[Path] = []
+    _COLLECTORS.append(written)
+    try:
+        yield written
+    finally:
+        _COLLECTORS.remove(written)
+
+
+class Locked(RuntimeError):
+    """Another process holds the lock (:func:`exclusive`); the message names it."""
+
+
+@contextlib.contextmanager
+def exclusive(path, what: str, hint: str = ""):
+    """Hold an exclusive lock on the file ``path`` while the block runs, or raise
+    :class:`Locked` at once, naming the process that holds it (pid, host, command, start:
+    written into the file by the holder). The lock is the operating system's
+    (``flock``): it goes with the process, so a killed run leaves none behind."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        holder = path.read_text(encoding="utf-8", errors="replace").strip() or "a process that did not say"
+        raise Locked(f"{what} is in use by another run ({holder}); wait for it to finish"
+                     + (f", or {hint}" if hint else "") + f" (lock file {path})") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {' '.join(sys.argv)}").encode())
+        yield path
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
@@ -39,6 +90,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        for written in _COLLECTORS:
+            written.append(path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

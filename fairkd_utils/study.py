@@ -9,6 +9,7 @@ formulas are elsewhere: losses and weights in ``losses``, the exit's Laplace in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import time
@@ -244,6 +245,106 @@ def hparams_source(run: Run) -> str:
     return hparams_table(run)[1]
 
 
+def teacher_for_students(run: Run, teacher=None):
+    """What a distilling student learns from: the cached train-split logits (``teacher``:
+    the dict of :func:`load_teacher_logits`, read if None) or, with training augmentation
+    (``paper`` profile), the teacher model itself run on each augmented batch (an
+    ``OnlineTeacher`` given as ``teacher`` is used as it is)."""
+    if isinstance(teacher, losses.OnlineTeacher):
+        return teacher
+    if run.profile.augment:
+        tres = train_teacher(run)
+        return losses.OnlineTeacher(tres.model.eval(), fingerprint=tres.fingerprint)
+    return (teacher or load_teacher_logits(run))["train"]
+
+
+@dataclasses.dataclass
+class StudentPlan:
+    """One student's training, set up but not run: the model at its initialisation,
+    the objective, the loop's config and the checkpoint it trains into. Its
+    :attr:`fingerprint` is the one :func:`train.train_model` gives the checkpoint, so
+    what a training would produce is known before it runs (``jobs`` skips on it)."""
+    run: Run
+    config: object
+    seed: int
+    model: torch.nn.Module
+    objective: object
+    train_config: train.TrainConfig
+    ckpt_dir: Path
+    teacher_train: object = None
+
+    @property
+    def name(self) -> str:
+        return f"student-{self.config.method}-seed{self.seed}"
+
+    @property
+    def stage(self) -> str:
+        return "sweep" if Path(self.ckpt_dir) != self.run.path("checkpoints") else "student"
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return checkpoints.fingerprint_payload(self.model, self.run.splits(), self.train_config,
+                                               self.objective, self.name,
+                                               self.run.fingerprint_extra())[0]
+
+    @property
+    def checkpoint(self) -> Path:
+        return checkpoints.checkpoint_path(self.ckpt_dir, self.name, self.fingerprint)
+
+    @property
+    def shares_warmup(self) -> bool:
+        """Whether it branches from its seed's shared warm-up (:func:`shares_warmup`;
+        never with an online teacher, whose batches are augmented)."""
+        return (shares_warmup(self.config, self.train_config)
+                and not isinstance(self.teacher_train, losses.OnlineTeacher))
+
+    def _warmup_args(self):
+        ds = self.run.splits()["train"]
+        trunk = build_student(self.run, self.seed)
+        warm = losses.WarmupObjective(self.config, self.teacher_train, len(ds), ds.n_classes)
+        return (trunk, self.run.splits(), self.train_config, warm, self.config.warmup_epochs), dict(
+            ckpt_dir=self.ckpt_dir, name=f"warmup-seed{self.seed}",
+            fingerprint_extra=self.run.fingerprint_extra())
+
+    def warmup_checkpoint(self) -> Path | None:
+        """The file of the warm-up it branches from (None when it branches from none)."""
+        if not self.shares_warmup:
+            return None
+        args, kw = self._warmup_args()
+        return train.warmup_checkpoint(*args, **kw)[1]
+
+    def train_warmup(self) -> dict:
+        """Train (or reuse) the warm-up it branches from: every method of this seed
+        with the same lam and T shares it."""
+        args, kw = self._warmup_args()
+        return train.train_warmup(*args, **kw)
+
+    def train(self):
+        """Train (or reuse) the student, branching from the shared warm-up (computed
+        only if the student is trained), its wall time recorded by :func:`timed`."""
+        branch = self.train_warmup if self.shares_warmup else None
+        return timed(self.run, self.stage, f"{self.stage}-{self.name}-{self.config.config_id}",
+                     lambda: train.train_model(self.model, self.run.splits(), self.train_config,
+                                               self.objective, ckpt_dir=self.ckpt_dir, name=self.name,
+                                               fingerprint_extra=self.run.fingerprint_extra(),
+                                               branch_from=branch))
+
+
+def plan_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None,
+                 progress: bool = True) -> StudentPlan:
+    """Set up (not run) the student of ``config`` and ``seed``: see :func:`train_student`.
+    ``teacher``: the dict of :func:`load_teacher_logits` (read when needed and None)."""
+    ds = run.splits()["train"]
+    model = build_student(run, seed)
+    teacher_train = teacher_for_students(run, teacher) if config.lam > 0 else None
+    objective = losses.make_objective(config, teacher_logits=teacher_train,
+                                      group_counts=ds.group_counts(), n_train=len(ds),
+                                      n_classes=ds.n_classes, model=model, seed=seed)
+    return StudentPlan(run, config, seed, model, objective,
+                       train_config(run, "student", seed, progress=progress),
+                       Path(ckpt_dir or run.path("checkpoints")), teacher_train)
+
+
 def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, progress: bool = True):
     """Train (or reuse) one student with its early exit under ``config``.
 
@@ -251,34 +352,7 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
     the dict of :func:`load_teacher_logits` (needed when ``config.lam > 0``).
     With training augmentation (``paper`` profile) the teacher model itself is run
     on each augmented batch instead of the cached logits."""
-    splits = run.splits()
-    ds = splits["train"]
-    model = build_student(run, seed)
-    teacher_train = None
-    if config.lam > 0:
-        if run.profile.augment:
-            tres = train_teacher(run)
-            teacher_train = losses.OnlineTeacher(tres.model.eval(), fingerprint=tres.fingerprint)
-        else:
-            teacher_train = (teacher or load_teacher_logits(run))["train"]
-    objective = losses.make_objective(config, teacher_logits=teacher_train,
-                                      group_counts=ds.group_counts(), n_train=len(ds),
-                                      n_classes=ds.n_classes, model=model, seed=seed)
-    tconfig = train_config(run, "student", seed, progress=progress)
-    ckpt_dir = ckpt_dir or run.path("checkpoints")
-    branch = None
-    if shares_warmup(config, tconfig) and not isinstance(teacher_train, losses.OnlineTeacher):
-        def branch():  # noqa: F811 — the warm-up every method of this seed with this lam and T shares
-            trunk = build_student(run, seed)
-            warm = losses.WarmupObjective(config, teacher_train, len(ds), ds.n_classes)
-            return train.train_warmup(trunk, splits, tconfig, warm, config.warmup_epochs,
-                                      ckpt_dir=ckpt_dir, name=f"warmup-seed{seed}",
-                                      fingerprint_extra=run.fingerprint_extra())
-    name = f"student-{config.method}-seed{seed}"
-    stage = "sweep" if ckpt_dir != run.path("checkpoints") else "student"
-    return timed(run, stage, f"{stage}-{name}-{config.config_id}",
-                 lambda: train.train_model(model, splits, tconfig, objective, ckpt_dir=ckpt_dir, name=name,
-                                           fingerprint_extra=run.fingerprint_extra(), branch_from=branch))
+    return plan_student(run, config, seed, teacher, ckpt_dir, progress).train()
 
 
 def timed(run: Run, stage: str, name: str, train_fn):
@@ -483,7 +557,21 @@ def sweep_configs(run: Run, method: str, lam_T: dict | None = None) -> list:
     return [base.replace(beta=beta, **(lam_T or {})) for beta in SWEEP_GRID["beta"]]
 
 
-def sweep(run: Run, seeds, teacher=None, methods=None):
+def sweep_row(run: Run, cfg, seed: int, teacher=None) -> dict:
+    """Train (or reuse) one sweep student into ``<run_dir>/sweep/checkpoints/`` and
+    return its row of ``sweep.csv``: validation worst-group and average accuracy."""
+    result = train_student(run, cfg, seed, teacher, ckpt_dir=run.path("sweep", "checkpoints"),
+                           progress=False)
+    val = run.splits()["val"]
+    p = train.predict(result.model, val, device=run.device)
+    s = metrics.summarize(p.probs, p.y, p.g, val.n_groups)
+    return {"method": cfg.method, "config_id": cfg.config_id, "seed": seed,
+            "lam": cfg.lam, "T": cfg.T, "beta": cfg.beta, "score": cfg.score,
+            "val_worst_group_acc": s["worst_group_acc"], "val_avg_acc": s["avg_acc"],
+            "reused": result.reused}
+
+
+def sweep(run: Run, seeds, teacher=None, methods=None, evaluate=None):
     """Choose the hyper-parameters on **validation** worst-group accuracy averaged
     over ``seeds`` (ties: validation average accuracy); test is never looked at.
 
@@ -491,26 +579,23 @@ def sweep(run: Run, seeds, teacher=None, methods=None):
     ``methods`` whose beta is swept. Students train into ``<run_dir>/sweep/``. Writes
     ``sweep/sweep.csv`` (one row per configuration and seed) and, whole,
     ``sweep/hparams.json`` — every field the methods read (lam, T, beta, score) — which
-    notebook 05 reads through its ``hparams_file`` parameter. Returns (table, chosen)."""
+    notebook 05 reads through its ``hparams_file`` parameter. Returns (table, chosen).
+
+    ``evaluate(method, pairs)``: the rows (:func:`sweep_row`) of the ``(config, seed)``
+    pairs, in order; by default trained here one after another (``jobs.run_sweep``
+    passes one that runs them as jobs)."""
     if len(seeds) < 2:
         raise ValueError(f"the sweep averages over at least two seeds, got {list(seeds)}")
     sub = dataclasses.replace(run, run_dir=run.path("sweep"))
     sub.run_dir.mkdir(parents=True, exist_ok=True)
     teacher = teacher or load_teacher_logits(run)
-    val = run.splits()["val"]
+    if evaluate is None:
+        def evaluate(method, pairs):
+            return [sweep_row(run, cfg, seed, teacher) for cfg, seed in pairs]
     rows = []
 
-    def evaluate(method, configs):
-        for cfg in configs:
-            for seed in seeds:
-                result = train_student(run, cfg, seed, teacher, ckpt_dir=sub.path("checkpoints"),
-                                       progress=False)
-                p = train.predict(result.model, val, device=run.device)
-                s = metrics.summarize(p.probs, p.y, p.g, val.n_groups)
-                rows.append({"method": method, "config_id": cfg.config_id, "seed": seed,
-                             "lam": cfg.lam, "T": cfg.T, "beta": cfg.beta, "score": cfg.score,
-                             "val_worst_group_acc": s["worst_group_acc"], "val_avg_acc": s["avg_acc"],
-                             "reused": result.reused})
+    def choose(method, configs):
+        rows.extend(evaluate(method, [(cfg, seed) for cfg in configs for seed in seeds]))
         table = pd.DataFrame(rows)
         mine = table[table.method == method]
         means = mine.groupby(["config_id", "lam", "T", "beta", "score"], as_index=False)[
@@ -518,11 +603,11 @@ def sweep(run: Run, seeds, teacher=None, methods=None):
         return means.sort_values(["val_worst_group_acc", "val_avg_acc"],
                                  ascending=False, kind="stable").iloc[0]
 
-    best = evaluate("kd", sweep_configs(run, "kd"))
+    best = choose("kd", sweep_configs(run, "kd"))
     lam_T = {"lam": float(best["lam"]), "T": float(best["T"])}
     chosen = {"kd": lam_T}
     for method in [m for m in SWEPT_BETA if methods is None or m in methods]:
-        best = evaluate(method, sweep_configs(run, method, lam_T))
+        best = choose(method, sweep_configs(run, method, lam_T))
         chosen[method] = {"beta": float(best["beta"])}
         if method == "laplace_kd":
             chosen[method]["score"] = str(best["score"])

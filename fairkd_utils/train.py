@@ -317,6 +317,16 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
                        path, False, fp, state["best_epoch"])
 
 
+def warmup_checkpoint(model: nn.Module, splits: dict, config: TrainConfig, objective, epochs: int, *,
+                      ckpt_dir=None, name: str = "warmup", fingerprint_extra=None) -> tuple[str, Path | None]:
+    """The fingerprint of :func:`train_warmup`'s call with these arguments and its file
+    ``<ckpt_dir>/<name>-<fingerprint>.pt`` (None without ``ckpt_dir``), computed without
+    training."""
+    fp, _ = ck.fingerprint_payload(model, splits, config, objective, name,
+                                   {"extra": fingerprint_extra, "warmup_epochs": epochs})
+    return fp, ck.checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
+
+
 def train_warmup(model: nn.Module, splits: dict, config: TrainConfig, objective, epochs: int, *,
                  ckpt_dir=None, name: str = "warmup", fingerprint_extra=None) -> dict:
     """The first ``epochs`` epochs of ``config``'s schedule (the cosine runs over all
@@ -327,9 +337,8 @@ def train_warmup(model: nn.Module, splits: dict, config: TrainConfig, objective,
     Cached as ``<ckpt_dir>/<name>-<fingerprint>.pt`` like a checkpoint."""
     if not 0 < epochs < config.epochs:
         raise ValueError(f"a warm-up of {epochs} epochs must lie in (0, {config.epochs})")
-    fp, _ = ck.fingerprint_payload(model, splits, config, objective, name,
-                                   {"extra": fingerprint_extra, "warmup_epochs": epochs})
-    path = ck.checkpoint_path(ckpt_dir, name, fp) if ckpt_dir is not None else None
+    fp, path = warmup_checkpoint(model, splits, config, objective, epochs, ckpt_dir=ckpt_dir,
+                                 name=name, fingerprint_extra=fingerprint_extra)
     if path is not None and path.exists() and not ck.retraining(path, name):
         state = ck.load_checkpoint(path, expected_fingerprint=fp, fmt=ck.WARMUP_FORMAT)
         logger.info("reused checkpoint %s", path.name)

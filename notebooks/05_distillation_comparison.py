@@ -55,11 +55,14 @@ student_model = None  # local student weights file or Hugging Face folder
 hparams_file = None   # chosen hyper-parameters; None: fairkd_utils/hparams.json's entry for this run
 sweep = None          # None: the profile's setting; True reruns the sweep and uses its choice
 sweep_seeds = None    # seeds the sweep averages over; None: the first two of `seeds`
+executor = "inline"   # inline | local | slurm: where the students and the sweep train
+workers = None        # local: processes at once, default one per GPU or core; slurm: tasks at once
+threads = None        # torch threads per job; None: all cores inline, cores / workers locally
+slurm = None          # for executor slurm: a dict with partition, time, gpus, cpus
 
 # %%
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 import fairkd_utils as fk
 
@@ -70,13 +73,15 @@ fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smo
 teacher = fk.study.load_teacher_logits(run)          # stops if notebook 02 has not run
 methods = list(run.profile.methods)
 do_sweep = run.profile.sweep if sweep is None else bool(sweep)
+jobs_options = fk.jobs.options(executor, workers, threads, slurm)   # checked before any training
 
 # %% [markdown]
 # ## The hyper-parameters
 
 # %%
 if do_sweep:
-    sweep_table, chosen = fk.study.sweep(run, sweep_seeds or run.seeds[:2], teacher, methods)
+    sweep_table, chosen = fk.jobs.run_sweep(run, sweep_seeds or run.seeds[:2], teacher, methods,
+                                            jobs_options)
     run.hparams_file = str(run.path("sweep", "hparams.json"))
     display(sweep_table.groupby(["method", "lam", "T", "beta"])[["val_worst_group_acc", "val_avg_acc"]]
             .mean().round(3))
@@ -118,16 +123,16 @@ pd.DataFrame({
 #
 # ## Train (or reuse) every method × seed
 #
-# `erm` is notebook 03's student, reused from its checkpoint. Each student's metrics,
-# test predictions, per-epoch mean weights per group and final training-set weights are
-# written as record files of their own.
+# `erm` is notebook 03's student, reused from its checkpoint. Each student is a job that
+# writes its own records — metrics, test predictions, per-epoch mean weights per group,
+# final training-set weights — and a stamp with its fingerprint: a job already done
+# with the same fingerprint is skipped. The jobs run here one after another
+# (`executor = "inline"`), as worker processes (`local`) or as a SLURM job array
+# (`slurm`); a failed job is named with its log once the others have finished.
 
 # %%
-jobs = [(seed, m) for seed in run.seeds for m in methods]
-for seed, method in tqdm(jobs, desc="students"):
-    result = fk.study.run_method(run, method, seed, teacher, configs[method])
-    tqdm.write(f"seed {seed} {method:18s} {'reused' if result.reused else 'trained'} "
-               f"(best val epoch {result.best_epoch})")
+job_table = fk.jobs.run_grid(run, configs, jobs_options, teacher)
+job_table[["job", "status", "reused", "seconds"]]
 
 # %% [markdown]
 # ## The tables

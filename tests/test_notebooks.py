@@ -80,3 +80,22 @@ def test_papermill_parses_every_line_of_the_parameters_cell(path):
     lines = [ln for ln in cell.source.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     parsed = {p.name for p in PythonTranslator.inspect(cell)}
     assert len(parsed) == len(lines), f"{path.name}: papermill parses {sorted(parsed)} of {lines}"
+
+
+def test_the_executor_flags_reach_only_notebook_05_checked_before_any_kernel(tmp_path, capsys):
+    declaring = [p.name for p in NOTEBOOKS
+                 if {"executor", "workers", "threads", "slurm"} <= pipeline.declared_parameters(jupytext.read(p))]
+    assert declaring == ["05_distillation_comparison.py"]
+    args = pipeline.build_parser().parse_args(
+        ["--executor", "slurm", "--workers", "8", "--slurm-partition", "gpu", "--slurm-time", "2:00:00",
+         "--slurm-gpus", "1", "--slurm-cpus", "6"])
+    assert pipeline.optional_parameters(args) == {
+        "executor": "slurm", "workers": 8,
+        "slurm": {"partition": "gpu", "time": 120, "gpus": 1, "cpus": 6}}
+    assert pipeline.optional_parameters(pipeline.build_parser().parse_args([])) == {}
+    for argv, message in ((["--slurm-gpus", "1"], "apply to --executor slurm only"),
+                          (["--workers", "2"], "--workers applies to --executor local or slurm"),
+                          (["--executor", "slurm", "--slurm-time", "2h"], "--slurm-time '2h'")):
+        assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "01", *argv]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "synthetic-smoke").exists()

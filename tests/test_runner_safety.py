@@ -110,6 +110,19 @@ def test_a_failed_only_run_keeps_the_good_notebook_and_its_own_manifest_entry(fa
     assert json.loads((run_dir / "manifest.json").read_text())["notebooks"]["01_fake"]["status"] == "ok"
 
 
+def test_a_second_runner_into_the_same_run_directory_is_refused(fake_repo, tmp_path, capsys):
+    from fairkd_utils import records
+
+    out, run_dir = tmp_path / "out", tmp_path / "out" / "synthetic-smoke"
+    with records.exclusive(run_dir / pipeline.RUN_LOCK, "held by the test"):
+        assert _main("--seeds", "0", "--quiet", out=out) == 1
+    err = capsys.readouterr().err
+    assert f"run directory {run_dir} is in use by another run (pid {os.getpid()}" in err
+    assert "give this run another --out" in err and "Traceback" not in err
+    assert not (run_dir / "manifest.json").exists() and not (run_dir / "executed").exists()
+    assert _main("--seeds", "0", "--quiet", out=out) == 0     # released: runs
+
+
 def test_entries_left_running_are_marked_interrupted(tmp_path):
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps({"notebooks": {"03_x": {"status": "running"}, "01_y": {"status": "ok"}}}))

@@ -1,0 +1,635 @@
+"""Notebook 05's method × seed grid and the sweep as jobs: one after another in the
+notebook's process (``inline``, the default), as worker processes on this machine
+(``local``) or as a SLURM job array (``slurm``), the last two through submitit.
+
+**What a job is.** One student: train it (or reuse its checkpoint) and write its
+own records, or — for the sweep — its row of ``sweep.csv``. Every distillation method
+of a seed branches from one shared warm-up (``study.StudentPlan``), so students that
+are going to be trained and share a missing warm-up wait for a *warm-up job*, one per
+warm-up file (a warm-up only one student needs is trained by that student's job). The
+teacher is not a job: notebook 02 trains it first, in its own process.
+
+**Skipping what is done.** A finished job writes, last, a stamp
+``<run_dir>/records/done/<job>.json`` (sweep jobs: ``<run_dir>/sweep/records/done/``)
+holding its fingerprint and the files it wrote. *A job's fingerprint is the
+fingerprint its student's checkpoint gets* (``study.StudentPlan.fingerprint``: the
+method's and the loop's configs, the model's initialisation, the train and val data,
+the objective with the teacher's logits, and the run's data and code identity, i.e. the
+source of the modules that train and evaluate). A job whose stamp holds the same
+fingerprint and whose record files are all there is skipped, so rerunning after a
+failed or pre-empted job runs only what is missing; ``--retrain`` runs again a job
+whose checkpoint it asks to retrain (once per run). Warm-up jobs are marked done by
+their checkpoint file.
+
+**Safety.** No two jobs write the same file (each writes its own records and
+checkpoint; a warm-up is written by its warm-up job only; checked after every set of
+jobs); one set of jobs per run directory at a time (``<run_dir>/jobs/.lock``).
+Workers get their device, threads and ``--retrain`` settings explicitly from the
+job, never from the notebook's kernel. Per-job logs (stdout and stderr) and an index
+``jobs.csv`` go to ``<run_dir>/jobs/<time>-<label>/``; a job that fails is named with
+its log and the last lines of its error after the others have finished.
+
+**Threads and numbers.** On CPU torch's training is not bitwise the same for different
+thread counts (summation order), so results are identical across executors when each
+job uses the same number of threads (``threads``): ``inline`` keeps the process's
+threads unless told, ``local`` gives each of its ``workers`` ``cores // workers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from . import checkpoints, records, study
+from .profiles import resolve_device
+from .rundir import Run
+
+logger = logging.getLogger("fairkd")
+
+EXECUTORS = ("inline", "local", "slurm")
+#: SLURM settings a user changes (``--slurm-partition/-time/-gpus/-cpus``).
+SLURM_KEYS = ("partition", "time", "gpus", "cpus")
+#: A job's time limit when none is given: local jobs (a week: they are not queued),
+#: SLURM jobs (four hours; ``--slurm-time``).
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
+SLURM_TIMEOUT_MIN = 4 * 60
+
+
+class JobsFailed(RuntimeError):
+    """Some jobs failed (the others finished); the message names each with its log."""
+
+
+# --------------------------------------------------------------------------- options
+def parse_time(value) -> int:
+    """A time limit in whole minutes (seconds round up), read as SLURM's ``--time``
+    reads it: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M`` or ``D-H:M:S``."""
+    text = str(value).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", text)
+    if not m:
+        raise ValueError(f"--slurm-time {value!r}: expected SLURM's forms M, M:S, H:M:S, D-H, "
+                         "D-H:M or D-H:M:S (e.g. 90 or 1:30:00 or 2-00)")
+    parts = [int(x) for x in m.group(2).split(":")]
+    if m.group(1) is not None:  # D-H[:M[:S]]
+        h, mi, sec = (parts + [0, 0])[:3]
+        h += int(m.group(1)) * 24
+    elif len(parts) == 3:       # H:M:S
+        h, mi, sec = parts
+    else:                       # M or M:S
+        h, mi, sec = 0, parts[0], (parts[1] if len(parts) == 2 else 0)
+    seconds = (h * 60 + mi) * 60 + sec
+    minutes = -(-seconds // 60)
+    if minutes < 1:
+        raise ValueError(f"--slurm-time {value!r}: a job needs at least one minute")
+    return minutes
+
+
+@dataclass(frozen=True)
+class Options:
+    """How jobs run (:func:`options` checks and completes them)."""
+    executor: str = "inline"
+    workers: int | None = None      # local: processes at once; slurm: array tasks at once
+    threads: int | None = None      # torch threads per job
+    slurm: dict | None = None       # partition, time (minutes), gpus, cpus
+    poll_s: float = 0.2             # how often a waiting notebook looks at its jobs
+    #: stands in for ``submitit.AutoExecutor`` / ``submitit.LocalExecutor`` (tests)
+    executor_factory: Callable | None = None
+
+
+def options(executor: str = "inline", workers=None, threads=None, slurm=None,
+            executor_factory=None, poll_s: float | None = None) -> Options:
+    """Checked :class:`Options` from notebook 05's parameters (``slurm``: a dict with
+    any of ``partition``, ``time``, ``gpus``, ``cpus``)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r}: choose one of {EXECUTORS}")
+    for flag, n in (("--workers", workers), ("--threads", threads)):
+        if n is not None and (int(n) != n or n < 1):
+            raise ValueError(f"{flag} {n}: expected a whole number >= 1")
+    slurm = {k: v for k, v in (slurm or {}).items() if v is not None}
+    unknown = sorted(set(slurm) - set(SLURM_KEYS))
+    if unknown:
+        raise ValueError(f"SLURM settings {unknown}: known ones are {list(SLURM_KEYS)}")
+    if slurm and executor != "slurm":
+        raise ValueError(f"--slurm-{'/--slurm-'.join(sorted(slurm))} apply to --executor slurm only "
+                         f"(the executor is {executor!r})")
+    if executor == "slurm":
+        slurm["time"] = parse_time(slurm.get("time", SLURM_TIMEOUT_MIN))
+        for key in ("gpus", "cpus"):
+            if key in slurm and (int(slurm[key]) != slurm[key] or slurm[key] < (0 if key == "gpus" else 1)):
+                raise ValueError(f"--slurm-{key} {slurm[key]}: expected a whole number "
+                                 f">= {0 if key == 'gpus' else 1}")
+    if executor != "inline" and executor_factory is None:
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--executor {executor} runs jobs through submitit, which is not "
+                             "installed: pip install -e . (it is a dependency)") from None
+    poll = poll_s if poll_s is not None else (10.0 if executor == "slurm" else 0.2)
+    return Options(executor, None if workers is None else int(workers),
+                   None if threads is None else int(threads), slurm or None, poll, executor_factory)
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Job:
+    """One unit of work (see the module's docstring). ``run`` travels to the worker
+    without its data (the worker builds it); ``env``: the ``--retrain`` variables the
+    worker sets; ``after``: the warm-up job it waits for."""
+    name: str
+    kind: str                 # "warmup" | "student" | "sweep"
+    run: Run
+    config: object            # losses.MethodConfig
+    seed: int
+    fingerprint: str
+    checkpoint: str           # the checkpoint's name: student-<method>-seed<N> | warmup-seed<N>
+    ckpt_dir: Path
+    after: str | None = None
+    threads: int | None = None
+    env: tuple = ()
+
+    @property
+    def root(self) -> Path:
+        """Where its records live: the run directory, or its ``sweep/`` folder."""
+        return self.run.path("sweep") if self.kind == "sweep" else self.run.run_dir
+
+    @property
+    def stamp(self) -> Path | None:
+        """The record that says the job finished (warm-ups: their checkpoint says it)."""
+        return None if self.kind == "warmup" else self.root / "records" / "done" / f"{self.name}.json"
+
+    @property
+    def row(self) -> Path:
+        """A sweep job's row of ``sweep.csv``."""
+        return self.root / "records" / "rows" / f"{self.name}.csv"
+
+
+def _job_env() -> tuple:
+    env = {checkpoints.RETRAIN_RUN_ENV: checkpoints.current_run()}
+    if os.environ.get(checkpoints.RETRAIN_ENV):
+        env[checkpoints.RETRAIN_ENV] = os.environ[checkpoints.RETRAIN_ENV]
+    return tuple(sorted(env.items()))
+
+
+def _student_job(plan, kind: str, name: str) -> Job:
+    return Job(name=name, kind=kind, run=plan.run, config=plan.config, seed=plan.seed,
+               fingerprint=plan.fingerprint, checkpoint=plan.name, ckpt_dir=plan.ckpt_dir,
+               env=_job_env())
+
+
+def _teacher(run: Run, configs, teacher):
+    """What every plan of ``configs`` distils from, read once (not once per job): the
+    teacher's logits or, with augmentation, the teacher itself (reused, never trained
+    here when notebook 02 has run); None when no config distils."""
+    if not any(c.lam > 0 for c in configs):
+        return None
+    if run.profile.augment:
+        return study.teacher_for_students(run)
+    return teacher or study.load_teacher_logits(run)
+
+
+def plan_grid(run: Run, configs: dict, teacher=None, seeds=None) -> list:
+    """One :class:`study.StudentPlan` per seed and method (``configs``: method -> config)."""
+    teacher = _teacher(run, configs.values(), teacher)
+    return [study.plan_student(run, cfg, seed, teacher, progress=False)
+            for seed in (run.seeds if seeds is None else seeds) for cfg in configs.values()]
+
+
+def finished(job: Job) -> bool:
+    """Whether ``job`` is done already: its stamp holds its fingerprint, every record
+    file it wrote is there, and ``--retrain`` does not ask for its checkpoint again."""
+    if job.stamp is None or not job.stamp.is_file():
+        return False
+    try:
+        import json
+
+        stamp = json.loads(job.stamp.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    if stamp.get("fingerprint") != job.fingerprint:
+        return False
+    if any(not (job.run.run_dir / f).is_file() for f in stamp.get("records", [])):
+        return False
+    if checkpoints.retrain_requested(job.checkpoint) and stamp.get("run") != checkpoints.current_run():
+        return False
+    return True
+
+
+def _will_train(path: Path, name: str) -> bool:
+    return not path.is_file() or checkpoints.must_retrain(path, name)
+
+
+def with_warmups(jobs: list[Job], plans: dict) -> list[Job]:
+    """``jobs`` preceded by the warm-up jobs they wait for: one per warm-up file that two
+    or more students about to be trained branch from and that is missing (or to be
+    retrained). A warm-up only one of them needs is trained by that student's job."""
+    users = {}
+    for job in jobs:
+        plan = plans[job.name]
+        if plan.shares_warmup and _will_train(plan.checkpoint, plan.name):
+            path = plan.warmup_checkpoint()
+            if _will_train(path, f"warmup-seed{plan.seed}"):
+                users.setdefault(path, []).append(job.name)
+    after = {name: path.stem for path, names in users.items() if len(names) > 1 for name in names}
+    warmups = {}
+    for job in jobs:
+        stem = after.get(job.name)
+        if stem and stem not in warmups:
+            warmups[stem] = dataclasses.replace(
+                job, name=stem, kind="warmup", fingerprint=stem.rsplit("-", 1)[-1],
+                checkpoint=stem.rsplit("-", 1)[0])
+    return list(warmups.values()) + [dataclasses.replace(j, after=after.get(j.name)) for j in jobs]
+
+
+# --------------------------------------------------------------------------- the job itself
+def _log_to_stdout() -> None:
+    """In a worker: the ``fairkd`` logger's lines (epochs, reused checkpoints) go to the
+    job's own log, not to the run's ``run.log`` (the notebook writes one line per job there)."""
+    log = logging.getLogger("fairkd")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def execute(job: Job, device: str, worker: bool = True) -> dict:
+    """Run one job on ``device`` (given by the scheduler: never the kernel's) and write,
+    last, its stamp. ``worker``: in a process of its own (sets the job's ``--retrain``
+    variables and threads, logs to stdout) rather than in the notebook's."""
+    import torch
+
+    t0 = time.perf_counter()
+    if worker:
+        env = dict(job.env)
+        for key in (checkpoints.RETRAIN_ENV, checkpoints.RETRAIN_RUN_ENV):
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        _log_to_stdout()
+    threads_before = torch.get_num_threads()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    try:
+        run = dataclasses.replace(job.run, device=resolve_device(device))
+        if worker:
+            print(f"[fairkd] job {job.name} ({job.kind}) on {run.device} with "
+                  f"{torch.get_num_threads()} threads, host {socket.gethostname()}, pid {os.getpid()}",
+                  flush=True)
+        run.splits()
+        teacher = (study.load_teacher_logits(run) if job.config.lam > 0 and not run.profile.augment
+                   else None)
+        setup_s = time.perf_counter() - t0
+        reused = None
+        with records.collect_writes() as written:
+            if job.kind == "warmup":
+                study.plan_student(run, job.config, job.seed, teacher, job.ckpt_dir,
+                                   progress=False).train_warmup()
+            elif job.kind == "student":
+                result = study.run_method(run, job.config.method, job.seed, teacher, job.config)
+                reused = bool(result.reused)
+            elif job.kind == "sweep":
+                row = study.sweep_row(run, job.config, job.seed, teacher)
+                reused = bool(row["reused"])
+                records.write_csv(job.row, pd.DataFrame([row]))
+            else:
+                raise ValueError(f"unknown job kind {job.kind!r}")
+        files = [os.path.relpath(p, job.run.run_dir) for p in written]
+        out = {"job": job.name, "kind": job.kind, "fingerprint": job.fingerprint,
+               "reused": reused, "files": files,
+               "records": [f for f in files if not f.endswith(".pt")],
+               "run": checkpoints.current_run(), "device": run.device,
+               "threads": torch.get_num_threads(), "host": socket.gethostname(),
+               "setup_seconds": round(setup_s, 3),
+               "work_seconds": round(time.perf_counter() - t0 - setup_s, 3),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if job.stamp is not None:
+            records.write_json(job.stamp, out)
+        if worker:
+            print(f"[fairkd] job {job.name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        return out
+    finally:
+        if job.threads:
+            torch.set_num_threads(threads_before)
+
+
+# --------------------------------------------------------------------------- running them
+def _tail(path, n: int = 8) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [ln for ln in lines if ln.strip()][-n:]
+
+
+def _for_worker(job: Job, threads: int | None) -> Job:
+    """The job as it travels to a worker: its run without the data, its threads."""
+    return dataclasses.replace(job, run=dataclasses.replace(job.run, _splits=None), threads=threads)
+
+
+def _failure(job: Job, sub, err: BaseException) -> dict:
+    log = Path(sub.paths.stderr)
+    tail = _tail(log) or [f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"]
+    return {"status": "failed", "log": str(log), "error": tail}
+
+
+def _result(job: Job, sub) -> dict:
+    try:
+        out = sub.result()
+    except Exception as err:  # the job raised, was killed or timed out
+        return _failure(job, sub, err)
+    return {"status": "done", "log": str(sub.paths.stdout), **out}
+
+
+class _Progress:
+    """The bar of jobs done / total, and one line per finished job in run.log."""
+
+    def __init__(self, total: int, label: str, show: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"{label} jobs", unit="job", disable=not show)
+
+    def done(self, job: Job, res: dict, seconds: float) -> None:
+        res["seconds"] = round(seconds, 2)
+        if res["status"] == "done":
+            logger.info("job %s done in %.1f s", job.name, seconds)
+        elif res["status"] == "failed":
+            logger.info("job %s FAILED after %.1f s (log: %s)", job.name, seconds, res.get("log"))
+        else:
+            logger.info("job %s not run (%s)", job.name, res.get("error", [""])[0])
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def _blocked(job: Job, results: dict) -> dict | None:
+    if job.after and results.get(job.after, {}).get("status") in ("failed", "not run"):
+        return {"status": "not run", "error": [f"its warm-up {job.after} failed"]}
+    return None
+
+
+def _run_inline(jobs: list[Job], opts: Options, progress: _Progress, results: dict) -> None:
+    """One after another in this process, on the run's device (a failure stops here
+    with its traceback, as the notebook's loop did)."""
+    for job in jobs:
+        t0 = time.perf_counter()
+        results[job.name] = {"status": "done", **execute(
+            dataclasses.replace(job, threads=opts.threads), job.run.device, worker=False)}
+        progress.done(job, results[job.name], time.perf_counter() - t0)
+
+
+def local_slots(workers: int | None, device: str) -> list[tuple[str, dict]]:
+    """Per local worker slot: the device string its jobs get and the submitit
+    parameters that go with it. On CUDA one GPU per slot (``CUDA_VISIBLE_DEVICES`` set to
+    that GPU by submitit's ``visible_gpus``; slots beyond the GPUs share them in turn);
+    on CPU no GPU is visible."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+        if n_gpus < 1:
+            raise ValueError(f"device {device!r} but torch sees no GPU")
+        return [("cuda", {"gpus_per_node": 1, "visible_gpus": (k % n_gpus,)})
+                for k in range(workers or n_gpus)]
+    return [("cpu", {"gpus_per_node": 0, "visible_gpus": ()}) for _ in range(workers or cores())]
+
+
+def _run_local(jobs: list[Job], opts: Options, folder: Path, device: str, progress: _Progress,
+               results: dict, handles: dict) -> None:
+    """At most ``workers`` jobs at once, each a process of its own (submitit's
+    LocalExecutor); a student starts once its warm-up is done."""
+    import submitit
+
+    slots = local_slots(opts.workers, device)
+    threads = opts.threads or max(1, cores() // len(slots))
+    executor = (opts.executor_factory or submitit.LocalExecutor)(folder=folder)
+    free, queue, running = list(range(len(slots))), list(jobs), {}
+    while queue or running:
+        for job in list(queue):
+            blocked = _blocked(job, results)
+            if blocked:
+                queue.remove(job)
+                results[job.name] = blocked
+                progress.done(job, blocked, 0.0)
+                continue
+            if not free:
+                break
+            if job.after and results.get(job.after, {}).get("status") != "done":
+                continue  # its warm-up is still running
+            slot = free.pop(0)
+            job_device, params = slots[slot]
+            executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, **params)
+            sub = executor.submit(execute, _for_worker(job, threads), job_device)
+            handles[job.name] = sub
+            running[job.name] = (job, sub, slot, time.perf_counter())
+            queue.remove(job)
+        for name, (job, sub, slot, t0) in list(running.items()):
+            if sub.done():
+                results[name] = _result(job, sub)
+                progress.done(job, results[name], time.perf_counter() - t0)
+                free.append(slot)
+                del running[name]
+        if queue or running:
+            time.sleep(opts.poll_s)
+
+
+def slurm_parameters(opts: Options) -> dict:
+    """``AutoExecutor.update_parameters`` arguments of ``--slurm-*`` and ``--workers``."""
+    s = opts.slurm or {}
+    params = {"name": "fairkd", "timeout_min": int(s.get("time", SLURM_TIMEOUT_MIN)),
+              "gpus_per_node": int(s.get("gpus", 0)), "cpus_per_task": s.get("cpus"),
+              "slurm_partition": s.get("partition"), "slurm_array_parallelism": opts.workers}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def slurm_executor(opts: Options, folder: Path):
+    """A submitit executor for SLURM (``opts.executor_factory`` stands in for
+    ``submitit.AutoExecutor`` in tests) with :func:`slurm_parameters` set; its files go
+    to ``folder``."""
+    import submitit
+
+    executor = (opts.executor_factory or submitit.AutoExecutor)(folder=folder, cluster="slurm")
+    executor.update_parameters(**slurm_parameters(opts))
+    return executor
+
+
+def submit_array(executor, jobs: list[Job], opts: Options) -> list:
+    """Submit ``jobs`` as one job array (``map_array``); each task gets its device
+    (``cuda`` with ``--slurm-gpus``, else ``cpu``) and threads (``--threads``, else
+    ``--slurm-cpus``) as arguments."""
+    s = opts.slurm or {}
+    device = "cuda" if int(s.get("gpus", 0)) > 0 else "cpu"
+    threads = opts.threads or s.get("cpus")
+    return executor.map_array(execute, [_for_worker(j, threads) for j in jobs], [device] * len(jobs))
+
+
+def _run_array(jobs: list[Job], opts: Options, folder: Path, progress: _Progress, results: dict,
+               handles: dict) -> None:
+    """A SLURM job array per phase (the warm-ups, then the rest), each task on the GPUs
+    and CPUs ``--slurm-*`` asks for."""
+    executor = slurm_executor(opts, folder)
+    for phase in ([j for j in jobs if j.kind == "warmup"], [j for j in jobs if j.kind != "warmup"]):
+        todo = []
+        for job in phase:
+            blocked = _blocked(job, results)
+            if blocked:
+                results[job.name] = blocked
+                progress.done(job, blocked, 0.0)
+            else:
+                todo.append(job)
+        if not todo:
+            continue
+        subs = submit_array(executor, todo, opts)
+        t0 = time.perf_counter()
+        logger.info("submitted %d jobs as array %s (logs: %s)", len(subs),
+                    str(subs[0].job_id).split("_")[0], folder)
+        handles.update({j.name: sub for j, sub in zip(todo, subs)})
+        waiting = {j.name: (j, sub) for j, sub in zip(todo, subs)}
+        while waiting:
+            for name, (job, sub) in list(waiting.items()):
+                if sub.done():
+                    results[name] = _result(job, sub)
+                    progress.done(job, results[name], time.perf_counter() - t0)
+                    del waiting[name]
+            if waiting:
+                time.sleep(opts.poll_s)
+
+
+def submission_folder(run: Run, label: str) -> Path:
+    """``<run_dir>/jobs/<time>-<label>-<pid>/``: this call's job files and logs."""
+    return run.path("jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{os.getpid()}")
+
+
+def run_jobs(run: Run, jobs: list[Job], plans: dict, opts: Options | None = None,
+             label: str = "grid", show: bool = True) -> pd.DataFrame:
+    """Run the ``jobs`` not :func:`finished` (with the warm-ups they need) on
+    ``opts.executor``, wait with a progress bar, and return one row per job (``status``:
+    skipped, done, failed or not run). Raises :class:`JobsFailed` naming each failed
+    job, its log and its error's last lines once every other job has finished."""
+    opts = opts or options()
+    todo = with_warmups([j for j in jobs if not finished(j)], plans)
+    skipped = [j for j in jobs if j.name not in {t.name for t in todo}]
+    n_warm = sum(j.kind == "warmup" for j in todo)
+    logger.info("%s: %d jobs, %d done already (same fingerprint), %d to run%s on %s", label,
+                len(jobs), len(skipped), len(todo) - n_warm,
+                f" after {n_warm} warm-up job{'s' if n_warm > 1 else ''}" if n_warm else "", opts.executor)
+    results = {j.name: {"status": "skipped"} for j in skipped}
+    handles, folder = {}, None
+    progress = _Progress(len(todo), label, show)
+    try:
+        if opts.executor == "inline" or not todo:
+            _run_inline(todo, opts, progress, results)
+        else:
+            folder = submission_folder(run, label)
+            folder.mkdir(parents=True, exist_ok=True)
+            if opts.executor == "local":
+                _run_local(todo, opts, folder, run.device, progress, results, handles)
+            else:
+                _run_array(todo, opts, folder, progress, results, handles)
+    finally:
+        progress.close()
+        for name, sub in handles.items():  # interrupted: stop what still runs
+            if name not in results:
+                sub.cancel(check=False)
+    table = _table([*todo, *skipped], results, handles)
+    if folder is not None:
+        records.write_csv(folder / "jobs.csv", table)
+    _check_disjoint(results)
+    failed = table[table.status.isin(["failed", "not run"])]
+    if len(failed):
+        raise JobsFailed(_failure_report(failed, results, len(todo), label))
+    return table
+
+
+def _table(jobs, results, handles) -> pd.DataFrame:
+    rows = []
+    for job in jobs:
+        r = results.get(job.name, {})
+        sub = handles.get(job.name)
+        rows.append({"job": job.name, "kind": job.kind, "method": job.config.method,
+                     "seed": job.seed, "status": r.get("status", "not run"),
+                     "reused": r.get("reused"), "seconds": r.get("seconds"),
+                     "work_seconds": r.get("work_seconds"), "device": r.get("device"),
+                     "job_id": None if sub is None else str(sub.job_id),
+                     "stdout": None if sub is None else str(sub.paths.stdout),
+                     "stderr": None if sub is None else str(sub.paths.stderr)})
+    return pd.DataFrame(rows)
+
+
+def _check_disjoint(results: dict) -> None:
+    owner = {}
+    for name, r in results.items():
+        for f in r.get("files", []) if r.get("status") == "done" else []:
+            if f in owner:
+                raise RuntimeError(f"jobs {owner[f]} and {name} both wrote {f}: a bug in how "
+                                   "the jobs were split; please report it")
+            owner[f] = name
+
+
+def _failure_report(failed: pd.DataFrame, results: dict, n: int, label: str) -> str:
+    lines = [f"{len(failed)} of {n} {label} jobs did not finish (the others did; rerun the "
+             "same command to run only what is missing):"]
+    for row in failed.itertuples():
+        r = results.get(row.job, {})
+        if r.get("status") == "failed":
+            lines.append(f"  {row.job}: failed; log {r.get('log')}")
+        else:
+            lines.append(f"  {row.job}: not run, {' '.join(r.get('error', []))}")
+            continue
+        lines += [f"    | {ln}" for ln in r.get("error", [])]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- notebook 05
+def _locked(run: Run):
+    return records.exclusive(run.path("jobs", ".lock"), f"the jobs of {run.run_dir}",
+                             hint="give this run another --out")
+
+
+def run_grid(run: Run, configs: dict, opts: Options | None = None, teacher=None, seeds=None,
+             show: bool = True) -> pd.DataFrame:
+    """Train (or reuse) every method × seed student of notebook 05 as jobs and write
+    their records (see the module's docstring); the table of jobs."""
+    plans = plan_grid(run, configs, teacher, seeds)
+    jobs = [_student_job(p, "student", f"student-{p.config.method}-{p.config.config_id}-seed{p.seed}")
+            for p in plans]
+    with _locked(run):
+        return run_jobs(run, jobs, {j.name: p for j, p in zip(jobs, plans)}, opts, "grid", show)
+
+
+def run_sweep(run: Run, seeds, teacher=None, methods=None, opts: Options | None = None,
+              show: bool = True):
+    """``study.sweep`` with each round's students (kd's lam x T grid, then each swept
+    method's beta grid) run as jobs; returns (table, chosen) like ``study.sweep``."""
+    opts = opts or options()
+    teacher = teacher or study.load_teacher_logits(run)
+    shared = study.teacher_for_students(run) if run.profile.augment else teacher
+
+    def evaluate(method, pairs):
+        plans = [study.plan_student(run, cfg, seed, shared if cfg.lam > 0 else None,
+                                    ckpt_dir=run.path("sweep", "checkpoints"), progress=False)
+                 for cfg, seed in pairs]
+        jobs = [_student_job(p, "sweep", f"sweep-{p.config.method}-{p.config.config_id}-seed{p.seed}")
+                for p in plans]
+        run_jobs(run, jobs, {j.name: p for j, p in zip(jobs, plans)}, opts, f"sweep-{method}", show)
+        return [records.read_table(j.row).iloc[0].to_dict() for j in jobs]
+
+    with _locked(run):
+        return study.sweep(run, seeds, teacher, methods, evaluate=evaluate)
