@@ -44,8 +44,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import (SPLITS, GroupDataset, _parse_split, _require_columns, _require_file,
-                   _subsample)
+from .data import SPLITS, GroupDataset, _parse_split, _require_columns, _subsample
 from .models import ExitHead, StudentOutput, _seeded
 
 __all__ = [
@@ -805,9 +804,14 @@ def _check_text_knobs(vocab: SyntheticVocab, premise_len, hypothesis_len) -> Non
                          f"{p_hi + 1})")
 
 
+_MAX_REDRAWS = 1000
+
+
 def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: SyntheticVocab,
-                          premise_len, hypothesis_len, *, seed) -> GroupDataset:
-    """``counts[g]`` pairs of group g, shuffled, generated from ``seed``."""
+                          premise_len, hypothesis_len, *, seed, seen: set) -> GroupDataset:
+    """``counts[g]`` pairs of group g, shuffled, generated from ``seed``. A pair already
+    in ``seen`` (drawn before, here or in another split) is drawn again, so no pair
+    repeats or leaks between splits; ``seen`` is updated."""
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     g = np.repeat(np.arange(6), np.asarray(counts, dtype=np.int64))
     g = g[rng.permutation(len(g))]
@@ -816,20 +820,30 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
     x = np.zeros((len(g), 2, length), dtype=np.int64)
     negations = vocab.first_negation + np.arange(vocab.n_negation)
     for i in range(len(g)):
-        n_p = rng.integers(premise_len[0], premise_len[1] + 1)
-        n_h = rng.integers(hypothesis_len[0], hypothesis_len[1] + 1)
-        pairs = rng.permutation(vocab.n_pairs)
-        premise = vocab.content(pairs[:n_p], rng.integers(0, 2, n_p))
-        pos = rng.permutation(n_p)[:n_h]          # premise words the hypothesis restates
-        hyp = premise[pos]
-        if y[i] == 0:                             # contradiction: one word's antonym
-            hyp[-1] = vocab.antonym(hyp[-1])
-        elif y[i] == 2:                           # neutral: one word from outside the premise
-            hyp[-1] = vocab.content(pairs[n_p], rng.integers(0, 2))
-        hyp = hyp[rng.permutation(n_h)]
-        if a[i]:                                  # negation: anywhere, independent of the rule
-            hyp = np.insert(hyp, rng.integers(0, n_h + 1), rng.choice(negations))
-        seq = np.concatenate([[CLS], premise, [SEP], hyp, [SEP]])
+        for _ in range(_MAX_REDRAWS):
+            n_p = rng.integers(premise_len[0], premise_len[1] + 1)
+            n_h = rng.integers(hypothesis_len[0], hypothesis_len[1] + 1)
+            pairs = rng.permutation(vocab.n_pairs)
+            premise = vocab.content(pairs[:n_p], rng.integers(0, 2, n_p))
+            pos = rng.permutation(n_p)[:n_h]          # premise words the hypothesis restates
+            hyp = premise[pos]
+            if y[i] == 0:                             # contradiction: one word's antonym
+                hyp[-1] = vocab.antonym(hyp[-1])
+            elif y[i] == 2:                           # neutral: one word from outside the premise
+                hyp[-1] = vocab.content(pairs[n_p], rng.integers(0, 2))
+            hyp = hyp[rng.permutation(n_h)]
+            if a[i]:                                  # negation: anywhere, independent of the rule
+                hyp = np.insert(hyp, rng.integers(0, n_h + 1), rng.choice(negations))
+            seq = np.concatenate([[CLS], premise, [SEP], hyp, [SEP]])
+            key = seq.tobytes()
+            if key not in seen:
+                break
+        else:
+            raise ValueError(
+                f"could not draw {len(g)} distinct {name} pairs for split {split!r} (with "
+                f"{len(seen)} drawn before): the knobs allow too few different pairs; raise "
+                f"n_pairs or the lengths, or lower the scale")
+        seen.add(key)
         x[i, 0, :len(seq)] = seq
         x[i, 1, n_p + 2:len(seq)] = 1
     ids = [f"{name}-{split}-{i:05d}" for i in range(len(g))]
@@ -863,7 +877,8 @@ def make_synthetic_text(*, scale: float = 1.0, seed: int = 0,
     co-occurrence with the labels is MultiNLI's: the group counts are MultiNLI's
     (group_DRO's random split, :data:`MULTINLI_COUNTS`) scaled down, so in train 16 %
     of contradictions carry a negation against 2-3 % of entailments and neutrals, and
-    val and test keep those proportions (not group-balanced, as in MultiNLI). The knobs:
+    val and test keep those proportions (not group-balanced, as in MultiNLI). No pair
+    occurs twice, within a split or across splits (a repeat is drawn again). The knobs:
 
     * ``scale`` (1.0): data size; scale 1 = MultiNLI / :data:`SYNTHETIC_TEXT_DIVISOR`
       (train 10,310, val 4,124, test 6,185 pairs; the smallest group, entailment with
@@ -888,29 +903,43 @@ def make_synthetic_text(*, scale: float = 1.0, seed: int = 0,
     """
     vocab = synthetic_text_vocab(n_pairs, n_negation)
     _check_text_knobs(vocab, premise_len, hypothesis_len)
-    out = {}
+    out, seen = {}, set()
     for k, split in enumerate(SPLITS):
         counts = synthetic_text_counts(split, scale, spurious_strength)
         out[split] = _synthetic_text_split("synthetic_text", split, counts, vocab, premise_len,
-                                           hypothesis_len, seed=[int(seed), k, 20252])
+                                           hypothesis_len, seed=[int(seed), k, 20252], seen=seen)
     return out
 
 
 def make_text_pretraining_corpus(*, n_per_group: int = 1000, seed: int = 0, n_pairs: int = 8,
                                  n_negation: int = 4, premise_len: tuple = (3, 5),
-                                 hypothesis_len: tuple = (1, 1)) -> GroupDataset:
+                                 hypothesis_len: tuple = (1, 1), exclude=None) -> GroupDataset:
     """The miniature's unbiased pretraining corpus (the stand-in for BERT's pretraining
     and the teacher's larger data): ``n_per_group`` pairs of each of the six groups, so
     every class carries a negation word exactly half the time -- negation is
     independent of the label and tells nothing. Same generator and knobs as
     :func:`make_synthetic_text` (pass the same ``n_pairs``, ``n_negation`` and lengths),
-    an independent seed stream. One GroupDataset, split name ``"pretrain"``."""
+    an independent seed stream. One GroupDataset, split name ``"pretrain"``. No pair
+    repeats; ``exclude`` (GroupDatasets, or a dict of them, e.g. the study's splits
+    from :func:`make_synthetic_text`) keeps their pairs out of the corpus too."""
     if int(n_per_group) < 1:
         raise ValueError(f"n_per_group must be >= 1, got {n_per_group}")
     vocab = synthetic_text_vocab(n_pairs, n_negation)
     _check_text_knobs(vocab, premise_len, hypothesis_len)
+    seen = set()
+    for ds in ([] if exclude is None else exclude.values() if isinstance(exclude, dict) else exclude):
+        seen.update(row.numpy().tobytes() for row in _trimmed_ids(ds))
     return _synthetic_text_split("synthetic_text_pretrain", "pretrain", [int(n_per_group)] * 6,
-                                 vocab, premise_len, hypothesis_len, seed=[int(seed), 100, 20253])
+                                 vocab, premise_len, hypothesis_len, seed=[int(seed), 100, 20253],
+                                 seen=seen)
+
+
+def _trimmed_ids(ds: GroupDataset):
+    """Each pair's input ids without padding, as the generator keys them."""
+    ids = ds.x[:, 0]
+    for i in range(len(ids)):
+        row = ids[i]
+        yield row[row != PAD]
 
 
 def decode_pairs(ds, n_per_group: int = 2) -> pd.DataFrame:

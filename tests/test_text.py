@@ -371,6 +371,16 @@ def test_synthetic_text_label_is_the_rule_on_every_item(synth):
         text.make_synthetic_text(n_pairs=5)
 
 
+def test_synthetic_text_pairs_are_distinct_within_and_across_splits(synth):
+    rows = torch.cat([ds.x[:, 0] for ds in synth.values()])
+    assert len(torch.unique(rows, dim=0)) == len(rows)
+    corpus = text.make_text_pretraining_corpus(n_per_group=400, seed=0, exclude=synth)
+    both = torch.cat([rows, corpus.x[:, 0]])
+    assert len(torch.unique(both, dim=0)) == len(both)
+    with pytest.raises(ValueError, match="could not draw"):
+        text.make_text_pretraining_corpus(n_per_group=500, n_pairs=4, premise_len=(3, 3))
+
+
 def test_synthetic_text_is_deterministic_per_seed(synth):
     again = text.make_synthetic_text(scale=0.5, seed=3)
     other = text.make_synthetic_text(scale=0.5, seed=4)
