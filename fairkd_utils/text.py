@@ -893,13 +893,17 @@ def make_synthetic_text(*, scale: float = 1.0, seed: int = 0,
       shortest premise, and ``n_pairs`` must exceed the longest premise); sequences are
       padded to :func:`synthetic_text_length` (10 tokens at the defaults).
 
-    The defaults are sized for a 2-core CPU (``bench/bench_text_throughput.py``): a
-    64-wide 2-layer BERT learns the rule from the unbiased corpus of
-    :func:`make_text_pretraining_corpus` (test accuracy 0.97 after 1,500 AdamW steps at
-    lr 1e-3), while on the biased training split a 10-epoch ERM student leans on the
-    negation word (neutral and entailment with negation are its worst groups). Longer
-    sentences and more pairs (e.g. premises of 6-10 words, hypotheses of 2-4, 24
-    pairs) are not learnt by such a model within that budget.
+    The defaults are sized for a 2-core CPU (``bench/bench_text_throughput.py``; an
+    epoch of a 64-wide 3-layer student takes about 2.3 s). Measured at seed 0: a
+    128-wide 3-layer teacher learns the rule from the unbiased corpus of
+    :func:`make_text_pretraining_corpus` (1,700 pairs per group, AdamW lr 5e-4) to
+    100 % on every group within 7 epochs; a 64-wide 3-layer ERM student (AdamW lr 1e-3,
+    batch 128, 10 epochs) reaches test accuracy 0.94 but leans on the negation word --
+    neutral with negation is its worst group (0.53), as in MultiNLI -- and its exit after
+    layer 1 predicts contradiction for negated pairs (0.68 right on contradiction with
+    negation, 0.02 on neutral with negation). Longer sentences and more pairs (premises
+    of 6-10 words, hypotheses of 2-4, 24 pairs) were not learnt by such students within
+    that budget (test accuracy 0.39 after 10 epochs).
     """
     vocab = synthetic_text_vocab(n_pairs, n_negation)
     _check_text_knobs(vocab, premise_len, hypothesis_len)
