@@ -49,10 +49,12 @@ def pretraining_corpus(run: Run, seed: int = TEACHER_SEED) -> dict:
     its val part drawn from another seed)."""
     p = run.profile
     if run.dataset == "synthetic_text":
-        return {part: text.make_text_pretraining_corpus(
-            n_per_group=p.teacher_pretrain_per_pair if part == "train"
-            else max(1, p.teacher_pretrain_per_pair // 10), seed=seed + 1000 * k)
-            for k, part in enumerate(("train", "val"))}
+        train_part = text.make_text_pretraining_corpus(
+            n_per_group=p.teacher_pretrain_per_pair, seed=seed, exclude=run.splits())
+        val_part = text.make_text_pretraining_corpus(
+            n_per_group=max(1, p.teacher_pretrain_per_pair // 10), seed=seed + 1000,
+            exclude=[*run.splits().values(), train_part])
+        return {"train": train_part, "val": val_part}
     return data.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
                                         alignment=p.teacher_pretrain_alignment,
                                         image_size=p.image_size, seed=seed)

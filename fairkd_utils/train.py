@@ -141,8 +141,10 @@ class TrainConfig:
         if role not in ("teacher", "student"):
             raise ValueError(f"role={role!r}; use 'teacher' or 'student'")
         epochs = profile.teacher_epochs if role == "teacher" else profile.student_epochs
+        teacher_lr = getattr(profile, "teacher_lr", None)
+        lr = teacher_lr if role == "teacher" and teacher_lr else profile.lr
         kw = dict(epochs=epochs, batch_size=profile.batch_size, optimizer=profile.optimizer,
-                  lr=profile.lr, weight_decay=profile.weight_decay,
+                  lr=lr, weight_decay=profile.weight_decay,
                   select_on=profile.select_on, seed=seed, device=device)
         kw.update(overrides)
         return cls(**kw)
