@@ -23,7 +23,8 @@ METHOD_LABELS = {m: spec.label for m, spec in METHOD_SPECS.items()}
 METHOD_COLORS = {
     "erm": "#7f7f7f", "kd": "#1f77b4", "dedier": "#ff7f0e", "dedier_both": "#d62728",
     "laplace_kd": "#2ca02c", "shuffled": "#e377c2", "group_balanced": "#222222",
-    "group_balanced_erm": "#8c564b",
+    "group_balanced_erm": "#8c564b", "dedier_final": "#bcbd22", "jtt": "#17becf",
+    "dfr": "#7b4173",
 }
 #: Methods that use group labels in training: drawn hollow, marked as references.
 REFERENCES = [m for m, spec in METHOD_SPECS.items() if spec.group_labels]
