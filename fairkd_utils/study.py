@@ -217,7 +217,8 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
             teacher_train = losses.OnlineTeacher(tres.model.eval(), fingerprint=tres.fingerprint)
         else:
             teacher_train = (teacher or load_teacher_logits(run))["train"]
-    error_set = (jtt_error_set(run, config, seed, progress=progress)
+    stage = "sweep" if ckpt_dir is not None and ckpt_dir != run.path("checkpoints") else "student"
+    error_set = (jtt_error_set(run, config, seed, progress=progress, stage=stage)
                  if METHOD_SPECS[config.method].weight == "error_set" else None)
     objective = losses.make_objective(config, teacher_logits=teacher_train,
                                       group_counts=ds.group_counts(), n_train=len(ds),
@@ -234,13 +235,13 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
                                       ckpt_dir=ckpt_dir, name=f"warmup-seed{seed}",
                                       fingerprint_extra=run.fingerprint_extra())
     name = f"student-{config.method}-seed{seed}"
-    stage = "sweep" if ckpt_dir != run.path("checkpoints") else "student"
     return timed(run, stage, f"{stage}-{name}-{config.config_id}",
                  lambda: train.train_model(model, splits, tconfig, objective, ckpt_dir=ckpt_dir, name=name,
                                            fingerprint_extra=run.fingerprint_extra(), branch_from=branch))
 
 
-def jtt_error_set(run: Run, config, seed: int, progress: bool = False) -> torch.Tensor:
+def jtt_error_set(run: Run, config, seed: int, progress: bool = False,
+                  stage: str = "student") -> torch.Tensor:
     """JTT's error set for ``config`` (a ``jtt`` configuration) and ``seed``: the training
     instances that the identification model — the ERM student of this seed (lam = 0,
     the profile's schedule) after ``config.jtt_epochs`` epochs of its trajectory —
@@ -250,7 +251,7 @@ def jtt_error_set(run: Run, config, seed: int, progress: bool = False) -> torch.
     (``train.train_warmup``) named ``warmup-seed<S>`` in the run's checkpoints: cached by
     fingerprint, shared by every jtt configuration and the sweep, and, at
     ``jtt_epochs == warmup_epochs``, the very warm-up the ERM students of notebook 03
-    branch from."""
+    branch from. ``stage``: the timing record's stage (``"sweep"`` in the sweep)."""
     splits = run.splits()
     ds = splits["train"]
     epochs = int(config.jtt_epochs)
@@ -262,7 +263,7 @@ def jtt_error_set(run: Run, config, seed: int, progress: bool = False) -> torch.
                          f"[1, {tconfig.epochs - 1}]")
     trunk = models.build_student(run.profile, ds.n_classes, seed=seed)
     warm = losses.WarmupObjective(erm, None, len(ds), ds.n_classes)
-    state = timed(run, "student", f"jtt-identification-seed{seed}-epochs{epochs}", lambda: _Timed(
+    state = timed(run, stage, f"jtt-identification-seed{seed}-epochs{epochs}", lambda: _Timed(
         train.train_warmup(trunk, splits, tconfig, warm, epochs, ckpt_dir=run.path("checkpoints"),
                            name=f"warmup-seed{seed}", fingerprint_extra=run.fingerprint_extra())))
     model = models.build_student(run.profile, ds.n_classes, seed=seed)
