@@ -6,6 +6,7 @@ One concept per module (README, "Where each formula lives"):
   (``METHOD_SPECS``), devices, scores — and the run profiles;
 - ``data``: the datasets and their groups; ``models``: teacher and early-exit student;
 - ``losses``: the student loss, every method's instance weight, the objectives;
+- ``last_layer``: DFR — a student's last layer refit on balanced validation halves;
 - ``exit_laplace``: the last-layer Laplace approximation at the early exit;
 - ``train``: the one training loop; ``checkpoints``: fingerprints and checkpoint files;
 - ``metrics``: group metrics and the statistics over seeds;
@@ -19,9 +20,9 @@ One concept per module (README, "Where each formula lives"):
 Notebooks ``import fairkd_utils as fk`` and call small named functions.
 """
 
-from . import (checkpoints, data, exit_laplace, jobs, losses, metrics, models, plots, profiles,
-               records, rundir, study, train)
+from . import (checkpoints, data, exit_laplace, jobs, last_layer, losses, metrics, models, plots,
+               profiles, records, rundir, study, train)
 
 __version__ = "0.1.0"
-__all__ = ["checkpoints", "data", "exit_laplace", "jobs", "losses", "metrics", "models", "plots",
-           "profiles", "records", "rundir", "study", "train"]
+__all__ = ["checkpoints", "data", "exit_laplace", "jobs", "last_layer", "losses", "metrics",
+           "models", "plots", "profiles", "records", "rundir", "study", "train"]

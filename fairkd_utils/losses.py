@@ -10,7 +10,7 @@ every reweighting method and are normalised to mean 1 over the batch by
 default (one switch, ``MethodConfig.normalise``, the same for every method).
 
 The pure functions come first (``kd_loss``, ``confidence_margin``,
-``dedier_weight``, ``laplace_weight``, ``group_balanced_weight``,
+``dedier_weight``, ``laplace_weight``, ``group_balanced_weight``, ``jtt_weight``,
 ``normalise``, ``student_loss``), then ``MethodConfig`` with
 ``DEFAULT_HPARAMS``, then the objectives the training loop calls
 (``objective.loss(out, batch, epoch) -> (loss, {"ce": w, "kd": w})`` and
@@ -179,6 +179,22 @@ def group_balanced_weight(g: Tensor, group_counts: Tensor) -> Tensor:
     return per_group.to(g.device)[g].to(torch.get_default_dtype())
 
 
+def jtt_weight(error_set: Tensor, upweight: float) -> Tensor:
+    """JTT's weight (Liu et al., ICML 2021): ``upweight`` (lambda_up) on the instances of
+    the error set (those an ERM identification model gets wrong), 1 elsewhere.
+
+    JTT *upsamples* the error set lambda_up times; weighting instead gives the same
+    expected loss: under upsampling an epoch's mean loss is
+    ``sum_i c_i * l_i / sum_i c_i`` with ``c_i = lambda_up`` on the error set and 1
+    elsewhere, which is exactly the weighted loss normalised by the weights' mean over
+    the training set. Normalising per batch (as every method here does) is the same up
+    to the batch's estimate of that mean. No gradient; not normalised."""
+    if not (upweight >= 1 and math.isfinite(upweight)):
+        raise ValueError(f"JTT's upweight (lambda_up) must be a finite number >= 1, got {upweight}")
+    err = torch.as_tensor(error_set).bool()
+    return torch.where(err, torch.full(err.shape, float(upweight)), torch.ones(err.shape))
+
+
 def normalise(w: Tensor) -> Tensor:
     """``w / mean(w)`` over the batch, detached: weights carry no gradient."""
     w = w.detach()
@@ -188,14 +204,19 @@ def normalise(w: Tensor) -> Tensor:
 def instance_weight(config: "MethodConfig", y: Tensor, *, exit_logits: Tensor | None = None,
                     laplace_pred: Any = None, g: Tensor | None = None,
                     group_weights: Tensor | None = None,
-                    generator: torch.Generator | None = None) -> Tensor | None:
+                    generator: torch.Generator | None = None,
+                    final_logits: Tensor | None = None,
+                    error_set: Tensor | None = None) -> Tensor | None:
     """The one place that computes a method's raw (unnormalised) instance weight from
     what its source needs (``METHOD_SPECS[method].weight``): ``None`` for unit weights;
     ``exit_map``: :func:`dedier_weight` of ``exit_logits``; ``exit_map_shuffled``: the
-    same, permuted with ``generator``; ``exit_laplace``: :func:`laplace_weight` of
-    ``laplace_pred``; ``true_group``: ``group_weights[g]`` (:func:`group_balanced_weight`
-    per group). Training (the objectives) and the figures (``study.final_train_weights``)
-    both call it; which loss terms it multiplies is ``WEIGHTED_TERMS[method]``."""
+    same, permuted with ``generator``; ``final_map``: :func:`dedier_weight` of the
+    student's own final ``final_logits`` (detached); ``exit_laplace``:
+    :func:`laplace_weight` of ``laplace_pred``; ``error_set``: :func:`jtt_weight` of the
+    instances' ``error_set`` membership; ``true_group``: ``group_weights[g]``
+    (:func:`group_balanced_weight` per group). Training (the objectives) and the figures
+    (``study.final_train_weights``) both call it; which loss terms it multiplies is
+    ``WEIGHTED_TERMS[method]``."""
     source = METHOD_SPECS[config.method].weight
     if source == "none":
         return None
@@ -203,6 +224,10 @@ def instance_weight(config: "MethodConfig", y: Tensor, *, exit_logits: Tensor | 
         return group_weights.to(g.device)[g]
     if source == "exit_laplace":
         return laplace_weight(laplace_pred, y, config.beta, config.score, config.alpha)
+    if source == "error_set":
+        return jtt_weight(error_set, config.jtt_upweight).to(y.device)
+    if source == "final_map":
+        return dedier_weight(final_logits, y, config.beta, config.alpha)
     w = dedier_weight(exit_logits, y, config.beta, config.alpha)
     if source == "exit_map_shuffled":
         w = w[torch.randperm(len(w), generator=generator).to(w.device)]
@@ -261,7 +286,11 @@ class MethodConfig:
     ``refit_every`` (None = refit at each epoch's end, k = also every k steps),
     ``tau`` (None = re-optimise the prior precision by marginal likelihood from
     the factors at each refit), ``prior`` ("exact" or "kron", README,
-    "The maths").
+    "The maths"). JTT only: ``jtt_epochs`` (the ERM identification model's epochs,
+    T_id) and ``jtt_upweight`` (lambda_up). DFR only: ``dfr_penalty`` ("l1" or
+    "l2", the last layer's regularisation; its strength is chosen per seed on half of
+    the validation split, ``last_layer.dfr``). Fields that only one method reads are
+    ``None`` for the others and then left out of ``config_id``.
     """
 
     method: str
@@ -275,6 +304,9 @@ class MethodConfig:
     refit_every: int | None = None
     tau: float | None = None
     prior: str = "exact"
+    jtt_epochs: int | None = None
+    jtt_upweight: float | None = None
+    dfr_penalty: str | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -306,6 +338,18 @@ class MethodConfig:
         if self.prior == "kron" and self.tau is None:
             bad("prior='kron' is not evidence-based, so tau cannot come from the marginal "
                 "likelihood during training: give tau (e.g. notebook 04's validation choice)")
+        own = {"jtt_epochs": "jtt", "jtt_upweight": "jtt", "dfr_penalty": "dfr"}
+        for name, method in own.items():
+            if (getattr(self, name) is None) != (self.method != method):
+                bad(f"{name} is {method}'s alone: set it for {method} and leave it None otherwise")
+        if self.method == "jtt":
+            if int(self.jtt_epochs) != self.jtt_epochs or self.jtt_epochs < 1:
+                bad(f"jtt_epochs (the identification model's epochs) must be an integer >= 1, "
+                    f"got {self.jtt_epochs}")
+            if not (self.jtt_upweight >= 1 and math.isfinite(self.jtt_upweight)):
+                bad(f"jtt_upweight (lambda_up) must be a finite number >= 1, got {self.jtt_upweight}")
+        if self.method == "dfr" and self.dfr_penalty not in DFR_PENALTIES:
+            bad(f"dfr_penalty must be one of {list(DFR_PENALTIES)}, got {self.dfr_penalty!r}")
 
     def replace(self, **changes) -> "MethodConfig":
         return dataclasses.replace(self, **changes)
@@ -326,10 +370,17 @@ class MethodConfig:
     def config_id(self) -> str:
         """A short stable id of every field, the method included, so that two
         methods never share one (for the tables; always starts with a letter so
-        that a CSV reader never takes it for a number)."""
-        d = self.to_dict()
+        that a CSV reader never takes it for a number). A field only one method reads
+        enters the id only when set, so the ids of the other methods stay what they
+        were before such fields existed."""
+        d = {k: v for k, v in self.to_dict().items() if not (k in _ONE_METHOD_FIELDS and v is None)}
         return "c" + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:7]
 
+
+#: MethodConfig fields that only one method reads (None for every other method).
+_ONE_METHOD_FIELDS = ("jtt_epochs", "jtt_upweight", "dfr_penalty")
+#: DFR's regularisation of the retrained last layer (``last_layer.fit_logistic``).
+DFR_PENALTIES = ("l1", "l2")
 
 # Unswept defaults (the sweep replaces them on validation worst-group accuracy).
 # Shared lam/T across the distillation methods so that only the weights differ;
@@ -346,6 +397,13 @@ DEFAULT_HPARAMS: dict[str, MethodConfig] = {
     "shuffled": MethodConfig("shuffled", lam=_LAM, T=_T, beta=_BETA),
     "group_balanced": MethodConfig("group_balanced", lam=_LAM, T=_T, beta=0.0),
     "group_balanced_erm": MethodConfig("group_balanced_erm", lam=0.0, T=1.0, beta=0.0),
+    "dedier_final": MethodConfig("dedier_final", lam=_LAM, T=_T, beta=_BETA),
+    # JTT: the identification model is the ERM student after 1 of its epochs (JTT's own
+    # choice on CelebA; any profile has more); its errors count 20 times (between JTT's
+    # own choices, 4-6 on text and 20-100 on images).
+    "jtt": MethodConfig("jtt", lam=_LAM, T=_T, beta=0.0, jtt_epochs=1, jtt_upweight=20.0),
+    # DFR: L1, as Kirichenko et al. use on Waterbirds and CelebA.
+    "dfr": MethodConfig("dfr", lam=_LAM, T=_T, beta=0.0, dfr_penalty="l1"),
 }
 
 
@@ -485,6 +543,44 @@ class DeDiERObjective(DistillationObjective):
 
     def _raw_weight(self, out, batch, y, epoch):
         return instance_weight(self.config, y, exit_logits=_exit_logits(out))
+
+
+class FinalReadoutObjective(DistillationObjective):
+    """``dedier_final`` (an ablation): DeDiER's ``exp(beta*cm*alpha)`` read from the
+    student's own *final* head (the detached MAP softmax of ``out.logits``) instead of
+    the early exit, on both terms like ``dedier_both``: does the readout have to be
+    early?"""
+
+    def _raw_weight(self, out, batch, y, epoch):
+        logits = out.logits if hasattr(out, "logits") else out
+        return instance_weight(self.config, y, final_logits=_full(logits))
+
+
+class JTTObjective(DistillationObjective):
+    """``jtt`` (Liu et al., ICML 2021) as a distillation method: the KD terms of ``kd``
+    with weight ``jtt_upweight`` on the training instances of ``error_set`` (those the
+    ERM identification model gets wrong, ``study.jtt_error_set``) and 1 elsewhere, on
+    both terms, after the same warm-up as every reweighting method. ``error_set``: a
+    (N_train,) bool tensor in dataset order, indexed by ``batch.idx``; it is part of
+    the checkpoint fingerprint."""
+
+    def __init__(self, config, teacher_logits, error_set, n_classes, n_train=None):
+        super().__init__(config, teacher_logits, n_classes)
+        if error_set is None:
+            raise ValueError("jtt needs error_set: the training instances its identification "
+                             "model gets wrong (study.jtt_error_set)")
+        error_set = torch.as_tensor(error_set).bool().flatten()
+        if n_train is not None and len(error_set) != n_train:
+            raise ValueError(f"error_set has {len(error_set)} entries but n_train={n_train}")
+        self.error_set = error_set
+
+    def describe(self) -> dict:
+        return {**super().describe(), "error_set": self.error_set.to(torch.uint8)}
+
+    def _raw_weight(self, out, batch, y, epoch):
+        if self.error_set.device != y.device:
+            self.error_set = self.error_set.to(y.device)
+        return instance_weight(self.config, y, error_set=self.error_set[batch.idx.to(y.device)])
 
 
 class ShuffledObjective(DistillationObjective):
@@ -700,7 +796,8 @@ def spearman(a: Tensor, b: Tensor) -> float:
 def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None,
                    group_counts: Tensor | None = None, n_train: int | None = None,
                    n_classes: int | None = None, model: torch.nn.Module | None = None,
-                   generator: torch.Generator | None = None, seed: int = 0) -> DistillationObjective:
+                   generator: torch.Generator | None = None, seed: int = 0,
+                   error_set: Tensor | None = None) -> DistillationObjective:
     """The training objective of ``config.method`` for ``train.train_model``.
 
     ``teacher_logits``: (N_train, C) teacher logits on the training split in
@@ -708,8 +805,13 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
     ``group_counts``: the training split's ``group_counts()`` (group_balanced).
     ``model``: the student, for laplace_kd (its exit weight at refit time).
     ``generator`` / ``seed``: for the Monte-Carlo predictive (more than two classes).
+    ``error_set``: jtt's (N_train,) error set (``study.jtt_error_set``).
     """
     m = config.method
+    base = METHOD_SPECS[m].last_layer_of
+    if base is not None:
+        raise ValueError(f"{m} trains no student of its own: it retrains the last layer of "
+                         f"{base}'s student (study.run_method / last_layer.dfr)")
     if isinstance(teacher_logits, Tensor) and n_train is not None and teacher_logits.shape[0] != n_train:
         raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but n_train={n_train}: "
                          "pass the teacher's logits on the training split, in dataset order")
@@ -720,6 +822,8 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
         "none": lambda: UnweightedObjective(config, teacher_logits, n_classes),
         "exit_map": lambda: DeDiERObjective(config, teacher_logits, n_classes),
         "exit_map_shuffled": lambda: ShuffledObjective(config, teacher_logits, n_classes, seed),
+        "final_map": lambda: FinalReadoutObjective(config, teacher_logits, n_classes),
+        "error_set": lambda: JTTObjective(config, teacher_logits, error_set, n_classes, n_train),
         "true_group": lambda: GroupBalancedObjective(config, teacher_logits, group_counts, n_classes),
         "exit_laplace": lambda: LaplaceKDObjective(config, teacher_logits, model, n_train, n_classes,
                                                    generator, seed),

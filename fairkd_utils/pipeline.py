@@ -7,7 +7,10 @@ Each notebook receives the same parameters (absolute paths, profile, dataset,
 seeds, device); notebooks share nothing but the files of the run directory
 ``<out>/<dataset>-<profile>/``. Figures go to ``<run_dir>/figures/`` unless
 ``--figures`` says otherwise (with the default ``--out results/``: the repository's
-``figures/<dataset>-<profile>/``). Before any kernel starts, the runner checks the
+``figures/<dataset>-<profile>/``). ``--methods extended`` adds JTT, DFR and the
+final-head DeDiER ablation to the profile's methods (notebook 05 receives it as its
+``methods`` parameter) in a run directory of its own, ``<dataset>-<profile>-extended``.
+Before any kernel starts, the runner checks the
 folders, the seeds and the files the selected notebooks read from earlier ones. A
 failing cell stops the run with a non-zero exit naming the notebook and the cell;
 the failed notebook is kept as ``executed/NN_name.failed.ipynb`` beside the last good
@@ -38,9 +41,9 @@ from importlib import metadata
 from pathlib import Path
 
 from . import records
-from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHODS, PROFILES,
-                       apply_overrides, get_profile, overrides_tag, parse_overrides,
-                       resolve_device)
+from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHOD_SETS, PROFILES,
+                       TRAINED, apply_overrides, get_profile, method_set_tag, overrides_tag,
+                       parse_overrides, resolve_device, resolve_methods)
 from .rundir import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -119,11 +122,19 @@ def check_seeds(seeds) -> list[int]:
     return list(seeds)
 
 
+def run_name(args) -> str:
+    """The run directory's name: ``<dataset>-<profile>``, with ``-extended`` for
+    ``--methods extended`` and ``-set-<hash>`` for ``--set`` overrides, so that such a
+    run never mixes its tables with the plain profile's."""
+    return (f"{args.dataset}-{args.profile}{method_set_tag(getattr(args, 'methods', None))}"
+            f"{overrides_tag(parse_overrides(getattr(args, 'set', None)))}")
+
+
 def run_folders(args) -> tuple[Path, Path]:
     """The run directory and the figures folder: ``<run_dir>/figures/`` unless
     ``--figures`` is given or ``--out`` is the default ``results/`` (then the
-    repository's ``figures/<dataset>-<profile>/``)."""
-    name = f"{args.dataset}-{args.profile}{overrides_tag(parse_overrides(getattr(args, 'set', None)))}"
+    repository's ``figures/<dataset>-<profile>/``, with the run's suffixes)."""
+    name = run_name(args)
     run_dir = (Path(args.out) / name).resolve()
     if args.figures:
         return run_dir, Path(args.figures).resolve()
@@ -187,6 +198,8 @@ def check_prerequisites(args, run_dir: Path, notebooks: list[Path], known: list[
 def suggest_command(args, only: list[str]) -> str:
     """The command line of this run with ``--only`` replaced."""
     parts = ["python -m fairkd_utils.pipeline", "--profile", args.profile, "--dataset", args.dataset]
+    if getattr(args, "methods", None) not in (None, "default"):
+        parts += ["--methods", args.methods]
     for flag, value in (("--data-root", args.data_root),
                         ("--teacher-model", getattr(args, "teacher_model", None)),
                         ("--student-model", getattr(args, "student_model", None)),
@@ -198,9 +211,10 @@ def suggest_command(args, only: list[str]) -> str:
     return " ".join(parts)
 
 
-#: Checkpoint names: teacher-pretrained, teacher, warmup-seed<N>, student-<method>-seed<N>.
+#: Checkpoint names: teacher-pretrained, teacher, warmup-seed<N> (the shared warm-ups and
+#: JTT's identification models), student-<method>-seed<N> (DFR has none of its own).
 CHECKPOINT_STEMS = ("teacher-pretrained", "teacher", "warmup-seed",
-                    *(f"student-{m}-seed" for m in METHODS))
+                    *(f"student-{m}-seed" for m in TRAINED))
 
 
 def check_retrain(prefixes) -> list[str] | None:
@@ -216,7 +230,7 @@ def check_retrain(prefixes) -> list[str] | None:
         if not ok:
             raise ValueError(f"--retrain {p!r}: no checkpoint name starts with it; names are "
                              "teacher-pretrained, teacher, warmup-seed<N> and "
-                             f"student-<method>-seed<N> (methods: {', '.join(METHODS)}); "
+                             f"student-<method>-seed<N> (methods: {', '.join(TRAINED)}); "
                              "--retrain alone retrains every checkpoint")
     return list(prefixes)
 
@@ -267,8 +281,12 @@ def executor_parameters(args) -> dict:
 
 
 def optional_parameters(args) -> dict:
-    """Parameters only the notebooks that declare them receive (notebook 05)."""
+    """Parameters only the notebooks that declare them receive (notebook 05): where the
+    jobs run, the sweep switch, a hyper-parameter file and a named method set other than
+    the profile's."""
     optional = executor_parameters(args)
+    if getattr(args, "methods", None) not in (None, "default"):
+        optional["methods"] = args.methods
     if getattr(args, "sweep", False):
         optional["sweep"] = True
     if getattr(args, "hparams", None):
@@ -439,7 +457,8 @@ def run(args) -> Path:
     run_dir, figures_dir = run_folders(args)
     for flag, path in (("--out", Path(args.out).resolve()), ("--out", run_dir), ("--figures", figures_dir)):
         check_folder(path, flag)
-    check_prerequisites(args, run_dir, notebooks, known, seeds, profile.methods)
+    check_prerequisites(args, run_dir, notebooks, known, seeds,
+                        resolve_methods(profile, getattr(args, "methods", None)))
     optional = optional_parameters(args)
     device = resolve_device(args.device)
     params = notebook_parameters(args, run_dir, figures_dir, device)
@@ -552,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", action="extend", default=None, metavar="FIELD=VALUE",
                    help="override profile fields, e.g. --set student_epochs=5 seeds=[0,1]; the run "
                         "goes to its own run directory <dataset>-<profile>-set-<hash>")
+    p.add_argument("--methods", default="default", choices=METHOD_SETS,
+                   help="the methods compared: the profile's (default) or 'extended', which adds "
+                        "JTT, DFR and DeDiER read from the final head; an extended run goes to its "
+                        "own run directory <dataset>-<profile>-extended")
     p.add_argument("--sweep", action="store_true",
                    help="rerun the hyper-parameter sweep on validation worst-group accuracy "
                         "(notebook 05; writes sweep/hparams.json and uses it)")

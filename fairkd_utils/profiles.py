@@ -32,9 +32,16 @@ class MethodSpec:
     ``weight``: ``"none"`` (unit weights), ``"exit_map"`` (DeDiER's ``exp(beta*cm*alpha)``
     of the early exit's MAP softmax), ``"exit_laplace"`` (the same from the exit's
     Laplace predictive), ``"exit_map_shuffled"`` (DeDiER's weights permuted within the
-    batch: a control) or ``"true_group"`` (inverse frequency of the true group: a
-    reference that uses group labels). ``distils``: lam and T are kd's (else lam = 0).
-    ``beta_from``: whose beta the method uses (itself when swept; ``None``: no beta).
+    batch: a control), ``"final_map"`` (DeDiER's form from the student's own *final*
+    head: does the readout have to be early?), ``"error_set"`` (JTT: ``jtt_upweight``
+    on the training instances an ERM identification model gets wrong, 1 elsewhere) or
+    ``"true_group"`` (inverse frequency of the true group: a reference that uses group
+    labels). ``distils``: lam and T are kd's (else lam = 0). ``beta_from``: whose beta
+    the method uses (itself when swept; ``None``: no beta). ``swept``: the method's own
+    hyper-parameters besides beta that the sweep chooses. ``last_layer_of``: the method
+    trains no student of its own but retrains the last layer of that method's student
+    after training (DFR); ``group_labels`` then says whether that retraining reads
+    group labels (DFR: the validation split's).
     """
     weight: str
     terms: tuple[str, ...]
@@ -42,31 +49,57 @@ class MethodSpec:
     beta_from: str | None = None
     group_labels: bool = False
     label: str = ""
+    swept: tuple[str, ...] = ()
+    last_layer_of: str | None = None
 
 
-#: Every method of the study, in table order.
+#: Every method of the study, in table order. ``dedier_final``, ``jtt`` and ``dfr`` are
+#: the baselines of the ``extended`` method set (:data:`EXTRA_METHODS`), not of a
+#: profile's own ``methods``.
 METHOD_SPECS: dict[str, MethodSpec] = {
     "erm": MethodSpec("none", (), distils=False, label="ERM"),
     "kd": MethodSpec("none", (), distils=True, label="KD (Hinton)"),
     "dedier": MethodSpec("exit_map", ("kd",), distils=True, beta_from="dedier", label="DeDiER (KD term)"),
     "dedier_both": MethodSpec("exit_map", ("ce", "kd"), distils=True, beta_from="dedier_both",
                               label="DeDiER (both terms)"),
+    "dedier_final": MethodSpec("final_map", ("ce", "kd"), distils=True, beta_from="dedier_final",
+                               label="DeDiER, final-head readout (ablation)"),
     "laplace_kd": MethodSpec("exit_laplace", ("ce", "kd"), distils=True, beta_from="laplace_kd",
                              label="Laplace-KD"),
     "shuffled": MethodSpec("exit_map_shuffled", ("ce", "kd"), distils=True, beta_from="dedier_both",
                            label="shuffled DeDiER (control)"),
+    "jtt": MethodSpec("error_set", ("ce", "kd"), distils=True, swept=("jtt_epochs", "jtt_upweight"),
+                      label="JTT (KD)"),
     "group_balanced": MethodSpec("true_group", ("ce", "kd"), distils=True, group_labels=True,
                                  label="group-balanced KD (reference)"),
     "group_balanced_erm": MethodSpec("true_group", ("ce",), distils=False, group_labels=True,
                                      label="group-balanced ERM (reference)"),
+    "dfr": MethodSpec("none", (), distils=True, group_labels=True, last_layer_of="kd",
+                      label="DFR on KD (reference)"),
 }
 METHODS = tuple(METHOD_SPECS)
+#: The methods a plain run compares (every profile's ``methods``): the study as it was
+#: before the reviewer's baselines; ``default``'s tables and reference are these.
+DEFAULT_METHODS = ("erm", "kd", "dedier", "dedier_both", "laplace_kd", "shuffled",
+                   "group_balanced", "group_balanced_erm")
+#: What ``--methods extended`` adds to a profile's methods: JTT, DFR and the
+#: final-head readout ablation of DeDiER.
+EXTRA_METHODS = ("jtt", "dfr", "dedier_final")
+#: Named method sets (``--methods``): ``default`` is the profile's own ``methods``.
+METHOD_SETS = ("default", "extended")
 #: Which loss terms each method's weight multiplies.
 WEIGHTED_TERMS = {m: spec.terms for m, spec in METHOD_SPECS.items()}
 #: Methods whose weights are not all 1.
 REWEIGHTING = tuple(m for m, spec in METHOD_SPECS.items() if spec.weight != "none")
 #: Methods whose beta the sweep chooses (the others borrow one or have none).
 SWEPT_BETA = tuple(m for m, spec in METHOD_SPECS.items() if spec.beta_from == m)
+#: Per method, the hyper-parameters the sweep chooses for it (beta and its own ``swept``);
+#: lam and T are kd's. Methods with none borrow theirs (or have none).
+SWEPT_HPARAMS = {m: (("beta",) if spec.beta_from == m else ()) + spec.swept
+                 for m, spec in METHOD_SPECS.items()
+                 if spec.beta_from == m or spec.swept}
+#: Methods that train a student of their own (DFR retrains another's last layer).
+TRAINED = tuple(m for m, spec in METHOD_SPECS.items() if spec.last_layer_of is None)
 #: References: methods that read the true group labels (the others never do).
 REFERENCES = tuple(m for m, spec in METHOD_SPECS.items() if spec.group_labels)
 #: The paired differences of ``summary.csv`` are taken against these; the primary
@@ -169,7 +202,7 @@ PROFILES: dict[str, Profile] = {
         student_widths=(8, 16, 32), student_blocks=(1, 1, 1), exit_stage=1,
         teacher_epochs=1, student_epochs=2, warmup_epochs=1, batch_size=128,
         optimizer="sgd", lr=0.05, weight_decay=5e-4, select_on="worst_group_acc",
-        seeds=(0,), methods=METHODS, sweep=False,
+        seeds=(0,), methods=DEFAULT_METHODS, sweep=False,
         teacher_pretrain_per_pair=150, teacher_pretrain_epochs=2, teacher_adapt_epochs=1,
     ),
     # Waterbirds-sized synthetic data at 32 px, narrow ResNets: the whole study
@@ -185,7 +218,7 @@ PROFILES: dict[str, Profile] = {
         # teacher_epochs only applies to real data (no pretraining corpus there).
         teacher_epochs=20, student_epochs=12, warmup_epochs=3, batch_size=128,
         optimizer="sgd", lr=0.05, weight_decay=5e-4, select_on="worst_group_acc",
-        seeds=(0, 1, 2, 3, 4), methods=METHODS, sweep=False,
+        seeds=(0, 1, 2, 3, 4), methods=DEFAULT_METHODS, sweep=False,
         # The pretrained teacher (bench/calibrate_synthetic.py): 2,500 images per
         # (class, background) pair, 8 epochs.
         teacher_pretrain_per_pair=2500, teacher_pretrain_alignment=0.5,
@@ -200,7 +233,7 @@ PROFILES: dict[str, Profile] = {
         exit_stage=2,
         teacher_epochs=100, student_epochs=100, warmup_epochs=10, batch_size=64,
         optimizer="sgd", lr=1e-3, weight_decay=1e-4, select_on="worst_group_acc",
-        seeds=(0, 1, 2), methods=METHODS, sweep=False,
+        seeds=(0, 1, 2), methods=DEFAULT_METHODS, sweep=False,
     ),
 }
 
@@ -319,3 +352,41 @@ def overrides_tag(overrides: dict | None) -> str:
     if not overrides:
         return ""
     return "-set-" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def resolve_methods(profile: Profile, methods=None) -> tuple[str, ...]:
+    """The methods a run compares: ``None`` or ``"default"`` -> the profile's own
+    ``methods``; ``"extended"`` -> those and :data:`EXTRA_METHODS` (in table order,
+    each once); a list of method names -> those, checked. ``dfr`` brings the method it
+    retrains (``kd``) along."""
+    if methods is None or methods == "default":
+        chosen = tuple(profile.methods)
+    elif methods == "extended":
+        chosen = tuple(profile.methods) + tuple(m for m in EXTRA_METHODS if m not in profile.methods)
+    elif isinstance(methods, str):
+        raise ValueError(f"unknown method set {methods!r}; choose one of {list(METHOD_SETS)} "
+                         "or give a list of methods")
+    else:
+        chosen = tuple(methods)
+    unknown = [m for m in chosen if m not in METHOD_SPECS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; valid ones are {list(METHODS)}")
+    needed = [METHOD_SPECS[m].last_layer_of for m in chosen if METHOD_SPECS[m].last_layer_of]
+    chosen = chosen + tuple(m for m in dict.fromkeys(needed) if m not in chosen)
+    return tuple(dict.fromkeys(chosen))
+
+
+def method_set_tag(methods=None) -> str:
+    """The run-directory suffix of a named method set other than the profile's own
+    (``"-extended"``; ``""`` for ``None``/``"default"``): an extended run never writes
+    into the plain profile's run directory."""
+    if methods is None or methods == "default":
+        return ""
+    if methods in METHOD_SETS:
+        return f"-{methods}"
+    if isinstance(methods, str):
+        raise ValueError(f"unknown method set {methods!r}; choose one of {list(METHOD_SETS)}")
+    import hashlib
+    import json
+
+    return "-methods-" + hashlib.sha1(json.dumps(list(methods)).encode()).hexdigest()[:6]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-TABLE_KINDS = ("metrics", "predictions", "weights", "laplace_effect", "timings")
+TABLE_KINDS = ("metrics", "predictions", "weights", "laplace_effect", "timings", "dfr")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 #: Columns read as text whatever they look like (an id such as "0123" or "1e5"
@@ -156,6 +156,10 @@ RECORD_COLUMNS = {
     "laplace_effect": (("seed", "method", "config_id", "epoch"),
                        ("seed", "method", "config_id", "epoch")),
     "timings": (("stage", "name", "seconds", "reused"), ("stage", "name", "seconds", "reused")),
+    # DFR's strengths per seed (study.run_dfr): accuracies on the selection half of val
+    "dfr": (("seed", "method", "config_id", "base_config_id", "penalty", "C",
+             "val_half2_worst_group_acc", "val_half2_avg_acc", "chosen"),
+            ("seed", "method", "config_id", "base_config_id", "penalty", "C", "chosen")),
 }
 
 
@@ -166,7 +170,7 @@ class RecordError(ValueError):
 
 def writer_notebook(kind: str, name: str) -> str:
     """The notebook that writes the record ``<kind>/<name>.csv``."""
-    if kind in ("weights", "laplace_effect"):  # <method>-<config_id>-seed<seed>
+    if kind in ("weights", "laplace_effect", "dfr"):  # <method>-<config_id>-seed<seed>
         return "03_early_exit_student" if name.startswith("erm-") else "05_distillation_comparison"
     if name.startswith("teacher"):
         return "02_teacher"

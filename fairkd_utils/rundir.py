@@ -14,7 +14,7 @@ from pathlib import Path
 from . import records
 from .checkpoints import code_fingerprint
 from .profiles import (BUILT_IN_DATASETS, DATASETS, Profile, apply_overrides, get_profile,
-                       overrides_tag, resolve_device)
+                       method_set_tag, overrides_tag, resolve_device)
 
 #: The repository (default ``results/`` and ``figures/`` live here).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,15 +100,17 @@ class Run:
 
 def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
           data_root=None, seeds=None, device: str = "auto", hparams_file=None,
-          profile_overrides=None, teacher_model=None, student_model=None) -> Run:
+          profile_overrides=None, teacher_model=None, student_model=None, methods=None) -> Run:
     """Resolve a notebook's parameters into a :class:`Run` (creating its folders), and
-    append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``."""
+    append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``.
+    ``methods`` (a named method set such as ``"extended"``) only names the default run
+    directory, as the runner does."""
     import logging
 
     prof = apply_overrides(get_profile(profile, dataset), profile_overrides)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
-    name = f"{dataset}-{profile}{overrides_tag(profile_overrides)}"
+    name = f"{dataset}-{profile}{method_set_tag(methods)}{overrides_tag(profile_overrides)}"
     run_dir = Path(run_dir) if run_dir else REPO_ROOT / "results" / name
     figures_dir = Path(figures_dir) if figures_dir else REPO_ROOT / "figures" / name
     run_dir.mkdir(parents=True, exist_ok=True)

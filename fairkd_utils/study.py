@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoints, data, losses, metrics, models, records, text, train
+from . import checkpoints, data, last_layer, losses, metrics, models, records, text, train
 from .exit_laplace import fit_exit_laplace
-from .profiles import BUILT_IN_DATASETS, METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_BETA, TEXT_DATASETS
+from .profiles import (BUILT_IN_DATASETS, METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_HPARAMS,
+                       TEXT_DATASETS)
 from .rundir import Run
 
 # --------------------------------------------------------------------------- teacher
@@ -339,9 +340,13 @@ def plan_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None,
     ds = run.splits()["train"]
     model = build_student(run, seed)
     teacher_train = teacher_for_students(run, teacher) if config.lam > 0 else None
+    stage = "sweep" if ckpt_dir is not None and Path(ckpt_dir) != run.path("checkpoints") else "student"
+    error_set = (jtt_error_set(run, config, seed, progress=progress, stage=stage)
+                 if METHOD_SPECS[config.method].weight == "error_set" else None)
     objective = losses.make_objective(config, teacher_logits=teacher_train,
                                       group_counts=ds.group_counts(), n_train=len(ds),
-                                      n_classes=ds.n_classes, model=model, seed=seed)
+                                      n_classes=ds.n_classes, model=model, seed=seed,
+                                      error_set=error_set)
     return StudentPlan(run, config, seed, model, objective,
                        train_config(run, "student", seed, progress=progress),
                        Path(ckpt_dir or run.path("checkpoints")), teacher_train)
@@ -355,6 +360,46 @@ def train_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None, prog
     With training augmentation (``paper`` profile) the teacher model itself is run
     on each augmented batch instead of the cached logits."""
     return plan_student(run, config, seed, teacher, ckpt_dir, progress).train()
+
+
+def jtt_error_set(run: Run, config, seed: int, progress: bool = False,
+                  stage: str = "student") -> torch.Tensor:
+    """JTT's error set for ``config`` (a ``jtt`` configuration) and ``seed``: the training
+    instances that the identification model — the ERM student of this seed (lam = 0,
+    the profile's schedule) after ``config.jtt_epochs`` epochs of its trajectory —
+    predicts wrongly (final head, eval mode). A (N_train,) bool tensor in dataset order.
+
+    The trajectory is trained with the same loop as every student, as a warm-up state
+    (``train.train_warmup``) named ``warmup-seed<S>`` in the run's checkpoints: cached by
+    fingerprint, shared by every jtt configuration and the sweep, and, at
+    ``jtt_epochs == warmup_epochs``, the very warm-up the ERM students of notebook 03
+    branch from. ``stage``: the timing record's stage (``"sweep"`` in the sweep)."""
+    splits = run.splits()
+    ds = splits["train"]
+    epochs = int(config.jtt_epochs)
+    erm = losses.default_config("erm", warmup_epochs=run.profile.warmup_epochs)
+    tconfig = train_config(run, "student", seed, progress=progress)
+    if not 0 < epochs < tconfig.epochs:
+        raise ValueError(f"jtt_epochs={epochs}: the identification model is the ERM student after "
+                         f"that many of its {tconfig.epochs} epochs, so it must lie in "
+                         f"[1, {tconfig.epochs - 1}]")
+    trunk = build_student(run, seed)
+    warm = losses.WarmupObjective(erm, None, len(ds), ds.n_classes)
+    state = timed(run, stage, f"jtt-identification-seed{seed}-epochs{epochs}", lambda: _Timed(
+        train.train_warmup(trunk, splits, tconfig, warm, epochs, ckpt_dir=run.path("checkpoints"),
+                           name=f"warmup-seed{seed}", fingerprint_extra=run.fingerprint_extra())))
+    model = build_student(run, seed)
+    model.load_state_dict(state.value["model"])
+    pred = train.predict(model, ds, device=run.device)
+    return pred.logits.argmax(1) != ds.y
+
+
+class _Timed:
+    """A warm-up state seen by :func:`timed` (which reads ``reused``)."""
+
+    def __init__(self, state: dict):
+        self.value = state
+        self.reused = state.get("run") != checkpoints.current_run()
 
 
 def timed(run: Run, stage: str, name: str, train_fn):
@@ -484,20 +529,25 @@ def erm_outputs(run: Run, seed: int, splits=("train", "val", "test")) -> tuple:
 
 
 # --------------------------------------------------------------------------- distillation
-def final_train_weights(run: Run, result, config, pred=None):
+def final_train_weights(run: Run, result, config, pred=None, seed: int | None = None):
     """The instance weights the method assigns on the training split with the final
     student (before batch normalisation): what the weight-distribution figures show.
     ``None`` for methods that do not reweight. ``shuffled``'s are DeDiER's weights
-    permuted over the split (its batches permute them within each batch)."""
+    permuted over the split (its batches permute them within each batch); ``jtt``'s
+    do not depend on the student (its error set, of ``seed``'s identification model)."""
     ds = run.splits()["train"]
     source = METHOD_SPECS[config.method].weight
     if source == "none":
         return None
     inputs = {"g": ds.g, "group_weights": losses.group_balanced_weight(
         torch.arange(ds.n_groups), ds.group_counts())}
-    if source != "true_group":
+    if source == "error_set":
+        if seed is None:
+            raise ValueError("jtt's training weights need the seed of its identification model")
+        inputs["error_set"] = jtt_error_set(run, config, seed)
+    elif source != "true_group":
         p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
-        inputs.update(exit_logits=p.exit_logits.double(),
+        inputs.update(exit_logits=p.exit_logits.double(), final_logits=p.logits.double(),
                       generator=torch.Generator().manual_seed(0))
     if source == "exit_laplace":
         la = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, y=ds.y,
@@ -511,13 +561,15 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
     predictions, per-epoch weights, final training weights). ``progress``: the
     per-epoch bars (off by default: the caller shows one bar over students)."""
     config = config or method_config(run, method)
+    if METHOD_SPECS[config.method].last_layer_of:
+        return run_dfr(run, config, seed, teacher, progress=progress)
     result = train_student(run, config, seed, teacher, progress=progress)
     evaluate_student(run, result, config, seed)
     record_weights(run, result, config, seed)
     if config.method in REWEIGHTING:
         ds = run.splits()["train"]
         p = train.predict(result.model, ds, device=run.device)
-        w = final_train_weights(run, result, config, pred=p)
+        w = final_train_weights(run, result, config, pred=p, seed=seed)
         keys = dict(seed=seed, config_id=config.config_id, model="exit", method=config.method,
                     predictive="map")
         records.write_record(run.run_dir, "predictions",
@@ -538,50 +590,101 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
 LAPLACE_EFFECT = ("laplace_rank_corr", "laplace_max_abs_dp", "laplace_mean_abs_dp")
 
 
+def base_config(run: Run, config):
+    """The configuration of the student whose last layer ``config``'s method retrains
+    (``METHOD_SPECS[method].last_layer_of``: DFR retrains kd's): that method's library
+    defaults with ``config``'s lam, T and warm-up — so with the chosen hyper-parameters
+    it is exactly the configuration notebook 05 trains that method with."""
+    base = METHOD_SPECS[config.method].last_layer_of
+    return losses.default_config(base, lam=config.lam, T=config.T,
+                                 warmup_epochs=config.warmup_epochs)
+
+
+def run_dfr(run: Run, config, seed: int, teacher=None, progress: bool = False):
+    """DFR (a reference: it reads validation group labels): the ``kd`` student of
+    ``seed`` (trained or reused) with its last layer retrained on group-balanced
+    subsamples of one half of the validation split, its strength chosen on the other
+    half's worst-group accuracy (``last_layer.dfr``; test never read). Records it like
+    every student — model ``student`` (the new last layer) and ``exit`` (the kd
+    student's exit, untouched) on val and test — and the strengths tried as a ``dfr``
+    record. Returns the kd student's TrainResult with the retrained model."""
+    base = base_config(run, config)
+    result = train_student(run, base, seed, teacher, progress=progress)
+    val = run.splits()["val"]
+    feats = last_layer.penultimate_features(result.model, val, device=run.device)
+    fit = last_layer.dfr(feats, val.y, val.g, val.n_classes, seed=seed,
+                         penalty=config.dfr_penalty)
+    retrained = result._replace(model=last_layer.with_head(result.model, fit.head))
+    evaluate_student(run, retrained, config, seed)
+    g_fit = val.g[fit.subsets[0]]
+    rows = [{"seed": seed, "method": config.method, "config_id": config.config_id,
+             "base_config_id": base.config_id, "penalty": config.dfr_penalty, **r,
+             "n_fit_per_group": int((g_fit == g_fit[0]).sum()), "n_subsets": len(fit.subsets),
+             "n_val_half1": len(fit.fit_idx), "n_val_half2": len(fit.select_idx)}
+            for r in fit.table]
+    records.write_record(run.run_dir, "dfr", f"{config.method}-{config.config_id}-seed{seed}", rows)
+    return retrained
+
+
 # --------------------------------------------------------------------------- sweep
 #: One grid for every method: lam and T are chosen once, for kd, and shared by every
-#: distillation method; beta is chosen per reweighting method (profiles.SWEPT_BETA)
-#: on the same grid, at kd's lam and T. laplace_kd's score is the study's form
-#: (the Laplace margin), not swept.
-SWEEP_GRID = {"lam": (0.5, 0.9, 0.95), "T": (2.0, 4.0, 8.0), "beta": (1.0, 2.0, 4.0)}
+#: distillation method; beta is chosen per reweighting method (profiles.SWEPT_HPARAMS)
+#: on the same grid, at kd's lam and T; jtt's identification epochs and lambda_up
+#: likewise (profiles.SWEPT_HPARAMS). laplace_kd's score is the study's form (the
+#: Laplace margin), not swept.
+SWEEP_GRID = {"lam": (0.5, 0.9, 0.95), "T": (2.0, 4.0, 8.0), "beta": (1.0, 2.0, 4.0),
+              "jtt_epochs": (1, 2, 3), "jtt_upweight": (5.0, 20.0, 100.0)}
+#: The columns of sweep.csv every sweep has; a method's own swept fields are added.
+_SWEEP_FIELDS = ("lam", "T", "beta", "score")
 
 
 def sweep_configs(run: Run, method: str, lam_T: dict | None = None) -> list:
-    """The configurations the sweep tries for ``method``: kd's lam x T grid, or the
-    beta grid at ``lam_T`` (kd's choice) for a method whose beta is swept."""
+    """The configurations the sweep tries for ``method``: kd's lam x T grid, or, at
+    ``lam_T`` (kd's choice), the grid of the method's own swept hyper-parameters
+    (``profiles.SWEPT_HPARAMS``: beta, or jtt's identification epochs x lambda_up)."""
     base = losses.default_config(method, warmup_epochs=run.profile.warmup_epochs)
     if method == "kd":
         return [base.replace(lam=lam, T=T) for lam, T in
                 itertools.product(SWEEP_GRID["lam"], SWEEP_GRID["T"])]
-    if method not in SWEPT_BETA:
-        raise ValueError(f"the sweep chooses kd's lam and T and the beta of {list(SWEPT_BETA)}; "
-                         f"{method!r} borrows its hyper-parameters")
-    return [base.replace(beta=beta, **(lam_T or {})) for beta in SWEEP_GRID["beta"]]
+    if method not in SWEPT_HPARAMS:
+        raise ValueError(f"the sweep chooses kd's lam and T and the hyper-parameters of "
+                         f"{list(SWEPT_HPARAMS)}; {method!r} borrows its hyper-parameters")
+    names = SWEPT_HPARAMS[method]
+    return [base.replace(**dict(zip(names, values)), **(lam_T or {}))
+            for values in itertools.product(*(SWEEP_GRID[n] for n in names))]
 
 
 def sweep_row(run: Run, cfg, seed: int, teacher=None) -> dict:
     """Train (or reuse) one sweep student into ``<run_dir>/sweep/checkpoints/`` and
-    return its row of ``sweep.csv``: validation worst-group and average accuracy."""
+    return its row of ``sweep.csv``: validation worst-group and average accuracy, and
+    every field the sweep chooses (lam, T, beta, score and the method's own)."""
     result = train_student(run, cfg, seed, teacher, ckpt_dir=run.path("sweep", "checkpoints"),
                            progress=False)
     val = run.splits()["val"]
     p = train.predict(result.model, val, device=run.device)
     s = metrics.summarize(p.probs, p.y, p.g, val.n_groups)
     return {"method": cfg.method, "config_id": cfg.config_id, "seed": seed,
-            "lam": cfg.lam, "T": cfg.T, "beta": cfg.beta, "score": cfg.score,
+            **{f: getattr(cfg, f) for f in _sweep_fields(cfg.method)},
             "val_worst_group_acc": s["worst_group_acc"], "val_avg_acc": s["avg_acc"],
             "reused": result.reused}
 
 
-def sweep(run: Run, seeds, teacher=None, methods=None, evaluate=None):
+def _sweep_fields(method: str) -> list:
+    return list(_SWEEP_FIELDS) + [f for f in SWEPT_HPARAMS.get(method, ()) if f not in _SWEEP_FIELDS]
+
+
+def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None, evaluate=None):
     """Choose the hyper-parameters on **validation** worst-group accuracy averaged
     over ``seeds`` (ties: validation average accuracy); test is never looked at.
 
-    First kd's lam and T over the grid; then, at those, the beta of every method in
-    ``methods`` whose beta is swept. Students train into ``<run_dir>/sweep/``. Writes
-    ``sweep/sweep.csv`` (one row per configuration and seed) and, whole,
-    ``sweep/hparams.json`` — every field the methods read (lam, T, beta, score) — which
-    notebook 05 reads through its ``hparams_file`` parameter. Returns (table, chosen).
+    First kd's lam and T over the grid (or, with ``lam_T``, those given: kd's earlier
+    choice, so that only the rest is swept); then, at those, the hyper-parameters of
+    every method in ``methods`` that has its own (``profiles.SWEPT_HPARAMS``: beta;
+    jtt's identification epochs and lambda_up). Students train into
+    ``<run_dir>/sweep/``. Writes ``sweep/sweep.csv`` (one row per configuration and
+    seed) and, whole, ``sweep/hparams.json`` — every field the methods read (lam, T,
+    beta, score, jtt's) — which notebook 05 reads through its ``hparams_file``
+    parameter. Returns (table, chosen).
 
     ``evaluate(method, pairs)``: the rows (:func:`sweep_row`) of the ``(config, seed)``
     pairs, in order; by default trained here one after another (``jobs.run_sweep``
@@ -597,28 +700,38 @@ def sweep(run: Run, seeds, teacher=None, methods=None, evaluate=None):
     rows = []
 
     def choose(method, configs):
+        fields = _sweep_fields(method)
         rows.extend(evaluate(method, [(cfg, seed) for cfg in configs for seed in seeds]))
         table = pd.DataFrame(rows)
         mine = table[table.method == method]
-        means = mine.groupby(["config_id", "lam", "T", "beta", "score"], as_index=False)[
+        means = mine.groupby(["config_id", *fields], as_index=False, sort=False)[
             ["val_worst_group_acc", "val_avg_acc"]].mean()
         return means.sort_values(["val_worst_group_acc", "val_avg_acc"],
                                  ascending=False, kind="stable").iloc[0]
 
-    best = choose("kd", sweep_configs(run, "kd"))
-    lam_T = {"lam": float(best["lam"]), "T": float(best["T"])}
+    if lam_T is None:
+        best = choose("kd", sweep_configs(run, "kd"))
+        lam_T = {"lam": float(best["lam"]), "T": float(best["T"])}
+        how = (f"kd's lam x T over {list(SWEEP_GRID['lam'])} x {list(SWEEP_GRID['T'])}, shared by "
+               "every distillation method")
+    else:
+        lam_T = {"lam": float(lam_T["lam"]), "T": float(lam_T["T"])}
+        how = f"kd's lam and T given ({lam_T}, an earlier sweep's choice), shared by every distillation method"
     chosen = {"kd": lam_T}
-    for method in [m for m in SWEPT_BETA if methods is None or m in methods]:
+    swept = [m for m in SWEPT_HPARAMS if methods is None or m in methods]
+    for method in swept:
         best = choose(method, sweep_configs(run, method, lam_T))
-        chosen[method] = {"beta": float(best["beta"])}
+        chosen[method] = {n: (int(best[n]) if n == "jtt_epochs" else float(best[n]))
+                          for n in SWEPT_HPARAMS[method]}
         if method == "laplace_kd":
             chosen[method]["score"] = str(best["score"])
     table = pd.DataFrame(rows)
     records.write_csv(sub.path("sweep.csv"), table)
+    grids = "; ".join(f"{m}: " + " x ".join(f"{n} {list(SWEEP_GRID[n])}" for n in SWEPT_HPARAMS[m])
+                      for m in swept if SWEPT_HPARAMS[m] != ("beta",))
     comment = (f"Chosen by the sweep of notebook 05 on validation worst-group accuracy averaged "
                f"over seeds {list(seeds)} (ties: validation average accuracy), never on test: "
-               f"kd's lam x T over {list(SWEEP_GRID['lam'])} x {list(SWEEP_GRID['T'])}, shared by "
-               f"every distillation method; then beta over {list(SWEEP_GRID['beta'])} per method "
-               f"at those lam and T. Table: sweep/sweep.csv.")
+               f"{how}; then beta over {list(SWEEP_GRID['beta'])} per method "
+               f"at those lam and T" + (f" ({grids})" if grids else "") + ". Table: sweep/sweep.csv.")
     records.write_json(sub.path("hparams.json"), {run.name: {"_comment": comment, **chosen}})
     return table, chosen

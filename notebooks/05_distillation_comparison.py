@@ -33,6 +33,14 @@
 # | `group_balanced` (reference) | inverse frequency of the **true** group — labels the methods never see | both |
 # | `group_balanced_erm` (reference) | the same at $\lambda = 0$ | CE |
 #
+# With `methods = "extended"` (the runner's `--methods extended`) three baselines join:
+#
+# | method | weight | on |
+# |---|---|---|
+# | `dedier_final` (ablation) | DeDiER's $\exp(\beta\,\mathrm{cm}\,\alpha)$ read from the student's own **final** head instead of the early exit | both |
+# | `jtt` (Liu et al., 2021) | $\lambda_{up}$ on the training instances the ERM student gets wrong after $T_{id}$ of its epochs, 1 elsewhere (= upsampling them, in expectation) | both |
+# | `dfr` (reference; Kirichenko et al., 2023) | none: `kd`'s student with its last layer retrained on group-balanced halves of the **validation** split | — |
+#
 # The primary contrast is `laplace_kd` against `dedier_both`: both weight both terms, so
 # they differ only in where $\mathrm{cm}$ and $\alpha$ come from. $\lambda$ and $T$ are chosen
 # once, for `kd`, and shared by every distillation method; $\beta$ per reweighting method
@@ -59,6 +67,7 @@ executor = "inline"   # inline | local | slurm: where the students and the sweep
 workers = None        # local: processes at once, default one per GPU or core; slurm: tasks at once
 threads = None        # torch threads per job; None: all cores inline, cores / workers locally
 slurm = None          # for executor slurm: a dict with partition, time, gpus, cpus
+methods = None        # None: the profile's methods; "extended" adds jtt, dfr and dedier_final
 
 # %%
 import pandas as pd
@@ -68,10 +77,11 @@ import fairkd_utils as fk
 
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, device,
                       hparams_file=hparams_file, profile_overrides=profile_overrides,
-                      teacher_model=teacher_model, student_model=student_model)
+                      teacher_model=teacher_model, student_model=student_model, methods=methods)
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 teacher = fk.study.load_teacher_logits(run)          # stops if notebook 02 has not run
-methods = list(run.profile.methods)
+methods = list(fk.profiles.resolve_methods(run.profile, methods))
+print("methods:", ", ".join(methods))
 do_sweep = run.profile.sweep if sweep is None else bool(sweep)
 jobs_options = fk.jobs.options(executor, workers, threads, slurm)   # checked before any training
 
@@ -187,6 +197,21 @@ fig = fk.plots.weights_by_group(weights[weights.method.isin(fk.profiles.REWEIGHT
 fk.plots.savefig(fig, run.figure("05_weights_by_group"), close=False)
 
 # %% [markdown]
+# ### DFR: which strength did the other half of validation choose?
+#
+# Per seed, the worst-group and average accuracy on the *second* half of the validation
+# split of the last layer fitted (on balanced subsamples of the first half) at each
+# inverse strength $C$; the chosen one is marked. Test is never looked at.
+
+# %%
+if "dfr" in methods:
+    dfr_table = fk.records.assemble(run.run_dir, "dfr")
+    dfr_table = dfr_table[dfr_table.seed.isin(run.seeds) & (dfr_table.config_id == configs["dfr"].config_id)]
+    display(dfr_table.pivot_table(index="C", columns="seed", values="val_half2_worst_group_acc")
+            .sort_index(ascending=False).round(3))
+    print("chosen C per seed:", dict(zip(dfr_table[dfr_table.chosen].seed, dfr_table[dfr_table.chosen].C)))
+
+# %% [markdown]
 # ### How far is Laplace-KD from DeDiER?
 #
 # Per epoch of Laplace-KD training: the Spearman correlation between its weights and the
@@ -219,9 +244,18 @@ if {"dedier_both", "laplace_kd"} <= set(wga.index):
     print(f"Laplace-KD − DeDiER (both terms), worst-group accuracy, paired over "
           f"{int(r['paired_seeds_vs_dedier_both'])} seeds: {r['diff_vs_dedier_both_mean']:+.3f} "
           f"(95 % interval [{lo:+.3f}, {hi:+.3f}]) -> Laplace-KD is {verdict} DeDiER here.")
+if {"dedier_both", "dedier_final"} <= set(wga.index):
+    r = wga.loc["dedier_final"]
+    lo, hi = r["diff_vs_dedier_both_ci95_lo"], r["diff_vs_dedier_both_ci95_hi"]
+    verdict = ("better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from")
+    print(f"Does the readout have to be early? DeDiER read from the final head − from the early "
+          f"exit, worst-group accuracy, paired over {int(r['paired_seeds_vs_dedier_both'])} seeds: "
+          f"{r['diff_vs_dedier_both_mean']:+.3f} (95 % interval [{lo:+.3f}, {hi:+.3f}]) -> the "
+          f"final-head readout is {verdict} the early one here.")
 
 # %% [markdown]
 # In this notebook we have chosen (or read) the hyper-parameters on validation, shown one
 # batch's weights under both methods, trained every method over the seeds from shared
-# warm-ups, and written `summary.csv` with paired differences against `kd` and
-# `dedier_both`. Notebook 06 draws the summary figures from these tables alone.
+# warm-ups (with `methods = "extended"`: also JTT, DFR and the final-head readout), and
+# written `summary.csv` with paired differences against `kd` and `dedier_both`.
+# Notebook 06 draws the summary figures from these tables alone.

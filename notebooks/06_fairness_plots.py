@@ -93,14 +93,17 @@ p = tables["predictions"].merge(chosen)
 w = p[(p.split == "train") & p.weight.notna()].copy()
 names = groups.drop_duplicates("group").set_index("group").group_name
 w["group_name"] = w.group.map(names)
-fig = fk.plots.weight_distributions(w, methods=("dedier_both", "laplace_kd", "shuffled"))
+fig = fk.plots.weight_distributions(w, methods=("dedier_both", "laplace_kd", "shuffled",
+                                                "dedier_final", "jtt"))   # those present
 fk.plots.savefig(fig, run.figure("06_weight_distributions"), close=False)
 w.groupby(["method", "group_name"]).weight.describe()[["mean", "50%", "max"]].round(3)
 
 # %% [markdown]
 # The histograms are per group and normalised within each group, so a small group is as
 # visible as a large one. `shuffled` has DeDiER's weights, given to random instances: its
-# groups should look alike.
+# groups should look alike. In an extended run, `jtt`'s weights take two values
+# ($\lambda_{up}$ on its identification model's errors, 1 elsewhere), so its panel shows
+# which groups the error set holds; `dedier_final`'s read the final head.
 #
 # ## Paired differences against KD and against DeDiER (both terms)
 #

@@ -184,6 +184,11 @@ def _setup(seed=0):
     return teacher, y, a, phi
 
 
+def _error_set():
+    """A fixed error set for jtt's objective: every third training instance."""
+    return torch.arange(N) % 3 == 0
+
+
 class _Student(torch.nn.Module):
     """Just an exit head, which is what the objectives read from the student."""
 
@@ -207,10 +212,10 @@ def test_every_objective_returns_its_loss_and_the_weights_it_used():
     teacher, y, a, phi = _setup()
     model = _Student()
     counts = torch.bincount(y * 2 + a, minlength=4)
-    for method in L.METHODS:
+    for method in profiles.TRAINED:
         cfg = L.default_config(method)
         obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N,
-                               n_classes=C, model=model)
+                               n_classes=C, model=model, error_set=_error_set())
         batch, out = next(_batches(y, a, phi, model))
         loss, w = obj.loss(out, batch, epoch=0)
         expected = L.student_loss(out.logits, batch.y, teacher[batch.idx], w["ce"], w["kd"],
@@ -241,7 +246,7 @@ def test_warm_up_gives_unit_weights_for_every_reweighting_method():
     for method in profiles.REWEIGHTING:
         cfg = L.default_config(method, warmup_epochs=2, normalise=False)
         obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N,
-                               n_classes=C, model=model)
+                               n_classes=C, model=model, error_set=_error_set())
         for epoch in range(3):
             term = profiles.METHOD_SPECS[method].terms[0]
             ws = [obj.loss(out, b, epoch)[1][term] for b, out in _batches(y, a, phi, model)]
@@ -372,15 +377,21 @@ def test_shuffled_keeps_the_batch_multiset_of_dedier_both_weights_but_not_their_
 @pytest.mark.parametrize("method", L.METHODS)
 def test_the_method_table_decides_terms_teacher_and_labels(method):
     """One table says, per method, where its weight comes from and which terms it
-    multiplies; the objective built from it behaves accordingly after warm-up."""
+    multiplies; the objective built from it behaves accordingly after warm-up. A method
+    that retrains another's last layer (DFR) has no training objective of its own."""
     spec = profiles.METHOD_SPECS[method]
     teacher, y, a, phi = _setup()
     model = _Student()
     counts = torch.bincount(y * 2 + a, minlength=4)
     cfg = L.default_config(method, normalise=False)
     assert (cfg.lam > 0) == spec.distils
+    if spec.last_layer_of:
+        assert method not in profiles.TRAINED and spec.last_layer_of in profiles.TRAINED
+        with pytest.raises(ValueError, match=f"retrains the last layer of {spec.last_layer_of}"):
+            L.make_objective(cfg, teacher_logits=teacher, n_train=N, n_classes=C)
+        return
     obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N, n_classes=C,
-                           model=model)
+                           model=model, error_set=_error_set())
     obj.on_epoch_end(0)  # laplace_kd: nothing accumulated yet, so its weights stay 1
     if method == "laplace_kd":
         for b, out in _batches(y, a, phi, model):
@@ -396,3 +407,75 @@ def test_the_method_table_decides_terms_teacher_and_labels(method):
         g = batch.y * 2 + batch.a
         for k in g.unique():
             assert w["ce"][g == k].unique().numel() == 1
+
+
+# ---------------------------------------------------------------- the reviewer's baselines
+
+def test_jtt_weights_are_lambda_up_on_the_error_set_and_one_elsewhere_only_after_warmup():
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    errors = _error_set()
+    cfg = L.MethodConfig("jtt", lam=0.5, T=2.0, jtt_epochs=1, jtt_upweight=7.0, warmup_epochs=1,
+                         normalise=False)
+    obj = L.make_objective(cfg, teacher_logits=teacher, n_train=N, n_classes=C, error_set=errors)
+    for epoch in range(2):
+        for b, out in _batches(y, a, phi, model):
+            _, w = obj.loss(out, b, epoch)
+            expected = (torch.where(errors[b.idx], 7.0, 1.0) if epoch >= 1
+                        else torch.ones(len(b.idx)))               # unit weights in the warm-up
+            torch.testing.assert_close(w["ce"], expected)
+            torch.testing.assert_close(w["kd"], expected)          # both terms
+    raw = L.instance_weight(cfg, y, error_set=errors)
+    torch.testing.assert_close(raw, torch.where(errors, 7.0, 1.0))
+    with pytest.raises(ValueError, match="error_set"):
+        L.make_objective(cfg, teacher_logits=teacher, n_train=N, n_classes=C)
+    with pytest.raises(ValueError, match="n_train"):
+        L.make_objective(cfg, teacher_logits=teacher, n_train=N, n_classes=C, error_set=errors[:-1])
+
+
+def test_jtt_weighting_equals_upsampling_the_error_set_in_expectation():
+    """The loss of the training set with the error set repeated lambda_up times equals
+    the jtt-weighted loss normalised by the weights' mean (README: weighting is
+    upsampling in expectation)."""
+    teacher, y, a, phi = _setup()
+    s = torch.randn(N, C, dtype=DT)
+    errors, up = _error_set(), 4
+    cfg = L.MethodConfig("jtt", lam=0.3, T=2.0, jtt_epochs=1, jtt_upweight=float(up))
+    w = L.instance_weight(cfg, y, error_set=errors).to(DT)
+    weighted = L.student_loss(s, y, teacher.to(DT), L.normalise(w), L.normalise(w), 0.3, 2.0)
+    idx = torch.cat([torch.arange(N), torch.nonzero(errors).flatten().repeat(up - 1)])
+    upsampled = L.student_loss(s[idx], y[idx], teacher.to(DT)[idx], lam=0.3, T=2.0)
+    torch.testing.assert_close(weighted, upsampled)
+
+
+def test_dedier_final_weight_is_dedier_weight_of_the_final_logits_on_both_terms():
+    teacher, y, a, phi = _setup()
+    model = _Student()
+    batch, out = next(_batches(y, a, phi, model))
+    cfg = L.MethodConfig("dedier_final", lam=0.5, T=2.0, beta=3.0, normalise=False)
+    loss, w = L.make_objective(cfg, teacher_logits=teacher).loss(out, batch, epoch=0)
+    expected = L.dedier_weight(out.logits.detach(), batch.y, 3.0)
+    torch.testing.assert_close(w["ce"], expected)
+    torch.testing.assert_close(w["kd"], expected)
+    assert not torch.allclose(expected, L.dedier_weight(out.exit_logits, batch.y, 3.0))  # not the exit's
+    loss.backward()  # the weights carry no gradient, the loss does
+    assert out.logits.grad is not None
+
+
+def test_fields_of_one_method_are_refused_elsewhere_and_stay_out_of_other_ids():
+    with pytest.raises(ValueError, match="jtt_upweight is jtt's alone"):
+        L.MethodConfig("kd", lam=0.5, jtt_upweight=5.0)
+    with pytest.raises(ValueError, match="jtt_epochs is jtt's alone"):
+        L.MethodConfig("jtt", lam=0.5, jtt_upweight=5.0)
+    with pytest.raises(ValueError, match="lambda_up"):
+        L.MethodConfig("jtt", lam=0.5, jtt_epochs=1, jtt_upweight=0.5)
+    with pytest.raises(ValueError, match="dfr_penalty"):
+        L.MethodConfig("dfr", lam=0.5, dfr_penalty="l3")
+    jtt = L.default_config("jtt")
+    assert jtt.config_id != jtt.replace(jtt_epochs=jtt.jtt_epochs + 1).config_id
+    assert jtt.config_id != jtt.replace(jtt_upweight=jtt.jtt_upweight + 1).config_id
+    kd = L.default_config("kd")
+    plain = {k: v for k, v in kd.to_dict().items() if k not in ("jtt_epochs", "jtt_upweight", "dfr_penalty")}
+    import hashlib
+    import json
+    assert kd.config_id == "c" + hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:7]

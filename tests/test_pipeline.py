@@ -11,7 +11,10 @@ import pandas as pd
 import pytest
 
 from fairkd_utils import pipeline
-from fairkd_utils.profiles import METHODS
+from fairkd_utils.profiles import DEFAULT_METHODS, EXTRA_METHODS, get_profile
+
+#: The methods a plain smoke run compares (the extended set has its own run directory).
+METHODS = get_profile("smoke").methods
 
 FIGURES = ["01_group_counts", "01_group_samples", "02_teacher_group_acc",
            "03_exit_vs_final_group_acc", "03_exit_confidence_by_group", "04_laplace_samples",
@@ -151,3 +154,55 @@ def test_set_overrides_profile_fields_with_their_types_and_a_run_directory_of_th
     params = pipeline.notebook_parameters(args, run_dir, figures, "cpu")
     assert params["profile_overrides"] == {"student_epochs": 5, "seeds": [1]} and params["seeds"] == [1]
     assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path), "--set", "epochs=3"]) == 1
+
+
+def test_the_plain_smoke_run_compares_the_default_methods_only(smoke_run):
+    s = pd.read_csv(smoke_run / "summary.csv")
+    assert METHODS == DEFAULT_METHODS and not set(EXTRA_METHODS) & set(s.method)
+
+
+def test_methods_extended_reaches_notebook_05_in_a_run_directory_of_its_own(tmp_path, monkeypatch):
+    """--methods extended: its own run directory <dataset>-<profile>-extended (figures too),
+    passed as notebook 05's `methods` parameter (only 05 declares it), and notebook 06 is
+    checked for the extended methods' records."""
+    from fairkd_utils import rundir
+
+    args = pipeline.build_parser().parse_args(["--profile", "smoke", "--out", str(tmp_path),
+                                               "--methods", "extended"])
+    run_dir, figures = pipeline.run_folders(args)
+    assert run_dir.name == "synthetic-smoke-extended" and figures == run_dir / "figures"
+    plain = pipeline.run_folders(pipeline.build_parser().parse_args(["--profile", "smoke", "--out",
+                                                                     str(tmp_path)]))[0]
+    assert plain.name == "synthetic-smoke" and plain != run_dir
+    with_set = pipeline.build_parser().parse_args(["--profile", "smoke", "--out", str(tmp_path),
+                                                   "--methods", "extended", "--set", "seeds=[1]"])
+    assert pipeline.run_folders(with_set)[0].name.startswith("synthetic-smoke-extended-set-")
+    assert pipeline.optional_parameters(args) == {"methods": "extended"}
+    assert pipeline.optional_parameters(pipeline.build_parser().parse_args([])) == {}
+    declaring = [p.name for p in pipeline.discover_notebooks()
+                 if "methods" in pipeline.declared_parameters(jupytext.read(p))]
+    assert declaring == ["05_distillation_comparison.py"]
+    # a notebook run by hand names the same folder (under results/, here a temporary one)
+    monkeypatch.setattr(rundir, "REPO_ROOT", tmp_path / "repo")
+    assert rundir.setup(None, None, "smoke", methods="extended").run_dir == \
+        tmp_path / "repo" / "results" / run_dir.name
+    (run_dir / "records").mkdir(parents=True)
+    (run_dir / "groups.csv").write_text("x")
+    (run_dir / "summary.csv").write_text("x")
+    missing = {glob for _, glob, _ in pipeline.missing_prerequisites(
+        run_dir, {"06"}, [0], pipeline.resolve_methods(get_profile("smoke"), "extended"))}
+    assert {f"records/metrics/student-{m}-*-seed0-map-test.csv" for m in EXTRA_METHODS} <= missing
+    assert "--methods extended" in pipeline.suggest_command(args, ["05", "06"])
+
+
+def test_methods_extended_parameter_is_passed_to_the_kernel_of_notebook_05(tmp_path):
+    """The runner gives notebook 05's parameters cell `methods = "extended"`."""
+    src = pipeline.NOTEBOOKS_DIR / "05_distillation_comparison.py"
+    nb = jupytext.read(src)
+    (cell,) = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    nb.cells = [cell, nbformat.v4.new_code_cell("assert methods == 'extended', methods")]
+    probe = tmp_path / "05_probe.py"
+    jupytext.write(nb, probe, fmt="py:percent")
+    args = pipeline.build_parser().parse_args(["--profile", "smoke", "--methods", "extended"])
+    pipeline.run_notebook(probe, tmp_path / "out" / "05_probe.ipynb", {}, cwd=tmp_path, progress=False,
+                          optional=pipeline.optional_parameters(args))

@@ -241,3 +241,183 @@ def test_an_invalid_hyperparameter_file_is_named(tmp_path):
         study.read_hparams(bad)
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         study.read_hparams(tmp_path / "nowhere.json")
+
+
+# ---------------------------------------------------------------- the reviewer's baselines
+def test_the_method_lists_carry_the_new_methods_and_default_keeps_its_own():
+    extra = {"jtt", "dfr", "dedier_final"}
+    assert extra <= set(profiles.METHODS) and extra <= set(plots.METHOD_ORDER)
+    assert set(plots.METHOD_COLORS) == set(profiles.METHODS)
+    assert "dfr" in plots.REFERENCES and not {"jtt", "dedier_final"} & set(plots.REFERENCES)
+    for name in ("smoke", "default", "paper"):
+        prof = profiles.get_profile(name)
+        assert prof.methods == profiles.DEFAULT_METHODS and not extra & set(prof.methods)
+        assert profiles.resolve_methods(prof) == prof.methods
+        assert profiles.resolve_methods(prof, "extended") == prof.methods + profiles.EXTRA_METHODS
+    assert profiles.resolve_methods(profiles.get_profile("smoke"), ["dfr"]) == ("dfr", "kd")
+    with pytest.raises(ValueError, match="unknown method set"):
+        profiles.resolve_methods(profiles.get_profile("smoke"), "everything")
+    rows = [{"method": m, "config_id": "c" + m, "seed": s, "worst_group_acc": 0.5 + 0.01 * s,
+             "avg_acc": 0.8, "train_weighted_acc": 0.9, "group_gap": 0.3, "ece": 0.1}
+            for m in ("dfr", "jtt", "kd", "dedier_final", "dedier_both") for s in range(3)]
+    s = M.summary_table(pd.DataFrame(rows))
+    assert list(dict.fromkeys(s.method)) == ["kd", "dedier_both", "dedier_final", "jtt", "dfr"]
+    assert s[s.method == "jtt"].paired_seeds_vs_dedier_both.iloc[0] == 3
+
+
+def test_default_methods_keep_the_config_ids_of_the_reference_run():
+    """Adding methods (and fields only they read) leaves every default method's
+    configuration id, and so default's tables, as the committed reference run has them."""
+    from pathlib import Path
+
+    from fairkd_utils import losses
+
+    ref = pd.read_csv(Path(rundir.REPO_ROOT) / "results/reference/synthetic-default/summary.csv",
+                      dtype={"config_id": str})
+    table = study.read_hparams(study.HPARAMS_FILE)["synthetic-default"]
+    for method, cid in ref[["method", "config_id"]].drop_duplicates().values:
+        cfg = losses.default_config(method, **study.hparams_for(table, method), warmup_epochs=3)
+        assert cfg.config_id == cid, method
+
+
+def test_jtt_and_dfr_take_kds_lam_and_t_and_their_own_fields(tmp_path):
+    run = rundir.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=profiles.get_profile("smoke"),
+                     dataset="synthetic", data_root=None, seeds=[0], device="cpu",
+                     hparams_file=str(tmp_path / "h.json"))
+    (tmp_path / "h.json").write_text('{"synthetic-smoke": {"kd": {"lam": 0.9, "T": 4}, '
+                                     '"jtt": {"jtt_epochs": 1, "jtt_upweight": 50}, '
+                                     '"dedier_final": {"beta": 4}, "dfr": {"dfr_penalty": "l2"}}}')
+    jtt, dfr, final = (study.method_config(run, m) for m in ("jtt", "dfr", "dedier_final"))
+    assert (jtt.lam, jtt.T, jtt.jtt_epochs, jtt.jtt_upweight) == (0.9, 4.0, 1, 50.0)
+    assert (dfr.lam, dfr.T, dfr.dfr_penalty) == (0.9, 4.0, "l2")
+    assert (final.lam, final.T, final.beta) == (0.9, 4.0, 4)
+    base = study.base_config(run, dfr)       # DFR retrains exactly kd's student
+    assert base == study.method_config(run, "kd")
+
+
+def _tiny_run(tmp_path, **changes):
+    import torch
+
+    from fairkd_utils.data import GroupDataset
+
+    names = ["y0 a0", "y0 a1", "y1 a0", "y1 a1"]
+
+    def split(name, n, seed, size=16):
+        gen = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % 2
+        a = (torch.rand(n, generator=gen) < 0.3).long()
+        x = 0.8 * torch.randn(n, 3, size, size, generator=gen)
+        x[:, 0] += (2 * y - 1).float()[:, None, None] * 0.4
+        x[:, 1] += 0.8 * (2 * a - 1).float()[:, None, None]
+        return GroupDataset("tiny", name, y, a, n_classes=2, n_attrs=2, group_names=names,
+                            ids=[f"{name}{i}" for i in range(n)], x=x, image_size=size)
+
+    profile = profiles.get_profile("smoke").replace(
+        student_widths=(8, 16), student_blocks=(1, 1), image_size=16, student_epochs=3,
+        warmup_epochs=2, batch_size=64, **changes)
+    splits = {"train": split("train", 192, 0), "val": split("val", 64, 1), "test": split("test", 64, 2)}
+    return rundir.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=profile, dataset="synthetic",
+                      data_root=None, seeds=[0], device="cpu", _splits=splits)
+
+
+def test_jtts_error_set_is_the_erm_trajectorys_training_mistakes_cached_and_shared(tmp_path):
+    """The identification model is the ERM student after jtt_epochs epochs of its own
+    schedule: its training mistakes (eval mode) are the error set; its state is cached
+    as a warm-up checkpoint, and at jtt_epochs == warmup_epochs it is the warm-up the
+    ERM student itself branches from. jtt's training weights are lambda_up there."""
+    import torch
+
+    from fairkd_utils import losses, models, train
+
+    run = _tiny_run(tmp_path)
+    ds = run.splits()["train"]
+    cfg = losses.default_config("jtt", lam=0.5, T=2.0, jtt_epochs=1, jtt_upweight=9.0, warmup_epochs=2)
+    errors = study.jtt_error_set(run, cfg, seed=0)
+    # by hand: ERM (lam = 0 cross-entropy) for one epoch of the 3-epoch schedule
+    erm = losses.default_config("erm", warmup_epochs=2)
+    model = models.build_student(run.profile, 2, seed=0)
+    state = train.train_warmup(model, run.splits(), study.train_config(run, "student", 0, progress=False),
+                               losses.make_objective(erm), 1)
+    model.load_state_dict(state["model"])
+    mistakes = train.predict(model, ds).logits.argmax(1) != ds.y
+    assert errors.dtype == torch.bool and torch.equal(errors, mistakes)
+    assert 0 < int(errors.sum()) < len(errors)
+    files = sorted(run.path("checkpoints").glob("warmup-seed0-*.pt"))
+    assert len(files) == 1
+    assert torch.equal(study.jtt_error_set(run, cfg, seed=0), errors)       # reused, not retrained
+    assert sorted(run.path("checkpoints").glob("warmup-seed0-*.pt")) == files
+    # the ERM student's shared warm-up is jtt's identification model at warmup_epochs
+    study.train_student(run, study.method_config(run, "erm"), 0, progress=False)
+    shared = set(run.path("checkpoints").glob("warmup-seed0-*.pt")) - set(files)
+    assert len(shared) == 1
+    study.jtt_error_set(run, cfg.replace(jtt_epochs=2), seed=0)
+    assert set(run.path("checkpoints").glob("warmup-seed0-*.pt")) == set(files) | shared
+    w = study.final_train_weights(run, None, cfg, seed=0)
+    torch.testing.assert_close(w, torch.where(errors, 9.0, 1.0))
+    with pytest.raises(ValueError, match="jtt_epochs=3"):
+        study.jtt_error_set(run, cfg.replace(jtt_epochs=3), seed=0)
+
+
+def test_dedier_finals_training_weights_read_the_final_head(tmp_path):
+    import torch
+
+    from fairkd_utils import losses, models, train
+
+    run = _tiny_run(tmp_path)
+    ds = run.splits()["train"]
+    model = models.build_student(run.profile, 2, seed=0)
+    p = train.predict(model, ds)
+    cfg = losses.default_config("dedier_final", beta=2.0)
+    w = study.final_train_weights(run, None, cfg, pred=p)
+    torch.testing.assert_close(w, losses.dedier_weight(p.logits.double(), ds.y, 2.0))
+
+
+def test_the_sweep_at_kds_given_lam_and_t_chooses_jtts_epochs_and_upweight(tmp_path, monkeypatch):
+    """With kd's lam and T given, kd is not swept; jtt's identification epochs x lambda_up
+    and dedier_final's beta are chosen on validation at those lam and T, and written."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from fairkd_utils import train
+
+    run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic", None, [0, 1], "cpu")
+    score = {}
+    trained = []
+
+    def fake_student(run_, cfg, seed, teacher=None, ckpt_dir=None, progress=True):
+        trained.append(cfg)
+        if cfg.method == "jtt":
+            target = 0.8 if (cfg.jtt_epochs, cfg.jtt_upweight) == (2, 100.0) else 0.5
+        else:
+            target = 0.7 if cfg.beta == 1.0 else 0.4
+        score[cfg.config_id] = target + (0.05 if seed == 1 else 0.0)
+        return SimpleNamespace(model=cfg.config_id, reused=False)
+
+    def fake_predict(model, ds, device="cpu"):
+        n, k = len(ds), score[model]
+        right = torch.zeros(n, dtype=torch.bool)
+        for g in range(ds.n_groups):
+            idx = torch.nonzero(ds.g == g).flatten()
+            right[idx[: int(round(k * len(idx)))]] = True
+        pred = torch.where(right, ds.y, 1 - ds.y)
+        return train.Predictions(torch.nn.functional.one_hot(pred, 2).float() * 4, None, None,
+                                 ds.y, ds.a, ds.g)
+
+    monkeypatch.setattr(study, "train_student", fake_student)
+    monkeypatch.setattr(train, "predict", fake_predict)
+    table, chosen = study.sweep(run, [0, 1], teacher={"train": None}, methods=["jtt", "dedier_final"],
+                                lam_T={"lam": 0.95, "T": 4})
+    assert chosen == {"kd": {"lam": 0.95, "T": 4.0}, "jtt": {"jtt_epochs": 2, "jtt_upweight": 100.0},
+                      "dedier_final": {"beta": 1.0}}
+    assert not any(c.method == "kd" for c in trained) and all((c.lam, c.T) == (0.95, 4.0) for c in trained)
+    grid = study.SWEEP_GRID
+    assert len(table[table.method == "jtt"]) == 2 * len(grid["jtt_epochs"]) * len(grid["jtt_upweight"])
+    assert {"jtt_epochs", "jtt_upweight"} <= set(table.columns)
+    written = json.loads((run.run_dir / "sweep" / "hparams.json").read_text())["synthetic-smoke"]
+    assert {k: v for k, v in written.items() if k != "_comment"} == chosen
+    assert "given" in written["_comment"] and "jtt_upweight" in written["_comment"]
+    run.hparams_file = str(run.run_dir / "sweep" / "hparams.json")
+    jtt = study.method_config(run, "jtt")
+    assert (jtt.lam, jtt.T, jtt.jtt_epochs, jtt.jtt_upweight) == (0.95, 4.0, 2, 100.0)

@@ -230,11 +230,12 @@ def test_predictions_never_see_training_augmentation(splits):
 
 
 @pytest.mark.parametrize("method", ["kd", "dedier_both", "laplace_kd", "shuffled", "group_balanced",
-                                    "erm", "group_balanced_erm"])
+                                    "erm", "group_balanced_erm", "jtt", "dedier_final"])
 def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_path, method):
     """Every method trains with unit weights during the warm-up (distillation methods
     are kd, lam = 0 methods plain cross-entropy): branching it from one warm-up state
-    per seed ends exactly where training from scratch ends."""
+    per seed ends exactly where training from scratch ends (jtt's weights, too, start
+    after the warm-up)."""
     from fairkd_utils import losses
 
     ds = splits["train"]
@@ -243,9 +244,15 @@ def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_p
     config = losses.default_config(method, lam=lam, T=2.0 if lam else 1.0, beta=2.0, warmup_epochs=2)
     tcfg = _cfg(epochs=4, select_after=2)
 
+    if method == "jtt":
+        config = losses.default_config(method, lam=lam, T=2.0, jtt_epochs=1, jtt_upweight=5.0,
+                                       warmup_epochs=2)
+    error_set = torch.arange(len(ds)) % 5 == 0
+
     def objective(model):
         return losses.make_objective(config, teacher_logits=teacher, group_counts=ds.group_counts(),
-                                     n_train=len(ds), n_classes=2, model=model, seed=3)
+                                     n_train=len(ds), n_classes=2, model=model, seed=3,
+                                     error_set=error_set)
 
     scratch_model = models.build_student(TINY, 2, seed=1)
     scratch = train.train_model(scratch_model, splits, tcfg, objective(scratch_model))
