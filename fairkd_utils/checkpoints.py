@@ -34,8 +34,8 @@ logger = logging.getLogger("fairkd")
 #: every checkpoint fingerprint (:func:`code_fingerprint`), so editing any of them
 #: retrains instead of reusing checkpoints of the old code. (``metrics``: the val
 #: metrics that choose the kept epoch.)
-CODE_MODULES = ("data", "models", "text", "losses", "exit_laplace", "train", "checkpoints", "metrics",
-                "study", "rundir", "profiles")
+CODE_MODULES = ("data", "models", "text", "losses", "exit_laplace", "last_layer", "train", "checkpoints",
+                "metrics", "study", "rundir", "profiles")
 #: A model checkpoint (:func:`save_model`) and a warm-up state (``train.train_warmup``).
 CHECKPOINT_FORMAT = "fairkd-checkpoint-v1"
 WARMUP_FORMAT = "fairkd-warmup-v1"
