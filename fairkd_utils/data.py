@@ -180,7 +180,7 @@ def load_splits(dataset: str, root=None, *, image_size: int = 32, scale: float =
     """
     if dataset not in DATASETS or dataset in TEXT_DATASETS:
         images = [d for d in DATASETS if d not in TEXT_DATASETS]
-        raise ValueError(f"unknown image dataset {dataset!r}; choose one of {images} "
+        raise ValueError(f"unknown dataset {dataset!r} for the image loader; choose one of {images} "
                          "(synthetic needs no files; the others read --data-root; text "
                          "datasets are read by fairkd_utils.text)")
     if not scale > 0:
