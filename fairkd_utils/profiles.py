@@ -249,7 +249,7 @@ TEXT_PROFILES: dict[str, Profile] = {
         exit_stage=1, attention_heads=(2, 2), max_length=10,
         teacher_epochs=1, student_epochs=2, warmup_epochs=1, batch_size=128,
         optimizer="adamw", lr=1e-3, weight_decay=0.01, select_on="worst_group_acc",
-        seeds=(0,), methods=METHODS, sweep=False,
+        seeds=(0,), methods=DEFAULT_METHODS, sweep=False,
         teacher_pretrain_per_pair=100, teacher_pretrain_epochs=2, teacher_adapt_epochs=1,
         teacher_adapt_lr=1e-4, teacher_lr=5e-4,
     ),
@@ -266,7 +266,7 @@ TEXT_PROFILES: dict[str, Profile] = {
         exit_stage=1, attention_heads=(4, 2), max_length=10,
         teacher_epochs=12, student_epochs=10, warmup_epochs=3, batch_size=128,
         optimizer="adamw", lr=1e-3, weight_decay=0.01, select_on="worst_group_acc",
-        seeds=(0, 1, 2, 3, 4), methods=METHODS, sweep=False,
+        seeds=(0, 1, 2, 3, 4), methods=DEFAULT_METHODS, sweep=False,
         teacher_pretrain_per_pair=1700, teacher_pretrain_epochs=12, teacher_adapt_epochs=2,
         teacher_adapt_lr=1e-4, teacher_lr=5e-4,
     ),
@@ -281,7 +281,7 @@ TEXT_PROFILES: dict[str, Profile] = {
         exit_stage=2, max_length=128,
         teacher_epochs=3, student_epochs=3, warmup_epochs=1, batch_size=32,
         optimizer="adamw", lr=2e-5, weight_decay=0.0, select_on="worst_group_acc",
-        seeds=(0, 1, 2), methods=METHODS, sweep=False,
+        seeds=(0, 1, 2), methods=DEFAULT_METHODS, sweep=False,
     ),
 }
 

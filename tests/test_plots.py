@@ -272,7 +272,7 @@ def test_unknown_method_gets_a_stable_colour_of_its_own():
     assert "some_new_method" not in plots.METHOD_COLORS      # a lookup does not add it
     assert plots.METHOD_COLORS.get("some_new_method", "red") == "red"
     assert plots._method_label("some_new_method") == "some new method"
-    assert plots._method_label("dedier_final") == "DeDiER final"
+    assert plots._method_label("dedier_final") == profiles.METHOD_SPECS["dedier_final"].label
 
 
 def test_predictive_colour_by_key_in_every_figure_that_draws_it():
@@ -312,7 +312,7 @@ def test_method_colour_by_key_in_every_figure_that_draws_it():
 
     pdiff = plots.paired_difference_intervals(diffs_table(methods))
     ticks = [t.get_text() for t in pdiff.axes[0].get_yticklabels()]   # y is shared
-    assert ticks == [plots._method_label(m) for m in methods]
+    assert ticks == [plots._method_label(m) for m in plots._present(plots.METHOD_ORDER, methods)]
     for ax in pdiff.axes:
         for coll in ax.collections:
             rows = set(np.asarray(coll.get_offsets())[:, 1].round().astype(int))
