@@ -6,7 +6,7 @@ import json
 import pandas as pd
 
 from fairkd_utils import pipeline
-from fairkd_utils.profiles import METHODS, TEXT_PROFILES, get_profile
+from fairkd_utils.profiles import DEFAULT_METHODS as METHODS, TEXT_PROFILES, get_profile
 
 TEXT_FIGURES = ["01_group_counts", "02_teacher_group_acc", "03_exit_vs_final_group_acc",
                 "03_exit_confidence_by_group", "04_map_vs_laplace_confidence", "04_reliability",
