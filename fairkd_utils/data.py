@@ -388,8 +388,9 @@ def _write_decoded_cache(keys) -> None:
         pass
 
 
-def _read_csv(path: Path, layout: str, **kwargs) -> pd.DataFrame:
-    """``pd.read_csv`` whose errors name the file and say what to do."""
+def _read_csv(path: Path, layout: str, what: str = "image", **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose errors name the file and say what to do (``what``: what one
+    line of the file describes, for the message)."""
     try:
         return pd.read_csv(path, **kwargs)
     except UnicodeDecodeError as exc:
@@ -397,7 +398,7 @@ def _read_csv(path: Path, layout: str, **kwargs) -> pd.DataFrame:
                          f"save it with UTF-8 encoding\n{layout}") from None
     except pd.errors.EmptyDataError:
         raise ValueError(f"{str(path)!r} is empty; it must hold a header line and one line per "
-                         f"image\n{layout}") from None
+                         f"{what}\n{layout}") from None
     except pd.errors.ParserError as exc:
         raise ValueError(f"{str(path)!r} cannot be parsed ({str(exc).strip()}); every line needs "
                          f"the header's fields, quotes closed\n{layout}") from None

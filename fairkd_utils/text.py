@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import SPLITS, GroupDataset, _parse_split, _require_columns, _subsample
+from .data import SPLITS, GroupDataset, _parse_split, _read_csv, _require_columns, _subsample
 from .models import ExitHead, StudentOutput, _seeded
 
 __all__ = [
@@ -234,19 +234,9 @@ def tokenize_pairs(tokenizer, premises: Sequence[str], hypotheses: Sequence[str]
 
 
 def _read_text_csv(path: Path, **kwargs) -> pd.DataFrame:
-    """``pd.read_csv`` of text data: every field a string (no 'NA' -> NaN), errors that
-    name the file and say what to do."""
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, **kwargs)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
-                         f"offset {exc.start}); save it with UTF-8 encoding\n{MULTINLI_LAYOUT}") from None
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{str(path)!r} is empty; it must hold a header line and one line per "
-                         f"sentence pair\n{MULTINLI_LAYOUT}") from None
-    except pd.errors.ParserError as exc:
-        raise ValueError(f"{str(path)!r} cannot be parsed ({str(exc).strip()}); every line needs "
-                         f"the header's fields, quotes closed\n{MULTINLI_LAYOUT}") from None
+    """``data._read_csv`` for text: every field a string (no 'NA' -> NaN)."""
+    return _read_csv(path, MULTINLI_LAYOUT, what="sentence pair", dtype=str,
+                     keep_default_na=False, na_filter=False, **kwargs)
 
 
 def _read_table_layout(path: Path) -> pd.DataFrame:
