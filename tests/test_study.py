@@ -186,8 +186,6 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
     import json
     from types import SimpleNamespace
 
-    import torch
-
     from fairkd_utils import train
 
     run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic", None, [0, 1], "cpu")
@@ -202,19 +200,8 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
         score[cfg.config_id] = target + (0.05 if seed == 1 else 0.0)
         return SimpleNamespace(model=cfg.config_id, reused=False)
 
-    def fake_predict(model, ds, device="cpu"):
-        # right on a share `score` of every group -> worst-group accuracy ~ score
-        n, k = len(ds), score[model]
-        right = torch.zeros(n, dtype=torch.bool)
-        for g in range(ds.n_groups):
-            idx = torch.nonzero(ds.g == g).flatten()
-            right[idx[: int(round(k * len(idx)))]] = True
-        pred = torch.where(right, ds.y, 1 - ds.y)
-        logits = torch.nn.functional.one_hot(pred, 2).float() * 4
-        return train.Predictions(logits, None, None, ds.y, ds.a, ds.g)
-
     monkeypatch.setattr(study, "train_student", fake_student)
-    monkeypatch.setattr(train, "predict", fake_predict)
+    monkeypatch.setattr(train, "predict", _predict_share(score))
     table, chosen = study.sweep(run, [0, 1], teacher={"train": None})
     assert chosen["kd"] == {"lam": 0.9, "T": 2.0}
     low, high = study.SWEEP_GRID["beta"][0], study.SWEEP_GRID["beta"][-1]
@@ -378,8 +365,6 @@ def test_the_sweep_at_kds_given_lam_and_t_chooses_jtts_epochs_and_upweight(tmp_p
     import json
     from types import SimpleNamespace
 
-    import torch
-
     from fairkd_utils import train
 
     run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic", None, [0, 1], "cpu")
@@ -395,18 +380,8 @@ def test_the_sweep_at_kds_given_lam_and_t_chooses_jtts_epochs_and_upweight(tmp_p
         score[cfg.config_id] = target + (0.05 if seed == 1 else 0.0)
         return SimpleNamespace(model=cfg.config_id, reused=False)
 
-    def fake_predict(model, ds, device="cpu"):
-        n, k = len(ds), score[model]
-        right = torch.zeros(n, dtype=torch.bool)
-        for g in range(ds.n_groups):
-            idx = torch.nonzero(ds.g == g).flatten()
-            right[idx[: int(round(k * len(idx)))]] = True
-        pred = torch.where(right, ds.y, 1 - ds.y)
-        return train.Predictions(torch.nn.functional.one_hot(pred, 2).float() * 4, None, None,
-                                 ds.y, ds.a, ds.g)
-
     monkeypatch.setattr(study, "train_student", fake_student)
-    monkeypatch.setattr(train, "predict", fake_predict)
+    monkeypatch.setattr(train, "predict", _predict_share(score))
     table, chosen = study.sweep(run, [0, 1], teacher={"train": None}, methods=["jtt", "dedier_final"],
                                 lam_T={"lam": 0.95, "T": 4})
     assert chosen == {"kd": {"lam": 0.95, "T": 4.0}, "jtt": {"jtt_epochs": 2, "jtt_upweight": 100.0},
@@ -421,3 +396,22 @@ def test_the_sweep_at_kds_given_lam_and_t_chooses_jtts_epochs_and_upweight(tmp_p
     run.hparams_file = str(run.run_dir / "sweep" / "hparams.json")
     jtt = study.method_config(run, "jtt")
     assert (jtt.lam, jtt.T, jtt.jtt_epochs, jtt.jtt_upweight) == (0.95, 4.0, 2, 100.0)
+
+
+def _predict_share(score):
+    """A stand-in for ``train.predict``: the "model" is a config id, right on the share
+    ``score[model]`` of every group, so worst-group accuracy is about that share."""
+    import torch
+
+    from fairkd_utils import train
+
+    def fake_predict(model, ds, device="cpu"):
+        n, k = len(ds), score[model]
+        right = torch.zeros(n, dtype=torch.bool)
+        for g in range(ds.n_groups):
+            idx = torch.nonzero(ds.g == g).flatten()
+            right[idx[: int(round(k * len(idx)))]] = True
+        pred = torch.where(right, ds.y, 1 - ds.y)
+        logits = torch.nn.functional.one_hot(pred, 2).float() * 4
+        return train.Predictions(logits, None, None, ds.y, ds.a, ds.g)
+    return fake_predict
