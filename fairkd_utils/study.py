@@ -493,12 +493,22 @@ def record_weights(run: Run, result, config, seed: int):
     return tidy
 
 
-def minority_groups(train_counts) -> list[int]:
-    """Groups with fewer than half the mean training-group size (Waterbirds: the two
-    background-mismatched groups; CelebA: blond men). On balanced data, where no group
-    is that small, the smallest group(s); none when all groups have the same size."""
+def minority_groups(train_counts, n_attrs: int = 2) -> list[int]:
+    """The shortcut-conflicting groups: ``(y, a)`` whose label the attribute makes at
+    least twice less likely than it is overall, P(y | a) < P(y) / 2, read from the
+    training counts in the library's order ``g = y * n_attrs + a``. Waterbirds: the two
+    background-mismatched groups; CelebA: blond men; MultiNLI: entailment and neutral
+    with negation (not contradiction with negation, which is small but agrees with the
+    shortcut). When no group conflicts (e.g. balanced data), the smallest group(s);
+    none when all groups have the same size."""
     counts = np.asarray(train_counts, dtype=float)
-    small = np.flatnonzero(counts < 0.5 * counts.mean())
+    small = np.array([], dtype=int)
+    if n_attrs >= 2 and len(counts) % n_attrs == 0 and len(counts) > n_attrs and counts.sum() > 0:
+        table = counts.reshape(-1, n_attrs)  # rows: labels y; columns: attributes a
+        p_y = table.sum(1, keepdims=True) / table.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_y_given_a = table / table.sum(0, keepdims=True)
+        small = np.flatnonzero((p_y_given_a < 0.5 * p_y).ravel())
     if len(small) == 0 and counts.min() < counts.max():
         small = np.flatnonzero(counts == counts.min())
     return [int(k) for k in small]

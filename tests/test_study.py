@@ -24,9 +24,18 @@ def test_auroc_equals_the_share_of_correctly_ordered_pairs():
     assert math.isnan(M.auroc(scores, np.zeros(60, bool)))
 
 
-def test_minority_groups_are_the_small_training_groups():
-    assert study.minority_groups([3498, 184, 56, 1057]) == [1, 2]
-    assert study.minority_groups([71629, 66874, 22880, 1387]) == [3]
+def test_minority_groups_are_the_shortcut_conflicting_training_groups():
+    assert study.minority_groups([3498, 184, 56, 1057]) == [1, 2]  # Waterbirds
+    assert study.minority_groups([71629, 66874, 22880, 1387]) == [3]  # CelebA: blond men
+    # MultiNLI (group_DRO's train counts, g = 2y + a, contradiction/entailment/neutral x
+    # negation): entailment and neutral with negation; contradiction with negation is
+    # small but agrees with the shortcut.
+    multinli = [57498, 11158, 67376, 1521, 66630, 1992]
+    assert study.minority_groups(multinli) == [3, 5]
+    # dense check of the rule P(y | a) < P(y) / 2 on the same counts
+    t = np.array(multinli, float).reshape(3, 2)
+    rule = (t / t.sum(0)) < 0.5 * (t.sum(1, keepdims=True) / t.sum())
+    assert list(np.flatnonzero(rule.ravel())) == [3, 5]
 
 
 def _metrics_table():
