@@ -51,7 +51,7 @@ from typing import Callable
 import pandas as pd
 
 from . import checkpoints, records, study
-from .profiles import resolve_device
+from .profiles import METHOD_SPECS, resolve_device
 from .rundir import Run
 
 logger = logging.getLogger("fairkd")
@@ -606,12 +606,41 @@ def _locked(run: Run):
 def run_grid(run: Run, configs: dict, opts: Options | None = None, teacher=None, seeds=None,
              show: bool = True) -> pd.DataFrame:
     """Train (or reuse) every method × seed student of notebook 05 as jobs and write
-    their records (see the module's docstring); the table of jobs."""
-    plans = plan_grid(run, configs, teacher, seeds)
+    their records (see the module's docstring); the table of jobs. Methods that train
+    no student of their own (``METHOD_SPECS[m].last_layer_of``: DFR) run in a second
+    phase, once the students whose last layer they retrain are done."""
+    trained = {m: c for m, c in configs.items() if not METHOD_SPECS[m].last_layer_of}
+    refits = {m: c for m, c in configs.items() if METHOD_SPECS[m].last_layer_of}
+    plans = plan_grid(run, trained, teacher, seeds)
     jobs = [_student_job(p, "student", f"student-{p.config.method}-{p.config.config_id}-seed{p.seed}")
             for p in plans]
     with _locked(run):
-        return run_jobs(run, jobs, {j.name: p for j, p in zip(jobs, plans)}, opts, "grid", show)
+        table = run_jobs(run, jobs, {j.name: p for j, p in zip(jobs, plans)}, opts, "grid", show)
+        if not refits:
+            return table
+        jobs, by_name = last_layer_jobs(run, refits, teacher, seeds)
+        return pd.concat([table, run_jobs(run, jobs, by_name, opts, "grid-last-layer", show)],
+                         ignore_index=True)
+
+
+def last_layer_jobs(run: Run, configs: dict, teacher=None, seeds=None) -> tuple[list, dict]:
+    """One job per seed of each method that retrains another method's last layer (DFR:
+    kd's), and the plans :func:`run_jobs` reads, keyed by job name. A job's plan is
+    the base student's (its checkpoint, reused here, never trained again once the grid
+    has run); its fingerprint joins the base student's with the method's own
+    configuration, so changing either reruns it."""
+    bases = {m: study.base_config(run, c) for m, c in configs.items()}
+    teacher = _teacher(run, bases.values(), teacher)
+    jobs, by_name = [], {}
+    for seed in (run.seeds if seeds is None else seeds):
+        for m, cfg in configs.items():
+            plan = study.plan_student(run, bases[m], seed, teacher, progress=False)
+            job = dataclasses.replace(
+                _student_job(plan, "student", f"student-{m}-{cfg.config_id}-seed{seed}"),
+                config=cfg, fingerprint=f"{plan.fingerprint}-{cfg.config_id}")
+            jobs.append(job)
+            by_name[job.name] = plan
+    return jobs, by_name
 
 
 def run_sweep(run: Run, seeds, teacher=None, methods=None, opts: Options | None = None,

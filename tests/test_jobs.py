@@ -247,3 +247,29 @@ def test_the_sweep_runs_as_jobs_and_a_rerun_skips_them(smoke_run, tmp_path, monk
     again, chosen_again = jobs.run_sweep(run, [0, 1], methods=["kd", "dedier_both"], show=False)
     assert len(calls) == 24 and chosen_again == chosen        # every job skipped
     assert again.to_csv() == table.to_csv()
+
+
+def test_dfr_runs_after_the_grid_on_kds_student_and_a_rerun_skips_it(smoke_run, tmp_path):
+    """DFR trains no student: notebook 05's grid runs it in a second phase, on kd's
+    checkpoint (reused, not trained again), with the same records as study.run_method;
+    changing DFR's own configuration reruns only the DFR job."""
+    run = _prefix(smoke_run, tmp_path)
+    table = jobs.run_grid(run, _configs(run, ("kd", "dfr")), jobs.options("inline", threads=1),
+                          show=False)
+    assert set(table.status) == {"done"}, table
+    dfr = table[table.job.str.startswith("student-dfr-")]
+    assert len(dfr) == 1 and not dfr.reused.isna().any() and bool(dfr.reused.iloc[0])
+    kd_ckpts = list((run.run_dir / "checkpoints").glob("student-kd-seed0-*.pt"))
+    assert len(kd_ckpts) == 1 and not list((run.run_dir / "checkpoints").glob("student-dfr-*"))
+    stamp = _stamp(run, dfr.job.iloc[0])
+    assert stamp["fingerprint"].startswith(kd_ckpts[0].stem.rsplit("-", 1)[-1])
+    assert any("/dfr/" in f for f in stamp["records"]) and any("/metrics/" in f for f in stamp["records"])
+    metrics = records.assemble(run.run_dir, "metrics")
+    assert {"kd", "dfr"} <= set(metrics.method)
+    again = jobs.run_grid(run, _configs(run, ("kd", "dfr")), jobs.options("inline", threads=1),
+                          show=False)
+    assert set(again.status) == {"skipped"}
+    configs = _configs(run, ("kd", "dfr"))
+    configs["dfr"] = configs["dfr"].replace(dfr_penalty="l2" if configs["dfr"].dfr_penalty != "l2" else "l1")
+    third = jobs.run_grid(run, configs, jobs.options("inline", threads=1), show=False)
+    assert dict(zip(third.job.str.split("-").str[1], third.status)) == {"kd": "skipped", "dfr": "done"}
