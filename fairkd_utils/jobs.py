@@ -310,7 +310,8 @@ def execute(job: Job, device: str, worker: bool = True) -> dict:
                 records.write_csv(job.row, pd.DataFrame([row]))
             else:
                 raise ValueError(f"unknown job kind {job.kind!r}")
-        files = [os.path.relpath(p, job.run.run_dir) for p in written]
+        # a file this job wrote twice (e.g. a timing record) is listed once
+        files = list(dict.fromkeys(os.path.relpath(p, job.run.run_dir) for p in written))
         out = {"job": job.name, "kind": job.kind, "fingerprint": job.fingerprint,
                "reused": reused, "files": files,
                "records": [f for f in files if not f.endswith(".pt")],
