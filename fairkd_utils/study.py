@@ -373,7 +373,9 @@ def jtt_error_set(run: Run, config, seed: int, progress: bool = False,
     (``train.train_warmup``) named ``warmup-seed<S>`` in the run's checkpoints: cached by
     fingerprint, shared by every jtt configuration and the sweep, and, at
     ``jtt_epochs == warmup_epochs``, the very warm-up the ERM students of notebook 03
-    branch from. ``stage``: the timing record's stage (``"sweep"`` in the sweep)."""
+    branch from. ``stage``: the timing record's stage (``"sweep"`` in the sweep); the
+    record is named after ``config`` (one per job: two jtt configurations of one seed
+    share the identification model, not the record)."""
     splits = run.splits()
     ds = splits["train"]
     epochs = int(config.jtt_epochs)
@@ -385,7 +387,7 @@ def jtt_error_set(run: Run, config, seed: int, progress: bool = False,
                          f"[1, {tconfig.epochs - 1}]")
     trunk = build_student(run, seed)
     warm = losses.WarmupObjective(erm, None, len(ds), ds.n_classes)
-    state = timed(run, stage, f"jtt-identification-seed{seed}-epochs{epochs}", lambda: _Timed(
+    state = timed(run, stage, f"jtt-identification-{config.config_id}-seed{seed}", lambda: _Timed(
         train.train_warmup(trunk, splits, tconfig, warm, epochs, ckpt_dir=run.path("checkpoints"),
                            name=f"warmup-seed{seed}", fingerprint_extra=run.fingerprint_extra())))
     model = build_student(run, seed)

@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from fairkd_utils import checkpoints, jobs, losses, records, rundir, study
 
@@ -273,3 +274,22 @@ def test_dfr_runs_after_the_grid_on_kds_student_and_a_rerun_skips_it(smoke_run, 
     configs["dfr"] = configs["dfr"].replace(dfr_penalty="l2" if configs["dfr"].dfr_penalty != "l2" else "l1")
     third = jobs.run_grid(run, configs, jobs.options("inline", threads=1), show=False)
     assert dict(zip(third.job.str.split("-").str[1], third.status)) == {"kd": "skipped", "dfr": "done"}
+
+
+def test_jtt_runs_in_the_grid_and_two_jtt_configs_write_apart(smoke_run, tmp_path):
+    """A JTT job reads its error set twice (training, final weights): its files count
+    once. Two JTT configurations of one seed (the sweep's lambda_up grid) share the
+    identification model but write separate timing records, so their jobs never write
+    one file."""
+    run = _prefix(smoke_run, tmp_path)
+    configs = _configs(run, ("jtt",))
+    table = jobs.run_grid(run, configs, jobs.options("inline", threads=1), show=False)
+    assert set(table.status) == {"done"}, table
+    stamp = _stamp(run, table.job.iloc[0])
+    assert len(stamp["files"]) == len(set(stamp["files"]))
+    other = configs["jtt"].replace(jtt_upweight=configs["jtt"].jtt_upweight + 1.0)
+    errors = study.jtt_error_set(run, other, 0)
+    assert errors.dtype == torch.bool and errors.shape == (len(run.splits()["train"]),)
+    timings = sorted(p.name for p in (run.run_dir / "records" / "timings").glob("jtt-identification-*"))
+    assert timings == sorted(f"jtt-identification-{c.config_id}-seed0.csv"
+                             for c in (configs["jtt"], other))
