@@ -237,17 +237,23 @@ ranked = wga.drop(index=references)["mean"].sort_values(ascending=False)
 print(f"Mean test worst-group accuracy, best first (references {references} use group labels, excluded):")
 for m, v in ranked.items():
     print(f"  {m:12s} {v:.3f} ± {wga.loc[m, 'std']:.3f}")
-if {"dedier_both", "laplace_kd"} <= set(wga.index):
-    r = wga.loc["laplace_kd"]
+
+
+def against_dedier_both(method):
+    """``method`` − dedier_both, paired: the row, its 95 % interval and a verdict."""
+    r = wga.loc[method]
     lo, hi = r["diff_vs_dedier_both_ci95_lo"], r["diff_vs_dedier_both_ci95_hi"]
     verdict = ("better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from")
+    return r, lo, hi, verdict
+
+
+if {"dedier_both", "laplace_kd"} <= set(wga.index):
+    r, lo, hi, verdict = against_dedier_both("laplace_kd")
     print(f"Laplace-KD − DeDiER (both terms), worst-group accuracy, paired over "
           f"{int(r['paired_seeds_vs_dedier_both'])} seeds: {r['diff_vs_dedier_both_mean']:+.3f} "
           f"(95 % interval [{lo:+.3f}, {hi:+.3f}]) -> Laplace-KD is {verdict} DeDiER here.")
 if {"dedier_both", "dedier_final"} <= set(wga.index):
-    r = wga.loc["dedier_final"]
-    lo, hi = r["diff_vs_dedier_both_ci95_lo"], r["diff_vs_dedier_both_ci95_hi"]
-    verdict = ("better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from")
+    r, lo, hi, verdict = against_dedier_both("dedier_final")
     print(f"Does the readout have to be early? DeDiER read from the final head − from the early "
           f"exit, worst-group accuracy, paired over {int(r['paired_seeds_vs_dedier_both'])} seeds: "
           f"{r['diff_vs_dedier_both_mean']:+.3f} (95 % interval [{lo:+.3f}, {hi:+.3f}]) -> the "
