@@ -495,14 +495,15 @@ def record_weights(run: Run, result, config, seed: int):
     return tidy
 
 
-def minority_groups(train_counts, n_attrs: int = 2) -> list[int]:
+def minority_groups(train_counts, n_attrs: int) -> list[int]:
     """The shortcut-conflicting groups: ``(y, a)`` whose label the attribute makes at
     least twice less likely than it is overall, P(y | a) < P(y) / 2, read from the
-    training counts in the library's order ``g = y * n_attrs + a``. Waterbirds: the two
-    background-mismatched groups; CelebA: blond men; MultiNLI: entailment and neutral
-    with negation (not contradiction with negation, which is small but agrees with the
-    shortcut). When no group conflicts (e.g. balanced data), the smallest group(s);
-    none when all groups have the same size."""
+    training counts in the library's order ``g = y * n_attrs + a`` (``n_attrs``: the
+    dataset's ``ds.n_attrs``; a folder dataset's attribute may take more than two
+    values). Waterbirds: the two background-mismatched groups; CelebA: blond men;
+    MultiNLI: entailment and neutral with negation (not contradiction with negation,
+    which is small but agrees with the shortcut). When no group conflicts (e.g.
+    balanced data), the smallest group(s); none when all groups have the same size."""
     counts = np.asarray(train_counts, dtype=float)
     small = np.array([], dtype=int)
     if n_attrs >= 2 and len(counts) % n_attrs == 0 and len(counts) > n_attrs and counts.sum() > 0:

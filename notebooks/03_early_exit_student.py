@@ -48,7 +48,7 @@ fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smo
 run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
 config = fk.study.method_config(run, "erm")
-minority = fk.study.minority_groups(splits["train"].group_counts())
+minority = fk.study.minority_groups(splits["train"].group_counts(), splits["train"].n_attrs)
 print(f"student: {run.profile.student_arch} {run.profile.student_widths or ''}, exit after stage "
       f"{run.profile.exit_stage}; seeds {run.seeds}; minority groups "
       f"{[splits['train'].group_names[k] for k in minority]}")

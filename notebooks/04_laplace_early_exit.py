@@ -66,7 +66,7 @@ fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smo
 run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
 train, val, test = splits["train"], splits["val"], splits["test"]
-minority = fk.study.minority_groups(train.group_counts())
+minority = fk.study.minority_groups(train.group_counts(), train.n_attrs)
 N_SAMPLES = 100  # Monte-Carlo samples of the predictive
 # The predictive Laplace-KD trains with ("auto"): the probit for two classes, Monte Carlo
 # for more (three for MultiNLI). The figures and scores below use the same one.

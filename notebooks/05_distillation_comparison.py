@@ -114,7 +114,7 @@ erm_result, erm_out = fk.study.erm_outputs(run, run.seeds[0], splits=("train",))
 train = run.splits()["train"]
 exit_la = fk.exit_laplace.fit_exit_laplace(erm_result.model.exit, erm_out["train"].phi.double(),
                                            erm_out["train"].exit_probs, y=train.y)
-minority = fk.study.minority_groups(train.group_counts())
+minority = fk.study.minority_groups(train.group_counts(), train.n_attrs)
 batch = torch.nonzero(torch.isin(train.g, torch.tensor(minority))).flatten()[:8]
 exit_logits, phi, y = erm_out["train"].exit_logits[batch].double(), erm_out["train"].phi[batch].double(), train.y[batch]
 lap = exit_la.predict(phi)

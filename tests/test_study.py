@@ -25,17 +25,22 @@ def test_auroc_equals_the_share_of_correctly_ordered_pairs():
 
 
 def test_minority_groups_are_the_shortcut_conflicting_training_groups():
-    assert study.minority_groups([3498, 184, 56, 1057]) == [1, 2]  # Waterbirds
-    assert study.minority_groups([71629, 66874, 22880, 1387]) == [3]  # CelebA: blond men
+    assert study.minority_groups([3498, 184, 56, 1057], 2) == [1, 2]  # Waterbirds
+    assert study.minority_groups([71629, 66874, 22880, 1387], 2) == [3]  # CelebA: blond men
     # MultiNLI (group_DRO's train counts, g = 2y + a, contradiction/entailment/neutral x
     # negation): entailment and neutral with negation; contradiction with negation is
     # small but agrees with the shortcut.
     multinli = [57498, 11158, 67376, 1521, 66630, 1992]
-    assert study.minority_groups(multinli) == [3, 5]
+    assert study.minority_groups(multinli, 2) == [3, 5]
     # dense check of the rule P(y | a) < P(y) / 2 on the same counts
     t = np.array(multinli, float).reshape(3, 2)
     rule = (t / t.sum(0)) < 0.5 * (t.sum(1, keepdims=True) / t.sum())
     assert list(np.flatnonzero(rule.ravel())) == [3, 5]
+    # three attribute values (a folder dataset): read as 2 labels x 3 attributes, not as
+    # 3 labels x 2 attributes
+    three = [500, 400, 30, 20, 400, 500]
+    assert study.minority_groups(three, 3) == [2, 3]
+    assert study.minority_groups(three, 2) != [2, 3]
 
 
 def _metrics_table():
