@@ -184,8 +184,26 @@ class Profile:
     # archs the sizes come from the local model folders (--teacher-model/--student-model).
     attention_heads: tuple[int, ...] = ()
     max_length: int = 0
+    # How the text exit pools its layer's token states: "mean" (over the attention mask,
+    # as the image exit averages its stage's feature map) or "cls" (the [CLS] position).
+    exit_pool: str = "cls"
     # The teacher's learning rate where it differs from the students' (None: lr).
     teacher_lr: float | None = None
+    # synthetic_text only: its lexicon and ambiguity (text.make_synthetic_text's n_pairs,
+    # word_zipf and ambiguous_rate): the antonym pairs of content words, the Zipf exponent
+    # of how often each is drawn (0 = all equally often) and the share of pairs whose
+    # label the pair does not decide. The pretraining corpora are drawn the same way.
+    text_antonym_pairs: int = 8
+    text_word_zipf: float = 0.0
+    text_ambiguous_rate: float = 0.0   # make_synthetic_text's ambiguous_rate
+    # synthetic_text only: the student's pretrained encoder, the stand-in for the public
+    # small-BERT checkpoint a real text student starts from. With
+    # student_pretrain_per_pair > 0, one encoder is trained once per run (seed
+    # study.STUDENT_PRETRAIN_SEED) for student_pretrain_epochs on its own unbiased corpus
+    # with that many pairs per group, and every student, whatever its seed, starts from
+    # it (the seed draws the heads and the data order, as in fine-tuning a checkpoint).
+    student_pretrain_per_pair: int = 0
+    student_pretrain_epochs: int = 0
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
 
@@ -284,6 +302,13 @@ TEXT_PROFILES: dict[str, Profile] = {
         seeds=(0, 1, 2), methods=DEFAULT_METHODS, sweep=False,
     ),
 }
+
+
+def text_lexicon(profile: Profile) -> dict:
+    """The synthetic_text knobs of ``profile`` (lexicon, ambiguity) as keyword arguments
+    of ``text.make_synthetic_text`` and ``text.make_text_pretraining_corpus``."""
+    return {"n_pairs": profile.text_antonym_pairs, "word_zipf": profile.text_word_zipf,
+            "ambiguous_rate": profile.text_ambiguous_rate}
 
 
 def get_profile(name: str, dataset: str = "synthetic") -> Profile:

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import records
 from .checkpoints import code_fingerprint
 from .profiles import (BUILT_IN_DATASETS, DATASETS, Profile, apply_overrides, get_profile,
-                       method_set_tag, overrides_tag, resolve_device)
+                       method_set_tag, overrides_tag, resolve_device, text_lexicon)
 
 #: The repository (default ``results/`` and ``figures/`` live here).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,7 @@ class Run:
     teacher_model: str | None = None   # local weights file (images) or Hugging Face folder (text)
     student_model: str | None = None
     _splits: dict | None = field(default=None, repr=False)
+    _student_encoder: dict | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -62,7 +63,7 @@ class Run:
             p = self.profile
             scale = p.data_scale if self.dataset in BUILT_IN_DATASETS else 1.0
             if self.dataset == "synthetic_text":
-                self._splits = text.make_synthetic_text(scale=scale, seed=0)
+                self._splits = text.make_synthetic_text(scale=scale, seed=0, **text_lexicon(p))
             elif self.dataset == "multinli":
                 if not self.teacher_model:
                     raise ValueError("--dataset multinli is tokenised with the teacher's "

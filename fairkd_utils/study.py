@@ -22,7 +22,7 @@ import torch
 from . import checkpoints, data, last_layer, losses, metrics, models, records, text, train
 from .exit_laplace import fit_exit_laplace
 from .profiles import (BUILT_IN_DATASETS, METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_HPARAMS,
-                       TEXT_DATASETS)
+                       TEXT_DATASETS, text_lexicon)
 from .rundir import Run
 
 # --------------------------------------------------------------------------- teacher
@@ -44,17 +44,20 @@ def uses_pretraining_corpus(run: Run) -> bool:
     return run.dataset in BUILT_IN_DATASETS and run.profile.teacher_pretrain_per_pair > 0
 
 
-def pretraining_corpus(run: Run, seed: int = TEACHER_SEED) -> dict:
+def pretraining_corpus(run: Run, seed: int = TEACHER_SEED, n_per_group: int | None = None) -> dict:
     """The teacher's pretraining corpus for ``run`` as ``{"train", "val"}``: images
     (``data.make_pretraining_corpus``) or text pairs (``text.make_text_pretraining_corpus``,
-    its val part drawn from another seed)."""
+    its val part drawn from another seed; ``n_per_group`` defaults to the profile's
+    ``teacher_pretrain_per_pair``, the student's corpus passes its own)."""
     p = run.profile
     if run.dataset == "synthetic_text":
+        lexicon = text_lexicon(p)
+        n = p.teacher_pretrain_per_pair if n_per_group is None else int(n_per_group)
         train_part = text.make_text_pretraining_corpus(
-            n_per_group=p.teacher_pretrain_per_pair, seed=seed, exclude=run.splits())
+            n_per_group=n, seed=seed, exclude=run.splits(), **lexicon)
         val_part = text.make_text_pretraining_corpus(
-            n_per_group=max(1, p.teacher_pretrain_per_pair // 10), seed=seed + 1000,
-            exclude=[*run.splits().values(), train_part])
+            n_per_group=max(1, n // 10), seed=seed + 1000,
+            exclude=[*run.splits().values(), train_part], **lexicon)
         return {"train": train_part, "val": val_part}
     return data.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
                                         alignment=p.teacher_pretrain_alignment,
@@ -76,15 +79,58 @@ def build_teacher(run: Run, weights_path=None, seed: int = TEACHER_SEED):
 
 def build_student(run: Run, seed: int):
     """The run's student with its early exit at ``profile.exit_stage`` (a ResNet stage,
-    or a transformer layer for text), initialised under ``seed``."""
+    or a transformer layer for text), initialised under ``seed``. A text student starts
+    from a pretrained encoder where there is one -- a local Hugging Face folder, or the
+    run's :func:`pretrained_student_encoder` -- shared by every seed; ``seed`` then draws
+    its two heads."""
     p, ds = run.profile, run.splits()["train"]
     if run.dataset not in TEXT_DATASETS:
         return models.build_student(p, ds.n_classes, run.student_model, seed=seed)
     if p.student_arch == "hf":
         return text.load_text_student(_model_folder(run.student_model, "student"), ds.n_classes,
-                                      p.exit_stage, seed=seed)
+                                      p.exit_stage, pool=p.exit_pool, seed=seed)
+    model = _tiny_student(run, seed)
+    encoder = pretrained_student_encoder(run)
+    if encoder is not None:
+        model.encoder.load_state_dict(encoder)
+    return model
+
+
+def _tiny_student(run: Run, seed: int):
+    p, ds = run.profile, run.splits()["train"]
     return text.build_text_student(_bert_config(run, ds, "student"), ds.n_classes, p.exit_stage,
-                                   seed=seed)
+                                   seed=seed, pool=p.exit_pool)
+
+
+#: The seed of the student's pretrained encoder (its initialisation and its corpus).
+STUDENT_PRETRAIN_SEED = 7
+
+
+def pretrained_student_encoder(run: Run, progress: bool = False) -> dict | None:
+    """The encoder weights every text student of ``run`` starts from, or ``None`` (no
+    student pretraining: the profile's ``student_pretrain_per_pair`` is 0, or the data
+    are not built in). Trained once -- plain cross-entropy on a corpus of its own
+    (:func:`pretraining_corpus` at :data:`STUDENT_PRETRAIN_SEED`, negation independent of
+    the label), selected on that corpus's val average accuracy -- and then reused from
+    the run's checkpoints (name ``student-pretrained``), like the teacher's stages.
+    Kept on ``run`` for the process."""
+    p = run.profile
+    if run.dataset != "synthetic_text" or p.student_pretrain_per_pair <= 0:
+        return None
+    if run._student_encoder is None:
+        if p.student_pretrain_epochs < 1:
+            raise ValueError(f"student_pretrain_per_pair={p.student_pretrain_per_pair} but "
+                             f"student_pretrain_epochs={p.student_pretrain_epochs}: give the "
+                             "student's pretraining at least one epoch (or no corpus: 0 pairs)")
+        corpus = pretraining_corpus(run, STUDENT_PRETRAIN_SEED, p.student_pretrain_per_pair)
+        config = train_config(run, "student", STUDENT_PRETRAIN_SEED, epochs=p.student_pretrain_epochs,
+                              select_on="avg_acc", select_after=0, progress=progress)
+        res = timed(run, "student", "student-pretrained", lambda: train.train_model(
+            _tiny_student(run, STUDENT_PRETRAIN_SEED), corpus, config, train.CrossEntropyObjective(),
+            ckpt_dir=run.path("checkpoints"), name="student-pretrained",
+            fingerprint_extra=run.fingerprint_extra()))
+        run._student_encoder = {k: v.detach().clone() for k, v in res.model.encoder.state_dict().items()}
+    return run._student_encoder
 
 
 def _model_folder(path, role: str) -> str:

@@ -54,7 +54,7 @@ __all__ = [
     "build_text_teacher", "build_text_student", "load_tokenizer", "load_text_teacher",
     "load_text_student", "SyntheticVocab", "synthetic_text_vocab", "synthetic_text_counts",
     "synthetic_text_length", "synthetic_text_rule", "make_synthetic_text",
-    "make_text_pretraining_corpus", "decode_pairs",
+    "make_text_pretraining_corpus", "decode_pairs", "VAGUE_WORDS", "synthetic_text_word_weights",
 ]
 
 # --------------------------------------------------------------------------- conventions
@@ -685,12 +685,18 @@ _PAIRS = [
 ]
 
 
+#: The miniature's vague words: a hypothesis made of one says nothing about the premise.
+VAGUE_WORDS = ("something", "someone", "somewhere", "stuff")
+
+
 class SyntheticVocab(NamedTuple):
     """Token ids of the miniature: 0..4 ``[PAD] [UNK] [CLS] [SEP] [MASK]``, then the
     ``n_negation`` negation words (no, never, nothing, nobody), then ``n_pairs``
-    antonym pairs of content words, a word and its antonym on adjacent ids."""
+    antonym pairs of content words, a word and its antonym on adjacent ids, then the
+    first ``n_vague`` :data:`VAGUE_WORDS` (none unless the data have ambiguous pairs)."""
     n_pairs: int
     n_negation: int
+    n_vague: int = 0
 
     @property
     def first_negation(self) -> int:
@@ -701,8 +707,12 @@ class SyntheticVocab(NamedTuple):
         return len(_SPECIALS) + self.n_negation
 
     @property
-    def size(self) -> int:
+    def first_vague(self) -> int:
         return self.first_content + 2 * self.n_pairs
+
+    @property
+    def size(self) -> int:
+        return self.first_vague + self.n_vague
 
     def content(self, pair, side):
         return self.first_content + 2 * np.asarray(pair) + np.asarray(side)
@@ -716,15 +726,23 @@ class SyntheticVocab(NamedTuple):
         words = list(_SPECIALS) + ["no", "never", "nothing", "nobody"][:self.n_negation]
         for k in range(self.n_pairs):
             words += list(_PAIRS[k]) if k < len(_PAIRS) else [f"zo{k}", f"unzo{k}"]
-        return words
+        return words + list(VAGUE_WORDS[:self.n_vague])
 
 
-def synthetic_text_vocab(n_pairs: int = 8, n_negation: int = 4) -> SyntheticVocab:
+def synthetic_text_vocab(n_pairs: int = 8, n_negation: int = 4, n_vague: int = 0) -> SyntheticVocab:
     if not 1 <= int(n_negation) <= 4:
         raise ValueError(f"n_negation must be in 1..4 (no, never, nothing, nobody), got {n_negation}")
     if int(n_pairs) < 2:
         raise ValueError(f"n_pairs must be >= 2, got {n_pairs}")
-    return SyntheticVocab(int(n_pairs), int(n_negation))
+    if not 0 <= int(n_vague) <= len(VAGUE_WORDS):
+        raise ValueError(f"n_vague must be in 0..{len(VAGUE_WORDS)} {VAGUE_WORDS}, got {n_vague}")
+    return SyntheticVocab(int(n_pairs), int(n_negation), int(n_vague))
+
+
+def _vocab_for(n_pairs, n_negation, ambiguous_rate) -> SyntheticVocab:
+    """The vocabulary of data drawn with these knobs: vague words only where some pair
+    is ambiguous (so data without them keep their ids and size)."""
+    return synthetic_text_vocab(n_pairs, n_negation, len(VAGUE_WORDS) if ambiguous_rate > 0 else 0)
 
 
 def synthetic_text_counts(split: str, scale: float = 1.0,
@@ -762,14 +780,18 @@ def synthetic_text_length(premise_len=(3, 5), hypothesis_len=(1, 1)) -> int:
 
 
 def synthetic_text_rule(premise: Sequence[int], hypothesis: Sequence[int],
-                        vocab: SyntheticVocab) -> int:
+                        vocab: SyntheticVocab) -> int | None:
     """The miniature's label of one pair (token ids; specials, padding and negation
     words are ignored): **contradiction** (0) when a hypothesis word is the antonym of a
     premise word; else **neutral** (2) when a hypothesis word is not in the premise;
-    else **entailment** (1: every hypothesis word is in the premise)."""
+    else **entailment** (1: every hypothesis word is in the premise). ``None`` when the
+    hypothesis holds a vague word (:data:`VAGUE_WORDS`): the pair does not decide its
+    label (an ambiguous pair, see ``ambiguous_rate`` of :func:`make_synthetic_text`)."""
     p = np.asarray(premise)
     h = np.asarray(hypothesis)
-    p = set(p[p >= vocab.first_content].tolist())
+    if ((h >= vocab.first_vague) & (h < vocab.size)).any():
+        return None
+    p = set(p[(p >= vocab.first_content) & (p < vocab.first_vague)].tolist())
     h = h[h >= vocab.first_content]
     if any(int(w) in p for w in vocab.antonym(h)):
         return 0
@@ -797,11 +819,30 @@ def _check_text_knobs(vocab: SyntheticVocab, premise_len, hypothesis_len) -> Non
 _MAX_REDRAWS = 1000
 
 
+def synthetic_text_word_weights(n_pairs: int, word_zipf: float = 0.0) -> np.ndarray | None:
+    """How often each antonym pair is drawn: ``P(pair k) ~ (k + 1) ** -word_zipf``
+    (a Zipf law, as word frequencies in text); ``None`` for 0 (uniform)."""
+    z = float(word_zipf)
+    if not (np.isfinite(z) and z >= 0):
+        raise ValueError(f"word_zipf must be >= 0 (0 = every antonym pair equally often), got {word_zipf}")
+    if z == 0:
+        return None
+    w = np.arange(1, int(n_pairs) + 1, dtype=np.float64) ** -z
+    return w / w.sum()
+
+
 def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: SyntheticVocab,
-                          premise_len, hypothesis_len, *, seed, seen: set) -> GroupDataset:
+                          premise_len, hypothesis_len, *, seed, seen: set,
+                          word_zipf: float = 0.0, ambiguous_rate: float = 0.0) -> GroupDataset:
     """``counts[g]`` pairs of group g, shuffled, generated from ``seed``. A pair already
     in ``seen`` (drawn before, here or in another split) is drawn again, so no pair
-    repeats or leaks between splits; ``seen`` is updated."""
+    repeats or leaks between splits; ``seen`` is updated. ``word_zipf``: see
+    :func:`synthetic_text_word_weights`; ``ambiguous_rate``: see :func:`make_synthetic_text`."""
+    weights = synthetic_text_word_weights(vocab.n_pairs, word_zipf)
+    rate = float(ambiguous_rate)
+    if not 0 <= rate < 1:
+        raise ValueError(f"ambiguous_rate must be in [0, 1) (the share of pairs whose label the "
+                         f"pair does not decide), got {ambiguous_rate}")
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     g = np.repeat(np.arange(6), np.asarray(counts, dtype=np.int64))
     g = g[rng.permutation(len(g))]
@@ -813,7 +854,8 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
         for _ in range(_MAX_REDRAWS):
             n_p = rng.integers(premise_len[0], premise_len[1] + 1)
             n_h = rng.integers(hypothesis_len[0], hypothesis_len[1] + 1)
-            pairs = rng.permutation(vocab.n_pairs)
+            pairs = (rng.permutation(vocab.n_pairs) if weights is None else
+                     rng.choice(vocab.n_pairs, n_p + 1, replace=False, p=weights))
             premise = vocab.content(pairs[:n_p], rng.integers(0, 2, n_p))
             pos = rng.permutation(n_p)[:n_h]          # premise words the hypothesis restates
             hyp = premise[pos]
@@ -821,6 +863,8 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
                 hyp[-1] = vocab.antonym(hyp[-1])
             elif y[i] == 2:                           # neutral: one word from outside the premise
                 hyp[-1] = vocab.content(pairs[n_p], rng.integers(0, 2))
+            if rate > 0 and rng.random() < rate:      # ambiguous: the changed word is vague
+                hyp[-1] = vocab.first_vague + rng.integers(0, vocab.n_vague)
             hyp = hyp[rng.permutation(n_h)]
             if a[i]:                                  # negation: anywhere, independent of the rule
                 hyp = np.insert(hyp, rng.integers(0, n_h + 1), rng.choice(negations))
@@ -847,7 +891,8 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
 def make_synthetic_text(*, scale: float = 1.0, seed: int = 0,
                         spurious_strength: float | None = None, n_pairs: int = 8,
                         n_negation: int = 4, premise_len: tuple = (3, 5),
-                        hypothesis_len: tuple = (1, 1)) -> dict[str, GroupDataset]:
+                        hypothesis_len: tuple = (1, 1), word_zipf: float = 0.0,
+                        ambiguous_rate: float = 0.0) -> dict[str, GroupDataset]:
     """``synthetic_text``: a miniature of MultiNLI with its negation shortcut; train, val
     and test GroupDatasets in this module's ``(N, 2, L)`` layout, each split from its own
     sub-seed of ``seed`` (deterministic per seed).
@@ -877,6 +922,20 @@ def make_synthetic_text(*, scale: float = 1.0, seed: int = 0,
       P(contradiction | negation); see :func:`synthetic_text_counts`.
     * ``n_pairs`` (8): antonym pairs of content words (vocabulary 5 + ``n_negation`` +
       2 ``n_pairs`` = 25 ids); more pairs = more antonyms to learn, a harder rule.
+    * ``word_zipf`` (0): how unevenly the antonym pairs are used. Each pair's words
+      are drawn with probability ``~ (k + 1) ** -word_zipf`` (:func:`synthetic_text_word_weights`;
+      0 = uniform), as word frequencies follow a Zipf law in real text: the frequent pairs
+      come up in many training contradictions and the rare ones in few or none, so a
+      model that learns antonyms only from the study's training split cannot know the
+      rare ones, while one pretrained on a larger corpus (the teacher) knows more.
+    * ``ambiguous_rate`` (0): the share of pairs, in every group alike, whose
+      hypothesis word is a vague word (:data:`VAGUE_WORDS`, e.g. "something") instead of
+      the restated, opposed or new word: the pair shows no relation, its label is its
+      group's and :func:`synthetic_text_rule` gives ``None``. These stand for MultiNLI's
+      pairs that the text does not decide (annotators disagree on about one in ten) and
+      where the only cue is how the hypothesis is written -- so every model, the teacher
+      included, can do no better there than to read the negation word, and no model
+      reaches 100 % on the groups the negation misleads.
     * ``n_negation`` (4): how many distinct negation words (no, never, nothing, nobody).
     * ``premise_len`` ((3, 5)) and ``hypothesis_len`` ((1, 1)): inclusive ranges of
       content words, drawn uniformly per pair (a hypothesis may not be longer than the
@@ -895,19 +954,21 @@ def make_synthetic_text(*, scale: float = 1.0, seed: int = 0,
     of 6-10 words, hypotheses of 2-4, 24 pairs) were not learnt by such students within
     that budget (test accuracy 0.39 after 10 epochs).
     """
-    vocab = synthetic_text_vocab(n_pairs, n_negation)
+    vocab = _vocab_for(n_pairs, n_negation, ambiguous_rate)
     _check_text_knobs(vocab, premise_len, hypothesis_len)
     out, seen = {}, set()
     for k, split in enumerate(SPLITS):
         counts = synthetic_text_counts(split, scale, spurious_strength)
         out[split] = _synthetic_text_split("synthetic_text", split, counts, vocab, premise_len,
-                                           hypothesis_len, seed=[int(seed), k, 20252], seen=seen)
+                                           hypothesis_len, seed=[int(seed), k, 20252], seen=seen,
+                                           word_zipf=word_zipf, ambiguous_rate=ambiguous_rate)
     return out
 
 
 def make_text_pretraining_corpus(*, n_per_group: int = 1000, seed: int = 0, n_pairs: int = 8,
                                  n_negation: int = 4, premise_len: tuple = (3, 5),
-                                 hypothesis_len: tuple = (1, 1), exclude=None) -> GroupDataset:
+                                 hypothesis_len: tuple = (1, 1), word_zipf: float = 0.0,
+                                 ambiguous_rate: float = 0.0, exclude=None) -> GroupDataset:
     """The miniature's unbiased pretraining corpus (the stand-in for BERT's pretraining
     and the teacher's larger data): ``n_per_group`` pairs of each of the six groups, so
     every class carries a negation word exactly half the time -- negation is
@@ -918,14 +979,14 @@ def make_text_pretraining_corpus(*, n_per_group: int = 1000, seed: int = 0, n_pa
     from :func:`make_synthetic_text`) keeps their pairs out of the corpus too."""
     if int(n_per_group) < 1:
         raise ValueError(f"n_per_group must be >= 1, got {n_per_group}")
-    vocab = synthetic_text_vocab(n_pairs, n_negation)
+    vocab = _vocab_for(n_pairs, n_negation, ambiguous_rate)
     _check_text_knobs(vocab, premise_len, hypothesis_len)
     seen = set()
     for ds in ([] if exclude is None else exclude.values() if isinstance(exclude, dict) else exclude):
         seen.update(row.numpy().tobytes() for row in _trimmed_ids(ds))
     return _synthetic_text_split("synthetic_text_pretrain", "pretrain", [int(n_per_group)] * 6,
                                  vocab, premise_len, hypothesis_len, seed=[int(seed), 100, 20253],
-                                 seen=seen)
+                                 seen=seen, word_zipf=word_zipf, ambiguous_rate=ambiguous_rate)
 
 
 def _trimmed_ids(ds: GroupDataset):

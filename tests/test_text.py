@@ -419,6 +419,58 @@ def test_synthetic_text_group_proportions_are_multinlis(synth):
         text.make_synthetic_text(spurious_strength=1.0)
 
 
+def test_synthetic_text_zipf_lexicon_draws_pairs_by_the_law_and_keeps_the_rule():
+    n_pairs, z = 24, 1.0
+    w = text.synthetic_text_word_weights(n_pairs, z)
+    k = np.arange(1, n_pairs + 1)
+    assert np.allclose(w, k ** -z / (k ** -z).sum())               # dense formula
+    assert text.synthetic_text_word_weights(n_pairs, 0) is None   # 0: uniform, today's stream
+    with pytest.raises(ValueError, match="word_zipf must be >= 0"):
+        text.synthetic_text_word_weights(n_pairs, -1)
+    vocab = text.synthetic_text_vocab(n_pairs)
+    splits = text.make_synthetic_text(scale=0.5, n_pairs=n_pairs, word_zipf=z)
+    ds = splits["train"]
+    assert [text.synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))] == ds.y.tolist()
+    # premise words are drawn by the law (without replacement within a premise): the most
+    # frequent pair is in far more premises than the rarest, in the order of the weights
+    words = ds.x[:, 0][(ds.x[:, 1] == 0) & (ds.x[:, 0] >= vocab.first_content)]
+    per_pair = np.bincount(((words - vocab.first_content) // 2).numpy(), minlength=n_pairs)
+    assert per_pair[0] > 5 * per_pair[-1] > 0
+    assert np.corrcoef(np.log(per_pair), np.log(w))[0, 1] > 0.95
+    uniform = text.make_synthetic_text(scale=0.5, n_pairs=n_pairs)["train"]
+    words = uniform.x[:, 0][(uniform.x[:, 1] == 0) & (uniform.x[:, 0] >= vocab.first_content)]
+    per_pair = np.bincount(((words - vocab.first_content) // 2).numpy(), minlength=n_pairs)
+    assert per_pair.max() < 1.5 * per_pair.min()
+    # the pretraining corpus takes the same lexicon
+    corpus = text.make_text_pretraining_corpus(n_per_group=200, n_pairs=n_pairs, word_zipf=z)
+    words = corpus.x[:, 0][(corpus.x[:, 1] == 0) & (corpus.x[:, 0] >= vocab.first_content)]
+    per_pair = np.bincount(((words - vocab.first_content) // 2).numpy(), minlength=n_pairs)
+    assert per_pair[0] > 5 * per_pair[-1]
+
+
+def test_ambiguous_pairs_are_a_share_of_every_group_and_the_rest_keep_the_rule():
+    vocab = text.synthetic_text_vocab(16, n_vague=len(text.VAGUE_WORDS))
+    splits = text.make_synthetic_text(scale=0.5, n_pairs=16, ambiguous_rate=0.2)
+    assert splits["train"].vocab == vocab.tokens()
+    for ds in splits.values():
+        rule = [text.synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))]
+        vague = np.array([r is None for r in rule])
+        hyp = ds.x[:, 0] * (ds.x[:, 1] == 1)
+        has_vague = ((hyp >= vocab.first_vague) & (hyp < vocab.size)).any(1).numpy()
+        assert np.array_equal(vague, has_vague)               # ambiguous iff a vague word
+        assert all(r == y for r, y in zip(rule, ds.y.tolist()) if r is not None)
+        g = ds.g.numpy()
+        for grp in range(6):                                  # ~0.2 of every group, alike
+            n = (g == grp).sum()
+            assert abs(vague[g == grp].mean() - 0.2) < 3 * np.sqrt(0.2 * 0.8 / n) + 0.02
+    assert vocab.tokens()[-4:] == list(text.VAGUE_WORDS)
+    plain = text.make_synthetic_text(scale=0.5, n_pairs=16)["train"]
+    assert plain.vocab == text.synthetic_text_vocab(16).tokens()  # no vague words: ids as before
+    assert all(text.synthetic_text_rule(*_split_pair(plain, i), vocab) is not None for i in range(len(plain)))
+    with pytest.raises(ValueError, match="ambiguous_rate must be in"):
+        text.make_synthetic_text(ambiguous_rate=1.0)
+
+
 def test_pretraining_corpus_negation_is_independent_of_the_label():
     corpus = text.make_text_pretraining_corpus(n_per_group=40, seed=2)
     counts = corpus.group_counts().view(3, 2)
@@ -506,3 +558,44 @@ def test_three_class_exit_laplace_matches_laplace_torch_on_a_text_students_exit(
     p_ours = fixed.predict(phi[:60], link="mc", n_samples=S,
                            generator=torch.Generator().manual_seed(2)).probs
     assert (p_ours - p_lt).abs().max() < 4 * math.sqrt(2) * 0.5 / math.sqrt(S)
+
+
+# --------------------------------------------------------------------------- pretrained student
+
+
+def test_every_student_seed_starts_from_the_one_pretrained_encoder_and_a_rerun_reuses_it(tmp_path):
+    from fairkd_utils import rundir, study
+
+    overrides = {"student_pretrain_per_pair": 20, "student_pretrain_epochs": 1, "data_scale": 0.02,
+                 "text_antonym_pairs": 12, "text_word_zipf": 1.0}
+    run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic_text", None, [0, 1],
+                       "cpu", profile_overrides=overrides)
+    encoder = study.pretrained_student_encoder(run)
+    a, b = study.build_student(run, 0), study.build_student(run, 1)
+    for model in (a, b):                                 # the encoder is the pretrained one ...
+        for k, v in model.encoder.state_dict().items():
+            assert torch.equal(v, encoder[k]), k
+    scratch = study._tiny_student(run, 0)                # ... which pretraining has changed
+    assert not torch.equal(scratch.encoder.embeddings.word_embeddings.weight,
+                           encoder["embeddings.word_embeddings.weight"])
+    assert not torch.equal(a.classifier.weight, b.classifier.weight)   # the seed draws the heads
+    assert not torch.equal(a.exit.linear.weight, b.exit.linear.weight)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("student-pretrained*"))
+    assert len(ckpts) == 1
+    # a new process (a fresh Run) reuses the checkpoint: same weights, nothing trained
+    again = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic_text", None, [0, 1],
+                         "cpu", profile_overrides=overrides)
+    mtime = ckpts[0].stat().st_mtime_ns
+    for k, v in study.pretrained_student_encoder(again).items():
+        assert torch.equal(v, encoder[k])
+    assert ckpts[0].stat().st_mtime_ns == mtime
+    # no pretraining: a plain random encoder, different per seed
+    plain = rundir.setup(tmp_path / "plain", tmp_path / "fig", "smoke", "synthetic_text", None, [0],
+                         "cpu", profile_overrides={"data_scale": 0.02})
+    assert study.pretrained_student_encoder(plain) is None
+    assert not torch.equal(study.build_student(plain, 0).encoder.embeddings.word_embeddings.weight,
+                           study.build_student(plain, 1).encoder.embeddings.word_embeddings.weight)
+    bad = rundir.setup(tmp_path / "bad", tmp_path / "fig", "smoke", "synthetic_text", None, [0], "cpu",
+                       profile_overrides={"student_pretrain_per_pair": 20, "student_pretrain_epochs": 0})
+    with pytest.raises(ValueError, match="student_pretrain_epochs=0"):
+        study.build_student(bad, 0)
