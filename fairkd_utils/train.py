@@ -111,6 +111,7 @@ class TrainConfig:
     nesterov: bool = True
     select_on: str = "worst_group_acc"  # or "avg_acc", on val
     select_after: int = 0             # epochs 1..select_after are never kept (warm-up)
+    lr_warmup: float = 0.0            # share of the steps with a linear learning-rate warm-up
     seed: int = 0
     exit_loss_weight: float = 1.0     # weight of the early exit's CE (students)
     eval_batch_size: int = 512
@@ -130,6 +131,9 @@ class TrainConfig:
             raise ValueError(f"select_on={self.select_on!r}; use 'worst_group_acc' or 'avg_acc'")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if not 0 <= self.lr_warmup < 1:
+            raise ValueError(f"lr_warmup={self.lr_warmup} must lie in [0, 1): the share of the "
+                             "training steps over which the learning rate rises linearly")
         if not 0 <= self.select_after < self.epochs:
             raise ValueError(f"select_after={self.select_after} must lie in [0, epochs={self.epochs}): "
                              "at least one epoch after the warm-up must be eligible")
@@ -145,7 +149,8 @@ class TrainConfig:
         lr = teacher_lr if role == "teacher" and teacher_lr else profile.lr
         kw = dict(epochs=epochs, batch_size=profile.batch_size, optimizer=profile.optimizer,
                   lr=lr, weight_decay=profile.weight_decay,
-                  select_on=profile.select_on, seed=seed, device=device)
+                  select_on=profile.select_on, seed=seed, device=device,
+                  lr_warmup=getattr(profile, "lr_warmup", 0.0))
         kw.update(overrides)
         return cls(**kw)
 
@@ -170,6 +175,16 @@ class Predictions(NamedTuple):
     @property
     def exit_probs(self) -> torch.Tensor | None:
         return None if self.exit_logits is None else self.exit_logits.double().softmax(1)
+
+
+def lr_factor(step: int, total: int, warmup: int = 0) -> float:
+    """The learning rate of ``step`` (0-based) as a share of the configured one: a linear
+    rise over the first ``warmup`` steps (``(step + 1) / warmup``), then a cosine from 1
+    to 0 over the remaining ``total - warmup`` steps. ``warmup = 0`` is the plain cosine
+    ``(1 + cos(pi * step / total)) / 2``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
 
 
 def use_channels_last(model: nn.Module, device: torch.device, requested: bool | None = None) -> bool:
@@ -374,8 +389,8 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
     drop_last = n_train % cfg.batch_size == 1 and n_train > 1  # a batch of 1 breaks BatchNorm
     steps_per_epoch = n_train // cfg.batch_size if drop_last else math.ceil(n_train / cfg.batch_size)
     total = max(1, cfg.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    warm = int(round(cfg.lr_warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm))
     gen = torch.Generator().manual_seed(int(cfg.seed))
     n_groups = train_ds.n_groups
     train_counts = train_ds.group_counts()

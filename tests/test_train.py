@@ -272,3 +272,19 @@ def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_p
     pd_cols = [c for c in scratch.history.columns if "seconds" not in c]
     assert scratch.history[pd_cols].equals(branched.history[pd_cols])
     assert scratch.weights.equals(branched.weights)
+
+
+def test_lr_warmup_rises_linearly_then_follows_the_cosine(splits):
+    total, warm = 12, 3
+    dense = [(s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+             for s in range(total + 1)]
+    assert [train.lr_factor(s, total, warm) for s in range(total + 1)] == pytest.approx(dense)
+    plain = [0.5 * (1 + math.cos(math.pi * s / total)) for s in range(total + 1)]
+    assert [train.lr_factor(s, total) for s in range(total + 1)] == pytest.approx(plain)
+    # the loop: 192 training items, batch 64 -> 3 steps an epoch, 12 in all, 3 of warm-up
+    res = train.train_model(models.build_teacher(TINY, 2, seed=0), splits,
+                            _cfg(epochs=4, lr_warmup=0.25, lr=0.05))
+    want = [0.05 * train.lr_factor(3 * e, total, warm) for e in range(1, 5)]
+    assert res.history["lr"].tolist() == pytest.approx(want)
+    with pytest.raises(ValueError, match="lr_warmup=1"):
+        _cfg(lr_warmup=1)
