@@ -340,8 +340,10 @@ def _tail(path, n: int = 8) -> list[str]:
 
 
 def _for_worker(job: Job, threads: int | None) -> Job:
-    """The job as it travels to a worker: its run without the data, its threads."""
-    return dataclasses.replace(job, run=dataclasses.replace(job.run, _splits=None), threads=threads)
+    """The job as it travels to a worker: its run without the data (nor the pretrained
+    student encoder, which the worker reloads from its checkpoint), its threads."""
+    return dataclasses.replace(job, run=dataclasses.replace(job.run, _splits=None, _student_encoder=None),
+                               threads=threads)
 
 
 def _failure(job: Job, sub, err: BaseException) -> dict:

@@ -189,8 +189,9 @@ class Profile:
     exit_pool: str = "cls"
     # The teacher's learning rate where it differs from the students' (None: lr).
     teacher_lr: float | None = None
-    # Share of each training run's steps over which the learning rate rises linearly from
-    # 0 before the cosine decay (BERT-style warm-up; 0 = none, the plain cosine).
+    # Share of each training run's steps over which the learning rate rises linearly (step
+    # k of W at k/W of it) before the cosine decay (BERT-style warm-up; 0 = none, the
+    # plain cosine).
     lr_warmup: float = 0.0
     # synthetic_text only: its lexicon and ambiguity (text.make_synthetic_text's n_pairs,
     # word_zipf and ambiguous_rate): the antonym pairs of content words, the Zipf exponent

@@ -129,7 +129,8 @@ def pretrained_student_encoder(run: Run, progress: bool = False) -> dict | None:
             _tiny_student(run, STUDENT_PRETRAIN_SEED), corpus, config, train.CrossEntropyObjective(),
             ckpt_dir=run.path("checkpoints"), name="student-pretrained",
             fingerprint_extra=run.fingerprint_extra()))
-        run._student_encoder = {k: v.detach().clone() for k, v in res.model.encoder.state_dict().items()}
+        run._student_encoder = {k: v.detach().to("cpu", copy=True)
+                                for k, v in res.model.encoder.state_dict().items()}
     return run._student_encoder
 
 

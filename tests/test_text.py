@@ -471,6 +471,21 @@ def test_ambiguous_pairs_are_a_share_of_every_group_and_the_rest_keep_the_rule()
         text.make_synthetic_text(ambiguous_rate=1.0)
 
 
+def test_default_knobs_draw_exactly_the_data_of_the_text_reference_run():
+    """The knobs added after the reference run (word_zipf, ambiguous_rate) leave the
+    default data bit for bit as they were: a hash of the tensors drawn before they existed."""
+    import hashlib
+
+    splits = text.make_synthetic_text(scale=0.05, seed=0)
+    corpus = text.make_text_pretraining_corpus(n_per_group=30, seed=0)
+    h = hashlib.sha256()
+    for ds in [*splits.values(), corpus]:
+        for t in (ds.x, ds.y, ds.a):
+            h.update(t.numpy().tobytes())
+    assert h.hexdigest()[:16] == "1e50ee173d3518e4"
+    assert len(splits["train"].vocab) == 25
+
+
 def test_pretraining_corpus_negation_is_independent_of_the_label():
     corpus = text.make_text_pretraining_corpus(n_per_group=40, seed=2)
     counts = corpus.group_counts().view(3, 2)
@@ -589,6 +604,10 @@ def test_every_student_seed_starts_from_the_one_pretrained_encoder_and_a_rerun_r
     for k, v in study.pretrained_student_encoder(again).items():
         assert torch.equal(v, encoder[k])
     assert ckpts[0].stat().st_mtime_ns == mtime
+    assert a.pool == "cls"                               # the profile's exit_pool reaches the model
+    pooled = rundir.setup(tmp_path / "pooled", tmp_path / "fig", "smoke", "synthetic_text", None, [0],
+                          "cpu", profile_overrides={"data_scale": 0.02, "exit_pool": "mean"})
+    assert study.build_student(pooled, 0).pool == "mean"
     # no pretraining: a plain random encoder, different per seed
     plain = rundir.setup(tmp_path / "plain", tmp_path / "fig", "smoke", "synthetic_text", None, [0],
                          "cpu", profile_overrides={"data_scale": 0.02})

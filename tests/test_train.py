@@ -242,7 +242,8 @@ def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_p
     teacher = torch.randn(len(ds), 2, generator=torch.Generator().manual_seed(5)) * 2
     lam = 0.5 if profiles.METHOD_SPECS[method].distils else 0.0
     config = losses.default_config(method, lam=lam, T=2.0 if lam else 1.0, beta=2.0, warmup_epochs=2)
-    tcfg = _cfg(epochs=4, select_after=2)
+    # with a learning-rate warm-up that outlasts the shared warm-up's first epoch
+    tcfg = _cfg(epochs=4, select_after=2, lr_warmup=0.4 if method in ("kd", "erm") else 0.0)
 
     if method == "jtt":
         config = losses.default_config(method, lam=lam, T=2.0, jtt_epochs=1, jtt_upweight=5.0,
@@ -275,16 +276,16 @@ def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_p
 
 
 def test_lr_warmup_rises_linearly_then_follows_the_cosine(splits):
-    total, warm = 12, 3
-    dense = [(s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
-             for s in range(total + 1)]
-    assert [train.lr_factor(s, total, warm) for s in range(total + 1)] == pytest.approx(dense)
-    plain = [0.5 * (1 + math.cos(math.pi * s / total)) for s in range(total + 1)]
-    assert [train.lr_factor(s, total) for s in range(total + 1)] == pytest.approx(plain)
-    # the loop: 192 training items, batch 64 -> 3 steps an epoch, 12 in all, 3 of warm-up
+    # 12 steps, 6 of warm-up: 1/6 .. 6/6, then the cosine over the other 6 (hand-written)
+    c = [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(7)]
+    want = [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, *c[:6], c[6]]
+    assert [train.lr_factor(s, 12, 6) for s in range(13)] == pytest.approx(want)
+    plain = [0.5 * (1 + math.cos(math.pi * s / 12)) for s in range(13)]
+    assert [train.lr_factor(s, 12) for s in range(13)] == pytest.approx(plain)   # no warm-up
+    # the loop: 192 training items, batch 64 -> 3 steps an epoch, 12 in all, 6 of warm-up;
+    # the rate logged after epoch 1 lies inside the warm-up
     res = train.train_model(models.build_teacher(TINY, 2, seed=0), splits,
-                            _cfg(epochs=4, lr_warmup=0.25, lr=0.05))
-    want = [0.05 * train.lr_factor(3 * e, total, warm) for e in range(1, 5)]
-    assert res.history["lr"].tolist() == pytest.approx(want)
+                            _cfg(epochs=4, lr_warmup=0.5, lr=0.05))
+    assert res.history["lr"].tolist() == pytest.approx([0.05 * want[s] for s in (3, 6, 9, 12)])
     with pytest.raises(ValueError, match="lr_warmup=1"):
         _cfg(lr_warmup=1)
