@@ -308,7 +308,7 @@ TEXT_PROFILES: dict[str, Profile] = {
 }
 
 
-def text_lexicon(profile: Profile) -> dict:
+def synthetic_text_knobs(profile: Profile) -> dict:
     """The synthetic_text knobs of ``profile`` (lexicon, ambiguity) as keyword arguments
     of ``text.make_synthetic_text`` and ``text.make_text_pretraining_corpus``."""
     return {"n_pairs": profile.text_antonym_pairs, "word_zipf": profile.text_word_zipf,

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import records
 from .checkpoints import code_fingerprint
 from .profiles import (BUILT_IN_DATASETS, DATASETS, Profile, apply_overrides, get_profile,
-                       method_set_tag, overrides_tag, resolve_device, text_lexicon)
+                       method_set_tag, overrides_tag, resolve_device, synthetic_text_knobs)
 
 #: The repository (default ``results/`` and ``figures/`` live here).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ class Run:
             p = self.profile
             scale = p.data_scale if self.dataset in BUILT_IN_DATASETS else 1.0
             if self.dataset == "synthetic_text":
-                self._splits = text.make_synthetic_text(scale=scale, seed=0, **text_lexicon(p))
+                self._splits = text.make_synthetic_text(scale=scale, seed=0, **synthetic_text_knobs(p))
             elif self.dataset == "multinli":
                 if not self.teacher_model:
                     raise ValueError("--dataset multinli is tokenised with the teacher's "

@@ -22,7 +22,7 @@ import torch
 from . import checkpoints, data, last_layer, losses, metrics, models, records, text, train
 from .exit_laplace import fit_exit_laplace
 from .profiles import (BUILT_IN_DATASETS, METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_HPARAMS,
-                       TEXT_DATASETS, text_lexicon)
+                       TEXT_DATASETS, synthetic_text_knobs)
 from .rundir import Run
 
 # --------------------------------------------------------------------------- teacher
@@ -51,13 +51,13 @@ def pretraining_corpus(run: Run, seed: int = TEACHER_SEED, n_per_group: int | No
     ``teacher_pretrain_per_pair``, the student's corpus passes its own)."""
     p = run.profile
     if run.dataset == "synthetic_text":
-        lexicon = text_lexicon(p)
+        knobs = synthetic_text_knobs(p)
         n = p.teacher_pretrain_per_pair if n_per_group is None else int(n_per_group)
         train_part = text.make_text_pretraining_corpus(
-            n_per_group=n, seed=seed, exclude=run.splits(), **lexicon)
+            n_per_group=n, seed=seed, exclude=run.splits(), **knobs)
         val_part = text.make_text_pretraining_corpus(
             n_per_group=max(1, n // 10), seed=seed + 1000,
-            exclude=[*run.splits().values(), train_part], **lexicon)
+            exclude=[*run.splits().values(), train_part], **knobs)
         return {"train": train_part, "val": val_part}
     return data.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
                                         alignment=p.teacher_pretrain_alignment,

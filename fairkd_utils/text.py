@@ -932,7 +932,7 @@ def make_synthetic_text(*, scale: float = 1.0, seed: int = 0,
       hypothesis word is a vague word (:data:`VAGUE_WORDS`, e.g. "something") instead of
       the restated, opposed or new word: the pair shows no relation, its label is its
       group's and :func:`synthetic_text_rule` gives ``None``. These stand for MultiNLI's
-      pairs that the text does not decide (annotators disagree on about one in ten) and
+      pairs that the text does not decide (those on which its annotators disagree) and
       where the only cue is how the hypothesis is written -- so every model, the teacher
       included, can do no better there than to read the negation word, and no model
       reaches 100 % on the groups the negation misleads.
