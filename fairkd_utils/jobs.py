@@ -200,7 +200,7 @@ def _teacher(run: Run, configs, teacher):
     if not any(c.lam > 0 for c in configs):
         return None
     if run.profile.augment:
-        return study.teacher_for_students(run)
+        return study.teacher_for_students(run, teacher)   # a teacher model given is kept
     return teacher or study.load_teacher_logits(run)
 
 
@@ -614,6 +614,7 @@ def run_grid(run: Run, configs: dict, opts: Options | None = None, teacher=None,
     phase, once the students whose last layer they retrain are done."""
     trained = {m: c for m, c in configs.items() if not METHOD_SPECS[m].last_layer_of}
     refits = {m: c for m, c in configs.items() if METHOD_SPECS[m].last_layer_of}
+    teacher = _teacher(run, configs.values(), teacher)   # read once for both phases
     plans = plan_grid(run, trained, teacher, seeds)
     jobs = [_student_job(p, "student", f"student-{p.config.method}-{p.config.config_id}-seed{p.seed}")
             for p in plans]

@@ -293,3 +293,16 @@ def test_jtt_runs_in_the_grid_and_two_jtt_configs_write_apart(smoke_run, tmp_pat
     timings = sorted(p.name for p in (run.run_dir / "records" / "timings").glob("jtt-identification-*"))
     assert timings == sorted(f"jtt-identification-{c.config_id}-seed0.csv"
                              for c in (configs["jtt"], other))
+
+
+def test_under_augmentation_a_teacher_model_given_is_kept_not_loaded_again(tmp_path, monkeypatch):
+    """With training augmentation the students distil from the teacher model; the grid
+    resolves it once and hands it to DFR's phase, which must not load it a second time."""
+    run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic", None, [0], "cpu",
+                       profile_overrides={"augment": True})
+    online = losses.OnlineTeacher(torch.nn.Linear(2, 2), fingerprint="given")
+    calls = []
+    monkeypatch.setattr(study, "train_teacher", lambda *a, **k: calls.append(a))
+    configs = [study.method_config(run, "kd"), study.method_config(run, "dfr")]
+    assert jobs._teacher(run, configs, online) is online and not calls
+    assert jobs._teacher(run, [study.method_config(run, "erm")], online) is None   # nothing distils
