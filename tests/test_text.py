@@ -433,19 +433,22 @@ def test_synthetic_text_zipf_lexicon_draws_pairs_by_the_law_and_keeps_the_rule()
     assert [text.synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))] == ds.y.tolist()
     # premise words are drawn by the law (without replacement within a premise): the most
     # frequent pair is in far more premises than the rarest, in the order of the weights
-    words = ds.x[:, 0][(ds.x[:, 1] == 0) & (ds.x[:, 0] >= vocab.first_content)]
-    per_pair = np.bincount(((words - vocab.first_content) // 2).numpy(), minlength=n_pairs)
+    per_pair = _premise_words_per_pair(ds, vocab)
     assert per_pair[0] > 5 * per_pair[-1] > 0
     assert np.corrcoef(np.log(per_pair), np.log(w))[0, 1] > 0.95
     uniform = text.make_synthetic_text(scale=0.5, n_pairs=n_pairs)["train"]
-    words = uniform.x[:, 0][(uniform.x[:, 1] == 0) & (uniform.x[:, 0] >= vocab.first_content)]
-    per_pair = np.bincount(((words - vocab.first_content) // 2).numpy(), minlength=n_pairs)
+    per_pair = _premise_words_per_pair(uniform, vocab)
     assert per_pair.max() < 1.5 * per_pair.min()
     # the pretraining corpus takes the same lexicon
     corpus = text.make_text_pretraining_corpus(n_per_group=200, n_pairs=n_pairs, word_zipf=z)
-    words = corpus.x[:, 0][(corpus.x[:, 1] == 0) & (corpus.x[:, 0] >= vocab.first_content)]
-    per_pair = np.bincount(((words - vocab.first_content) // 2).numpy(), minlength=n_pairs)
+    per_pair = _premise_words_per_pair(corpus, vocab)
     assert per_pair[0] > 5 * per_pair[-1]
+
+
+def _premise_words_per_pair(ds, vocab):
+    """How many premise words of ``ds`` come from each antonym pair of ``vocab``."""
+    words = ds.x[:, 0][(ds.x[:, 1] == 0) & (ds.x[:, 0] >= vocab.first_content)]
+    return np.bincount(((words - vocab.first_content) // 2).numpy(), minlength=vocab.n_pairs)
 
 
 def test_ambiguous_pairs_are_a_share_of_every_group_and_the_rest_keep_the_rule():
