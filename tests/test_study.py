@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fairkd_utils import metrics as M
-from fairkd_utils import plots, profiles, rundir, study
+from fairkd_utils import data, plots, profiles, rundir, study
 
 
 def test_auroc_equals_the_share_of_correctly_ordered_pairs():
@@ -173,6 +173,55 @@ def test_calibration_conditions_from_hand_made_metrics():
     assert c.loc[("mean", "a_teacher_wga"), "passed"]
     with pytest.raises(ValueError, match="kd_wga"):
         calibration_conditions(per_seed.drop(columns="kd_wga"))
+
+
+def test_shortcut_margin_ceiling_by_hand():
+    from fairkd_utils.metrics import shortcut_margin_ceiling
+
+    # Waterbirds: landbird on water (184) reads water, P(water bird | water) = 1057 / 1241;
+    # waterbird on land (56) reads land, P(land bird | land) = 3498 / 3554.
+    water = 1057 / 1241 - 184 / 1241
+    land = 3498 / 3554 - 56 / 3554
+    assert shortcut_margin_ceiling((3498, 184, 56, 1057), 2, [1, 2]) == pytest.approx(
+        (184 * water + 56 * land) / 240)
+    # MultiNLI: both minority groups carry a negation; top two given a negation are
+    # contradiction (11158) and neutral (1992) out of 14671.
+    assert shortcut_margin_ceiling((57498, 11158, 67376, 1521, 66630, 1992), 2, [3, 5]) == \
+        pytest.approx((11158 - 1992) / 14671)
+    # three attribute values: only the minority group's own value counts
+    counts = (6, 1, 1, 1, 6, 1)                     # y in {0, 1}, a in {0, 1, 2}
+    assert shortcut_margin_ceiling(counts, 3, [1]) == pytest.approx((6 - 1) / 7)
+    with pytest.raises(ValueError, match="minority"):
+        shortcut_margin_ceiling(counts, 3, [])
+
+
+def test_calibration_targets_scale_the_image_ones_by_multinlis_numbers():
+    from fairkd_utils import text
+
+    assert study.calibration_targets(data.WATERBIRDS_COUNTS["train"], 2, "synthetic") == \
+        {"margin": 0.50, "gain": 0.20}
+    t = study.calibration_targets(text.MULTINLI_COUNTS["train"], 2, "multinli")
+    wb = (184 * (1057 - 184) / 1241 + 56 * (3498 - 56) / 3554) / 240
+    assert t["margin"] == pytest.approx(0.50 * (11158 - 1992) / 14671 / wb)
+    assert t["gain"] == pytest.approx(0.20 * (0.777 - 0.679) / (0.914 - 0.726))
+    assert 0.40 < t["margin"] < 0.42 and 0.10 < t["gain"] < 0.11
+    # the synthetic_text counts (MultiNLI's / 20) give the same targets to 0.01
+    counts = text.synthetic_text_counts("train", 1.0)
+    assert study.calibration_targets(counts, 2, "synthetic_text")["margin"] == pytest.approx(t["margin"], abs=0.01)
+
+
+def test_calibration_conditions_take_the_texts_targets():
+    from fairkd_utils.metrics import calibration_conditions
+
+    per_seed = pd.DataFrame({"seed": [0], "teacher_avg_acc": [0.92], "teacher_wga": [0.8],
+                             "erm_wga": [0.1], "exit_minority_wrong": [0.9],
+                             "exit_minority_margin_wrong": [0.45], "gb_wga": [0.25], "kd_wga": [0.5]})
+    image = calibration_conditions(per_seed).set_index(["seed", "condition"])
+    textual = calibration_conditions(per_seed, {"margin": 0.41, "gain": 0.10}).set_index(["seed", "condition"])
+    for c in ("c_exit_margin", "d_gb_gain"):
+        assert not image.loc[(0, c), "passed"] and textual.loc[(0, c), "passed"]
+    assert textual.loc[(0, "c_exit_margin"), "target"] == ">= 0.41"
+    assert image.loc[(0, "d_gb_gain"), "target"] == ">= 0.20"
 
 
 def test_hyperparameters_share_kds_lam_and_t_and_refuse_them_elsewhere(tmp_path):
