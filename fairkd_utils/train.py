@@ -114,6 +114,10 @@ class TrainConfig:
     lr_warmup: float = 0.0            # share of the steps with a linear learning-rate warm-up
     seed: int = 0
     exit_loss_weight: float = 1.0     # weight of the early exit's CE (students)
+    # The early exit head's learning rate as a multiple of ``lr`` (students; same schedule).
+    # Its features are detached, so this changes how far the exit's own convex fit gets
+    # in the budget and nothing else the student learns.
+    exit_lr_scale: float = 1.0
     eval_batch_size: int = 512
     device: str = "cpu"
     num_workers: int | None = None
@@ -134,6 +138,9 @@ class TrainConfig:
         if not 0 <= self.lr_warmup < 1:
             raise ValueError(f"lr_warmup={self.lr_warmup} must lie in [0, 1): the share of the "
                              "training steps over which the learning rate rises linearly")
+        if not self.exit_lr_scale > 0:
+            raise ValueError(f"exit_lr_scale={self.exit_lr_scale} must be > 0: the exit head's "
+                             "learning rate as a multiple of lr")
         if not 0 <= self.select_after < self.epochs:
             raise ValueError(f"select_after={self.select_after} must lie in [0, epochs={self.epochs}): "
                              "at least one epoch after the warm-up must be eligible")
@@ -151,6 +158,8 @@ class TrainConfig:
                   lr=lr, weight_decay=profile.weight_decay,
                   select_on=profile.select_on, seed=seed, device=device,
                   lr_warmup=getattr(profile, "lr_warmup", 0.0))
+        if role == "student":
+            kw["exit_lr_scale"] = getattr(profile, "exit_lr_scale", 1.0)
         kw.update(overrides)
         return cls(**kw)
 
@@ -271,12 +280,19 @@ def _workers(num_workers, dev: torch.device) -> int:
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """SGD or AdamW with weight decay on the weight matrices only; with
+    ``cfg.exit_lr_scale != 1`` the early exit head (``model.exit``) gets groups of its own
+    at ``lr * exit_lr_scale`` (the schedule scales every group alike)."""
+    exit_head = getattr(model, "exit", None) if cfg.exit_lr_scale != 1.0 else None
+    exit_ids = {id(p) for p in exit_head.parameters()} if isinstance(exit_head, nn.Module) else set()
+    split = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            split[(id(p) in exit_ids, p.ndim > 1)].append(p)
+    groups = [{"params": split[(is_exit, decays)], "weight_decay": cfg.weight_decay if decays else 0.0,
+               "lr": cfg.lr * (cfg.exit_lr_scale if is_exit else 1.0)}
+              for is_exit, decays in ((False, True), (False, False), (True, True), (True, False))
+              if split[(is_exit, decays)] or not is_exit]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr)

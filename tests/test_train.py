@@ -289,3 +289,29 @@ def test_lr_warmup_rises_linearly_then_follows_the_cosine(splits):
     assert res.history["lr"].tolist() == pytest.approx([0.05 * want[s] for s in (3, 6, 9, 12)])
     with pytest.raises(ValueError, match="lr_warmup=1"):
         _cfg(lr_warmup=1)
+
+
+def test_exit_lr_scale_moves_only_the_detached_exit_head(splits):
+    """The exit's own learning rate: its groups run at lr * exit_lr_scale; the exit reads
+    detached features, so every other weight trains exactly as at scale 1."""
+    model = models.build_student(TINY, 2, seed=0)
+    opt = train._make_optimizer(model, _cfg(lr=0.05, exit_lr_scale=10))
+    exit_ids = {id(p) for p in model.exit.parameters()}
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= exit_ids or not ids & exit_ids                # no group mixes them
+        assert group["lr"] == pytest.approx(0.5 if ids and ids <= exit_ids else 0.05)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    plain = train._make_optimizer(model, _cfg(lr=0.05))
+    assert len(plain.param_groups) == 2                              # scale 1: as before
+    one = train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(epochs=2))
+    ten = train.train_model(models.build_student(TINY, 2, seed=0), splits, _cfg(epochs=2, exit_lr_scale=10))
+    a, b = one.model.state_dict(), ten.model.state_dict()
+    for k in a:
+        same = torch.equal(a[k], b[k])
+        assert same != k.startswith("exit."), k                    # only the exit differs
+    with pytest.raises(ValueError, match="exit_lr_scale=0"):
+        _cfg(exit_lr_scale=0)
+    student = train.TrainConfig.from_profile(TINY.replace(exit_lr_scale=4.0), "student")
+    teacher = train.TrainConfig.from_profile(TINY.replace(exit_lr_scale=4.0), "teacher")
+    assert student.exit_lr_scale == 4.0 and teacher.exit_lr_scale == 1.0
