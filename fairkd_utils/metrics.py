@@ -186,21 +186,24 @@ IMAGE_TARGETS = {"margin": 0.50, "gain": 0.20}
 
 
 def shortcut_margin_ceiling(train_counts, n_attrs: int, groups) -> float:
-    """How confident a reader of the spurious attribute alone can be where it is wrong:
-    the mean, over the training instances of ``groups`` (the minority groups), of the
-    margin P(top label | a) - P(second label | a) of the Bayes classifier that sees only
-    the attribute ``a``, from the training counts in the order ``g = y * n_attrs + a``.
+    """How confident a reader of the spurious attribute alone is where it is wrong: the
+    mean, over the training instances of ``groups`` (the minority groups), of the margin
+    P(top label | a) - P(second label | a) of the Bayes classifier that sees only the
+    attribute ``a``, from the training counts in the order ``g = y * n_attrs + a``.
 
     Waterbirds' counts give 0.765 (landbird on water: 0.703, waterbird on land: 0.968);
-    MultiNLI's 0.625 (with negation: P(contradiction) 0.761 - P(neutral) 0.136). An exit
-    can be no more confidently wrong than this, on average, and still be a calibrated
-    reader of the shortcut."""
+    MultiNLI's 0.625 (with negation: P(contradiction) 0.761 - P(neutral) 0.136). It is
+    the reference level of a calibrated shortcut reader, not a bound on every exit: one
+    that reads more than the attribute can be more confident on some instances.
+    Groups with no training instances are left out."""
     counts = np.asarray(train_counts, dtype=float)
-    if n_attrs < 2 or len(counts) % n_attrs or not len(groups):
-        raise ValueError(f"shortcut_margin_ceiling needs label x attribute counts and minority "
-                         f"groups (got {len(counts)} counts, n_attrs={n_attrs}, groups={list(groups)})")
+    groups = [int(k) for k in groups if 0 <= int(k) < len(counts) and counts[int(k)] > 0]
+    if n_attrs < 2 or len(counts) % n_attrs or len(counts) <= n_attrs or not groups:
+        raise ValueError(f"shortcut_margin_ceiling needs label x attribute counts (at least two "
+                         f"labels) and non-empty minority groups (got {len(counts)} counts, "
+                         f"n_attrs={n_attrs}, groups={groups})")
     table = counts.reshape(-1, n_attrs)               # rows: labels y; columns: attributes a
-    p = np.sort(table / table.sum(0, keepdims=True), axis=0)
+    p = np.sort(table / np.maximum(table.sum(0, keepdims=True), 1.0), axis=0)
     margin_of_attr = p[-1] - p[-2]
     attrs = np.asarray(groups) % n_attrs
     return float(np.average(margin_of_attr[attrs], weights=counts[np.asarray(groups)]))

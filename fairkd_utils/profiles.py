@@ -187,8 +187,10 @@ class Profile:
     # How the text exit pools its layer's token states: "mean" (over the attention mask,
     # as the image exit averages its stage's feature map) or "cls" (the [CLS] position).
     exit_pool: str = "cls"
-    # Students: the early exit head's learning rate as a multiple of lr (train.TrainConfig;
-    # its features are detached, so nothing else the student learns changes).
+    # Students: the early exit head's learning rate as a multiple of lr
+    # (train.TrainConfig.exit_lr_scale): how far the exit's own fit gets in the budget.
+    # ERM, kd and group-balanced students train every other weight exactly as at 1; the
+    # reweighting methods read the exit, so their weights follow its fit.
     exit_lr_scale: float = 1.0
     # The teacher's learning rate where it differs from the students' (None: lr).
     teacher_lr: float | None = None
@@ -292,7 +294,9 @@ TEXT_PROFILES: dict[str, Profile] = {
     # exit mean-pools student layer 1, as the image exit averages its stage's feature
     # map, and its head learns at 30 x lr: at 1 x, AdamW's bounded steps leave the linear
     # head far from its fit (weight norm 0.7 against 5-8 for a converged probe of the
-    # same features), so it is less confident than the layer it reads.
+    # same features), so it is less confident than the layer it reads. `multinli` with
+    # this profile gets the same budget, warm-up and exit (the text_* knobs are
+    # synthetic_text's only).
     "default": Profile(
         name="default", data_scale=1.0, image_size=0, augment=False,
         teacher_arch="tiny_bert", student_arch="tiny_bert",

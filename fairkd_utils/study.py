@@ -583,7 +583,9 @@ def calibration_targets(train_counts, n_attrs: int, dataset: str) -> dict:
     - margin: 0.50 x the shortcut's ceiling on these training counts (0.625 for
       MultiNLI's, :func:`metrics.shortcut_margin_ceiling`) / Waterbirds' (0.765): 0.41;
     - gain: 0.20 x MultiNLI's group DRO - ERM gain (0.098) / Waterbirds' (0.188): 0.10.
-    """
+
+    Rounded to two decimals, as printed and checked. Raises where the training counts
+    have no minority group (all groups the same size)."""
     image = metrics.IMAGE_TARGETS
     if dataset not in TEXT_DATASETS:
         return dict(image)
@@ -592,8 +594,8 @@ def calibration_targets(train_counts, n_attrs: int, dataset: str) -> dict:
         train_counts, n_attrs, minority_groups(train_counts, n_attrs))
     wb_ceiling = metrics.shortcut_margin_ceiling(wb, 2, minority_groups(wb, 2))
     gain = {k: v["group_dro"] - v["erm"] for k, v in LITERATURE_WGA.items()}
-    return {"margin": image["margin"] * ceiling / wb_ceiling,
-            "gain": image["gain"] * gain["multinli"] / gain["waterbirds"]}
+    return {"margin": round(image["margin"] * ceiling / wb_ceiling, 2),
+            "gain": round(image["gain"] * gain["multinli"] / gain["waterbirds"], 2)}
 
 
 def exit_frame(pred, ds) -> "pd.DataFrame":

@@ -114,9 +114,10 @@ class TrainConfig:
     lr_warmup: float = 0.0            # share of the steps with a linear learning-rate warm-up
     seed: int = 0
     exit_loss_weight: float = 1.0     # weight of the early exit's CE (students)
-    # The early exit head's learning rate as a multiple of ``lr`` (students; same schedule).
-    # Its features are detached, so this changes how far the exit's own convex fit gets
-    # in the budget and nothing else the student learns.
+    # The early exit head's learning rate as a multiple of ``lr`` (students; same schedule;
+    # AdamW's decoupled decay scales with it). With detached exit features, objectives
+    # that do not read the exit (ERM, kd, group-balanced) train every other weight exactly
+    # as at 1; the reweighting methods read the exit, so their weights follow its fit.
     exit_lr_scale: float = 1.0
     eval_batch_size: int = 512
     device: str = "cpu"
@@ -282,7 +283,9 @@ def _workers(num_workers, dev: torch.device) -> int:
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD or AdamW with weight decay on the weight matrices only; with
     ``cfg.exit_lr_scale != 1`` the early exit head (``model.exit``) gets groups of its own
-    at ``lr * exit_lr_scale`` (the schedule scales every group alike)."""
+    at ``lr * exit_lr_scale`` (the schedule scales every group alike; AdamW's decoupled
+    decay, lr x weight_decay per step, is that much stronger there too). Scale 1 gives
+    exactly the two groups of before."""
     exit_head = getattr(model, "exit", None) if cfg.exit_lr_scale != 1.0 else None
     exit_ids = {id(p) for p in exit_head.parameters()} if isinstance(exit_head, nn.Module) else set()
     split = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}

@@ -293,7 +293,8 @@ def test_lr_warmup_rises_linearly_then_follows_the_cosine(splits):
 
 def test_exit_lr_scale_moves_only_the_detached_exit_head(splits):
     """The exit's own learning rate: its groups run at lr * exit_lr_scale; the exit reads
-    detached features, so every other weight trains exactly as at scale 1."""
+    detached features, so under ERM (which does not read the exit) every other weight
+    trains exactly as at scale 1."""
     model = models.build_student(TINY, 2, seed=0)
     opt = train._make_optimizer(model, _cfg(lr=0.05, exit_lr_scale=10))
     exit_ids = {id(p) for p in model.exit.parameters()}
