@@ -288,14 +288,16 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     exactly the two groups of before."""
     exit_head = getattr(model, "exit", None) if cfg.exit_lr_scale != 1.0 else None
     exit_ids = {id(p) for p in exit_head.parameters()} if isinstance(exit_head, nn.Module) else set()
-    split = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}
-    for p in model.parameters():
-        if p.requires_grad:
-            split[(id(p) in exit_ids, p.ndim > 1)].append(p)
-    groups = [{"params": split[(is_exit, decays)], "weight_decay": cfg.weight_decay if decays else 0.0,
-               "lr": cfg.lr * (cfg.exit_lr_scale if is_exit else 1.0)}
-              for is_exit, decays in ((False, True), (False, False), (True, True), (True, False))
-              if split[(is_exit, decays)] or not is_exit]
+
+    def groups_of(params, lr):
+        return [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": lr},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = groups_of([p for p in trainable if id(p) not in exit_ids], cfg.lr)
+    if exit_ids:
+        groups += [g for g in groups_of([p for p in trainable if id(p) in exit_ids],
+                                        cfg.lr * cfg.exit_lr_scale) if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr)
