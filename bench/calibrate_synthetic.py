@@ -33,7 +33,7 @@ import time
 import pandas as pd
 import torch
 
-from fairkd_utils import profiles, rundir, study
+from fairkd_utils import losses, profiles, rundir, study
 from fairkd_utils import metrics as M
 from fairkd_utils import train
 
@@ -107,8 +107,7 @@ def main(argv=None) -> int:
                 if method == "erm":
                     ex = train.predict(res.model, train_ds).exit_probs
                     wrong = (ex.argmax(1) != train_ds.y) & in_minority
-                    top2 = ex.topk(2, dim=1).values
-                    margin = top2[:, 0] - top2[:, 1]
+                    margin = losses.confidence_margin(ex)
                     row["exit_minority_wrong"] = float(wrong.sum() / in_minority.sum())
                     row["exit_minority_margin_wrong"] = float(margin[wrong].mean()) if wrong.any() else 0.0
             rows.append(row)
