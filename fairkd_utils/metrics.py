@@ -26,6 +26,7 @@ __all__ = [
     "ece", "nll", "metric_rows", "summarize", "SUMMARY_METRICS", "calibration_conditions",
     "CALIBRATION_TARGETS", "IMAGE_TARGETS", "shortcut_margin_ceiling",
     "auroc", "per_seed_metrics", "mean_interval", "summary_table", "paired_differences",
+    "within_wrong_rank_corr", "topk_overlap", "group_weight_share",
 ]
 
 #: The scalar metrics of ``summary.csv`` (per method, over seeds).
@@ -341,3 +342,60 @@ def paired_differences(per_seed, metric: str = "worst_group_acc", baselines=BASE
             rows += [{"baseline": baseline, "method": method, "seed": s, "diff": v, "lo": lo, "hi": hi}
                      for s, v in diff.items()]
     return pd.DataFrame(rows, columns=["baseline", "method", "seed", "diff", "lo", "hi"])
+
+
+# --------------------------------------------------------------------------- agreement of two weightings
+def _weights(w, name: str) -> np.ndarray:
+    a = np.asarray(_t(w).double().numpy() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
+    if a.ndim != 1 or not np.isfinite(a).all():
+        raise ValueError(f"{name} must be a 1-d array of finite weights, got shape {a.shape}")
+    return a
+
+
+def within_wrong_rank_corr(w_ref, w_other, wrong) -> dict:
+    """Spearman and Kendall (tau-b) rank correlation of two per-instance weightings,
+    restricted to the instances where ``wrong`` is True (the only ones a
+    wrong-instance reweighting moves; over all instances the ties at weight 1
+    dominate and hide any disagreement). Spearman is Pearson's correlation of the
+    average ranks. Both NaN when fewer than two wrong instances remain or either
+    weighting is constant on them."""
+    a, b = _weights(w_ref, "w_ref"), _weights(w_other, "w_other")
+    m = np.asarray(_t(wrong).numpy() if isinstance(wrong, torch.Tensor) else wrong, dtype=bool)
+    if not (len(a) == len(b) == len(m)):
+        raise ValueError(f"w_ref, w_other and wrong must have one entry per instance "
+                         f"(got {len(a)}, {len(b)}, {len(m)})")
+    a, b = a[m], b[m]
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"spearman": float("nan"), "kendall": float("nan")}
+    rho = float(np.corrcoef(stats.rankdata(a), stats.rankdata(b))[0, 1])
+    return {"spearman": rho, "kendall": float(stats.kendalltau(a, b, variant="b").statistic)}
+
+
+def _top_k(w: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest weights; ties go to the lower index (stable sort)."""
+    return np.argsort(-w, kind="stable")[:k]
+
+
+def topk_overlap(w_ref, w_other, k: int) -> float:
+    """Share of the ``k`` most upweighted instances of ``w_ref`` that are also among
+    the ``k`` most upweighted of ``w_other``. Ties are broken deterministically by
+    instance index (the lower index ranks higher), in both weightings."""
+    a, b = _weights(w_ref, "w_ref"), _weights(w_other, "w_other")
+    if len(a) != len(b):
+        raise ValueError(f"w_ref and w_other have {len(a)} and {len(b)} entries")
+    if not 1 <= int(k) <= len(a):
+        raise ValueError(f"topk_overlap needs 1 <= k <= {len(a)} (the number of instances), got k={k}")
+    k = int(k)
+    return len(np.intersect1d(_top_k(a, k), _top_k(b, k))) / k
+
+
+def group_weight_share(w, g, n_groups: int) -> np.ndarray:
+    """Each group's share of the total weight, float64 array of length ``n_groups``
+    summing to 1 (0 for an empty group)."""
+    a = _weights(w, "w")
+    g = np.asarray(_t(g).long().numpy() if isinstance(g, torch.Tensor) else g).astype(np.int64)
+    if g.shape != a.shape or (len(g) and (g.min() < 0 or g.max() >= n_groups)):
+        raise ValueError(f"g must give a group in [0, {n_groups}) for each of the {len(a)} weights")
+    if (a < 0).any() or a.sum() <= 0:
+        raise ValueError("group_weight_share needs non-negative weights with a positive total")
+    return np.bincount(g, weights=a, minlength=n_groups) / a.sum()

@@ -93,3 +93,72 @@ def test_summarize_names_the_study_metrics():
     assert out["worst_group_acc"] == 0.0 and out["avg_acc"] == 0.5
     assert out["train_weighted_acc"] == pytest.approx(0.75)
     assert out["acc_g0"] == 1.0
+
+
+# --------------------------------------------------------------------------- agreement of two weightings
+def _kendall_tau_b_by_hand(a, b):
+    """Tau-b from its definition: (concordant - discordant) / sqrt((n0 - ties_a)(n0 - ties_b))."""
+    conc = disc = ties_a = ties_b = 0
+    n = len(a)
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+            ties_a += da == 0
+            ties_b += db == 0
+            if da and db:
+                conc += da == db
+                disc += da != db
+    n0 = n * (n - 1) / 2
+    return (conc - disc) / math.sqrt((n0 - ties_a) * (n0 - ties_b))
+
+
+def test_within_wrong_rank_corr_sees_a_reversal_the_all_instances_spearman_hides():
+    from scipy.stats import spearmanr
+    # 190 right instances at weight 1 in both; 10 wrong ones upweighted in reverse order
+    right = np.ones(190)
+    w_ref = np.concatenate([right, np.arange(2.0, 12.0)])
+    w_other = np.concatenate([right, np.arange(11.0, 1.0, -1)])
+    wrong = np.r_[np.zeros(190, bool), np.ones(10, bool)]
+    assert spearmanr(w_ref, w_other).statistic > 0.9
+    r = M.within_wrong_rank_corr(w_ref, w_other, wrong)
+    assert r["spearman"] == pytest.approx(-1.0) and r["kendall"] == pytest.approx(-1.0)
+
+
+def test_within_wrong_rank_corr_matches_scipy_and_kendall_tau_b_by_hand_with_ties():
+    from scipy.stats import kendalltau, spearmanr
+    rng = np.random.default_rng(0)
+    w_ref = np.round(rng.exponential(size=60), 1)           # rounded: ties
+    w_other = np.round(w_ref + rng.normal(scale=0.5, size=60), 1)
+    wrong = rng.random(60) < 0.5
+    r = M.within_wrong_rank_corr(torch.tensor(w_ref), w_other, torch.tensor(wrong))
+    assert r["spearman"] == pytest.approx(spearmanr(w_ref[wrong], w_other[wrong]).statistic)
+    assert r["kendall"] == pytest.approx(kendalltau(w_ref[wrong], w_other[wrong]).statistic)
+    assert r["kendall"] == pytest.approx(_kendall_tau_b_by_hand(w_ref[wrong], w_other[wrong]))
+
+
+def test_within_wrong_rank_corr_is_nan_for_fewer_than_two_or_constant_and_checks_lengths():
+    w = np.array([1.0, 2.0, 3.0])
+    for wrong in ([True, False, False], [False, False, False]):
+        assert all(math.isnan(v) for v in M.within_wrong_rank_corr(w, w, wrong).values())
+    assert math.isnan(M.within_wrong_rank_corr(w, np.ones(3), [True] * 3)["spearman"])
+    with pytest.raises(ValueError, match="one entry per instance"):
+        M.within_wrong_rank_corr(w, w[:2], [True] * 3)
+
+
+def test_topk_overlap_by_hand_with_ties_broken_by_index():
+    w_ref = np.array([5.0, 1.0, 4.0, 4.0, 0.0])       # top-2: 0, then 2 (ties 2/3 -> lower index)
+    w_other = np.array([0.0, 9.0, 3.0, 3.0, 1.0])     # top-2: 1, then 2
+    assert M.topk_overlap(w_ref, w_other, 2) == pytest.approx(0.5)
+    assert M.topk_overlap(w_ref, w_other, 1) == 0.0
+    assert M.topk_overlap(w_ref, w_other, 5) == 1.0
+    assert M.topk_overlap(np.ones(4), np.ones(4), 2) == 1.0     # all tied: the same first two
+    with pytest.raises(ValueError, match="k <= 5"):
+        M.topk_overlap(w_ref, w_other, 6)
+
+
+def test_group_weight_share_by_hand():
+    w = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    share = M.group_weight_share(w, torch.tensor([0, 0, 2, 2]), 4)
+    np.testing.assert_allclose(share, [0.5, 0.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match=r"group in \[0, 2\)"):
+        M.group_weight_share(w, [0, 1, 2, 0], 2)
