@@ -6,13 +6,14 @@ only tensors and plain Python values (``torch.load(weights_only=True)`` reads it
 ``format, name, fingerprint, fingerprint_payload, config, state_dict, best_epoch,
 history`` (list of dicts), ``weights`` (list of dicts) and ``run`` (the run that wrote
 it, see :func:`must_retrain`). The fingerprint hashes the config, the model's
-architecture and initial weights, the data, the objective and the source of the
-library modules in :data:`CODE_MODULES`, so a changed input retrains instead of
+architecture and initial weights, the data, the objective and the code (not the
+prose) of the library modules that train (:func:`code_fingerprint`), so a changed input retrains instead of
 reusing a checkpoint of something else.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -30,27 +31,48 @@ from .records import torch_save
 
 logger = logging.getLogger("fairkd")
 
-#: The library modules that produce checkpoints: the bytes of their source go into
-#: every checkpoint fingerprint (:func:`code_fingerprint`), so editing any of them
-#: retrains instead of reusing checkpoints of the old code. (``metrics``: the val
-#: metrics that choose the kept epoch.)
-CODE_MODULES = ("data", "models", "text", "losses", "exit_laplace", "last_layer", "train", "checkpoints",
-                "metrics", "study", "rundir", "profiles")
+#: The library modules that do not shape a checkpoint (figures, the runner, the job
+#: engine, table writing): every other module of the package goes into every
+#: checkpoint fingerprint (:func:`code_fingerprint`), so a code change to any of them
+#: retrains instead of reusing checkpoints of the old code. A new module counts by
+#: default. (``metrics`` counts: its validation metrics choose the kept epoch.)
+NOT_TRAINING_MODULES = ("__init__", "plots", "pipeline", "jobs", "records")
 #: A model checkpoint (:func:`save_model`) and a warm-up state (``train.train_warmup``).
 CHECKPOINT_FORMAT = "fairkd-checkpoint-v1"
 WARMUP_FORMAT = "fairkd-warmup-v1"
 
 
+def code_modules(folder=None) -> list[str]:
+    """The modules whose code :func:`code_fingerprint` hashes (names without ``.py``)."""
+    folder = Path(folder) if folder else Path(__file__).resolve().parent
+    return sorted(p.stem for p in folder.glob("*.py") if p.stem not in NOT_TRAINING_MODULES)
+
+
+def code_text(source: str) -> str:
+    """The code of a module without its docstrings and comments: its syntax tree,
+    docstrings removed, dumped without line numbers. Editing prose leaves it equal;
+    any change to what runs does not."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:]
+    return ast.dump(tree)
+
+
 @functools.lru_cache(maxsize=None)
 def code_fingerprint(folder=None) -> str:
-    """A hash (16 hex digits) of the source of :data:`CODE_MODULES` in ``folder``
-    (default: this package's), computed once per process."""
+    """A hash (16 hex digits) of the code (:func:`code_text`: no docstrings or
+    comments) of :func:`code_modules` in ``folder`` (default: this package's),
+    computed once per process."""
     folder = Path(folder) if folder else Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for module in CODE_MODULES:
-        source = (folder / f"{module}.py").read_bytes()
-        h.update(f"{module}.py {len(source)}\n".encode())
-        h.update(source)
+    for module in code_modules(folder):
+        code = code_text((folder / f"{module}.py").read_text(encoding="utf-8")).encode()
+        h.update(f"{module}.py {len(code)}\n".encode())
+        h.update(code)
     return h.hexdigest()[:16]
 
 

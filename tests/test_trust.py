@@ -42,19 +42,58 @@ def _messages(caplog):
 
 
 # ---------------------------------------------------------------- 1: code in the fingerprint
-def test_the_fingerprint_covers_the_source_of_the_modules_that_train(tmp_path):
+def _package_copy(tmp_path):
     package = os.path.dirname(study.__file__)
-    for module in checkpoints.CODE_MODULES:
-        shutil.copy(os.path.join(package, f"{module}.py"), tmp_path)
-    before = checkpoints.code_fingerprint(tmp_path / ".")
-    assert before == checkpoints.code_fingerprint(str(tmp_path)) != ""
-    source = (tmp_path / "losses.py").read_text()
-    assert "def _raw_weight" in source
-    (tmp_path / "losses.py").write_text(source.replace("def _raw_weight", "def _raw_weight  ", 1))
+    for name in os.listdir(package):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(package, name), tmp_path)
     checkpoints.code_fingerprint.cache_clear()
+    return checkpoints.code_fingerprint(tmp_path)
+
+
+def _edit(path, old, new):
+    source = path.read_text()
+    assert old in source
+    path.write_text(source.replace(old, new, 1))
+    checkpoints.code_fingerprint.cache_clear()
+
+
+def test_the_fingerprint_covers_the_code_of_the_modules_that_train(tmp_path):
+    before = _package_copy(tmp_path)
+    assert before == checkpoints.code_fingerprint(str(tmp_path)) != ""
+    assert {"data", "models", "losses", "exit_laplace", "train", "checkpoints", "study", "rundir",
+            "profiles", "metrics"} <= set(checkpoints.code_modules(tmp_path))
+    assert not {"plots", "pipeline", "jobs"} & set(checkpoints.code_modules(tmp_path))
+    _edit(tmp_path / "losses.py", "def confidence_margin(", "def confidence_margin_(")
     assert checkpoints.code_fingerprint(tmp_path) != before
-    assert {"data", "models", "losses", "exit_laplace", "train", "checkpoints", "study", "rundir", "profiles"} <= set(
-        checkpoints.CODE_MODULES)
+
+
+def test_a_docstring_or_comment_edit_keeps_the_fingerprint(tmp_path):
+    before = _package_copy(tmp_path)
+    _edit(tmp_path / "metrics.py", '"""', '"""An edited module docstring.\n\n')
+    _edit(tmp_path / "train.py", "\n", "\n# a new comment line\n")
+    losses_src = (tmp_path / "losses.py").read_text()
+    func = losses_src.index("def confidence_margin(")
+    doc = losses_src.index('"""', func)
+    _edit(tmp_path / "losses.py", losses_src[doc:doc + 3], '"""Reworded: ')
+    assert checkpoints.code_fingerprint(tmp_path) == before
+    _edit(tmp_path / "metrics.py", "import ", "import os  # now imported\nimport ")
+    assert checkpoints.code_fingerprint(tmp_path) != before
+
+
+def test_a_docstring_edit_reuses_a_checkpoint_and_a_code_edit_retrains(splits, tmp_path, no_retrain):
+    run = _smoke_run(tmp_path)
+    package = tmp_path / "package"
+    package.mkdir()
+    original = _package_copy(package)
+    no_retrain.setattr(rundir, "code_fingerprint", lambda folder=None: checkpoints.code_fingerprint(package))
+    first = _student(splits, tmp_path, run.fingerprint_extra())
+    assert not first.reused
+    _edit(package / "models.py", '"""', '"""Docstring edited after training.\n\n')
+    assert checkpoints.code_fingerprint(package) == original
+    assert _student(splits, tmp_path, run.fingerprint_extra()).reused
+    _edit(package / "models.py", "\nimport ", "\nimport math as _unused_math\nimport ")
+    assert not _student(splits, tmp_path, run.fingerprint_extra()).reused
 
 
 def test_runs_fingerprint_holds_the_code_and_no_hand_bumped_version(tmp_path):
