@@ -24,6 +24,13 @@ Two priors:
   evidence-based prior, so ``tau`` comes from validation NLL over a grid
   (:meth:`ExitLaplace.optimize_tau_val`, our own loop: laplace-torch 0.3's
   gridsearch never resets its NLL metric).
+* Meronen et al. (2023)'s recipe (``fit_exit_laplace(..., prior="meronen")``, as their
+  public code AaltoML/calibrated-dnn does it): the kron form with ``tau = 1/var0``
+  (their factors are ``sqrt(N)`` times the per-instance means plus ``sqrt(1/var0) I``),
+  ``var0`` chosen *jointly* with a temperature ``T`` on the logits by validation NLL
+  over their grids (:data:`MERONEN_VAR0_GRID` x :data:`MERONEN_TEMP_GRID`), and a
+  Monte-Carlo predictive of :data:`MERONEN_SAMPLES` draws shared by every instance
+  (link ``"mc_shared"``): ``p = mean_s softmax((mu + v^(1/2) L g_s) / T)``.
 
 Maths runs in float64; predictions come back in the dtype of the features given.
 """
@@ -41,11 +48,17 @@ from .models import ExitHead, phi_tilde
 from .profiles import PRIORS
 
 __all__ = [
-    "KronFactors", "ExitLaplace", "LaplacePrediction", "fit_exit_laplace",
-    "probit_two_class", "phi_tilde",
+    "KronFactors", "ExitLaplace", "LaplacePrediction", "fit_exit_laplace", "fit_on_subset",
+    "probit_two_class", "phi_tilde", "MERONEN_VAR0_GRID", "MERONEN_TEMP_GRID", "MERONEN_SAMPLES",
 ]
 
-_LINKS = ("auto", "probit", "mc")
+_LINKS = ("auto", "probit", "mc", "mc_shared")
+#: Meronen et al. (2023)'s grids (calibrated-dnn, adaptive_inference.py): prior variance
+#: var0 (tau = 1/var0) and logit temperature, searched jointly per exit on validation NLL.
+MERONEN_VAR0_GRID = (0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0)
+MERONEN_TEMP_GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0)
+#: Their Monte-Carlo predictive's number of draws.
+MERONEN_SAMPLES = 50
 _MATH = torch.float64
 
 
@@ -366,6 +379,12 @@ class ExitLaplace:
             self.lam = torch.outer(self.lam_B, self.lam_A)
         self.tau: float | None = None
         self.val_nll: list[tuple[float, float]] | None = None
+        #: "meronen" once :meth:`set_meronen` made this kron posterior Meronen's recipe
+        #: (temperature on the logits, shared-draw MC of MERONEN_SAMPLES by default).
+        self.recipe = prior
+        self.temperature: float | None = None
+        self.var0: float | None = None
+        self.val_nll_grid: list[tuple[float, float, float]] | None = None
         if tau is not None:
             self.set_tau(tau)
         elif prior == "exact":
@@ -498,6 +517,50 @@ class ExitLaplace:
         self.val_nll = results
         return self.set_tau(results[best][0]).tau
 
+    def set_meronen(self, var0: float, temperature: float) -> "ExitLaplace":
+        """Make this kron posterior Meronen et al.'s: ``tau = 1/var0`` and logits divided
+        by ``temperature`` in every predictive; ``predict``'s "auto" becomes their
+        shared-draw Monte Carlo ("mc_shared") with MERONEN_SAMPLES draws."""
+        if self.prior != "kron":
+            raise ValueError("Meronen et al.'s recipe is the kron form: build the ExitLaplace "
+                             "with prior='kron' (or fit_exit_laplace(..., prior='meronen')).")
+        var0, temperature = float(var0), float(temperature)
+        if not (var0 > 0 and math.isfinite(var0) and temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"var0 and temperature must be positive and finite, got {var0}, {temperature}.")
+        self.set_tau(1.0 / var0)
+        self.recipe, self.temperature, self.var0 = "meronen", temperature, var0
+        return self
+
+    def optimize_meronen_val(self, phi_val: torch.Tensor, y_val: torch.Tensor,
+                             var0_grid: Sequence[float] = MERONEN_VAR0_GRID,
+                             temp_grid: Sequence[float] = MERONEN_TEMP_GRID, *,
+                             n_samples: int = MERONEN_SAMPLES, seed: int = 0) -> tuple[float, float]:
+        """Choose ``(var0, T)`` jointly, minimising the validation NLL of the shared-draw MC
+        predictive over ``var0_grid`` x ``temp_grid`` (every pair with the same draws,
+        seeded ``seed``; ties go to the first pair, temperature-major as their loop).
+        Sets the recipe (:meth:`set_meronen`) and returns the pair;
+        ``self.val_nll_grid`` keeps ``[(var0, T, nll), ...]``."""
+        var0_grid, temp_grid = [float(v) for v in var0_grid], [float(t) for t in temp_grid]
+        if not var0_grid or not temp_grid:
+            raise ValueError("var0_grid and temp_grid need at least one value each.")
+        y_val = torch.as_tensor(y_val).long().reshape(-1).to(self.device)
+        if phi_val.shape[0] == 0 or phi_val.shape[0] != y_val.shape[0]:
+            raise ValueError(f"need a non-empty validation set with one label per instance, got "
+                             f"{phi_val.shape[0]} instances and {y_val.shape[0]} labels.")
+        nll = {}
+        for var0 in var0_grid:
+            for t in temp_grid:
+                self.set_meronen(var0, t)
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+                p = self.predict(phi_val, n_samples=n_samples, generator=gen).probs
+                p_y = p.to(_MATH).gather(1, y_val[:, None]).clamp_min(1e-300)
+                nll[(var0, t)] = float(-torch.log(p_y).mean())
+        order = [(v, t) for t in temp_grid for v in var0_grid]
+        best = min(order, key=lambda k: nll[k])
+        self.val_nll_grid = [(v, t, nll[(v, t)]) for v, t in order]
+        self.set_meronen(*best)
+        return best
+
     # ---------------------------------------------------------------- moments
     def _require_tau(self) -> None:
         if self.tau is None:
@@ -537,13 +600,16 @@ class ExitLaplace:
         pt = self._prep(phi)
         return pt @ self.W.T, self._cov_from_scale(self._scale(pt))
 
-    def _noise(self, sc: torch.Tensor, n_samples: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Zero-mean logit noise, class-first (C, S, n), in sc's dtype.
+    def _noise(self, sc: torch.Tensor, n_samples: int, generator: torch.Generator | None,
+               shared: torch.Tensor | None = None) -> torch.Tensor:
+        """Zero-mean logit noise, class-first (C, S, n), in sc's dtype; ``shared`` (C, S, 1):
+        the same standard-normal draws for every instance (Meronen et al.'s MC).
 
         Class-first keeps the small class axis outermost: the softmax over it is
         ~30x faster than over a trailing axis of size C on CPU."""
         C, n = self.C, sc.shape[0]
-        g = torch.randn(C, n_samples, n, dtype=sc.dtype, device=self.device, generator=generator)
+        g = (torch.randn(C, n_samples, n, dtype=sc.dtype, device=self.device, generator=generator)
+             if shared is None else shared.to(sc.dtype).expand(C, n_samples, n))
         if self.prior == "exact":
             scaled = (sc.sqrt().T[:, None, :] * g).reshape(C, n_samples * n)
             return (self.Q_B.to(sc.dtype) @ scaled).reshape(C, n_samples, n)
@@ -563,12 +629,18 @@ class ExitLaplace:
         return z.permute(1, 2, 0)
 
     # ---------------------------------------------------------------- predictive
-    def predict(self, phi: torch.Tensor, link: str = "auto", n_samples: int = 100,
+    def predict(self, phi: torch.Tensor, link: str = "auto", n_samples: int | None = None,
                 generator: torch.Generator | None = None, chunk_size: int = 4096,
                 mc_dtype: torch.dtype = torch.float32) -> LaplacePrediction:
         """Laplace predictive at raw exit features ``phi`` (n, D).
 
-        link "auto": probit on the logit difference for C = 2, MC for C > 2.
+        link "auto": probit on the logit difference for C = 2, MC for C > 2; under
+        Meronen et al.'s recipe (:meth:`set_meronen`) their "mc_shared".
+        ``n_samples`` None: 100, or MERONEN_SAMPLES under their recipe.
+        "mc_shared": ``n_samples`` standard-normal C-vectors drawn once and shared by
+        every instance (as their code does), the softmax taken over all C logits.
+        A temperature set by the recipe divides the logits' mean and standard deviation
+        in every link; ``variance`` stays the posterior's (untempered).
         "probit" for C > 2 is laplace-torch's per-logit probit
         ``softmax(mu / sqrt(1 + pi diag(Sigma) / 8))``.  "mc": ``n_samples`` draws,
         batched over instances (``chunk_size``), vectorised over samples; without a
@@ -581,20 +653,28 @@ class ExitLaplace:
         self._require_tau()
         if link not in _LINKS:
             raise ValueError(f"link must be one of {_LINKS}, got {link!r}.")
+        meronen = self.recipe == "meronen"
         if link == "auto":
-            link = "probit" if self.C == 2 else "mc"
+            link = "mc_shared" if meronen else ("probit" if self.C == 2 else "mc")
+        if n_samples is None:
+            n_samples = MERONEN_SAMPLES if meronen else 100
+        temp = self.temperature if meronen else 1.0
         phi = torch.as_tensor(phi)
         out_dtype = phi.dtype if phi.is_floating_point() else torch.float32
         _check_width(phi, self.D1 - 1)
         if phi.shape[0] == 0:
             raise ValueError("no instances: phi is empty; pass at least one feature row.")
-        if link == "mc":
+        shared = None
+        if link in ("mc", "mc_shared"):
             if n_samples < 1:
                 raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
             if generator is None:
                 generator = torch.Generator(device=self.device).manual_seed(0)
             # keep each chunk's (S, n, C) sample block near 2^20 numbers (cache-friendly)
             chunk_size = max(1, min(chunk_size, (1 << 20) // (n_samples * self.C)))
+            if link == "mc_shared":
+                shared = torch.randn(self.C, n_samples, 1, dtype=mc_dtype, device=self.device,
+                                     generator=generator)
         parts = []
         for i in range(0, phi.shape[0], chunk_size):
             pt = self._prep(phi[i:i + chunk_size])
@@ -602,15 +682,20 @@ class ExitLaplace:
             sc = self._scale(pt)
             top = mu.topk(2, dim=-1).indices
             var = self._diff_var(sc, top[:, 0], top[:, 1])
-            if self.C == 2:
+            if temp != 1.0:
+                mu, sc = mu / temp, sc / temp ** 2
+            if link == "mc_shared":
+                z = mu.T.to(mc_dtype)[:, None, :] + self._noise(sc.to(mc_dtype), n_samples, None, shared)
+                probs = torch.softmax(z, 0).mean(1, dtype=_MATH).T
+            elif self.C == 2:
                 # z_1 - z_0 carries all of it: top-2 MAP classes are {0, 1}, so var is var_d
                 mu_d = mu[:, 1] - mu[:, 0]
                 if link == "probit":
-                    p1 = probit_two_class(mu_d, var)
+                    p1 = probit_two_class(mu_d, var / temp ** 2)
                 else:
                     g = torch.randn(n_samples, mu_d.shape[0], dtype=mc_dtype, device=self.device,
                                     generator=generator)
-                    d = mu_d.to(mc_dtype) + var.sqrt().to(mc_dtype) * g
+                    d = mu_d.to(mc_dtype) + (var.sqrt() / temp).to(mc_dtype) * g
                     p1 = torch.sigmoid(d).mean(0, dtype=_MATH)
                 probs = torch.stack([1 - p1, p1], -1)
             elif link == "probit":
@@ -628,7 +713,9 @@ class ExitLaplace:
 
     def __repr__(self) -> str:
         tau = "unset" if self.tau is None else f"{self.tau:.4g}"
-        return f"ExitLaplace(prior={self.prior!r}, C={self.C}, D={self.D1 - 1}, N={self.n_data}, tau={tau})"
+        extra = f", recipe='meronen', T={self.temperature:g}" if self.recipe == "meronen" else ""
+        return (f"ExitLaplace(prior={self.prior!r}, C={self.C}, D={self.D1 - 1}, N={self.n_data}, "
+                f"tau={tau}{extra})")
 
 
 def fit_exit_laplace(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | None = None, *,
@@ -639,7 +726,18 @@ def fit_exit_laplace(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | N
 
     ``probs=None`` -> the head's own softmax.  Exact prior: tau by marginal likelihood
     unless given.  Kron prior: tau given, or chosen on ``(phi_val, y_val)`` over ``grid``.
+    ``prior="meronen"``: the kron form with ``(var0, T)`` chosen jointly on
+    ``(phi_val, y_val)`` (:meth:`ExitLaplace.optimize_meronen_val`; ``grid`` =
+    ``(var0_grid, temp_grid)``, default theirs); its ``predict`` applies ``T`` and
+    the shared-draw MC-50 by default.
     """
+    if prior == "meronen":
+        if phi_val is None or y_val is None:
+            raise ValueError("prior='meronen' chooses var0 and the temperature on validation "
+                             "data: pass phi_val=... and y_val=....")
+        la = fit_exit_laplace(head, phi, probs, y=y, prior="kron", tau=1.0, n_train=n_train)
+        la.optimize_meronen_val(phi_val, y_val, *(grid or ()))
+        return la
     phi = torch.as_tensor(phi)
     _check_width(phi, _in_features(head))
     if phi.shape[0] == 0:
@@ -658,3 +756,20 @@ def fit_exit_laplace(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | N
         la.optimize_tau_val(phi_val, y_val, grid)
         return la
     return ExitLaplace(W, factors, prior=prior, tau=tau)
+
+
+def fit_on_subset(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | None, idx, *,
+                  y: torch.Tensor | None = None, **kwargs) -> ExitLaplace:
+    """:func:`fit_exit_laplace` on exactly the training instances ``idx`` (distinct
+    indices into ``phi``): the factors are those of ``phi[idx]`` and ``probs[idx]`` and
+    stand for ``N = len(idx)`` instances. ``kwargs`` go to :func:`fit_exit_laplace`
+    (prior, tau, phi_val, y_val, grid)."""
+    phi = torch.as_tensor(phi)
+    idx = torch.as_tensor(idx)
+    if idx.ndim != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
+        raise ValueError("idx must be a non-empty 1-d tensor of integer instance indices "
+                         "(for a mask m pass m.nonzero().flatten()).")
+    if int(idx.min()) < 0 or int(idx.max()) >= phi.shape[0] or len(idx.unique()) != len(idx):
+        raise ValueError(f"idx must hold distinct indices in [0, {phi.shape[0]}) (the rows of phi).")
+    take = lambda t: None if t is None else torch.as_tensor(t)[idx.to(torch.as_tensor(t).device)]  # noqa: E731
+    return fit_exit_laplace(head, take(phi), take(probs), y=take(y), **kwargs)

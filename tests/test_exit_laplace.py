@@ -315,3 +315,116 @@ def test_non_positive_definite_posterior_is_a_clear_error():
         KronFactors().update(phi_tilde(phi[:2]), torch.full((2, 3), float("nan"), dtype=DT))
     with pytest.raises(ValueError, match="tau is not set"):
         ExitLaplace(W, f, prior="kron").predict(phi[:2])
+
+
+# --------------------------------------------------------------------------- Meronen et al.'s recipe
+from fairkd_utils.exit_laplace import (MERONEN_SAMPLES, MERONEN_TEMP_GRID,  # noqa: E402
+                                       MERONEN_VAR0_GRID, fit_on_subset)
+
+
+def _meronen_problem(C=3, seed=7):
+    phi, y, model, probs = make_problem(C, D=4, N=90, seed=seed)
+    head = ExitHead(4, C).to(DT)
+    head.linear.weight.data.copy_(model[1].weight.data)
+    la = fit_exit_laplace(head, phi[:60], probs[:60], y=y[:60], prior="meronen",
+                          phi_val=phi[60:], y_val=y[60:])
+    return phi, y, model, probs, la
+
+
+def test_meronen_posterior_and_predictive_equal_a_dense_computation_of_their_formula():
+    phi, y, model, probs, la = _meronen_problem()
+    C, D1, N = 3, 5, 60
+    assert la.prior == "kron" and la.recipe == "meronen" and la.n_data == N
+    assert la.var0 in MERONEN_VAR0_GRID and la.temperature in MERONEN_TEMP_GRID
+    # factors by hand, then their damped factors sqrt(N) * mean + sqrt(1/var0) I
+    pt, p = phi_tilde(phi[:60]), probs[:60]
+    B = sum(torch.diag(q) - torch.outer(q, q) for q in p)
+    A = sum(torch.outer(x, x) for x in pt) / N
+    prec0 = math.sqrt(1 / la.var0)
+    P = torch.kron(math.sqrt(N) * B / N + prec0 * torch.eye(C, dtype=DT),
+                   math.sqrt(N) * A + prec0 * torch.eye(D1, dtype=DT))
+    Sigma = torch.linalg.inv(P)                                   # dense posterior covariance
+    W = model[1].weight.detach()
+    x = phi[60:75]
+    mus, covs = [], []
+    for xi in phi_tilde(x):
+        J = torch.autograd.functional.jacobian(lambda w: w.reshape(C, D1) @ xi, W.reshape(-1))
+        mus.append(W @ xi)
+        covs.append(J @ Sigma @ J.T)
+    mu, cov = torch.stack(mus), torch.stack(covs)
+    mu_la, cov_la = la.logit_mean_cov(x)
+    torch.testing.assert_close(mu_la, mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cov_la, cov, rtol=1e-9, atol=1e-12)
+    # predictive: the same S standard-normal C-vectors for every instance, logits / T
+    S, T = MERONEN_SAMPLES, la.temperature
+    g = torch.randn(C, S, 1, dtype=DT, generator=torch.Generator().manual_seed(11))[:, :, 0]
+    dense = torch.stack([torch.softmax((m[:, None] + torch.linalg.cholesky(c) @ g) / T, 0).mean(1)
+                         for m, c in zip(mu, cov)])
+    ours = la.predict(x, generator=torch.Generator().manual_seed(11), mc_dtype=DT)
+    torch.testing.assert_close(ours.probs, dense, rtol=0, atol=1e-10)
+    assert not torch.allclose(dense, torch.softmax(mu / T, -1), atol=1e-3)   # the draws matter
+    # the default predictive is this one (MC-50, shared draws, seed 0), in float32 draws
+    default = la.predict(x)
+    ref = la.predict(x, link="mc_shared", n_samples=S, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(default.probs, ref.probs, rtol=0, atol=0)
+    torch.testing.assert_close(default.variance, ours.variance, rtol=0, atol=0)   # untempered
+    a, b = mu.topk(2, -1).indices.unbind(-1)
+    r = torch.arange(len(x))
+    torch.testing.assert_close(ours.variance, cov[r, a, a] + cov[r, b, b] - 2 * cov[r, a, b])
+
+
+def test_meronen_choice_minimises_validation_nll_over_the_joint_grid():
+    phi, y, model, probs, la = _meronen_problem(C=2, seed=8)
+    pv, yv = phi[60:], y[60:]
+    nll = {}
+    for v in MERONEN_VAR0_GRID:
+        for t in MERONEN_TEMP_GRID:
+            fresh = ExitLaplace(model[1].weight, la.factors, prior="kron", tau=1.0).set_meronen(v, t)
+            p = fresh.predict(pv, generator=torch.Generator().manual_seed(0)).probs
+            nll[(v, t)] = float(-torch.log(p[torch.arange(len(yv)), yv]).mean())
+    assert len(la.val_nll_grid) == 100
+    assert {(v, t): n for v, t, n in la.val_nll_grid} == pytest.approx(nll, rel=1e-12)
+    best = min(nll.values())
+    assert nll[(la.var0, la.temperature)] == best and la.tau == 1 / la.var0
+    assert len(set(round(v, 9) for v in nll.values())) > 10                # the grid is not flat
+
+
+def test_meronen_temperature_enters_the_two_class_probit_and_the_errors_are_clear():
+    phi, y, model, probs, la = _meronen_problem(C=2, seed=9)
+    la.set_meronen(2.0, 0.5)
+    mu, cov = la.logit_mean_cov(phi[:10])
+    mu_d, var_d = mu[:, 1] - mu[:, 0], cov[:, 1, 1] + cov[:, 0, 0] - 2 * cov[:, 0, 1]
+    p1 = torch.sigmoid((mu_d / 0.5) / torch.sqrt(1 + math.pi * var_d / 0.25 / 8))
+    torch.testing.assert_close(la.predict(phi[:10], link="probit").probs[:, 1], p1, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="phi_val"):
+        fit_exit_laplace(ExitHead(4, 2).to(DT), phi, prior="meronen")
+    with pytest.raises(ValueError, match="kron form"):
+        ExitLaplace(model[1].weight, la.factors, tau=1.0).set_meronen(1.0, 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        la.set_meronen(1.0, 0.0)
+
+
+# --------------------------------------------------------------------------- fits on a subset
+def test_fit_on_subset_uses_exactly_the_subset():
+    phi, y, model, probs = make_problem(3, D=5, N=120, seed=10)
+    head = ExitHead(5, 3).to(DT)
+    head.linear.weight.data.copy_(model[1].weight.data)
+    idx = torch.randperm(120, generator=torch.Generator().manual_seed(0))[:40]
+    sub = fit_on_subset(head, phi, probs, idx, y=y)
+    sliced = fit_exit_laplace(head, phi[idx], probs[idx], y=y[idx])
+    full = fit_exit_laplace(head, phi, probs, y=y)
+    assert sub.n_data == 40 and full.n_data == 120
+    torch.testing.assert_close(sub.B, sliced.B, rtol=0, atol=0)
+    torch.testing.assert_close(sub.A, sliced.A, rtol=0, atol=0)
+    assert sub.tau == sliced.tau
+    assert not torch.allclose(sub.A, full.A) and sub.tau != full.tau
+    # B summed over the subset's own probabilities, A averaged over the subset, by hand
+    pt = phi_tilde(phi[idx])
+    torch.testing.assert_close(sub.A, pt.T @ pt / 40)
+    torch.testing.assert_close(sub.B, torch.diag(probs[idx].sum(0)) - probs[idx].T @ probs[idx])
+    kr = fit_on_subset(head, phi, None, idx.numpy(), prior="kron", tau=2.0)
+    torch.testing.assert_close(kr.A, sliced.A)
+    for bad in (torch.tensor([], dtype=torch.long), torch.tensor([0, 0]), torch.tensor([120]),
+                torch.ones(120, dtype=torch.bool), torch.tensor([0.0, 1.0])):
+        with pytest.raises(ValueError, match="idx"):
+            fit_on_subset(head, phi, probs, bad)
