@@ -11,17 +11,32 @@
 # %% [markdown]
 # # 03 — The early-exit student
 #
-# The student is a much smaller network of the same family. Besides its final head it
-# carries an **early exit**: the output of an early stage is average-pooled into
-# features $\varphi$ and read out by one linear layer on $[\varphi, 1]$. The exit is
-# trained with its own cross-entropy on *detached* features, so it reads out what the
-# early layers encode without changing them.
+# > **Read it executed, without running anything:** the reference run's copy of this
+# > notebook, outputs included, is `results/reference/synthetic-default/executed/03_early_exit_student.ipynb`
+# > (image miniature) and `results/reference/synthetic_text-default/executed/03_early_exit_student.ipynb`
+# > (text miniature). Run as it stands, this notebook uses the `smoke` profile, whose
+# > numbers mean nothing; the runner passes the real profile.
+#
+# In this notebook we will train the student that every method of the study starts
+# from, and look at the one part of it the study is about: its **early exit**.
+#
+# The student is a much smaller network of the same family as the teacher. Besides its
+# final head it carries an early exit: the output of an early stage is average-pooled
+# into features $\varphi$ and read out by one linear layer on $\tilde\varphi = [\varphi, 1]$
+# (the appended 1 is the bias). The exit is trained with its own cross-entropy on
+# *detached* features, so it reads out what the early layers encode without changing
+# them: the student's final head is exactly what it would be without the exit.
 #
 # Here the student is trained by plain ERM (no teacher), once per seed. The question
 # this notebook answers with numbers: **is the early exit confidently wrong on the
-# minority groups?** That is the premise of DeDiER and of the study — if the early
+# minority groups?** That is the premise of DeDiER and of the study. If the early
 # readout is confidently wrong exactly where the final model fails, its confidence is a
-# signal for which instances to upweight.
+# signal for which instances to upweight, and it can be read without any group label.
+#
+# We will (1) train or reuse the ERM students, (2) compare the exit with the final head
+# per group, (3) compute DeDiER's score, the confidence margin $\mathrm{cm}(p)$ and the
+# indicator $\alpha$, by hand on the exit's own predictions, and (4) measure how often
+# and how confidently the exit is wrong on the minority groups.
 
 # %% tags=["parameters"]
 run_dir = None        # run directory (absolute); None: results/<dataset>-<profile>
@@ -35,9 +50,15 @@ profile_overrides = None  # dict of profile fields to change, from --set
 teacher_model = None  # local teacher weights file or Hugging Face folder
 student_model = None  # local student weights file or Hugging Face folder
 
+# %% [markdown]
+# The cell above holds the notebook's parameters: the runner (`python -m
+# fairkd_utils.pipeline`) replaces them, so the same notebook runs every profile and
+# dataset. Set-up below resolves them into a run — its directory, profile, seeds and
+# data — and stops at once, naming notebook 01, if the run has no group table yet.
+
 # %%
-import numpy as np
 import pandas as pd
+import torch
 
 import fairkd_utils as fk
 
@@ -53,6 +74,18 @@ print(f"student: {run.profile.student_arch} {run.profile.student_widths or ''}, 
       f"{run.profile.exit_stage}; seeds {run.seeds}; minority groups "
       f"{[splits['train'].group_names[k] for k in minority]}")
 
+# %% [markdown]
+# `minority` are the shortcut-conflicting groups, read off the training counts alone:
+# the groups whose label is rare given their spurious attribute. No method uses them;
+# they are for the analysis below.
+#
+# ## Train (or reuse) the ERM students
+#
+# One student per seed. A seed sets the student's initialisation and the order in which
+# it sees the data; every method of notebook 05 starts from the same initialisation for
+# the same seed. A student whose checkpoint already exists with the same fingerprint
+# (configuration, data and library code) is reused, not retrained.
+
 # %%
 test_preds, train_preds = {}, {}
 for seed in run.seeds:
@@ -64,7 +97,20 @@ for seed in run.seeds:
           f"best validation epoch {result.best_epoch}")
 
 # %% [markdown]
+# `test_preds` and `train_preds` hold, per seed, everything the student outputs on the
+# test and training splits: the final head's and the exit's logits and probabilities, and
+# the exit's features $\varphi$. The rest of the notebook only reads these tensors.
+#
 # ## Exit vs final head, per group (test, mean ± sd over seeds)
+#
+# The final head sees the whole network; the exit sees only the early stage. Where the
+# two agree, the early features already hold the answer; where the exit is far below,
+# the early features hold something else — on this data, the spurious attribute.
+
+# %% [markdown]
+# Each student wrote its per-group metrics as records of its own (`records/metrics/`);
+# we read them back, keep the ERM rows of the current seeds on test, and pivot to
+# one row per group with the exit and the final head side by side.
 
 # %%
 metrics = fk.records.assemble(run.run_dir, "metrics", write=False)
@@ -84,11 +130,54 @@ fk.plots.savefig(fig, run.figure("03_exit_vs_final_group_acc"), close=False)
 # Laplace-KD turn into weights.
 
 # %% [markdown]
+# ## DeDiER's score, computed here: $\mathrm{cm}(p)$ and $\alpha$
+#
+# DeDiER turns the exit's softmax $p$ into a weight in two steps. The **confidence
+# margin** is the gap between the exit's two most probable classes,
+#
+# $$\mathrm{cm}(p) = p_{\max} - \max_{k \ne \arg\max} p_k ,$$
+#
+# near 1 when the exit is sure, near 0 when it hesitates. The **indicator** $\alpha$ says
+# whether the exit is wrong: $\alpha_i = 1$ when $\arg\max_k p_{ik} \ne y_i$, else 0. A
+# training instance gets weight $w_i = \exp(\beta\,\mathrm{cm}_i\,\alpha_i)$: 1 where the exit is
+# right, up to $e^\beta$ where it is wrong and sure of itself. Below, both on the first
+# seed's exit over the training split — the instances the methods weigh — in three lines,
+# then checked against the library function the training loop calls.
+
+# %%
+seed = run.seeds[0]
+y_train = splits["train"].y
+p = train_preds[seed].exit_probs                      # the exit's softmax, (N, C)
+top2 = p.topk(2, dim=1).values
+cm = top2[:, 0] - top2[:, 1]                          # cm(p) = p_max - max_{k != argmax} p_k
+alpha = (p.argmax(1) != y_train).to(cm.dtype)         # alpha = 1 where the exit is wrong
+assert torch.allclose(cm, fk.losses.confidence_margin(p))
+w = torch.exp(1.0 * cm * alpha)                       # DeDiER's weight at beta = 1
+assert torch.allclose(w.double(), fk.losses.dedier_weight(train_preds[seed].exit_logits.double(), y_train, 1.0),
+                      atol=1e-6)
+score = pd.DataFrame({"group": [splits["train"].group_names[k] for k in splits["train"].g.tolist()],
+                      "cm": cm.numpy(), "alpha": alpha.numpy(), "cm * alpha": (cm * alpha).numpy()})
+score.groupby("group", sort=False).mean().round(3)
+
+# %% [markdown]
+# Per training group: the mean margin, the share of instances the exit gets wrong
+# ($\alpha$'s mean) and the mean of $\mathrm{cm}\cdot\alpha$, the exponent DeDiER multiplies
+# by $\beta$. The premise of the study is that $\mathrm{cm}\cdot\alpha$ is large on the
+# minority groups and near 0 on the majority ones: the weight then finds the minority
+# instances without being told which they are. (The `assert`s above passed: these
+# three lines are what training computes, `fk.losses.confidence_margin` and
+# `fk.losses.dedier_weight`.)
+#
 # ## How confident is the exit when it is wrong?
 #
-# Confidence is the exit's top-class probability; the margin is the gap between the
-# two largest class probabilities (DeDiER's score). Right and wrong predictions apart,
-# test split, all seeds pooled.
+# Confidence is the exit's top-class probability; the margin is the $\mathrm{cm}(p)$ just
+# computed. Right and wrong predictions apart, test split, all seeds pooled.
+
+# %% [markdown]
+# One figure, two panels: the exit's confidence (left) and its margin (right), one box
+# per group and per correctness. For two classes the confidence is $(1 + \mathrm{cm})/2$,
+# so the two panels carry the same information on a different scale; for three classes
+# (the text benchmark) they differ.
 
 # %%
 test = splits["test"]
@@ -107,6 +196,15 @@ fk.plots.savefig(fig, run.figure("03_exit_confidence_by_group"), close=False)
 #
 # The same in numbers, on the test split and on the **training** split — the one whose
 # instances the reweighting methods weigh (calibration target (c) of notebook 01).
+
+# %% [markdown]
+# Three numbers per side, minority groups against majority groups:
+#
+# * `exit_error` — the share of instances the exit gets wrong (the mean of $\alpha$);
+# * `mean_margin_when_wrong` — the mean $\mathrm{cm}(p)$ over those wrong instances;
+# * `confidently_wrong_share` — the share that is wrong *and* has a margin over 0.5.
+#
+# DeDiER's premise reads: the first and the last are much larger on the minority side.
 
 # %%
 def exit_premise(frame):
@@ -145,6 +243,11 @@ else:
           "does not hold on this run (see the figure).")
 
 # %% [markdown]
+# The first table reads row by row: the exit's error rate on each kind of group, its mean
+# margin where it is wrong, and the share of instances that are wrong with a margin over
+# 0.5 ("confidently wrong"). The second line states the verdict in words, computed from
+# the test rows. Read the training rows too: they are what the weights see.
+#
 # In this notebook we have trained the ERM student with its early exit on every seed,
 # compared the exit with the final head per group, and measured how often and how
 # confidently the exit is wrong on the minority groups — the signal DeDiER and

@@ -86,9 +86,10 @@ def laplace_predictive(la, phi, seed=0):
 # minimises the validation NLL over a grid.
 
 # %%
-fits, outputs = {}, {}
+fits, outputs, exits = {}, {}, {}
 for seed in run.seeds:
     result, out = fk.study.erm_outputs(run, seed)
+    exits[seed] = result.model.exit
     phi_tr = out["train"].phi.double()
     exact = fit_exit_laplace(result.model.exit, phi_tr, out["train"].exit_probs, y=train.y,
                              prior="exact")
@@ -99,6 +100,173 @@ for seed in run.seeds:
           f"kron tau = {kron.tau:.3g} (validation NLL)")
 
 # %% [markdown]
+# `fits[seed]` holds both posteriors of each seed's exit, `outputs[seed]` the ERM
+# student's outputs (features $\varphi$, exit logits and probabilities) on every split.
+#
+# ## The formulas, on this run's own tensors
+#
+# Before any figure, every step of the fit written out in a few lines on the first
+# seed's exit, each checked with `assert` against the library object that Laplace-KD
+# trains with. The library does the same maths in chunks, in float64, on factors the
+# training loop accumulates anyway; here it is the plain formula.
+#
+# ### The Kronecker factors $A$ and $B$
+#
+# With $p_n$ the exit's softmax on training instance $n$ and $\tilde\varphi_n = [\varphi_n, 1]$,
+#
+# $$B = \sum_n \mathrm{diag}(p_n) - p_n p_n^\top \quad (C\times C,\ \text{summed}),\qquad
+#   A = \frac1N \sum_n \tilde\varphi_n\tilde\varphi_n^\top \quad ((D{+}1)\times(D{+}1),\ \text{averaged}).$$
+#
+# $B \otimes A$ approximates the Gauss–Newton matrix of the exit head's weights: $B$ is
+# how much the softmax can still move, $A$ how spread the features are.
+
+# %%
+seed = run.seeds[0]
+la, la_kron = fits[seed]["exact"], fits[seed]["kron"]
+phi = outputs[seed]["train"].phi.double()
+phi_t = torch.cat([phi, torch.ones(len(phi), 1, dtype=phi.dtype)], dim=1)   # phi~ = [phi, 1], (N, D+1)
+p = outputs[seed]["train"].exit_probs.double()                               # p_n, (N, C)
+N, C = p.shape
+B = torch.diag(p.sum(0)) - p.T @ p               # sum_n diag(p_n) - p_n p_n^T
+A = phi_t.T @ phi_t / N                          # (1/N) sum_n phi~_n phi~_n^T
+assert torch.allclose(B, la.B) and torch.allclose(A, la.A)
+print(f"B: {tuple(B.shape)}, A: {tuple(A.shape)}, N = {N}; B @ 1 = "
+      f"{(B @ torch.ones(C, dtype=B.dtype)).abs().max():.1e} (B is singular)")
+
+# %% [markdown]
+# $B\mathbf 1 = 0$: the softmax does not change when every logit moves by the same
+# amount, so the data never constrain that direction. Only the prior does, which is why
+# the posterior must be damped.
+#
+# ### The exact-prior posterior, in its eigenbasis
+#
+# The posterior precision over $\mathrm{vec}(W)$ is $P = B\otimes A + \tau I$. With the
+# eigendecompositions $B = Q_B\Lambda_BQ_B^\top$ and $A = Q_A\Lambda_AQ_A^\top$,
+# $P = (Q_B\otimes Q_A)(\Lambda_B\otimes\Lambda_A + \tau I)(Q_B\otimes Q_A)^\top$: inverting
+# it means inverting a diagonal. An instance's logits are $z = W\tilde\varphi$, linear in
+# the weights, so their covariance is $J P^{-1} J^\top$ with $J = I_C\otimes\tilde\varphi^\top$,
+# which in the eigenbasis becomes
+#
+# $$\mathrm{Cov}(z) = Q_B\,\mathrm{diag}(s)\,Q_B^\top,\qquad
+#   s_k = \sum_j \frac{(q_{A,j}^\top\tilde\varphi)^2}{\lambda_{B,k}\lambda_{A,j} + \tau}.$$
+#
+# Below for the training instance on which the exit is most confidently wrong: the
+# eigenbasis formula, the dense $J P^{-1} J^\top$ it replaces, and the library.
+
+# %%
+tau = la.tau                                     # chosen by the marginal likelihood (below)
+lam_B, Q_B = torch.linalg.eigh(B)
+lam_A, Q_A = torch.linalg.eigh(A)
+i = int(torch.argmax(fk.losses.confidence_margin(p) * (p.argmax(1) != train.y)))
+x = phi_t[i]                                                             # phi~ of instance i
+s = (((Q_A.T @ x) ** 2)[None, :] / (torch.outer(lam_B, lam_A) + tau)).sum(1)   # s_k, (C,)
+cov_eig = Q_B @ torch.diag(s) @ Q_B.T
+P = torch.kron(B, A) + tau * torch.eye(C * len(x), dtype=B.dtype)           # dense precision
+J = torch.kron(torch.eye(C, dtype=B.dtype), x[None, :])                      # d z / d vec(W)
+cov_dense = J @ torch.linalg.solve(P, J.T)
+assert torch.allclose(cov_eig, cov_dense) and torch.allclose(cov_eig, la.logit_mean_cov(phi[i:i + 1])[1][0])
+pd.DataFrame(cov_eig.numpy(), index=[f"z{k}" for k in range(C)], columns=[f"z{k}" for k in range(C)])
+
+# %% [markdown]
+# The logit covariance of that one instance, $C\times C$. Its entries are tiny next to the
+# logits themselves when the fit has thousands of instances per parameter; notebook 05
+# and the regime map below come back to what that means for the weights.
+#
+# ### The slides' Kronecker form: $U$, $V$ and $(\tilde\varphi^\top V\tilde\varphi)\,U$
+#
+# The slides (after Meronen et al.) damp each factor on its own:
+# $U = (\sqrt N\,B/N + \sqrt\tau\,I)^{-1}$ and $V = (\sqrt N\,A + \sqrt\tau\,I)^{-1}$, so the
+# Hessian is $H \approx U^{-1}\otimes V^{-1}$ and the posterior covariance $H^{-1} \approx U\otimes V$.
+# The logit covariance is then a scaled copy of $U$: $J(U\otimes V)J^\top = (\tilde\varphi^\top
+# V\tilde\varphi)\,U$. This form's $\tau$ was chosen on validation NLL.
+
+# %%
+tau_k = la_kron.tau
+U = torch.linalg.inv(N ** 0.5 * B / N + tau_k ** 0.5 * torch.eye(C, dtype=B.dtype))
+V = torch.linalg.inv(N ** 0.5 * A + tau_k ** 0.5 * torch.eye(len(x), dtype=A.dtype))
+cov_kron = (x @ V @ x) * U
+assert torch.allclose(cov_kron, J @ torch.kron(U, V) @ J.T)
+assert torch.allclose(U, la_kron.U) and torch.allclose(V, la_kron.V)
+assert torch.allclose(cov_kron, la_kron.logit_mean_cov(phi[i:i + 1])[1][0])
+print(f"kron tau = {tau_k:.3g}; phi~' V phi~ = {float(x @ V @ x):.3g}")
+
+# %% [markdown]
+# ### Samples: $z = W_{MAP}\tilde\varphi + (\tilde\varphi^\top V\tilde\varphi)^{1/2} L g$
+#
+# With $L = \mathrm{chol}(U)$ and $g \sim \mathcal N(0, I_C)$, $z$ has mean $W_{MAP}\tilde\varphi$ and
+# covariance $(\tilde\varphi^\top V\tilde\varphi)\,LL^\top = (\tilde\varphi^\top V\tilde\varphi)\,U$.
+# $W_{MAP}$ is the exit head's trained weight. Same random numbers as the library's
+# sampler (same generator, same order), so the samples must agree to rounding.
+
+# %%
+S = 400
+W_map = exits[seed].linear.weight.detach().double()                  # (C, D+1)
+L = torch.linalg.cholesky(U)
+g = torch.randn(C, S, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+z = (W_map @ x)[None, :] + ((x @ V @ x).sqrt() * (L @ g)).T          # (S, C)
+z_lib = la_kron.sample_logits(phi[i:i + 1], n_samples=S, generator=torch.Generator().manual_seed(1))[:, 0]
+assert torch.allclose(z, z_lib)
+print(f"sample mean - W_MAP phi~: {(z.mean(0) - W_map @ x).abs().max():.2e}; sample covariance vs "
+      f"(phi~' V phi~) U: {(torch.cov(z.T) - cov_kron).abs().max():.2e} (Monte-Carlo error, S = {S})")
+
+# %% [markdown]
+# ### The predictive: the probit on the logit difference
+#
+# For two classes only $d = z_1 - z_0 \sim \mathcal N(\mu_d, \sigma_d^2)$ matters, and
+# $p_1 = \mathrm{sigmoid}(\mu_d/\sqrt{1 + \pi\sigma_d^2/8})$. In the eigenbasis,
+# $\sigma_d^2 = \sum_k (Q_{B,1k} - Q_{B,0k})^2 s_k$. With more classes (the text benchmark)
+# there is no such closed form: the predictive is the mean softmax of Monte-Carlo
+# samples $z = W_{MAP}\tilde\varphi + Q_B(\sqrt s\odot g)$, drawn here with the same generator
+# as the library. All training instances, exact prior.
+
+# %%
+mu = phi_t @ W_map.T                                                     # (N, C) MAP logits
+s_all = ((phi_t @ Q_A) ** 2) @ (1.0 / (torch.outer(lam_B, lam_A) + tau)).T  # s_k for every instance
+if C == 2:
+    var_d = ((Q_B[1] - Q_B[0]) ** 2 * s_all).sum(1)                        # sigma_d^2
+    p_lap = torch.sigmoid((mu[:, 1] - mu[:, 0]) / torch.sqrt(1 + torch.pi * var_d / 8))
+    assert torch.allclose(p_lap, la.predict(phi, link="probit").probs[:, 1])
+else:
+    few = slice(0, 200)                                                    # one chunk of the library's loop
+    g = torch.randn(C, 100, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    z = mu[few].T[:, None, :] + torch.einsum("ck,ksn->csn", Q_B, s_all[few].sqrt().T[:, None, :] * g)
+    p_lap = torch.softmax(z, 0).mean(1).T                                  # (200, C)
+    assert torch.allclose(p_lap, la.predict(phi[few], link="mc", n_samples=100, mc_dtype=torch.float64,
+                                            generator=torch.Generator().manual_seed(2)).probs)
+print(f"largest change of a predicted probability, MAP -> Laplace: "
+      f"{(p_lap - (p[:, 1] if C == 2 else p[:200])).abs().max():.4f}")
+
+# %% [markdown]
+# ### Choosing $\tau$: the log marginal likelihood
+#
+# The exact form's $\tau$ maximises laplace-torch's Laplace evidence,
+#
+# $$\log p(\mathcal D\mid\tau) \approx \log p(\mathcal D\mid W_{MAP}) - \tfrac12\Big[\sum_{k,j}
+#   \log(\lambda_{B,k}\lambda_{A,j} + \tau) - P\log\tau + \tau\,\lVert W_{MAP}\rVert^2\Big],$$
+#
+# $P = C(D{+}1)$ parameters: the fit to the data, minus a penalty that grows when the
+# prior is too tight (the $\tau\lVert W\rVert^2$ term) or too loose (the log-determinant
+# ratio). Below at a few $\tau$ around the chosen one, which is marked.
+
+# %%
+log_lik = torch.log(p.gather(1, train.y[:, None])).sum()               # log p(D | W_MAP)
+
+def log_evidence(t):
+    logdet = torch.log(torch.outer(lam_B, lam_A).clamp_min(0) + t).sum()
+    return float(log_lik - 0.5 * (logdet - W_map.numel() * np.log(t) + t * (W_map ** 2).sum()))
+
+evidence = pd.DataFrame({"tau": [tau * f for f in (1e-2, 1e-1, 0.5, 1, 2, 10, 100)]})
+evidence["log evidence"] = [log_evidence(t) for t in evidence.tau]
+evidence["chosen"] = np.where(evidence.tau == tau, "<- tau_ML", "")
+assert np.allclose(evidence["log evidence"], [la.log_marginal_likelihood(t) for t in evidence.tau], rtol=1e-8)
+assert evidence["log evidence"].idxmax() == 3
+evidence.round(3)
+
+# %% [markdown]
+# The evidence peaks at the chosen $\tau$ and falls away on both sides. Every line of
+# maths in this section is what the library computes — the `assert`s passed — so from
+# here on the notebook uses the library's fits directly.
+#
 # ## Calibration: MAP vs Laplace
 #
 # Rows with `model = exit_laplace` (`config_id` = the prior form, `predictive` = probit
