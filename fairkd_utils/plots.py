@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import re
 import textwrap
+import warnings
 import zlib
 from pathlib import Path
 
@@ -424,8 +425,10 @@ def confidence_by_group(df: pd.DataFrame, value: str = "prob", hue: str = "corre
                              sharey=True, layout="constrained")
     for ax, c in zip(axes[0], cols):
         sub = df if c is None else df[df[col] == c]
-        sns.boxplot(data=sub, x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
-                    palette=pal, saturation=1, showfliers=False, width=0.7, ax=ax)
+        with warnings.catch_warnings():  # seaborn 0.13 still passes matplotlib 3.11's deprecated `vert`
+            warnings.filterwarnings("ignore", message="vert: bool was deprecated")
+            sns.boxplot(data=sub, x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
+                        palette=pal, saturation=1, showfliers=False, width=0.7, ax=ax)
         shown = sub.sample(frac=1.0, random_state=0).groupby(["_hue", "group_name"]).head(60)
         state = np.random.get_state()  # seaborn jitters with numpy's global generator:
         np.random.seed(0)              # seed it here so reruns draw byte-identical figures

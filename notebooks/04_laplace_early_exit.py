@@ -482,8 +482,11 @@ tau_table.round(4)
 
 # %%
 import time
+import warnings
 
-import laplace
+with warnings.catch_warnings():   # laplace-torch 0.3 imports APIs torch 2.14 deprecates (torch.jit.script)
+    warnings.simplefilter("ignore")
+    import laplace
 
 phi_tr = out.phi.double()
 head = torch.nn.Linear(phi_tr.shape[1] + 1, train.n_classes, bias=False).double()
