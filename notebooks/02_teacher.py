@@ -11,6 +11,12 @@
 # %% [markdown]
 # # 02 — The teacher
 #
+# > **Read it executed, without running anything:** the reference run's copy of this
+# > notebook, outputs included, is `results/reference/synthetic-default/executed/02_teacher.ipynb`
+# > (image miniature) and `results/reference/synthetic_text-default/executed/02_teacher.ipynb`
+# > (text miniature). Run as it stands, this notebook uses the `smoke` profile, whose
+# > numbers mean nothing; the runner passes the real profile.
+#
 # In this notebook we build the model every student distils from and measure what it
 # knows about each group. As in the paper, the teacher is a larger, **pretrained**
 # network: its advantage over the student must come from what it learned before it saw
@@ -46,6 +52,12 @@ profile_overrides = None  # dict of profile fields to change, from --set
 teacher_model = None  # local teacher weights file or Hugging Face folder
 student_model = None  # local student weights file or Hugging Face folder
 
+# %% [markdown]
+# The parameters cell above is what the runner replaces; set-up resolves it into a run
+# and stops at once, naming notebook 01, if the run has no group table yet. The teacher
+# is one per dataset and profile: every student seed of notebooks 03 and 05 learns from
+# the same teacher, so differences between students are never the teacher's.
+
 # %%
 import pandas as pd
 
@@ -59,6 +71,13 @@ run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
 print(f"teacher: {run.profile.teacher_arch} {run.profile.teacher_widths or ''}, "
       f"{len(splits['train'])} training instances")
+
+# %% [markdown]
+# ## Train (or reuse) the teacher, stage by stage
+#
+# Each stage is a checkpoint of its own, named by a fingerprint of what produced it
+# (configuration, data, initial weights and library code): a rerun with the same inputs
+# reuses it, any change trains a new file beside it.
 
 # %%
 stages = fk.study.train_teacher_stages(run)
@@ -89,6 +108,12 @@ stage_table[list(stages)].round(3)
 
 # %% [markdown]
 # ## Teacher logits for distillation
+#
+# Distillation needs the teacher's logits $t_i$ on every training instance (the KD term
+# compares $\mathrm{softmax}(t_i/T)$ with the student's). They are computed once here and
+# saved with the identity of the data they belong to; notebook 05 refuses logits of
+# other data. (With training augmentation, the `paper` profile, the teacher is instead
+# run on each augmented batch.)
 
 # %%
 logits = fk.study.save_teacher_logits(run, result)
@@ -109,6 +134,11 @@ for split in ("val", "test"):
                                  predictions=(split == "test"))
 teacher_metrics = pd.DataFrame(rows)
 teacher_metrics.pivot(index="group_name", columns="split", values="acc").round(3)
+
+# %% [markdown]
+# The same per group as bars, validation beside test. The teacher is what the students
+# can at best inherit: a group it gets wrong is a group no distilled student will be
+# taught to get right.
 
 # %%
 fig = fk.plots.group_accuracy_bars(teacher_metrics, hue="split", title="Teacher accuracy per group")

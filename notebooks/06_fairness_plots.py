@@ -11,6 +11,12 @@
 # %% [markdown]
 # # 06 — Fairness plots
 #
+# > **Read it executed, without running anything:** the reference run's copy of this
+# > notebook, outputs included, is `results/reference/synthetic-default/executed/06_fairness_plots.ipynb`
+# > (image miniature) and `results/reference/synthetic_text-default/executed/06_fairness_plots.ipynb`
+# > (text miniature). Run as it stands, this notebook uses the `smoke` profile, whose
+# > numbers mean nothing; the runner passes the real profile.
+#
 # The summary figures of the study, drawn from the tables of the run directory alone
 # (`groups.csv`, `metrics.csv`, `predictions.csv`, `summary.csv`): no model is loaded
 # and nothing is trained, so this notebook reruns in seconds and the figures can be
@@ -28,6 +34,12 @@ device = "auto"       # auto | cpu | cuda
 profile_overrides = None  # dict of profile fields to change, from --set
 teacher_model = None  # local teacher weights file or Hugging Face folder
 student_model = None  # local student weights file or Hugging Face folder
+
+# %% [markdown]
+# Set-up reads the tables notebook 05 assembled and keeps only the configurations it
+# compared (its `summary.csv` names them) and this run's seeds: records of other
+# configurations or seeds may lie in the same run directory, and they never mix in.
+# The first table is each method's worst-group and average test accuracy over seeds.
 
 # %%
 import pandas as pd
@@ -66,6 +78,10 @@ fk.plots.savefig(fig, run.figure("06_wga_vs_avg"), close=False)
 
 # %% [markdown]
 # ## Accuracy by method and group
+#
+# The worst-group number hides *which* group is worst. Here every group's test accuracy,
+# mean over seeds, for every method: read down a column to compare methods on one group,
+# along a row to see where one method fails.
 
 # %%
 m = tables["metrics"].merge(chosen)
@@ -111,6 +127,11 @@ w.groupby(["method", "group_name"]).weight.describe()[["mean", "50%", "max"]].ro
 # seed and initialisation; the diamond is the mean with its 95 % (Student-t) interval. An
 # interval that crosses zero means these seeds cannot tell the method from the baseline.
 # The right panel's Laplace-KD row is the study's primary contrast.
+
+# %% [markdown]
+# Pairing matters: seeds differ more from each other than methods do on one seed, so an
+# unpaired comparison of means would bury the contrast in seed noise. Each seed is its
+# own control here.
 
 # %%
 diffs = fk.metrics.paired_differences(per_seed, "worst_group_acc")
