@@ -244,7 +244,7 @@ class Runner:
         try:
             yield
         except Exception as exc:  # noqa: BLE001 -- any failure is reported, the rest still runs
-            self.t.add(section, config, "error", float("nan"), "", f"{type(exc).__name__}: {exc}"[:300])
+            self.t.add(section, config, "error", float("nan"), "-", f"{type(exc).__name__}: {exc}"[:300])
             if self.dev.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -324,7 +324,7 @@ def _image_rows(r: Runner, section: str, compiled: bool):
         for precision, bf16, cl in IMAGE_CONFIGS:
             config = image_config(r.sz.image_profile(), role, precision, compiled)
             if compiled and r.elapsed() > r.args.budget_s:
-                r.t.add(section, config, "skipped", float("nan"), "",
+                r.t.add(section, config, "skipped", float("nan"), "-",
                         f"{r.elapsed():.0f} s elapsed, past --budget-s {r.args.budget_s:.0f}")
                 continue
             with r.guard(section, config):
@@ -541,7 +541,7 @@ def section_laplace(r: Runner):
         if ours_cov is not None:
             diff = float((ours_cov - lt_cov).abs().max())
             r.t.add("laplace", f"ours vs laplace-torch {config}", "cov_max_abs_diff",
-                    max(diff, 1e-300), "", f"logit covariances of {len(sub)} instances; their largest "
+                    max(diff, 1e-300), "logit^2", f"logit covariances of {len(sub)} instances; their largest "
                     f"entry {float(lt_cov.abs().max()):.3g}")
 
 
