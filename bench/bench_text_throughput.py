@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fairkd_utils import text
+from fairkd_utils import synthetic_text, text_models
 from fairkd_utils.data import iterate_batches
 from fairkd_utils.models import StudentOutput
 
@@ -39,11 +39,11 @@ N_STUDENTS, STUDENT_EPOCHS = 40, 10
 
 
 def build(vocab_size, length, hidden, layers, heads, exit_layer, seed=0):
-    cfg = text.bert_config(vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                           max_length=length)
+    cfg = text_models.bert_config(vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                  max_length=length)
     if exit_layer is None:
-        return text.build_text_teacher(cfg, 3, seed=seed)
-    return text.build_text_student(cfg, 3, exit_layer, seed=seed)
+        return text_models.build_text_teacher(cfg, 3, seed=seed)
+    return text_models.build_text_student(cfg, 3, exit_layer, seed=seed)
 
 
 def make_optimizer(model, name, lr):
@@ -69,7 +69,7 @@ def tokens_per_second(model, ds, *, batch_size, steps, warmup, optimizer):
     model.train()
     step = step_fn(model, make_optimizer(model, optimizer, 1e-3))
     x, y = ds.x[:batch_size], ds.y[:batch_size]
-    tokens = int((x[:, 0] != text.PAD).sum())
+    tokens = int((x[:, 0] != synthetic_text.PAD).sum())
     for _ in range(warmup):
         step(x, y)
     times = []
@@ -122,11 +122,11 @@ def main(argv=None):
           f"{torch.__version__}")
     if load[0] > 0.5 * (os.cpu_count() or 1):
         print("  warning: the machine is busy; the numbers below are slower than an idle CPU's")
-    splits = text.make_synthetic_text(scale=1.0, seed=0)
+    splits = synthetic_text.make_synthetic_text(scale=1.0, seed=0)
     train = splits["train"]
-    vocab = text.synthetic_text_vocab()
+    vocab = synthetic_text.synthetic_text_vocab()
     length = train.x.shape[-1]
-    nonpad = float((train.x[:, 0] != text.PAD).float().sum(1).mean())
+    nonpad = float((train.x[:, 0] != synthetic_text.PAD).float().sum(1).mean())
     print(f"synthetic_text scale 1: train {len(train)}, val {len(splits['val'])}, test "
           f"{len(splits['test'])} pairs; {length} positions, {nonpad:.1f} non-pad tokens per "
           f"pair; vocabulary {vocab.size}; batch {args.batch_size}, {args.optimizer}")

@@ -5,6 +5,9 @@ One concept per module (README, "Where each formula lives"):
 - ``profiles``: the vocabulary — datasets, methods and what each one weights
   (``METHOD_SPECS``), devices, scores — and the run profiles;
 - ``data``: the datasets and their groups; ``models``: teacher and early-exit student;
+- text: ``multinli`` (the text conventions, the negation groups, the MultiNLI reader),
+  ``synthetic_text`` (the built-in miniature), ``text_models`` (BERT teachers and
+  early-exit students, local Hugging Face folders);
 - ``losses``: the student loss, every method's instance weight, the objectives;
 - ``last_layer``: DFR — a student's last layer refit on balanced validation halves;
 - ``exit_laplace``: the last-layer Laplace approximation at the early exit;
@@ -20,9 +23,10 @@ One concept per module (README, "Where each formula lives"):
 Notebooks ``import fairkd_utils as fk`` and call small named functions.
 """
 
-from . import (checkpoints, data, exit_laplace, jobs, last_layer, losses, metrics, models, plots,
-               profiles, records, rundir, study, train)
+from . import (checkpoints, data, exit_laplace, jobs, last_layer, losses, metrics, models, multinli,
+               plots, profiles, records, rundir, study, synthetic_text, text_models, train)
 
 __version__ = "0.1.0"
 __all__ = ["checkpoints", "data", "exit_laplace", "jobs", "last_layer", "losses", "metrics",
-           "models", "plots", "profiles", "records", "rundir", "study", "train"]
+           "models", "multinli", "plots", "profiles", "records", "rundir", "study", "synthetic_text",
+           "text_models", "train"]

@@ -182,7 +182,7 @@ def load_splits(dataset: str, root=None, *, image_size: int = 32, scale: float =
         images = [d for d in DATASETS if d not in TEXT_DATASETS]
         raise ValueError(f"unknown dataset {dataset!r} for the image loader; choose one of {images} "
                          "(synthetic needs no files; the others read --data-root; text "
-                         "datasets are read by fairkd_utils.text)")
+                         "datasets are read by fairkd_utils.multinli and .synthetic_text)")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     if dataset == "synthetic":

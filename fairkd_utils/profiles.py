@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 
 #: The datasets the loaders know; the runner's --dataset choices. Images:
-#: ``data.load_splits``; text (:data:`TEXT_DATASETS`): ``text.make_synthetic_text`` and
-#: ``text.read_multinli``.
+#: ``data.load_splits``; text (:data:`TEXT_DATASETS`): ``synthetic_text.make_synthetic_text``
+#: and ``multinli.read_multinli``.
 DATASETS = ("synthetic", "waterbirds", "celeba", "folder", "synthetic_text", "multinli")
 TEXT_DATASETS = ("synthetic_text", "multinli")
 #: Built in (generated in code, no --data-root): scaled by the profile's data_scale.
@@ -198,7 +198,7 @@ class Profile:
     # k of W at k/W of it) before the cosine decay (BERT-style warm-up; 0 = none, the
     # plain cosine).
     lr_warmup: float = 0.0
-    # synthetic_text only: its lexicon and ambiguity (text.make_synthetic_text's n_pairs,
+    # synthetic_text only: its lexicon and ambiguity (make_synthetic_text's n_pairs,
     # word_zipf and ambiguous_rate): the antonym pairs of content words, the Zipf exponent
     # of how often each is drawn (0 = all equally often) and the share of pairs whose
     # label the pair does not decide. The pretraining corpora are drawn the same way.
@@ -327,7 +327,7 @@ TEXT_PROFILES: dict[str, Profile] = {
 
 def synthetic_text_knobs(profile: Profile) -> dict:
     """The synthetic_text knobs of ``profile`` (lexicon, ambiguity) as keyword arguments
-    of ``text.make_synthetic_text`` and ``text.make_text_pretraining_corpus``."""
+    of ``synthetic_text.make_synthetic_text`` and ``make_text_pretraining_corpus``."""
     return {"n_pairs": profile.text_antonym_pairs, "word_zipf": profile.text_word_zipf,
             "ambiguous_rate": profile.text_ambiguous_rate}
 

@@ -58,19 +58,20 @@ class Run:
         datasets at the profile's ``data_scale``, a local folder whole. MultiNLI is
         tokenised with the teacher model folder's tokenizer."""
         if self._splits is None:
-            from . import data, text
+            from . import data, multinli, synthetic_text, text_models
 
             p = self.profile
             scale = p.data_scale if self.dataset in BUILT_IN_DATASETS else 1.0
             if self.dataset == "synthetic_text":
-                self._splits = text.make_synthetic_text(scale=scale, seed=0, **synthetic_text_knobs(p))
+                self._splits = synthetic_text.make_synthetic_text(scale=scale, seed=0,
+                                                                  **synthetic_text_knobs(p))
             elif self.dataset == "multinli":
                 if not self.teacher_model:
                     raise ValueError("--dataset multinli is tokenised with the teacher's "
                                      "tokenizer: pass --teacher-model DIR (a local Hugging Face "
                                      "model folder)")
-                self._splits = text.read_multinli(self.data_root, text.load_tokenizer(self.teacher_model),
-                                                  max_length=p.max_length)
+                tokenizer = text_models.load_tokenizer(self.teacher_model)
+                self._splits = multinli.read_multinli(self.data_root, tokenizer, max_length=p.max_length)
             else:
                 self._splits = data.load_splits(self.dataset, self.data_root, image_size=p.image_size,
                                                 scale=scale, seed=0, augment=p.augment)

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoints, data, last_layer, losses, metrics, models, records, text, train
+from . import (checkpoints, data, last_layer, losses, metrics, models, records, synthetic_text,
+               text_models, train)
 from .exit_laplace import fit_exit_laplace
 from .profiles import (BUILT_IN_DATASETS, METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_HPARAMS,
                        TEXT_DATASETS, synthetic_text_knobs)
@@ -46,16 +47,16 @@ def uses_pretraining_corpus(run: Run) -> bool:
 
 def pretraining_corpus(run: Run, seed: int = TEACHER_SEED, n_per_group: int | None = None) -> dict:
     """The teacher's pretraining corpus for ``run`` as ``{"train", "val"}``: images
-    (``data.make_pretraining_corpus``) or text pairs (``text.make_text_pretraining_corpus``,
+    (``data.make_pretraining_corpus``) or text pairs (``synthetic_text.make_text_pretraining_corpus``,
     its val part drawn from another seed; ``n_per_group`` defaults to the profile's
     ``teacher_pretrain_per_pair``, the student's corpus passes its own)."""
     p = run.profile
     if run.dataset == "synthetic_text":
         knobs = synthetic_text_knobs(p)
         n = p.teacher_pretrain_per_pair if n_per_group is None else int(n_per_group)
-        train_part = text.make_text_pretraining_corpus(
+        train_part = synthetic_text.make_text_pretraining_corpus(
             n_per_group=n, seed=seed, exclude=run.splits(), **knobs)
-        val_part = text.make_text_pretraining_corpus(
+        val_part = synthetic_text.make_text_pretraining_corpus(
             n_per_group=max(1, n // 10), seed=seed + 1000,
             exclude=[*run.splits().values(), train_part], **knobs)
         return {"train": train_part, "val": val_part}
@@ -73,8 +74,8 @@ def build_teacher(run: Run, weights_path=None, seed: int = TEACHER_SEED):
     if run.dataset not in TEXT_DATASETS:
         return models.build_teacher(p, ds.n_classes, weights_path, seed=seed)
     if p.teacher_arch == "hf":
-        return text.load_text_teacher(_model_folder(weights_path, "teacher"), ds.n_classes, seed=seed)
-    return text.build_text_teacher(_bert_config(run, ds, "teacher"), ds.n_classes, seed=seed)
+        return text_models.load_text_teacher(_model_folder(weights_path, "teacher"), ds.n_classes, seed=seed)
+    return text_models.build_text_teacher(_bert_config(run, ds, "teacher"), ds.n_classes, seed=seed)
 
 
 def build_student(run: Run, seed: int):
@@ -87,8 +88,8 @@ def build_student(run: Run, seed: int):
     if run.dataset not in TEXT_DATASETS:
         return models.build_student(p, ds.n_classes, run.student_model, seed=seed)
     if p.student_arch == "hf":
-        return text.load_text_student(_model_folder(run.student_model, "student"), ds.n_classes,
-                                      p.exit_stage, pool=p.exit_pool, seed=seed)
+        return text_models.load_text_student(_model_folder(run.student_model, "student"), ds.n_classes,
+                                             p.exit_stage, pool=p.exit_pool, seed=seed)
     model = _tiny_student(run, seed)
     encoder = pretrained_student_encoder(run)
     if encoder is not None:
@@ -98,8 +99,8 @@ def build_student(run: Run, seed: int):
 
 def _tiny_student(run: Run, seed: int):
     p, ds = run.profile, run.splits()["train"]
-    return text.build_text_student(_bert_config(run, ds, "student"), ds.n_classes, p.exit_stage,
-                                   seed=seed, pool=p.exit_pool)
+    return text_models.build_text_student(_bert_config(run, ds, "student"), ds.n_classes, p.exit_stage,
+                                          seed=seed, pool=p.exit_pool)
 
 
 #: The seed of the student's pretrained encoder (its initialisation and its corpus).
@@ -145,9 +146,9 @@ def _bert_config(run: Run, ds, role: str):
     p = run.profile
     k = 0 if role == "teacher" else 1
     widths, blocks = (p.teacher_widths, p.teacher_blocks) if k == 0 else (p.student_widths, p.student_blocks)
-    return text.bert_config(len(ds.vocab), hidden_size=widths[0], num_layers=blocks[0],
-                            num_heads=p.attention_heads[k], max_length=p.max_length,
-                            pad_token_id=ds.pad_id)
+    return text_models.bert_config(len(ds.vocab), hidden_size=widths[0], num_layers=blocks[0],
+                                   num_heads=p.attention_heads[k], max_length=p.max_length,
+                                   pad_token_id=ds.pad_id)
 
 
 def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,

@@ -201,16 +201,16 @@ def test_shortcut_margin_ceiling_by_hand():
 
 
 def test_calibration_targets_scale_the_image_ones_by_multinlis_numbers():
-    from fairkd_utils import text
+    from fairkd_utils import multinli, synthetic_text
 
     assert study.calibration_targets(data.WATERBIRDS_COUNTS["train"], 2, "synthetic") == \
         {"margin": 0.50, "gain": 0.20}
-    t = study.calibration_targets(text.MULTINLI_COUNTS["train"], 2, "multinli")
+    t = study.calibration_targets(multinli.MULTINLI_COUNTS["train"], 2, "multinli")
     wb = (184 * (1057 - 184) / 1241 + 56 * (3498 - 56) / 3554) / 240
     assert t["margin"] == round(0.50 * (11158 - 1992) / 14671 / wb, 2) == 0.41
     assert t["gain"] == round(0.20 * (0.777 - 0.679) / (0.914 - 0.726), 2) == 0.10
     # the synthetic_text counts (MultiNLI's / 20) give the same targets to 0.01
-    counts = text.synthetic_text_counts("train", 1.0)
+    counts = synthetic_text.synthetic_text_counts("train", 1.0)
     assert study.calibration_targets(counts, 2, "synthetic_text")["margin"] == pytest.approx(t["margin"], abs=0.01)
 
 

@@ -1,7 +1,7 @@
-"""The text side (fairkd_utils.text): the negation attribute, reading MultiNLI from a local
-folder (and every bad input), tiny BERTs saved and loaded locally, the early exit's
-layer and detachment, the synthetic_text miniature, and the three-class exit Laplace
-against laplace-torch."""
+"""The text side (fairkd_utils.multinli, .text_models, .synthetic_text): the negation
+attribute, reading MultiNLI from a local folder (and every bad input), tiny BERTs saved
+and loaded locally, the early exit's layer and detachment, the synthetic_text
+miniature, and the three-class exit Laplace against laplace-torch."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fairkd_utils import text
+from fairkd_utils import multinli, synthetic_text, text_models
 from fairkd_utils.exit_laplace import ExitLaplace, KronFactors, fit_exit_laplace, phi_tilde
 from fairkd_utils.models import ExitHead, StudentOutput
 
@@ -47,11 +47,11 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    return text.load_tokenizer(tokenizer_dir)
+    return text_models.load_tokenizer(tokenizer_dir)
 
 
 def tiny_cfg(vocab_size=60, hidden=16, layers=3, heads=2, max_length=40, dropout=0.0):
-    return text.bert_config(vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
+    return text_models.bert_config(vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
                             max_length=max_length, dropout=dropout)
 
 
@@ -75,13 +75,13 @@ def test_negation_attribute_is_group_dros_word_test_after_deleting_punctuation()
         "no\tway": 0,                             # only single spaces split words
         "": 0,
     }
-    got = text.negation_attribute(list(cases))
+    got = multinli.negation_attribute(list(cases))
     assert got.dtype == np.int64 and got.tolist() == list(cases.values())
-    assert text.negation_attribute(iter(["never", "know"])).tolist() == [1, 0]
+    assert multinli.negation_attribute(iter(["never", "know"])).tolist() == [1, 0]
     with pytest.raises(TypeError, match="list of hypotheses"):
-        text.negation_attribute("no way")
+        multinli.negation_attribute("no way")
     with pytest.raises(TypeError, match="not str"):
-        text.negation_attribute(["fine", None])
+        multinli.negation_attribute(["fine", None])
 
 
 # --------------------------------------------------------------------------- reading MultiNLI
@@ -102,7 +102,7 @@ def fake_rows(counts=FAKE_COUNTS, seed=0):
             y, a = divmod(g, 2)
             for i in range(c):
                 hyp = (NEG_HYPS if a else POS_HYPS)[i % 4]
-                label = text.MULTINLI_LABELS[y]
+                label = multinli.MULTINLI_LABELS[y]
                 rows.append({"pairID": f"{split}-{g}-{i}", "premise": f"the man walked {split} {g} {i}",
                              "hypothesis": hyp, "gold_label": label.upper() if i % 2 else label,
                              "split": split if i % 3 else {"train": 0, "val": 1, "test": 2}[split],
@@ -120,12 +120,12 @@ def write_table(root, df, name="multinli.csv", **kw):
 
 def test_read_multinli_table_gives_labels_attribute_groups_and_tokens(tmp_path, tokenizer):
     df = fake_rows()
-    splits = text.read_multinli(write_table(tmp_path / "mnli", df), tokenizer, max_length=24)
+    splits = multinli.read_multinli(write_table(tmp_path / "mnli", df), tokenizer, max_length=24)
     truth = df.set_index("pairID")
     assert set(splits) == {"train", "val", "test"}
     for split, ds in splits.items():
         assert ds.group_counts().tolist() == list(FAKE_COUNTS[split])
-        assert ds.n_classes == 3 and ds.n_attrs == 2 and ds.group_names == text.MULTINLI_GROUP_NAMES
+        assert ds.n_classes == 3 and ds.n_attrs == 2 and ds.group_names == multinli.MULTINLI_GROUP_NAMES
         assert ds.y.tolist() == truth.loc[ds.ids, "y"].tolist()
         assert ds.a.tolist() == truth.loc[ds.ids, "a"].tolist()
         assert torch.equal(ds.g, 2 * ds.y + ds.a)
@@ -139,15 +139,15 @@ def test_read_multinli_table_gives_labels_attribute_groups_and_tokens(tmp_path, 
             assert ds.x[i, 1, :n].tolist() == enc["token_type_ids"]
             assert (ds.x[i, :, n:] == 0).all() and ds.pad_id == 0
     # the .tsv variant reads the same
-    tsv = text.read_multinli(write_table(tmp_path / "tsv", df, "multinli.tsv"), tokenizer, 24)
+    tsv = multinli.read_multinli(write_table(tmp_path / "tsv", df, "multinli.tsv"), tokenizer, 24)
     assert all(torch.equal(tsv[s].x, splits[s].x) for s in splits)
     # truncation to max_length
-    short = text.read_multinli(tmp_path / "mnli", tokenizer, max_length=8)
+    short = multinli.read_multinli(tmp_path / "mnli", tokenizer, max_length=8)
     assert short["train"].x.shape[2] == 8
     # example table for notebooks
-    table = text.decode_pairs(splits, n_per_group=1)
+    table = synthetic_text.decode_pairs(splits, n_per_group=1)
     assert list(table.columns) == ["split", "group_name", "premise", "hypothesis"]
-    assert len(table) == 18 and text.negation_attribute(table["hypothesis"]).tolist() == [0, 1] * 9
+    assert len(table) == 18 and multinli.negation_attribute(table["hypothesis"]).tolist() == [0, 1] * 9
 
 
 def group_dro_layout(root, seed=0, swap_dev=False):
@@ -163,7 +163,7 @@ def group_dro_layout(root, seed=0, swap_dev=False):
             y, a = divmod(g, 2)
             for i in range(c):
                 hyp = (NEG_HYPS if a else POS_HYPS)[i % 4]
-                rec = {"gold_label": text.MULTINLI_LABELS[y], "sentence1": f"a woman {split} {g} {i}",
+                rec = {"gold_label": multinli.MULTINLI_LABELS[y], "sentence1": f"a woman {split} {g} {i}",
                        "sentence2": hyp, "pairID": f"{split}-{g}-{i}", "genre": "fiction"}
                 plan.append((str(rng.choice(list(files))), rec, split))
     for k in range(5):                            # no-consensus rows, counted then dropped
@@ -176,8 +176,8 @@ def group_dro_layout(root, seed=0, swap_dev=False):
     for f, recs in files.items():
         for rec, split in recs:
             if split is not None:
-                meta.append({"row": rows, "gold_label": text.MULTINLI_LABELS.index(rec["gold_label"]),
-                             "sentence2_has_negation": int(text.negation_attribute([rec["sentence2"]])[0]),
+                meta.append({"row": rows, "gold_label": multinli.MULTINLI_LABELS.index(rec["gold_label"]),
+                             "sentence2_has_negation": int(multinli.negation_attribute([rec["sentence2"]])[0]),
                              "split": {"train": 0, "val": 1, "test": 2}[split]})
             rows += 1
     order = list(files)
@@ -194,7 +194,7 @@ def group_dro_layout(root, seed=0, swap_dev=False):
 
 def test_read_multinli_from_the_multinli_files_and_group_dros_metadata(tmp_path, tokenizer):
     root = group_dro_layout(tmp_path / "gdro")
-    splits = text.read_multinli(root, tokenizer)
+    splits = multinli.read_multinli(root, tokenizer)
     for split, ds in splits.items():
         assert ds.group_counts().tolist() == list(FAKE_COUNTS[split])
         for pid, y, a in zip(ds.ids, ds.y.tolist(), ds.a.tolist()):
@@ -202,46 +202,46 @@ def test_read_multinli_from_the_multinli_files_and_group_dros_metadata(tmp_path,
             assert s == split and int(g) == 2 * y + a
     bad = group_dro_layout(tmp_path / "swapped", swap_dev=True)
     with pytest.raises(ValueError, match="does not match the MultiNLI files"):
-        text.read_multinli(bad, tokenizer)
+        multinli.read_multinli(bad, tokenizer)
 
 
 def test_read_multinli_bad_input_gives_clear_errors(tmp_path, tokenizer):
     df = fake_rows()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        text.read_multinli(tmp_path / "nowhere", tokenizer)
+        multinli.read_multinli(tmp_path / "nowhere", tokenizer)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="multinli.csv"):
-        text.read_multinli(tmp_path / "empty", tokenizer)
+        multinli.read_multinli(tmp_path / "empty", tokenizer)
     both = write_table(write_table(tmp_path / "both", df), df, "multinli.tsv")
     with pytest.raises(ValueError, match="keep one"):
-        text.read_multinli(both, tokenizer)
+        multinli.read_multinli(both, tokenizer)
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['gold_label'\]"):
-        text.read_multinli(write_table(tmp_path / "col", df.drop(columns="gold_label")), tokenizer)
+        multinli.read_multinli(write_table(tmp_path / "col", df.drop(columns="gold_label")), tokenizer)
     unk = df.copy()
     unk.loc[3, "gold_label"] = "-"
     with pytest.raises(ValueError, match=r"unknown gold label.*'-'.*drop them"):
-        text.read_multinli(write_table(tmp_path / "unk", unk), tokenizer)
+        multinli.read_multinli(write_table(tmp_path / "unk", unk), tokenizer)
     gone = df[~((df["split"].astype(str).isin(["val", "1"])) & (df["y"] == 1) & (df["a"] == 1))]
     with pytest.raises(ValueError, match=r"split 'val' has empty group\(s\) \['entailment, negation'\]"):
-        text.read_multinli(write_table(tmp_path / "grp", gone), tokenizer)
+        multinli.read_multinli(write_table(tmp_path / "grp", gone), tokenizer)
     twice = pd.concat([df, df.iloc[[0]]], ignore_index=True)
     with pytest.raises(ValueError, match="more than once within a split"):
-        text.read_multinli(write_table(tmp_path / "dup", twice), tokenizer)
+        multinli.read_multinli(write_table(tmp_path / "dup", twice), tokenizer)
     leak = df.copy()
     i = leak.index[leak["split"].astype(str).isin(["test", "2"])][0]
     j = leak.index[leak["split"].astype(str).isin(["train", "0"])][0]
     leak.loc[i, ["premise", "hypothesis"]] = leak.loc[j, ["premise", "hypothesis"]].to_numpy()
     with pytest.raises(ValueError, match="more than one split.*leaks"):
-        text.read_multinli(write_table(tmp_path / "leak", leak), tokenizer)
+        multinli.read_multinli(write_table(tmp_path / "leak", leak), tokenizer)
     # duplicates="drop" keeps the first occurrence (train before test)
-    kept = text.read_multinli(tmp_path / "leak", tokenizer, duplicates="drop")
+    kept = multinli.read_multinli(tmp_path / "leak", tokenizer, duplicates="drop")
     assert len(kept["test"]) == sum(FAKE_COUNTS["test"]) - 1
     assert len(kept["train"]) == sum(FAKE_COUNTS["train"])
     (tmp_path / "latin").mkdir()
     raw = "premise,hypothesis,gold_label,split\ncaf\xe9 ok,no,neutral,train\n".encode("latin-1")
     (tmp_path / "latin" / "multinli.csv").write_bytes(raw)
     with pytest.raises(ValueError, match="not UTF-8"):
-        text.read_multinli(tmp_path / "latin", tokenizer)
+        multinli.read_multinli(tmp_path / "latin", tokenizer)
 
 
 # --------------------------------------------------------------------------- local models
@@ -249,51 +249,51 @@ def test_read_multinli_bad_input_gives_clear_errors(tmp_path, tokenizer):
 
 def test_tiny_bert_saved_and_loaded_locally_gives_identical_logits(tmp_path, tokenizer_dir, tokenizer):
     cfg = tiny_cfg(vocab_size=len(tokenizer))
-    x = text.tokenize_pairs(tokenizer, ["the cat sat on the mat", "a man ran"],
+    x = multinli.tokenize_pairs(tokenizer, ["the cat sat on the mat", "a man ran"],
                             ["the cat is here", "nobody ran ."])
-    teacher = text.build_text_teacher(cfg, 3, seed=1).eval()
+    teacher = text_models.build_text_teacher(cfg, 3, seed=1).eval()
     teacher.encoder.save_pretrained(tmp_path / "teacher")
-    loaded = text.load_text_teacher(tmp_path / "teacher", 3, seed=5).eval()
+    loaded = text_models.load_text_teacher(tmp_path / "teacher", 3, seed=5).eval()
     loaded.classifier.load_state_dict(teacher.classifier.state_dict())
     assert torch.equal(loaded(x), teacher(x)) and loaded(x).shape == (2, 3)
-    student = text.build_text_student(cfg, 3, exit_layer=2, seed=1).eval()
+    student = text_models.build_text_student(cfg, 3, exit_layer=2, seed=1).eval()
     student.encoder.save_pretrained(tmp_path / "student")
-    back = text.load_text_student(tmp_path / "student", 3, exit_layer=2, seed=5).eval()
+    back = text_models.load_text_student(tmp_path / "student", 3, exit_layer=2, seed=5).eval()
     back.load_state_dict(student.state_dict())          # same architecture, strict
     a, b = student(x), back(x)
     assert isinstance(b, StudentOutput) and all(torch.equal(u, v) for u, v in zip(a, b))
     assert back.encoder.pooler is None and back.phi_dim == 16
-    assert text.load_text_teacher(tmp_path / "teacher", 3, dropout=0.25).dropout.p == 0.25
+    assert text_models.load_text_teacher(tmp_path / "teacher", 3, dropout=0.25).dropout.p == 0.25
     # and the tokenizer round trip
-    assert text.load_tokenizer(tokenizer_dir)("no cat")["input_ids"] == tokenizer("no cat")["input_ids"]
+    assert text_models.load_tokenizer(tokenizer_dir)("no cat")["input_ids"] == tokenizer("no cat")["input_ids"]
     # seeded builds: same seed, same weights; the global RNG is left alone
     state = torch.get_rng_state()
-    t1, t2 = text.build_text_teacher(cfg, 3, seed=7), text.build_text_teacher(cfg, 3, seed=7)
+    t1, t2 = text_models.build_text_teacher(cfg, 3, seed=7), text_models.build_text_teacher(cfg, 3, seed=7)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(p, q) for p, q in zip(t1.parameters(), t2.parameters()))
     # errors: missing folder, a folder that is no model, a config without weights
     with pytest.raises(FileNotFoundError, match="does not exist.*nothing is downloaded"):
-        text.load_text_teacher(tmp_path / "absent", 3)
+        text_models.load_text_teacher(tmp_path / "absent", 3)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="not a Hugging Face model folder"):
-        text.load_text_student(tmp_path / "junk", 3, 1)
+        text_models.load_text_student(tmp_path / "junk", 3, 1)
     with pytest.raises(ValueError, match="not a tokenizer folder"):
-        text.load_tokenizer(tmp_path / "junk")
+        text_models.load_tokenizer(tmp_path / "junk")
     (tmp_path / "teacher" / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="could not load a model"):
-        text.load_text_teacher(tmp_path / "teacher", 3)
+        text_models.load_text_teacher(tmp_path / "teacher", 3)
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_student_exit_reads_the_chosen_layer_and_is_detached(pool, tokenizer):
     cfg = tiny_cfg(vocab_size=len(tokenizer))
-    x = text.tokenize_pairs(tokenizer, ["the cat sat on the mat here", "a man ran"],
+    x = multinli.tokenize_pairs(tokenizer, ["the cat sat on the mat here", "a man ran"],
                             ["the cat is here", "nobody ran ."])
     mask = (x[:, 0] != 0)
     assert not mask.all()                          # padding present: the mean must skip it
     for layer in (1, 2, 3):
-        student = text.build_text_student(cfg, 3, exit_layer=layer, seed=0, pool=pool).eval()
+        student = text_models.build_text_student(cfg, 3, exit_layer=layer, seed=0, pool=pool).eval()
         out = student(x)
         hs = student.encoder(input_ids=x[:, 0], token_type_ids=x[:, 1], attention_mask=mask.long(),
                              output_hidden_states=True).hidden_states
@@ -306,7 +306,7 @@ def test_student_exit_reads_the_chosen_layer_and_is_detached(pool, tokenizer):
             assert not torch.allclose(out.phi, hs[other][:, 0] if pool == "cls" else hs[other].mean(1))
     y = torch.tensor([0, 2])
     for detach in (True, False):
-        student = text.build_text_student(cfg, 3, exit_layer=2, seed=0, pool=pool,
+        student = text_models.build_text_student(cfg, 3, exit_layer=2, seed=0, pool=pool,
                                           detach_exit=detach).train()
         F.cross_entropy(student(x).exit_logits, y).backward()
         enc_grads = [p.grad for p in student.encoder.parameters()]
@@ -316,20 +316,20 @@ def test_student_exit_reads_the_chosen_layer_and_is_detached(pool, tokenizer):
         else:
             assert any(g is not None and g.abs().sum() > 0 for g in enc_grads)
     with pytest.raises(ValueError, match=r"exit_layer=4 .* layers 1\.\.3; set the profile's exit_layer"):
-        text.build_text_student(cfg, 3, exit_layer=4)
+        text_models.build_text_student(cfg, 3, exit_layer=4)
     with pytest.raises(ValueError, match="exit_layer=0"):
-        text.build_text_student(cfg, 3, exit_layer=0)
+        text_models.build_text_student(cfg, 3, exit_layer=0)
     with pytest.raises(ValueError, match="pool='max'"):
-        text.build_text_student(cfg, 3, exit_layer=1, pool="max")
+        text_models.build_text_student(cfg, 3, exit_layer=1, pool="max")
     with pytest.raises(ValueError, match=r"\(N, 2, L\)"):
         student(x[:, 0])
 
 
 def test_import_without_transformers_works():
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "import fairkd_utils.text as t\n"
-            "assert t.negation_attribute(['No way']).tolist() == [1]\n"
-            "assert len(t.make_synthetic_text(scale=0.01)['train']) > 0\n"
+            "from fairkd_utils import multinli, synthetic_text, text_models\n"
+            "assert multinli.negation_attribute(['No way']).tolist() == [1]\n"
+            "assert len(synthetic_text.make_synthetic_text(scale=0.01)['train']) > 0\n"
             "assert 'transformers' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -339,7 +339,27 @@ def test_import_without_transformers_works():
 
 @pytest.fixture(scope="module")
 def synth():
-    return text.make_synthetic_text(scale=0.5, seed=3)
+    return synthetic_text.make_synthetic_text(scale=0.5, seed=3)
+
+
+def synthetic_text_rule(premise, hypothesis, vocab):
+    """The miniature's label of one pair, recomputed from its ids independently of the
+    generator (specials, padding and negation words are ignored): **contradiction** (0)
+    when a hypothesis word is the antonym of a premise word; else **neutral** (2) when a
+    hypothesis word is not in the premise; else **entailment** (1: every hypothesis word
+    is in the premise). ``None`` when the hypothesis holds a vague word (``VAGUE_WORDS``):
+    the pair does not decide its label (``ambiguous_rate`` of ``make_synthetic_text``)."""
+    p = np.asarray(premise)
+    h = np.asarray(hypothesis)
+    if ((h >= vocab.first_vague) & (h < vocab.size)).any():
+        return None
+    p = set(p[(p >= vocab.first_content) & (p < vocab.first_vague)].tolist())
+    h = h[h >= vocab.first_content]
+    if any(int(w) in p for w in vocab.antonym(h)):
+        return 0
+    if any(int(w) not in p for w in h):
+        return 2
+    return 1
 
 
 def _split_pair(ds, i):
@@ -348,58 +368,58 @@ def _split_pair(ds, i):
 
 
 def test_synthetic_text_label_is_the_rule_on_every_item(synth):
-    vocab = text.synthetic_text_vocab()
-    corpus = text.make_text_pretraining_corpus(n_per_group=300, seed=1)
+    vocab = synthetic_text.synthetic_text_vocab()
+    corpus = synthetic_text.make_text_pretraining_corpus(n_per_group=300, seed=1)
     for ds in [*synth.values(), corpus]:
-        labels = [text.synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))]
+        labels = [synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))]
         assert labels == ds.y.tolist()
         neg = ((ds.x[:, 0] >= vocab.first_negation) & (ds.x[:, 0] < vocab.first_content)).sum(1)
         assert torch.equal(neg, ds.a)                     # one negation word iff a = 1
     ds = synth["train"]
-    assert ds.x.shape == (len(ds), 2, text.synthetic_text_length()) and ds.x.shape[2] <= 32
-    assert (ds.x[:, 0, 0] == text.CLS).all() and int(ds.x[:, 0].max()) < vocab.size
-    assert ((ds.x[:, 0] == text.SEP).sum(1) == 2).all()
-    assert (ds.x[:, 1][ds.x[:, 0] == text.PAD] == 0).all()
+    assert ds.x.shape == (len(ds), 2, synthetic_text.synthetic_text_length()) and ds.x.shape[2] <= 32
+    assert (ds.x[:, 0, 0] == synthetic_text.CLS).all() and int(ds.x[:, 0].max()) < vocab.size
+    assert ((ds.x[:, 0] == synthetic_text.SEP).sum(1) == 2).all()
+    assert (ds.x[:, 1][ds.x[:, 0] == synthetic_text.PAD] == 0).all()
     # the decoded table reads as words, and its hypotheses give back the attribute
-    table = text.decode_pairs(ds, n_per_group=3)
-    assert len(table) == 18 and table["group_name"].tolist()[::3] == text.MULTINLI_GROUP_NAMES
-    full = text.decode_pairs(ds, n_per_group=len(ds))
+    table = synthetic_text.decode_pairs(ds, n_per_group=3)
+    assert len(table) == 18 and table["group_name"].tolist()[::3] == multinli.MULTINLI_GROUP_NAMES
+    full = synthetic_text.decode_pairs(ds, n_per_group=len(ds))
     assert len(full) == len(ds)
-    assert (text.negation_attribute(full["hypothesis"]) == full["group_name"].str.endswith(", negation")).all()
+    assert (multinli.negation_attribute(full["hypothesis"]) == full["group_name"].str.endswith(", negation")).all()
     # the knobs are checked: a neutral word needs a pair outside the longest premise
     with pytest.raises(ValueError, match="n_pairs=5 is too small"):
-        text.make_synthetic_text(n_pairs=5)
+        synthetic_text.make_synthetic_text(n_pairs=5)
 
 
 def test_synthetic_text_pairs_are_distinct_within_and_across_splits(synth):
     rows = torch.cat([ds.x[:, 0] for ds in synth.values()])
     assert len(torch.unique(rows, dim=0)) == len(rows)
-    corpus = text.make_text_pretraining_corpus(n_per_group=400, seed=0, exclude=synth)
+    corpus = synthetic_text.make_text_pretraining_corpus(n_per_group=400, seed=0, exclude=synth)
     both = torch.cat([rows, corpus.x[:, 0]])
     assert len(torch.unique(both, dim=0)) == len(both)
     with pytest.raises(ValueError, match="could not draw"):
-        text.make_text_pretraining_corpus(n_per_group=500, n_pairs=4, premise_len=(3, 3))
+        synthetic_text.make_text_pretraining_corpus(n_per_group=500, n_pairs=4, premise_len=(3, 3))
 
 
 def test_synthetic_text_is_deterministic_per_seed(synth):
-    again = text.make_synthetic_text(scale=0.5, seed=3)
-    other = text.make_synthetic_text(scale=0.5, seed=4)
+    again = synthetic_text.make_synthetic_text(scale=0.5, seed=3)
+    other = synthetic_text.make_synthetic_text(scale=0.5, seed=4)
     for split, ds in synth.items():
         assert torch.equal(ds.x, again[split].x) and torch.equal(ds.y, again[split].y)
         assert torch.equal(ds.a, again[split].a) and ds.ids == again[split].ids
         assert not torch.equal(ds.x, other[split].x)
-    c1 = text.make_text_pretraining_corpus(n_per_group=50, seed=0)
-    assert torch.equal(c1.x, text.make_text_pretraining_corpus(n_per_group=50, seed=0).x)
+    c1 = synthetic_text.make_text_pretraining_corpus(n_per_group=50, seed=0)
+    assert torch.equal(c1.x, synthetic_text.make_text_pretraining_corpus(n_per_group=50, seed=0).x)
 
 
 def test_synthetic_text_group_proportions_are_multinlis(synth):
     for scale in (0.5, 1.0):
-        for split, counts in text.MULTINLI_COUNTS.items():
-            want = [max(1, round(c * scale / text.SYNTHETIC_TEXT_DIVISOR)) for c in counts]
-            assert text.synthetic_text_counts(split, scale) == want
+        for split, counts in multinli.MULTINLI_COUNTS.items():
+            want = [max(1, round(c * scale / synthetic_text.SYNTHETIC_TEXT_DIVISOR)) for c in counts]
+            assert synthetic_text.synthetic_text_counts(split, scale) == want
     for split, ds in synth.items():
         got = ds.group_counts().numpy()
-        target = np.array(text.MULTINLI_COUNTS[split]) / sum(text.MULTINLI_COUNTS[split])
+        target = np.array(multinli.MULTINLI_COUNTS[split]) / sum(multinli.MULTINLI_COUNTS[split])
         # each group within rounding (half a pair per group) of MultiNLI's share
         assert np.all(np.abs(got - target * len(ds)) <= 0.5 + 6 * 0.5)
         assert np.all(np.abs(got / len(ds) - target) < 0.01)
@@ -409,38 +429,39 @@ def test_synthetic_text_group_proportions_are_multinlis(synth):
     val = synth["val"].group_counts().numpy()
     assert val[3] < val[2] / 10                                  # val is not group-balanced
     # spurious_strength: P(contradiction | negation) in train; class sizes kept
-    full = np.array(text.MULTINLI_COUNTS["train"])
-    assert text.synthetic_text_counts("train", 20, text.MULTINLI_SPURIOUS_STRENGTH) == full.tolist()
+    full = np.array(multinli.MULTINLI_COUNTS["train"])
+    multinlis = full[1] / full[1::2].sum()                       # 11158 / 14671
+    assert synthetic_text.synthetic_text_counts("train", 20, multinlis) == full.tolist()
     for s in (1 / 3, 0.95):
-        c = np.array(text.synthetic_text_counts("train", 20, s))
+        c = np.array(synthetic_text.synthetic_text_counts("train", 20, s))
         assert np.array_equal(c[0::2] + c[1::2], full[0::2] + full[1::2])
         assert abs(c[1] / c[1::2].sum() - s) < 1e-3
     with pytest.raises(ValueError, match="spurious_strength"):
-        text.make_synthetic_text(spurious_strength=1.0)
+        synthetic_text.make_synthetic_text(spurious_strength=1.0)
 
 
 def test_synthetic_text_zipf_lexicon_draws_pairs_by_the_law_and_keeps_the_rule():
     n_pairs, z = 24, 1.0
-    w = text.synthetic_text_word_weights(n_pairs, z)
+    w = synthetic_text.synthetic_text_word_weights(n_pairs, z)
     k = np.arange(1, n_pairs + 1)
     assert np.allclose(w, k ** -z / (k ** -z).sum())               # dense formula
-    assert text.synthetic_text_word_weights(n_pairs, 0) is None   # 0: uniform, today's stream
+    assert synthetic_text.synthetic_text_word_weights(n_pairs, 0) is None   # 0: uniform, today's stream
     with pytest.raises(ValueError, match="word_zipf must be >= 0"):
-        text.synthetic_text_word_weights(n_pairs, -1)
-    vocab = text.synthetic_text_vocab(n_pairs)
-    splits = text.make_synthetic_text(scale=0.5, n_pairs=n_pairs, word_zipf=z)
+        synthetic_text.synthetic_text_word_weights(n_pairs, -1)
+    vocab = synthetic_text.synthetic_text_vocab(n_pairs)
+    splits = synthetic_text.make_synthetic_text(scale=0.5, n_pairs=n_pairs, word_zipf=z)
     ds = splits["train"]
-    assert [text.synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))] == ds.y.tolist()
+    assert [synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))] == ds.y.tolist()
     # premise words are drawn by the law (without replacement within a premise): the most
     # frequent pair is in far more premises than the rarest, in the order of the weights
     per_pair = _premise_words_per_pair(ds, vocab)
     assert per_pair[0] > 5 * per_pair[-1] > 0
     assert np.corrcoef(np.log(per_pair), np.log(w))[0, 1] > 0.95
-    uniform = text.make_synthetic_text(scale=0.5, n_pairs=n_pairs)["train"]
+    uniform = synthetic_text.make_synthetic_text(scale=0.5, n_pairs=n_pairs)["train"]
     per_pair = _premise_words_per_pair(uniform, vocab)
     assert per_pair.max() < 1.5 * per_pair.min()
     # the pretraining corpus takes the same lexicon
-    corpus = text.make_text_pretraining_corpus(n_per_group=200, n_pairs=n_pairs, word_zipf=z)
+    corpus = synthetic_text.make_text_pretraining_corpus(n_per_group=200, n_pairs=n_pairs, word_zipf=z)
     per_pair = _premise_words_per_pair(corpus, vocab)
     assert per_pair[0] > 5 * per_pair[-1]
 
@@ -452,11 +473,11 @@ def _premise_words_per_pair(ds, vocab):
 
 
 def test_ambiguous_pairs_are_a_share_of_every_group_and_the_rest_keep_the_rule():
-    vocab = text.synthetic_text_vocab(16, n_vague=len(text.VAGUE_WORDS))
-    splits = text.make_synthetic_text(scale=0.5, n_pairs=16, ambiguous_rate=0.2)
+    vocab = synthetic_text.synthetic_text_vocab(16, n_vague=len(synthetic_text.VAGUE_WORDS))
+    splits = synthetic_text.make_synthetic_text(scale=0.5, n_pairs=16, ambiguous_rate=0.2)
     assert splits["train"].vocab == vocab.tokens()
     for ds in splits.values():
-        rule = [text.synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))]
+        rule = [synthetic_text_rule(*_split_pair(ds, i), vocab) for i in range(len(ds))]
         vague = np.array([r is None for r in rule])
         hyp = ds.x[:, 0] * (ds.x[:, 1] == 1)
         has_vague = ((hyp >= vocab.first_vague) & (hyp < vocab.size)).any(1).numpy()
@@ -466,12 +487,12 @@ def test_ambiguous_pairs_are_a_share_of_every_group_and_the_rest_keep_the_rule()
         for grp in range(6):                                  # ~0.2 of every group, alike
             n = (g == grp).sum()
             assert abs(vague[g == grp].mean() - 0.2) < 3 * np.sqrt(0.2 * 0.8 / n) + 0.02
-    assert vocab.tokens()[-4:] == list(text.VAGUE_WORDS)
-    plain = text.make_synthetic_text(scale=0.5, n_pairs=16)["train"]
-    assert plain.vocab == text.synthetic_text_vocab(16).tokens()  # no vague words: ids as before
-    assert all(text.synthetic_text_rule(*_split_pair(plain, i), vocab) is not None for i in range(len(plain)))
+    assert vocab.tokens()[-4:] == list(synthetic_text.VAGUE_WORDS)
+    plain = synthetic_text.make_synthetic_text(scale=0.5, n_pairs=16)["train"]
+    assert plain.vocab == synthetic_text.synthetic_text_vocab(16).tokens()  # no vague words: ids as before
+    assert all(synthetic_text_rule(*_split_pair(plain, i), vocab) is not None for i in range(len(plain)))
     with pytest.raises(ValueError, match="ambiguous_rate must be in"):
-        text.make_synthetic_text(ambiguous_rate=1.0)
+        synthetic_text.make_synthetic_text(ambiguous_rate=1.0)
 
 
 def test_neutral_knobs_draw_exactly_the_data_of_the_first_text_reference_run():
@@ -480,8 +501,8 @@ def test_neutral_knobs_draw_exactly_the_data_of_the_first_text_reference_run():
     before those knobs existed (the calibrated `default` profile sets them otherwise)."""
     import hashlib
 
-    splits = text.make_synthetic_text(scale=0.05, seed=0)
-    corpus = text.make_text_pretraining_corpus(n_per_group=30, seed=0)
+    splits = synthetic_text.make_synthetic_text(scale=0.05, seed=0)
+    corpus = synthetic_text.make_text_pretraining_corpus(n_per_group=30, seed=0)
     h = hashlib.sha256()
     for ds in [*splits.values(), corpus]:
         for t in (ds.x, ds.y, ds.a):
@@ -491,7 +512,7 @@ def test_neutral_knobs_draw_exactly_the_data_of_the_first_text_reference_run():
 
 
 def test_pretraining_corpus_negation_is_independent_of_the_label():
-    corpus = text.make_text_pretraining_corpus(n_per_group=40, seed=2)
+    corpus = synthetic_text.make_text_pretraining_corpus(n_per_group=40, seed=2)
     counts = corpus.group_counts().view(3, 2)
     assert (counts == 40).all() and corpus.split == "pretrain"
     p_neg = counts[:, 1] / counts.sum(1)
@@ -501,16 +522,16 @@ def test_pretraining_corpus_negation_is_independent_of_the_label():
 def test_text_student_and_teacher_train_in_the_study_loop():
     from fairkd_utils import train
 
-    splits = text.make_synthetic_text(scale=0.02, seed=0)
-    cfg = text.bert_config(text.synthetic_text_vocab().size, hidden_size=16, num_layers=2,
+    splits = synthetic_text.make_synthetic_text(scale=0.02, seed=0)
+    cfg = text_models.bert_config(synthetic_text.synthetic_text_vocab().size, hidden_size=16, num_layers=2,
                            num_heads=2, max_length=splits["train"].x.shape[2])
     conf = train.TrainConfig(epochs=1, batch_size=64, optimizer="adamw", lr=1e-3, progress=False)
-    for model in (text.build_text_student(cfg, 3, 1, seed=0), text.build_text_teacher(cfg, 3, seed=0)):
+    for model in (text_models.build_text_student(cfg, 3, 1, seed=0), text_models.build_text_teacher(cfg, 3, seed=0)):
         result = train.train_model(model, splits, conf)
         assert len(result.history) == 1 and math.isfinite(result.history["train_loss"].iat[0])
         p = train.predict(result.model, splits["test"])
         assert p.logits.shape == (len(splits["test"]), 3)
-        if isinstance(model, text.TextEarlyExitStudent):
+        if isinstance(model, text_models.TextEarlyExitStudent):
             assert p.phi.shape == (len(splits["test"]), 16)
 
 
@@ -526,11 +547,11 @@ def test_three_class_exit_laplace_matches_laplace_torch_on_a_text_students_exit(
     laplace = pytest.importorskip("laplace")
     from fairkd_utils import train
 
-    ds = text.make_synthetic_text(scale=0.03, seed=1)["train"]
-    cfg = tiny_cfg(vocab_size=text.synthetic_text_vocab().size, layers=2,
+    ds = synthetic_text.make_synthetic_text(scale=0.03, seed=1)["train"]
+    cfg = tiny_cfg(vocab_size=synthetic_text.synthetic_text_vocab().size, layers=2,
                    max_length=ds.x.shape[2])
     # mean pooling: at random initialisation the [CLS] state hardly varies between pairs
-    student = text.build_text_student(cfg, 3, exit_layer=1, seed=0, pool="mean")
+    student = text_models.build_text_student(cfg, 3, exit_layer=1, seed=0, pool="mean")
     p = train.predict(student, ds)
     phi, y = p.phi.double(), ds.y
     assert phi.shape == (len(ds), student.phi_dim)

@@ -1,0 +1,253 @@
+"""The text study's models: BERT-style teachers and early-exit students that plug into
+the image study's training loop, built in code or loaded from local Hugging Face
+folders (never a download).
+
+They read the ``(N, 2, L)`` layout of :mod:`.multinli` (input ids, token type ids).
+Pieces: :class:`TextTeacher`, :class:`TextEarlyExitStudent`; :func:`bert_config`,
+:func:`build_text_teacher`, :func:`build_text_student` (tiny encoders from code);
+:func:`load_tokenizer`, :func:`load_text_teacher`, :func:`load_text_student` (local
+folders).
+
+``transformers`` is imported inside the functions that need it (the optional extra
+``text``): importing this module works without it, and the image study never needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import ExitHead, StudentOutput, _seeded
+
+__all__ = ["TextTeacher", "TextEarlyExitStudent", "bert_config", "build_text_teacher",
+           "build_text_student", "load_tokenizer", "load_text_teacher", "load_text_student"]
+
+
+def _encoder_inputs(encoder: nn.Module, x: torch.Tensor, pad_id: int) -> dict:
+    if x.ndim != 3 or x.shape[1] != 2:
+        raise ValueError(f"text models take x of shape (N, 2, L) (input ids, token type ids), "
+                         f"got {tuple(x.shape)}")
+    max_pos = getattr(encoder.config, "max_position_embeddings", None)
+    if max_pos is not None and x.shape[2] > max_pos:
+        raise ValueError(f"sequences of {x.shape[2]} tokens, but the encoder has "
+                         f"{max_pos} positions; tokenise with max_length <= {max_pos}")
+    ids = x[:, 0]
+    kwargs = {"input_ids": ids, "attention_mask": (ids != pad_id).long()}
+    if (getattr(encoder.config, "type_vocab_size", 0) or 0) > 1:
+        kwargs["token_type_ids"] = x[:, 1]
+    return kwargs
+
+
+def _pad_id(encoder: nn.Module) -> int:
+    pad = getattr(encoder.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def _init_linear(layer: nn.Linear, std: float) -> nn.Linear:
+    nn.init.normal_(layer.weight, std=std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class TextTeacher(nn.Module):
+    """A BERT-like encoder + a linear classifier on the pooled ``[CLS]``:
+    ``forward(x) -> logits (N, C)``.
+
+    The pooled ``[CLS]`` is the encoder's pooler output (BERT's tanh layer, what
+    ``BertForSequenceClassification`` classifies) when it has a pooler, else the last
+    layer's ``[CLS]`` state. Dropout as the encoder's ``hidden_dropout_prob``."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int):
+        super().__init__()
+        cfg = encoder.config
+        self.encoder = encoder
+        self.pad_id = _pad_id(encoder)
+        self.dropout = nn.Dropout(getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
+        self.classifier = _init_linear(nn.Linear(cfg.hidden_size, n_classes),
+                                       getattr(cfg, "initializer_range", 0.02))
+        self.n_classes = int(n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(**_encoder_inputs(self.encoder, x, self.pad_id))
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = out.last_hidden_state[:, 0]
+        return self.classifier(self.dropout(pooled))
+
+
+class TextEarlyExitStudent(nn.Module):
+    """A BERT-like encoder with an early exit, the text twin of
+    :class:`~fairkd_utils.models.EarlyExitStudent`; ``forward(x) -> StudentOutput``.
+
+    Final head: a linear classifier on the last layer's ``[CLS]`` state (after
+    dropout). Early exit: an :class:`~fairkd_utils.models.ExitHead` on ``phi``, the
+    hidden state after layer ``exit_layer`` (1-based; 0 would be the embeddings)
+    pooled by ``pool``: ``"cls"`` its ``[CLS]`` position, ``"mean"`` the mean over the
+    attention mask's tokens. ``phi`` comes from ``output_hidden_states`` of the one
+    forward pass (the encoder computes every layer's state anyway; they are only
+    returned, not recomputed). With ``detach_exit=True`` (default) the exit trains on
+    ``phi.detach()``: it reads what the first layers encode without changing them.
+    A pooler the encoder may carry is dropped (``encoder.pooler = None``): unused here.
+    """
+
+    def __init__(self, encoder: nn.Module, n_classes: int, exit_layer: int, pool: str = "cls",
+                 detach_exit: bool = True):
+        super().__init__()
+        cfg = encoder.config
+        n_layers = int(cfg.num_hidden_layers)
+        if isinstance(exit_layer, bool) or int(exit_layer) != exit_layer \
+                or not 1 <= int(exit_layer) <= n_layers:
+            raise ValueError(f"exit_layer={exit_layer!r} but the student's encoder has layers "
+                             f"1..{n_layers}; set the profile's exit_layer in that range")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool={pool!r}: the exit pools the layer's states by 'cls' (the "
+                             "[CLS] position) or 'mean' (mean over the attention mask)")
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
+        self.encoder = encoder
+        self.pad_id = _pad_id(encoder)
+        self.exit_layer = int(exit_layer)
+        self.pool = pool
+        self.detach_exit = bool(detach_exit)
+        self.dropout = nn.Dropout(getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
+        self.classifier = _init_linear(nn.Linear(cfg.hidden_size, n_classes),
+                                       getattr(cfg, "initializer_range", 0.02))
+        self.exit = ExitHead(cfg.hidden_size, n_classes)
+        self.n_classes = int(n_classes)
+
+    @property
+    def phi_dim(self) -> int:
+        return self.exit.in_features
+
+    def forward(self, x: torch.Tensor) -> StudentOutput:
+        kwargs = _encoder_inputs(self.encoder, x, self.pad_id)
+        out = self.encoder(**kwargs, output_hidden_states=True)
+        h = out.hidden_states[self.exit_layer]
+        if self.pool == "cls":
+            phi = h[:, 0]
+        else:
+            mask = kwargs["attention_mask"].unsqueeze(-1).to(h.dtype)
+            phi = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        if self.detach_exit:
+            phi = phi.detach()
+        logits = self.classifier(self.dropout(out.last_hidden_state[:, 0]))
+        return StudentOutput(logits, self.exit(phi), phi)
+
+
+def bert_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
+                num_heads: int = 2, intermediate_size: int | None = None, max_length: int = 32,
+                dropout: float = 0.0, pad_token_id: int = 0):
+    """A ``transformers.BertConfig`` built in code (nothing read or downloaded):
+    ``intermediate_size`` defaults to ``4 * hidden_size``; ``max_length`` is the number
+    of positions; two token types (premise, hypothesis); ``dropout`` for hidden states
+    and attention probabilities.
+
+    ``dropout`` defaults to 0 (BERT's is 0.1): the study's training loop draws all its
+    randomness from its own seeded generator and never seeds the global RNG (the image
+    networks have no dropout), so dropout would make a training run depend on the global
+    RNG state -- reruns would differ and a method continuing from the shared warm-up
+    would no longer equal its run from scratch."""
+    from transformers import BertConfig
+
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} is not a multiple of num_heads={num_heads}")
+    return BertConfig(vocab_size=int(vocab_size), hidden_size=int(hidden_size),
+                      num_hidden_layers=int(num_layers), num_attention_heads=int(num_heads),
+                      intermediate_size=int(intermediate_size or 4 * hidden_size),
+                      max_position_embeddings=int(max_length), type_vocab_size=2,
+                      hidden_dropout_prob=float(dropout),
+                      attention_probs_dropout_prob=float(dropout), pad_token_id=int(pad_token_id))
+
+
+def build_text_teacher(cfg, n_classes: int, seed: int | None = None) -> TextTeacher:
+    """A randomly initialised BERT (``BertModel(cfg)``, with pooler) + classifier;
+    ``seed`` fixes the initialisation (the global RNG is left as it was)."""
+    from transformers import BertModel
+
+    with _seeded(seed):
+        return TextTeacher(BertModel(cfg), n_classes)
+
+
+def build_text_student(cfg, n_classes: int, exit_layer: int, seed: int | None = None, *,
+                       pool: str = "cls", detach_exit: bool = True) -> TextEarlyExitStudent:
+    """A randomly initialised BERT (no pooler) with its early exit after ``exit_layer``;
+    ``seed`` fixes the initialisation (the global RNG is left as it was)."""
+    from transformers import BertModel
+
+    with _seeded(seed):
+        return TextEarlyExitStudent(BertModel(cfg, add_pooling_layer=False), n_classes,
+                                    exit_layer, pool=pool, detach_exit=detach_exit)
+
+
+_LOCAL_ONLY = ("nothing is downloaded: put a Hugging Face model folder there (config.json, "
+               "model.safetensors or pytorch_model.bin, tokenizer files), e.g. one written by "
+               "save_pretrained")
+
+
+def _model_dir(path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} folder {str(p)!r} does not exist or is not a folder; "
+                                f"{_LOCAL_ONLY}")
+    return p
+
+
+def load_tokenizer(path):
+    """The tokenizer saved in a local folder (``AutoTokenizer``, ``local_files_only``)."""
+    p = _model_dir(path, "tokenizer")
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+    if not any((p / f).is_file() for f in files):
+        raise ValueError(f"{str(p)!r} is not a tokenizer folder: none of {list(files)} is there; "
+                         f"{_LOCAL_ONLY}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"could not load a tokenizer from {str(p)!r} ({type(exc).__name__}: "
+                         f"{str(exc).strip()[:300]}); {_LOCAL_ONLY}") from None
+
+
+def _load_encoder(path, what: str, dropout: float | None = None):
+    p = _model_dir(path, what)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{str(p)!r} is not a Hugging Face model folder (no config.json); "
+                         f"{_LOCAL_ONLY}")
+    from transformers import AutoModel
+
+    kwargs = {}
+    if dropout is not None:
+        kwargs = {"hidden_dropout_prob": float(dropout),
+                  "attention_probs_dropout_prob": float(dropout)}
+    try:
+        return AutoModel.from_pretrained(str(p), local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"could not load a model from {str(p)!r} ({type(exc).__name__}: "
+                         f"{str(exc).strip()[:300]}); {_LOCAL_ONLY}") from None
+
+
+def load_text_teacher(path, n_classes: int, *, seed: int | None = None,
+                      dropout: float | None = None) -> TextTeacher:
+    """A :class:`TextTeacher` on the encoder saved in a local folder (``AutoModel``,
+    ``local_files_only``); the classifier is new, initialised under ``seed``.
+    ``dropout`` (BERT-style configs) replaces the checkpoint's dropout probabilities;
+    ``None`` keeps them (0.1 for BERT; see :func:`bert_config` on why the study's loop
+    wants 0)."""
+    encoder = _load_encoder(path, "teacher model", dropout)
+    with _seeded(seed):
+        return TextTeacher(encoder, n_classes)
+
+
+def load_text_student(path, n_classes: int, exit_layer: int, pool: str = "cls",
+                      detach_exit: bool = True, *, seed: int | None = None,
+                      dropout: float | None = None) -> TextEarlyExitStudent:
+    """A :class:`TextEarlyExitStudent` on the encoder saved in a local folder; the final
+    classifier and the exit are new, initialised under ``seed``; ``dropout`` as in
+    :func:`load_text_teacher`."""
+    encoder = _load_encoder(path, "student model", dropout)
+    with _seeded(seed):
+        return TextEarlyExitStudent(encoder, n_classes, exit_layer, pool=pool,
+                                    detach_exit=detach_exit)
+
