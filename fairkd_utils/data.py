@@ -309,7 +309,7 @@ def _check_listed_once(meta: pd.DataFrame, dataset: str, root: Path, listing: Pa
             "single split")
 
 
-#: (real path, size, mtime_ns) of images that decoded, in this process.
+#: (real path, content hash) of images that decoded, in this process.
 _DECODED: set = set()
 _DECODE_BAR_FROM = 2000  # images to decode before a progress bar is worth showing
 
@@ -317,19 +317,18 @@ _DECODE_BAR_FROM = 2000  # images to decode before a progress bar is worth showi
 def _check_images_decode(meta: pd.DataFrame, dataset: str, root: Path, listing: Path) -> None:
     """Decode every image once now (JPEGs at 1/8 scale: cheap, yet every byte is read),
     so that a truncated or mislabelled file fails by name, not hours into training.
-    Images that decoded are remembered by (path, size, mtime) in this process and in
-    ``~/.cache/fairkd/decoded_images.json`` (never in the data root)."""
+    Images that decoded are remembered by (path, hash of their bytes) in this process and
+    in ``~/.cache/fairkd/decoded_images.json`` (never in the data root): a file whose
+    content changed is decoded again, whatever its size and mtime say."""
     from PIL import Image
     from tqdm import tqdm
 
-    rows = []
-    for path, line, q in zip(meta["path"], meta["line"], meta["real"]):
-        st = os.stat(q)
-        rows.append((path, line, (q, st.st_size, st.st_mtime_ns)))
+    rows = [(path, line, (q, _content_hash(q)))
+            for path, line, q in zip(meta["path"], meta["line"], meta["real"])]
     todo = [r for r in rows if r[2] not in _DECODED]
     if todo:
         stored = _read_decoded_cache()
-        _DECODED.update(k for _, _, k in todo if stored.get(k[0]) == [k[1], k[2]])
+        _DECODED.update(k for _, _, k in todo if stored.get(k[0]) == k[1])
         todo = [r for r in todo if r[2] not in _DECODED]
     bad = []
     for path, line, key in tqdm(todo, desc=f"checking {dataset} images", unit="image",
@@ -351,6 +350,15 @@ def _check_images_decode(meta: pd.DataFrame, dataset: str, root: Path, listing: 
             f"regenerate these files, or remove their rows from {str(listing)!r}")
 
 
+def _content_hash(path) -> str:
+    """A fast hash of the file's bytes (BLAKE2b, 128 bits): what the decoded-image check
+    is keyed by."""
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
 def _decoded_cache_path() -> Path:
     """``$FAIRKD_CACHE_DIR`` or ``~/.cache/fairkd`` (``$XDG_CACHE_HOME/fairkd``)."""
     base = os.environ.get("FAIRKD_CACHE_DIR") or \
@@ -370,7 +378,7 @@ def _write_decoded_cache(keys) -> None:
     """Add decoded images to the cache file and drop those whose folder is gone; best
     effort, written atomically (a lost update only means decoding again)."""
     stored = _read_decoded_cache()
-    stored.update({q: [size, mtime] for q, size, mtime in keys})
+    stored.update({q: digest for q, digest in keys})
     folders: dict[str, bool] = {}
     for q in list(stored):
         d = os.path.dirname(q)

@@ -270,6 +270,53 @@ def _log_to_stdout() -> None:
     log.setLevel(logging.INFO)
 
 
+#: A local worker's environment: "<pid>:<start>" of the process that started it (the
+#: notebook's kernel); the worker ends itself once that process is gone.
+OWNER_ENV = "FAIRKD_JOBS_OWNER"
+
+
+def _process_start(pid: int) -> str | None:
+    """An id of the process ``pid`` that a later process with the same pid does not
+    share (its start time, from ``/proc``), or None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        if not Path("/proc/self/stat").exists():   # no /proc (not Linux): the pid alone
+            try:
+                os.kill(pid, 0)
+                return ""
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                return ""
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def owner() -> str:
+    """This process as :data:`OWNER_ENV` names it."""
+    return f"{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _end_with_owner(value: str, every_s: float = 1.0) -> None:
+    """In a local worker: a daemon thread that ends this process (``os._exit``) once the
+    process that started it (:data:`OWNER_ENV`) is gone, so that a runner killed with
+    ``kill -9`` (its kernel exits with it) leaves no worker training behind into the run
+    directory. Its files are written atomically: nothing is left half-written."""
+    import threading
+
+    pid, _, start = value.partition(":")
+
+    def watch():
+        while _process_start(int(pid)) == start:
+            time.sleep(every_s)
+        print(f"[fairkd] the process that started this job (pid {pid}) is gone: stopping",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fairkd-owner-watch", daemon=True).start()
+
+
 def execute(job: Job, device: str, worker: bool = True) -> dict:
     """Run one job on ``device`` (given by the scheduler: never the kernel's) and write,
     last, its stamp. ``worker``: in a process of its own (sets the job's ``--retrain``
@@ -282,6 +329,8 @@ def execute(job: Job, device: str, worker: bool = True) -> dict:
         for key in (checkpoints.RETRAIN_ENV, checkpoints.RETRAIN_RUN_ENV):
             os.environ.pop(key, None)
         os.environ.update(env)
+        if env.get(OWNER_ENV):
+            _end_with_owner(env[OWNER_ENV])
         _log_to_stdout()
     threads_before = torch.get_num_threads()
     if job.threads:
@@ -344,6 +393,12 @@ def _for_worker(job: Job, threads: int | None) -> Job:
     student encoder, which the worker reloads from its checkpoint), its threads."""
     return dataclasses.replace(job, run=dataclasses.replace(job.run, _splits=None, _student_encoder=None),
                                threads=threads)
+
+
+def _for_local_worker(job: Job, threads: int | None) -> Job:
+    """:func:`_for_worker`, told to end with this process (:data:`OWNER_ENV`)."""
+    job = _for_worker(job, threads)
+    return dataclasses.replace(job, env=tuple(sorted({**dict(job.env), OWNER_ENV: owner()}.items())))
 
 
 def _failure(job: Job, sub, err: BaseException) -> dict:
@@ -439,7 +494,7 @@ def _run_local(jobs: list[Job], opts: Options, folder: Path, device: str, progre
             slot = free.pop(0)
             job_device, params = slots[slot]
             executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, **params)
-            sub = executor.submit(execute, _for_worker(job, threads), job_device)
+            sub = executor.submit(execute, _for_local_worker(job, threads), job_device)
             handles[job.name] = sub
             running[job.name] = (job, sub, slot, time.perf_counter())
             queue.remove(job)
@@ -462,12 +517,31 @@ def slurm_parameters(opts: Options) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def refuse_control_characters(values: dict) -> None:
+    """Stop if a value that reaches the sbatch script (``values``: its name in words ->
+    the value) holds a control character: a newline would end its ``#SBATCH`` line and
+    run the rest of the value as a command."""
+    import unicodedata
+
+    for what, value in values.items():
+        bad = sorted({c for c in str(value) if unicodedata.category(c) == "Cc"})
+        if bad:
+            raise ValueError(f"{what} {str(value)!r} holds the control character(s) "
+                             f"{', '.join(repr(c) for c in bad)}, which would break the sbatch "
+                             "script (a newline ends its #SBATCH line and runs the rest as a "
+                             "command); give it without them")
+
+
 def slurm_executor(opts: Options, folder: Path):
     """A submitit executor for SLURM (``opts.executor_factory`` stands in for
     ``submitit.AutoExecutor`` in tests) with :func:`slurm_parameters` set; its files go
     to ``folder``."""
     import submitit
 
+    refuse_control_characters({
+        **{f"--slurm-{k[len('slurm_'):] if k.startswith('slurm_') else k}": v
+           for k, v in slurm_parameters(opts).items() if isinstance(v, str)},
+        "the job folder (in the run directory)": Path(folder).resolve(), "the Python executable": sys.executable})
     executor = (opts.executor_factory or submitit.AutoExecutor)(folder=folder, cluster="slurm")
     executor.update_parameters(**slurm_parameters(opts))
     return executor
@@ -620,11 +694,13 @@ def run_grid(run: Run, configs: dict, opts: Options | None = None, teacher=None,
             for p in plans]
     with _locked(run):
         table = run_jobs(run, jobs, {j.name: p for j, p in zip(jobs, plans)}, opts, "grid", show)
-        if not refits:
-            return table
-        jobs, by_name = last_layer_jobs(run, refits, teacher, seeds)
-        return pd.concat([table, run_jobs(run, jobs, by_name, opts, "grid-last-layer", show)],
-                         ignore_index=True)
+        if refits:
+            jobs, by_name = last_layer_jobs(run, refits, teacher, seeds)
+            table = pd.concat([table, run_jobs(run, jobs, by_name, opts, "grid-last-layer", show)],
+                              ignore_index=True)
+        # the hyper-parameters of the tables made from these records (the runner compares)
+        study.record_hparams(run, configs)
+        return table
 
 
 def last_layer_jobs(run: Run, configs: dict, teacher=None, seeds=None) -> tuple[list, dict]:

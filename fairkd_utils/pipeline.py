@@ -42,8 +42,9 @@ from pathlib import Path
 
 from . import records
 from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHOD_SETS, PROFILES,
-                       TRAINED, apply_overrides, get_profile, method_set_tag, overrides_tag,
-                       parse_overrides, resolve_device, resolve_methods)
+                       TRAINED, apply_overrides, get_profile, method_set_tag, missing_hparams,
+                       overrides_tag, parse_overrides, read_hparams_file, resolve_device,
+                       resolve_methods)
 from .rundir import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -66,6 +67,18 @@ PREREQUISITES = (
 
 class PipelineError(RuntimeError):
     """A notebook failed; the message names the notebook and the cell."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C: the message names what was interrupted."""
+
+
+#: The committed chosen hyper-parameters (``study.HPARAMS_FILE``), keyed by
+#: ``<dataset>-<profile>``.
+HPARAMS_FILE = Path(__file__).with_name("hparams.json")
+#: What notebook 05 records of the hyper-parameters that made the run's tables
+#: (``study.HPARAMS_USED``).
+HPARAMS_USED = "hparams_used.json"
 
 
 def discover_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -470,6 +483,58 @@ def run(args) -> Path:
 
 
 #: While a runner works in a run directory it holds this file's lock: a second runner
+def check_hparams_file(args, profile) -> None:
+    """Before any kernel starts: the hyper-parameter file notebook 05 will read
+    (``--hparams``, else the committed one) is well formed, has an entry for
+    ``<dataset>-<profile>`` when given with ``--hparams``, and that entry holds every value
+    the run's methods read (with ``--sweep`` the sweep writes them: form only)."""
+    sweep = getattr(args, "sweep", False) or profile.sweep
+    path = Path(args.hparams) if getattr(args, "hparams", None) else HPARAMS_FILE
+    if not getattr(args, "hparams", None) and not path.exists():
+        return
+    chosen, name = read_hparams_file(path), f"{args.dataset}-{args.profile}"
+    table = chosen.get(name)
+    if table is None:
+        if getattr(args, "hparams", None) and not sweep:
+            raise ValueError(f"{str(path)!r} has no entry for {name!r} (it has {sorted(chosen)}); "
+                             "run the sweep for this dataset and profile")
+        return
+    missing = [] if sweep else missing_hparams(table, resolve_methods(profile, getattr(args, "methods", None)))
+    if missing:
+        raise ValueError(f"{path.name}[{name!r}] lacks {', '.join(missing)}: the methods this run "
+                         "trains read them, and a file's entry is never completed from the "
+                         "library's defaults; add them, choose them with --sweep, or give "
+                         "--hparams FILE with a complete entry")
+
+
+def read_hparams_used(run_dir: Path) -> dict | None:
+    """The record of the hyper-parameters that made the run's tables (None if none)."""
+    try:
+        return json.loads((Path(run_dir) / HPARAMS_USED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def hparams_change(before: dict | None, after: dict | None) -> str | None:
+    """In words, how the hyper-parameters of ``after`` differ from those of ``before``
+    (records of :data:`HPARAMS_USED`), with the flag that brings the earlier ones back;
+    None when neither record is missing and they agree."""
+    if not before or not after or before.get("configs") == after.get("configs"):
+        return None
+    old, new = before.get("configs", {}), after.get("configs", {})
+    changes = []
+    for method in [m for m in new if m in old]:
+        fields = [f"{k} {old[method].get(k)} -> {v}" for k, v in new[method].items()
+                  if old[method].get(k) != v]
+        if fields:
+            changes.append(f"{method}: {', '.join(fields)}")
+    back = (f"; to use the earlier ones again: --hparams {before['file']}"
+            if before.get("file") and before.get("file") != after.get("file") else "")
+    return (f"hyper-parameters differ from those that made this run's tables: "
+            f"{before.get('source')} before, {after.get('source')} now; "
+            + ("; ".join(changes) or "other methods") + back)
+
+
 #: into the same directory stops at once, naming the first.
 RUN_LOCK = "runner.lock"
 
@@ -503,6 +568,11 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
     total = time.perf_counter()
     kernel_env = retrain_environment(retrain)
     if retrain is not None:
+    if getattr(args, "executor", None) == "slurm":   # what reaches the sbatch script
+        from . import jobs
+
+        jobs.refuse_control_characters({"--slurm-partition": args.slurm_partition or "",
+                                        "the run directory": run_dir})
         which = " ".join(f"{p}*" for p in retrain) if retrain else "every checkpoint"
         say(f"--retrain: retraining {which} (once in this run)")
     for src in notebooks:
@@ -555,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-model", default=None, metavar="PATH",
                    help="local pretrained teacher: a torchvision state_dict file (images) or a "
                         "Hugging Face model folder (text; its tokenizer tokenises MultiNLI)")
+        hparams_before = read_hparams_used(run_dir)
     p.add_argument("--student-model", default=None, metavar="PATH",
                    help="local pretrained student backbone: a state_dict file or a Hugging Face "
                         "model folder")
@@ -563,9 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", default=str(REPO_ROOT / "results"),
                    help="parent of the run directory (default: results/)")
+            if isinstance(err, KeyboardInterrupt):
+                raise Interrupted(f"interrupted during {src.stem}: rerun the same command to "
+                                  "resume (finished checkpoints and jobs are reused)") from None
     p.add_argument("--figures", default=None,
                    help="figures folder (default: <run_dir>/figures/; with the default --out, "
                         "figures/<dataset>-<profile>/)")
+        change = hparams_change(hparams_before, read_hparams_used(run_dir))
+        if change:
+            say(change)
     p.add_argument("--only", nargs="+", default=None, metavar="NN",
                    help="run only these notebooks, e.g. --only 04 05 (their prerequisites must exist)")
     p.add_argument("--set", nargs="+", action="extend", default=None, metavar="FIELD=VALUE",
@@ -614,7 +691,7 @@ def main(argv=None) -> int:
     args.argv = None if argv is None else list(argv)  # the command line, for manifest.json
     try:
         run(args)
-    except (PipelineError, ValueError, FileNotFoundError, records.Locked) as err:
+    except (PipelineError, ValueError, FileNotFoundError, records.Locked, records.LockFailed) as err:
         print(f"[fairkd] error: {err}", file=sys.stderr)
         return 1
     return 0
@@ -622,3 +699,10 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    except Interrupted as err:
+        print(f"[fairkd] {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("[fairkd] interrupted before any notebook started: nothing was changed; rerun "
+              "the same command", file=sys.stderr)
+        return 130

@@ -104,6 +104,118 @@ TRAINED = tuple(m for m, spec in METHOD_SPECS.items() if spec.last_layer_of is N
 REFERENCES = tuple(m for m, spec in METHOD_SPECS.items() if spec.group_labels)
 #: The paired differences of ``summary.csv`` are taken against these; the primary
 #: contrast is ``laplace_kd`` against ``dedier_both`` (same terms, same form).
+#: The type of every field a hyper-parameter file may set (``losses.MethodConfig``'s):
+#: "number" (int or float, finite, never true/false), "whole" (int), "text", "bool".
+HPARAM_TYPES = {"lam": "number", "T": "number", "beta": "number", "tau": "number",
+                "jtt_upweight": "number", "jtt_epochs": "whole", "refit_every": "whole",
+                "score": "text", "alpha": "text", "prior": "text", "dfr_penalty": "text",
+                "normalise": "bool"}
+#: Per weight source, the fields besides beta that a method's weight reads (its sign
+#: rule, Laplace-KD's score and posterior, DFR's penalty).
+_WEIGHT_FIELDS = {"exit_map": ("alpha",), "exit_map_shuffled": ("alpha",), "final_map": ("alpha",),
+                  "exit_laplace": ("alpha", "score", "refit_every", "tau", "prior")}
+
+
+def hparam_fields(method: str) -> tuple[str, ...]:
+    """The fields ``method``'s own entry of a hyper-parameter file may set: kd's lam and
+    T (shared by every distillation method), the method's own beta (not one it borrows),
+    the fields its weight reads, its own swept fields, normalise for reweighting
+    methods, DFR's penalty."""
+    spec = METHOD_SPECS[method]
+    return (("lam", "T") if method == "kd" else ()) + (("beta",) if spec.beta_from == method else ()) \
+        + _WEIGHT_FIELDS.get(spec.weight, ()) + spec.swept \
+        + (("normalise",) if spec.weight != "none" else ()) + (("dfr_penalty",) if method == "dfr" else ())
+
+
+def required_hparams(method: str) -> tuple[tuple[str, str], ...]:
+    """(entry, field) pairs a hyper-parameter file must hold for ``method``: the ones a
+    sweep chooses (kd's lam and T for a distilling method, beta from the method it takes
+    it from, its own swept fields)."""
+    spec = METHOD_SPECS[method]
+    return ((("kd", "lam"), ("kd", "T")) if spec.distils else ()) \
+        + (((spec.beta_from, "beta"),) if spec.beta_from else ()) + tuple((method, f) for f in spec.swept)
+
+
+def check_hparams(chosen, source: str) -> dict:
+    """``chosen`` (a hyper-parameter file's content, ``{"<dataset>-<profile>": {method:
+    {field: value}}}``) if well formed, else a ValueError naming ``source``, the entry,
+    the method and the field: every method known, every entry an object, every field
+    one the method reads, every value of its type."""
+    import json
+    import math
+
+    if not isinstance(chosen, dict):
+        raise ValueError(f"hyper-parameter file {source} must hold an object keyed by "
+                         "'<dataset>-<profile>'")
+    for name, table in chosen.items():
+        where = f"{source}[{name!r}]"
+        if not isinstance(table, dict):
+            raise ValueError(f"{where} must be an object of method: {{field: value}}, got {json.dumps(table)}")
+        unknown = sorted(set(table) - set(METHODS) - {"_comment"})
+        if unknown:
+            raise ValueError(f"{where}: unknown methods {unknown}; valid ones are {list(METHODS)}")
+        for method, entry in table.items():
+            if method == "_comment":
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: {method!r} must be an object of field: value, e.g. "
+                                 f'{{"lam": 0.9, "T": 4.0}}, got {json.dumps(entry)}')
+            readable = hparam_fields(method)
+            for field, value in entry.items():
+                if field not in readable:
+                    spec = METHOD_SPECS[method]
+                    if field in ("lam", "T") and spec.distils:
+                        why = (f"{method!r} sets {field}, but lam and T are kd's, shared by every "
+                               "distillation method: set them under 'kd'")
+                    elif field == "beta" and spec.beta_from:
+                        why = f"{method} does not read its own beta: it takes {spec.beta_from}'s"
+                    else:
+                        why = f"{method} does not read {field}"
+                    raise ValueError(f"{where}: bad entry for {method!r}: {why} (it reads "
+                                     f"{list(readable) or 'nothing from the file'})")
+                kind, shown = HPARAM_TYPES[field], json.dumps(value)
+                ok = {"number": isinstance(value, (int, float)) and not isinstance(value, bool),
+                      "whole": isinstance(value, int) and not isinstance(value, bool),
+                      "text": isinstance(value, str), "bool": isinstance(value, bool)}[kind]
+                if not ok:
+                    what = {"number": "a number", "whole": "a whole number", "text": "text",
+                            "bool": "true or false"}[kind]
+                    raise ValueError(f"{where}: bad entry for {method!r}: {method}'s {field}: "
+                                     f"expected {what}, got {shown}")
+                if kind == "number" and not math.isfinite(value):
+                    raise ValueError(f"{where}: bad entry for {method!r}: {method}'s {field}: "
+                                     f"expected a finite number, got {shown}")
+    return chosen
+
+
+def read_hparams_file(path) -> dict:
+    """A hyper-parameter file, read and checked (:func:`check_hparams`), or a clear
+    error naming it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hyper-parameter file {str(path)!r} not found; give an existing "
+                                "file (a sweep writes <run_dir>/sweep/hparams.json) or none")
+    try:
+        chosen = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"hyper-parameter file {str(path)!r} is not valid JSON ({err})") from None
+    return check_hparams(chosen, repr(str(path)) if not isinstance(chosen, dict) else path.name)
+
+
+def missing_hparams(table: dict, methods) -> list[str]:
+    """What an entry of a hyper-parameter file lacks for ``methods`` (each "<entry>'s
+    <field> (read by <methods>)"), in the order the methods need them; [] when complete."""
+    needs = {}
+    for method in methods:
+        for owner, field in required_hparams(method):
+            if field not in (table.get(owner) or {}):
+                needs.setdefault((owner, field), []).append(method)
+    return [f"{owner}'s {field} (read by {', '.join(users)})" for (owner, field), users in needs.items()]
+
+
 BASELINES = ("kd", "dedier_both")
 
 #: Laplace-KD's scores (``losses.laplace_score``); ``margin`` is the study's form.
@@ -365,7 +477,8 @@ def parse_overrides(items) -> dict:
 
 def apply_overrides(profile: Profile, overrides: dict | None) -> Profile:
     """``profile`` with ``overrides`` (field -> value) applied, each checked against the
-    field's type (lists become tuples; an int is accepted for a float field)."""
+    field's type (lists become tuples; an int is accepted for a float field), and the
+    result checked by :func:`check_profile`."""
     if not overrides:
         return profile
     fields = {f.name: f for f in dataclasses.fields(Profile)}
@@ -376,7 +489,14 @@ def apply_overrides(profile: Profile, overrides: dict | None) -> Profile:
                              f"{sorted(k for k in fields if k != 'name')}")
         current = getattr(profile, key)
         if isinstance(current, tuple):
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            whole = key != "methods"
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) if whole else isinstance(v, str)
+                       for v in items):
+                raise ValueError(f"--set {key}={_show(value)}: expected a JSON list of "
+                                 + (f"whole numbers, e.g. {key}=[0,1]" if whole else
+                                    'quoted names, e.g. methods=["erm","kd"]'))
+            value = tuple(items)
         elif isinstance(current, bool):
             if not isinstance(value, bool):
                 raise ValueError(f"--set {key}={value!r}: expected true or false")
@@ -386,7 +506,86 @@ def apply_overrides(profile: Profile, overrides: dict | None) -> Profile:
             raise ValueError(f"--set {key}={value!r}: expected a {type(current).__name__} "
                              f"like the profile's {current!r}")
         changes[key] = value
-    return profile.replace(**changes)
+    return check_profile(profile.replace(**changes))
+
+
+#: The architectures the model builders know (images: ``models.build_backbone``; text:
+#: a tiny BERT built here or ``hf``, a local Hugging Face folder), the optimizers
+#: (``train.TrainConfig``), the text exit's pools and the selection rules.
+ARCHS = ("narrow_resnet", "resnet18", "resnet34", "resnet50", "tiny_bert", "hf")
+OPTIMIZERS = ("sgd", "adamw")
+EXIT_POOLS = ("cls", "mean")
+SELECT_ON = ("worst_group_acc", "avg_acc")
+#: Stages of the torchvision ResNets (their widths come with the architecture).
+_TORCHVISION_STAGES = 4
+
+
+def _show(value) -> str:
+    import json
+
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return repr(value)
+
+
+def check_profile(profile: Profile) -> Profile:
+    """``profile`` if every value is usable, else a ValueError naming the field and the
+    values it takes: positive epochs and batch size, finite positive learning rates,
+    known architectures, optimizer, pool and selection rule, well-formed widths,
+    ``exit_stage`` among the student's stages, at least one seed and one method."""
+    import math
+
+    p = profile
+
+    def bad(field, value, what):
+        raise ValueError(f"--set {field}={_show(value)}: {what}")
+
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for field, low in (("teacher_epochs", 1), ("student_epochs", 1), ("batch_size", 1),
+                       ("warmup_epochs", 0), ("teacher_pretrain_per_pair", 0),
+                       ("teacher_pretrain_epochs", 0), ("teacher_adapt_epochs", 0),
+                       ("student_pretrain_per_pair", 0), ("student_pretrain_epochs", 0),
+                       ("max_length", 0), ("text_antonym_pairs", 1)):
+        v = getattr(p, field)
+        if not whole(v) or v < low:
+            bad(field, v, f"expected a whole number >= {low}")
+    for field in ("lr", "teacher_adapt_lr", "teacher_lr", "exit_lr_scale", "data_scale"):
+        v = getattr(p, field)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            bad(field, v, "expected a finite number > 0")
+    for field, high in (("weight_decay", math.inf), ("text_word_zipf", math.inf),
+                        ("lr_warmup", 1.0), ("teacher_pretrain_alignment", 1.0),
+                        ("text_ambiguous_rate", 1.0)):
+        v = getattr(p, field)
+        if not (math.isfinite(v) and 0 <= v <= high):
+            bad(field, v, "expected a finite number >= 0" + (f" and <= {high:g}" if high < math.inf else ""))
+    for field, known in (("teacher_arch", ARCHS), ("student_arch", ARCHS), ("optimizer", OPTIMIZERS),
+                         ("exit_pool", EXIT_POOLS), ("select_on", SELECT_ON),
+                         ("teacher_select_on", SELECT_ON)):
+        if getattr(p, field) not in known:
+            bad(field, getattr(p, field), f"choose one of {known}")
+    for role in ("teacher", "student"):
+        widths, blocks = getattr(p, f"{role}_widths"), getattr(p, f"{role}_blocks")
+        for field, v in ((f"{role}_widths", widths), (f"{role}_blocks", blocks)):
+            if not all(whole(w) and w >= 1 for w in v):
+                bad(field, v, "expected whole numbers >= 1")
+        if len(widths) != len(blocks):
+            raise ValueError(f"--set {role}_widths={_show(widths)} has {len(widths)} stages but "
+                             f"{role}_blocks={_show(blocks)} has {len(blocks)}: give one block "
+                             "count per stage")
+    stages = {"narrow_resnet": len(p.student_widths), "tiny_bert": (p.student_blocks or (0,))[0],
+              "hf": None}.get(p.student_arch, _TORCHVISION_STAGES)
+    if not whole(p.exit_stage) or p.exit_stage < 1 or (stages is not None and p.exit_stage > stages):
+        bad("exit_stage", p.exit_stage, f"the student has stages 1 to {stages}" if stages is not None
+            else "expected a whole number >= 1 (a layer of the student)")
+    if not p.seeds:
+        bad("seeds", p.seeds, "give at least one seed")
+    if not p.methods:
+        bad("methods", p.methods, "give at least one method")
+    resolve_methods(p)
+    return p
 
 
 def overrides_tag(overrides: dict | None) -> str:

@@ -10,6 +10,7 @@ records, so a rerun replaces exactly its own rows and nothing else.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -48,6 +49,11 @@ class Locked(RuntimeError):
     """Another process holds the lock (:func:`exclusive`); the message names it."""
 
 
+class LockFailed(RuntimeError):
+    """The lock could not be taken for another reason than another holder (e.g. a file
+    system without ``flock``); the message names the error."""
+
+
 @contextlib.contextmanager
 def exclusive(path, what: str, hint: str = ""):
     """Hold an exclusive lock on the file ``path`` while the block runs, or raise
@@ -61,8 +67,12 @@ def exclusive(path, what: str, hint: str = ""):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
         os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise LockFailed(f"cannot lock {path} for {what}: flock failed ({err}); the file "
+                             "system may not support locks (some network mounts do not): put "
+                             "the run directory on a local disk" + (f", or {hint}" if hint else "")) from None
         holder = path.read_text(encoding="utf-8", errors="replace").strip() or "a process that did not say"
         raise Locked(f"{what} is in use by another run ({holder}); wait for it to finish"
                      + (f", or {hint}" if hint else "") + f" (lock file {path})") from None

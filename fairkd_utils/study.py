@@ -220,73 +220,72 @@ HPARAMS_FILE = Path(__file__).with_name("hparams.json")
 
 def read_hparams(path) -> dict:
     """A hyper-parameter file ``{"<dataset>-<profile>": {method: {field: value}}}``,
-    or a clear error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"hyper-parameter file {str(path)!r} not found; give an existing "
-                                "file (a sweep writes <run_dir>/sweep/hparams.json) or none")
-    try:
-        chosen = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"hyper-parameter file {str(path)!r} is not valid JSON ({err})") from None
-    if not isinstance(chosen, dict):
-        raise ValueError(f"hyper-parameter file {str(path)!r} must hold an object keyed by "
-                         "'<dataset>-<profile>'")
-    return chosen
+    checked (``profiles.check_hparams``: known methods, fields each method reads, values
+    of their types), or a clear error naming the file."""
+    return read_hparams_file(path)
 
 
-def hparams_table(run: Run) -> tuple[dict, str]:
-    """The chosen hyper-parameters that apply to ``run`` and where they came from:
-    the file named by ``run.hparams_file`` (it must have an entry for this run), else
-    the committed ``fairkd_utils/hparams.json``'s entry for ``<dataset>-<profile>``,
-    else the library defaults. Never another dataset's or profile's entry."""
+def _hparams_entry(run: Run) -> tuple[dict | None, str, Path | None]:
+    """(the file's entry for ``run`` or None for the library defaults, where it came
+    from in words, the file)."""
     path = Path(run.hparams_file) if run.hparams_file else HPARAMS_FILE
     if not run.hparams_file and not path.exists():
-        return {}, "library defaults (no fairkd_utils/hparams.json)"
+        return None, "library defaults (no fairkd_utils/hparams.json)", None
     chosen = read_hparams(path)
     table = chosen.get(run.name)
     if table is None:
         if run.hparams_file:
             raise ValueError(f"{str(path)!r} has no entry for {run.name!r} (it has "
                              f"{sorted(chosen)}); run the sweep for this dataset and profile")
-        return {}, (f"library defaults ({path.name} has no entry for {run.name}; "
-                    "choose them with --sweep)")
-    unknown = sorted(set(table) - set(METHODS) - {"_comment"})
-    if unknown:
-        raise ValueError(f"{path}: unknown methods {unknown} under {run.name!r}; "
-                         f"valid ones are {list(METHODS)}")
-    return {k: v for k, v in table.items() if k != "_comment"}, f"{path.name}[{run.name!r}]"
+        return None, (f"library defaults ({path.name} has no entry for {run.name}; "
+                      "choose them with --sweep)"), None
+    return ({k: v for k, v in table.items() if k != "_comment"}, f"{path.name}[{run.name!r}]",
+            path.resolve())
 
 
-def hparams_for(table: dict, method: str, source: str = "hyper-parameter table") -> dict:
+def hparams_table(run: Run) -> tuple[dict, str]:
+    """The chosen hyper-parameters that apply to ``run`` and where they came from:
+    the file named by ``run.hparams_file`` (it must have an entry for this run), else
+    the committed ``fairkd_utils/hparams.json``'s entry for ``<dataset>-<profile>``,
+    else the library defaults ({}). Never another dataset's or profile's entry."""
+    table, source, _ = _hparams_entry(run)
+    return table or {}, source
+
+
+def hparams_for(table: dict, method: str, source: str = "hyper-parameter table",
+                complete: bool = True) -> dict:
     """The overrides ``method`` takes from a chosen table: lam and T from ``kd``'s entry
     (shared by every distillation method), beta from the method it borrows it from
-    (``METHOD_SPECS[method].beta_from``), other fields (e.g. ``score``) from its own."""
+    (``METHOD_SPECS[method].beta_from``), other fields (e.g. ``score``) from its own.
+    ``complete``: the table must hold every field the method takes from it
+    (``profiles.required_hparams``), else a ValueError naming what is missing (a file's
+    entry is never completed from the library defaults)."""
+    check_hparams({"": table}, source)
+    missing = missing_hparams(table, [method]) if complete else []
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(missing)}; give every value the method reads "
+                         "(or rerun the sweep: --sweep)")
     spec = METHOD_SPECS[method]
-    own = dict(table.get(method, {}))
-    shared = sorted({"lam", "T"} & set(own)) if method != "kd" else []
-    if shared:
-        raise ValueError(f"{source}: {method!r} sets {shared}, but lam and T are kd's, shared by "
-                         "every distillation method: set them under 'kd'")
     out = {}
     if spec.distils:
         out.update({k: v for k, v in table.get("kd", {}).items() if k in ("lam", "T")})
     if spec.beta_from and "beta" in table.get(spec.beta_from, {}):
         out["beta"] = table[spec.beta_from]["beta"]
-    out.update({k: v for k, v in own.items() if k not in ("lam", "T", "beta")
+    out.update({k: v for k, v in table.get(method, {}).items() if k not in ("lam", "T", "beta")
                 or (k == "beta" and spec.beta_from == method)})
     return out
 
 
 def method_config(run: Run, method: str):
     """The method's hyper-parameters: :func:`hparams_table` over the library defaults
-    (``losses.DEFAULT_HPARAMS``), with the profile's warm-up (the same for every method)."""
-    table, source = hparams_table(run)
-    overrides = hparams_for(table, method, source)
+    (``losses.DEFAULT_HPARAMS``), with the profile's warm-up (the same for every method).
+    A file's entry must hold every value the method reads from it."""
+    table, source, _ = _hparams_entry(run)
+    overrides = hparams_for(table or {}, method, source, complete=table is not None)
     overrides["warmup_epochs"] = run.profile.warmup_epochs
     try:
         return losses.default_config(method, **overrides)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: bad entry for {method!r} ({err}); valid fields are "
                          f"{sorted(losses.MethodConfig.__dataclass_fields__)}") from None
 
@@ -297,6 +296,21 @@ def hparams_source(run: Run) -> str:
 
 
 def teacher_for_students(run: Run, teacher=None):
+#: Written by :func:`record_hparams` into the run directory: the hyper-parameters that
+#: made its tables (the runner says so when a later run's differ).
+HPARAMS_USED = "hparams_used.json"   # pipeline.HPARAMS_USED
+
+
+def record_hparams(run: Run, configs: dict) -> dict:
+    """Write ``<run_dir>/hparams_used.json``: every method's configuration of
+    ``configs`` (method -> ``losses.MethodConfig``), where they came from and the file."""
+    _, source, path = _hparams_entry(run)
+    used = {"source": source, "file": str(path) if path else None,
+            "configs": {m: c.to_dict() for m, c in configs.items()}}
+    records.write_json(run.path(HPARAMS_USED), used)
+    return used
+
+
     """What a distilling student learns from: the cached train-split logits (``teacher``:
     the dict of :func:`load_teacher_logits`, read if None) or, with training augmentation
     (``paper`` profile), the teacher model itself run on each augmented batch (an

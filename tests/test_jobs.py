@@ -58,6 +58,10 @@ def test_local_workers_give_tables_byte_identical_to_inline(smoke_run, tmp_path)
     for table in (inline, local):
         assert set(table.status) == {"done"}, table
         assert sorted(table.kind) == ["student"] * 4 + ["warmup"]   # kd's, shared by three
+    for run in (a, b):   # the hyper-parameters of these records, for the runner to compare
+        used = json.loads((run.run_dir / "hparams_used.json").read_text())
+        assert used["configs"] == {m: c.to_dict() for m, c in _configs(run).items()}
+        assert used["source"].startswith("library defaults") and used["file"] is None
     assert _tables(a) == _tables(b)
     for job in local[local.kind == "student"].job:
         sa, sb = _stamp(a, job), _stamp(b, job)
@@ -306,3 +310,27 @@ def test_under_augmentation_a_teacher_model_given_is_kept_not_loaded_again(tmp_p
     configs = [study.method_config(run, "kd"), study.method_config(run, "dfr")]
     assert jobs._teacher(run, configs, online) is online and not calls
     assert jobs._teacher(run, [study.method_config(run, "erm")], online) is None   # nothing distils
+
+
+@pytest.mark.parametrize("where", ["partition", "run_dir"])
+def test_a_control_character_never_reaches_the_sbatch_script(tmp_path, monkeypatch, where):
+    """A newline would end the #SBATCH comment and run the next line as a command: a
+    value that would reach the script with one is refused before sbatch is called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", f'cp "$1" {tmp_path}/sbatch-script.sh\necho "Submitted batch job 4242"'),
+                       ("srun", "exit 1")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    partition = "gpu\ntouch /tmp/pwned" if where == "partition" else "gpu"
+    run_dir = tmp_path / ("run\ntouch x" if where == "run_dir" else "run")
+    run = rundir.setup(run_dir, tmp_path / "fig", "smoke", device="cpu")
+    todo = [jobs.Job(name="student-kd-x-seed0", kind="student", run=run,
+                     config=losses.default_config("kd"), seed=0, fingerprint="f", checkpoint="c",
+                     ckpt_dir=run.path("checkpoints"))]
+    opts = jobs.options("slurm", slurm={"partition": partition})
+    with pytest.raises(ValueError, match=r"control character.*\\n" if where == "partition"
+                       else r"(?s)the job folder.*control character"):
+        jobs.submit_array(jobs.slurm_executor(opts, jobs.submission_folder(run, "grid")), todo, opts)
+    assert not (tmp_path / "sbatch-script.sh").exists()

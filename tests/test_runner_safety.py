@@ -252,3 +252,139 @@ def test_echo_log_prints_only_new_complete_lines(tmp_path, capsys):
         with open(log, "a") as fh:
             fh.write(" done\n")
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- issue 22, 7: the profile after --set
+@pytest.mark.parametrize("setting, message", [
+    ("student_epochs=0", "student_epochs=0: expected a whole number >= 1"),
+    ("teacher_epochs=-2", "teacher_epochs=-2: expected a whole number >= 1"),
+    ("warmup_epochs=-1", "warmup_epochs=-1: expected a whole number >= 0"),
+    ("batch_size=0", "batch_size=0: expected a whole number >= 1"),
+    ("lr=0", "lr=0.0: expected a finite number > 0"),
+    ("lr=NaN", "lr=nan: expected a finite number > 0"),
+    ("teacher_adapt_lr=-1", "teacher_adapt_lr=-1.0: expected a finite number > 0"),
+    ("exit_stage=4", "exit_stage=4: the student has stages 1 to 3"),
+    ("exit_stage=0", "exit_stage=0: the student has stages 1 to 3"),
+    ("optimizer=adam", "optimizer='adam': choose one of ('sgd', 'adamw')"),
+    ("student_arch=resnet19", "student_arch='resnet19': choose one of"),
+    ("exit_pool=max", "exit_pool='max': choose one of ('cls', 'mean')"),
+    ("methods=[]", "methods=[]: give at least one method"),
+    ("methods=[\"kd\",\"kdd\"]", "unknown methods ['kdd']"),
+    ("student_widths=[8,16]", "student_widths=[8, 16] has 2 stages but student_blocks=[1, 1, 1] has 3"),
+    ("student_widths=[8,0,32]", "student_widths=[8, 0, 32]: expected whole numbers >= 1"),
+    ("seeds=0,1", "seeds='0,1': expected a JSON list of whole numbers, e.g. seeds=[0,1]"),
+    ("seeds=[]", "seeds=[]: give at least one seed"),
+    ("seeds=[0.5]", "seeds=[0.5]: expected a JSON list of whole numbers"),
+])
+def test_bad_profile_values_after_set_are_named_before_any_kernel(setting, message, capsys, no_kernel,
+                                                                 tmp_path):
+    assert _main("--only", "01", "--set", setting, out=tmp_path) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_built_in_profile_passes_the_check():
+    from fairkd_utils import profiles
+
+    for table in (profiles.PROFILES, profiles.TEXT_PROFILES):
+        for p in table.values():
+            assert profiles.check_profile(p) is p
+
+
+@pytest.mark.parametrize("argv", [["--sweep", "--seeds", "3"], ["--set", "sweep=true", "seeds=[0]"]])
+def test_a_sweep_needs_two_seeds(argv, capsys, no_kernel, tmp_path):
+    assert _main("--only", "01", *argv, out=tmp_path) == 1
+    assert "the sweep averages over at least two seeds" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 22, 8: Ctrl-C
+def test_ctrl_c_says_in_one_line_what_was_interrupted_and_that_a_rerun_resumes(
+        fake_repo, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "run_notebook", interrupted)
+    assert _main("--quiet", out=tmp_path) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "[fairkd] interrupted during 01_fake: rerun the same command to resume (finished "
+        "checkpoints and jobs are reused)"], err
+    manifest = json.loads((tmp_path / "synthetic-smoke" / "manifest.json").read_text())
+    assert manifest["notebooks"]["01_fake"]["status"] == "interrupted"
+
+
+# ---------------------------------------------------------------- issue 22, 11: flock unsupported
+def test_a_lock_that_cannot_be_taken_says_what_failed(tmp_path, monkeypatch, capsys, no_kernel):
+    import errno
+    import fcntl
+
+    from fairkd_utils import records
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(records.LockFailed) as err:
+        with records.exclusive(tmp_path / "x.lock", "the thing"):
+            pass
+    assert "in use by another run" not in str(err.value)
+    assert f"cannot lock {tmp_path / 'x.lock'} for the thing: flock failed ([Errno {errno.ENOLCK}] " \
+           "No locks available)" in str(err.value)
+    assert "file system" in str(err.value)
+    assert _main("--only", "01", out=tmp_path) == 1
+    assert "flock failed ([Errno" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 22, 3: orphaned local workers
+PARENT = '''
+import sys, time
+from pathlib import Path
+from fairkd_utils import jobs, losses
+from slow_work import SlowRun
+out = Path(sys.argv[1])
+run = SlowRun(run_dir=out / "run", figures_dir=out / "fig", profile=None, dataset="synthetic",
+              data_root=None, seeds=[0], device="cpu")
+todo = [jobs.Job(name=f"student-kd-x-seed{s}", kind="student", run=run,
+                 config=losses.default_config("kd"), seed=s, fingerprint="f", checkpoint="c",
+                 ckpt_dir=out / "ck") for s in range(2)]
+jobs._run_local(todo, jobs.options("local", workers=2, threads=1), out / "jobs", "cpu",
+                jobs._Progress(2, "t", False), {}, {})
+'''
+
+
+def _state(pid: int):
+    """The process's state letter (Z: a zombie, dead but not reaped), None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_local_workers_die_with_the_process_that_started_them(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "parent.py").write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), str(tmp_path)], env=env)
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("started-*"))) < 2:
+            assert parent.poll() is None and time.time() < deadline, "the workers never started"
+            time.sleep(0.2)
+        workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")]
+        assert all(_state(w) not in (None, "Z") for w in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 20
+    while any(_state(w) not in (None, "Z") for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [w for w in workers if _state(w) not in (None, "Z")]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} kept running after their parent was killed"
+    assert not list(tmp_path.glob("finished-*"))

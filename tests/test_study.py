@@ -132,7 +132,7 @@ def test_a_bad_hyperparameter_file_is_named(tmp_path, monkeypatch):
     bad.write_text('{"synthetic-smoke": {"dedeir": {"beta": 2}}}')
     with pytest.raises(ValueError, match="unknown methods \\['dedeir'\\]"):
         study.method_config(run, "dedier")
-    bad.write_text('{"synthetic-smoke": {"dedier": {"beta": 2.5}}}')
+    bad.write_text('{"synthetic-smoke": {"kd": {"lam": 0.5, "T": 2}, "dedier": {"beta": 2.5}}}')
     assert study.method_config(run, "dedier").beta == 2.5
     assert study.method_config(run, "dedier").warmup_epochs == run.profile.warmup_epochs
 
@@ -233,7 +233,8 @@ def test_hyperparameters_share_kds_lam_and_t_and_refuse_them_elsewhere(tmp_path)
                          dataset="synthetic", data_root=None, seeds=[0], device="cpu",
                          hparams_file=str(tmp_path / "h.json"))
     (tmp_path / "h.json").write_text('{"synthetic-smoke": {"kd": {"lam": 0.9, "T": 4}, '
-                                     '"dedier_both": {"beta": 2}, "laplace_kd": {"beta": 1, "score": "margin"}}}')
+                                     '"dedier": {"beta": 3}, "dedier_both": {"beta": 2}, '
+                                     '"laplace_kd": {"beta": 1, "score": "margin"}}}')
     cfgs = {m: study.method_config(run, m) for m in profiles.get_profile("smoke").methods}
     for m, c in cfgs.items():
         assert (c.lam, c.T) == ((0.9, 4.0) if m not in ("erm", "group_balanced_erm") else (0.0, 1.0)), m
