@@ -295,7 +295,6 @@ def hparams_source(run: Run) -> str:
     return hparams_table(run)[1]
 
 
-def teacher_for_students(run: Run, teacher=None):
 #: Written by :func:`record_hparams` into the run directory: the hyper-parameters that
 #: made its tables (the runner says so when a later run's differ).
 HPARAMS_USED = "hparams_used.json"   # pipeline.HPARAMS_USED
@@ -311,6 +310,7 @@ def record_hparams(run: Run, configs: dict) -> dict:
     return used
 
 
+def teacher_for_students(run: Run, teacher=None):
     """What a distilling student learns from: the cached train-split logits (``teacher``:
     the dict of :func:`load_teacher_logits`, read if None) or, with training augmentation
     (``paper`` profile), the teacher model itself run on each augmented batch (an
