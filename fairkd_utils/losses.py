@@ -1,5 +1,5 @@
-"""Distillation losses, per-instance weights and the training objectives of
-every method (README, "The maths").
+"""Distillation losses, per-instance weights and the training objective of every
+method (README, "The maths").
 
 Student loss over a batch, per instance i::
 
@@ -9,13 +9,12 @@ Weights never carry gradient, start after the same warm-up (unit weights) for
 every reweighting method and are normalised to mean 1 over the batch by
 default (one switch, ``MethodConfig.normalise``, the same for every method).
 
-The pure functions come first (``kd_loss``, ``confidence_margin``,
-``dedier_weight``, ``laplace_weight``, ``group_balanced_weight``, ``jtt_weight``,
-``normalise``, ``student_loss``), then ``MethodConfig`` with
-``DEFAULT_HPARAMS``, then the objectives the training loop calls
-(``objective.loss(out, batch, epoch) -> (loss, {"ce": w, "kd": w})`` and
-``objective.on_epoch_end(epoch)``, plus ``describe()`` for the loop's
-checkpoint fingerprint) and the factory ``make_objective``.
+The pure functions come first, then ``MethodConfig`` with ``DEFAULT_HPARAMS``, then
+one table, :data:`WEIGHTS`, from a method's weight source
+(``profiles.METHOD_SPECS[method].weight``) to its raw weight, dispatched by
+:func:`instance_weight` for training and for the figures alike (Laplace-KD's source
+is stateful: :class:`LaplaceSource`); last the one training :class:`Objective` and its
+factories ``make_objective`` and ``warmup_objective``.
 
 Epochs are counted from 0 as the loop passes them: epochs
 ``0 .. warmup_epochs-1`` use unit weights.
@@ -40,23 +39,15 @@ from .profiles import (ALPHAS, LAPLACE_SCORES, METHOD_SPECS, METHODS, PRIORS,
                        WEIGHTED_TERMS)
 
 
-# --------------------------------------------------------------------------
-# Pure functions
-# --------------------------------------------------------------------------
+# -------------------------------------------------------------------------- pure functions
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
-    """Hinton's distillation term per instance: ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
-
-    The ``T^2`` keeps the gradient's scale independent of the temperature
-    (Hinton et al., 2015). Returns a (B,) tensor; gradient flows to the
-    student only (the teacher's logits are detached).
-    """
+    """Hinton's distillation term per instance, ``T^2 * KL(softmax(t/T) || softmax(s/T))``
+    (the ``T^2`` keeps the gradient's scale independent of T): a (B,) tensor, gradient to
+    the student only."""
     log_p_s = F.log_softmax(student_logits / T, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.detach().to(student_logits.dtype) / T, dim=-1)
     return (T * T) * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-
-
-kd_kl = kd_loss  # the name used in the module contracts
 
 
 def confidence_margin(probs: Tensor) -> Tensor:
@@ -65,50 +56,32 @@ def confidence_margin(probs: Tensor) -> Tensor:
     return top2[..., 0] - top2[..., 1]
 
 
-def _alpha(wrong: Tensor, alpha: str) -> Tensor:
-    """DeDiER's sign: 1 where wrong else 0 (``"wrong"``), or +1/-1 (``"signed"``)."""
-    if alpha == "wrong":
-        return wrong.to(torch.get_default_dtype())
-    if alpha == "signed":
-        return wrong.to(torch.get_default_dtype()) * 2.0 - 1.0
-    raise ValueError(f"unknown alpha {alpha!r}; choose one of {list(ALPHAS)}")
-
-
-@torch.no_grad()
-def dedier_score(readout_logits: Tensor, y: Tensor, alpha: str = "wrong") -> Tensor:
-    """DeDiER's score ``u = cm * alpha`` of an early readout's MAP softmax: its
-    confidence margin where it is wrong (``alpha="wrong"``: 0 where right;
-    ``"signed"``: ``-cm`` where right). The weight is ``exp(beta * u)``."""
-    logits = readout_logits.detach()
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    probs = F.softmax(logits, dim=-1)
-    return _margin_score(probs, confidence_margin(probs), y, alpha)
-
-
 def _margin_score(probs: Tensor, cm: Tensor, y: Tensor, alpha: str) -> Tensor:
-    wrong = probs.argmax(-1) != y.to(probs.device)
-    return cm * _alpha(wrong, alpha).to(cm)
+    """``u = cm * alpha``: alpha is 1 where the readout is wrong else 0 (``"wrong"``),
+    or +1/-1 (``"signed"``)."""
+    wrong = (probs.argmax(-1) != y.to(probs.device)).to(torch.get_default_dtype())
+    if alpha not in ALPHAS:
+        raise ValueError(f"unknown alpha {alpha!r}; choose one of {list(ALPHAS)}")
+    return cm * (wrong if alpha == "wrong" else wrong * 2.0 - 1.0).to(cm)
 
 
 @torch.no_grad()
 def dedier_weight(readout_logits: Tensor, y: Tensor, beta: float, alpha: str = "wrong") -> Tensor:
-    """DeDiER's weight ``exp(beta * cm * alpha)`` from an early readout's MAP softmax
-    (:func:`dedier_score`): a confidently wrong readout gets ``exp(beta * cm)``, a
-    right one 1. No gradient; not normalised (see ``normalise``)."""
-    return torch.exp(beta * dedier_score(readout_logits, y, alpha))
-
-
-def _field(pred: Any, name: str) -> Tensor | None:
-    value = getattr(pred, name, None)
-    return None if value is None else value.detach()
+    """DeDiER's weight ``exp(beta * u)`` with ``u = cm * alpha`` of an early readout's
+    MAP softmax: its confidence margin where it is wrong (``alpha="wrong"``: 0 where
+    right; ``"signed"``: ``-cm`` where right). A confidently wrong readout gets
+    ``exp(beta * cm)``, a right one 1. No gradient; not normalised (see ``normalise``)."""
+    logits = readout_logits.detach()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    return torch.exp(beta * _margin_score(probs, confidence_margin(probs), y, alpha))
 
 
 @torch.no_grad()
-def laplace_score(pred: Any, y: Tensor, score: str = "margin", alpha: str = "wrong",
-                  variance_ref: Tensor | float | None = None) -> Tensor:
-    """Laplace-KD's score ``u`` in [0, 1] from the exit's Laplace predictive (a
-    ``LaplacePrediction`` with ``probs``, ``margin``, ``entropy``, ``variance``), one per
+def laplace_score(pred: Any, y: Tensor, score: str = "margin", alpha: str = "wrong") -> Tensor:
+    """Laplace-KD's score ``u`` in [0, 1] from the exit's Laplace predictive (an
+    ``exit_laplace.LaplacePrediction``: ``probs``, ``margin``, ``entropy``, ``variance``), one per
     instance; the weight is ``exp(beta * u)`` (:func:`laplace_weight`),
     so ``beta`` bounds the log-ratio between the most and least weighted
     instance identically for every score and for DeDiER:
@@ -119,53 +92,32 @@ def laplace_score(pred: Any, y: Tensor, score: str = "margin", alpha: str = "wro
     * ``entropy``: ``u = H(p) / log C``, the predictive entropy as a fraction of
       its maximum: an absolute scale (0 = certain, 1 = uniform) that needs no
       reference and is comparable across C.
-    * ``variance``: ``u = v / (v + v_ref)`` with ``v`` the variance of the
-      top-2 logit difference and ``v_ref`` the batch's mean variance (or the
-      given ``variance_ref``). The variance has no natural maximum and its
-      absolute size shrinks like 1/N_train, so a fixed map such as the probit
-      factor ``1 - 1/sqrt(1 + pi v / 8)`` would stay near 0 on a large
-      training set and make ``beta`` mean something different per dataset;
-      ``v / (v + v_ref)`` is scale-free (invariant to rescaling all
-      variances), bounded, monotone, and 1/2 at the reference.
+    * ``variance``: ``u = v / (v + v_ref)`` with ``v`` the variance of the top-2 logit
+      difference and ``v_ref`` the batch's mean variance: scale-free (the variance has no
+      maximum and shrinks like 1/N_train, so a fixed map would make ``beta`` mean
+      something different per dataset), bounded, monotone, and 1/2 at the reference.
 
     ``entropy`` and ``variance`` use no label: they upweight uncertain
     instances, right or wrong; ``alpha`` applies to ``margin`` only.
     """
     if score not in LAPLACE_SCORES:
         raise ValueError(f"unknown Laplace score {score!r}; choose one of {list(LAPLACE_SCORES)}")
-    probs = _field(pred, "probs")
+    probs = pred.probs.detach()
     if score == "margin":
-        if probs is None:
-            raise ValueError("score='margin' needs pred.probs (for correctness)")
-        cm = _field(pred, "margin")
-        if cm is None:
-            cm = confidence_margin(probs)
-        u = _margin_score(probs, cm, y, alpha)
-    elif score == "entropy":
-        h = _field(pred, "entropy")
-        if probs is None:
-            raise ValueError("score='entropy' needs pred.probs (for the number of classes)")
-        if h is None:
-            h = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-        u = h / math.log(probs.shape[-1])
-    else:
-        v = _field(pred, "variance")
-        if v is None:
-            raise ValueError("score='variance' needs pred.variance")
-        v = v.clamp_min(0)
-        ref = v.mean() if variance_ref is None else torch.as_tensor(variance_ref, dtype=v.dtype,
-                                                                       device=v.device)
-        u = v / (v + ref).clamp_min(torch.finfo(v.dtype).tiny)
-    return u
+        return _margin_score(probs, pred.margin.detach(), y, alpha)
+    if score == "entropy":
+        return pred.entropy.detach() / math.log(probs.shape[-1])
+    v = pred.variance.detach().clamp_min(0)
+    return v / (v + v.mean()).clamp_min(torch.finfo(v.dtype).tiny)
 
 
 @torch.no_grad()
 def laplace_weight(pred: Any, y: Tensor, beta: float, score: str = "margin",
-                   alpha: str = "wrong", variance_ref: Tensor | float | None = None) -> Tensor:
+                   alpha: str = "wrong") -> Tensor:
     """Laplace-KD's weight ``exp(beta * u)`` with ``u`` = :func:`laplace_score`; with
     ``score="margin"`` exactly DeDiER's form, the Laplace predictive in place of the
     MAP softmax."""
-    return torch.exp(beta * laplace_score(pred, y, score, alpha, variance_ref))
+    return torch.exp(beta * laplace_score(pred, y, score, alpha))
 
 
 def group_balanced_weight(g: Tensor, group_counts: Tensor) -> Tensor:
@@ -183,12 +135,10 @@ def jtt_weight(error_set: Tensor, upweight: float) -> Tensor:
     """JTT's weight (Liu et al., ICML 2021): ``upweight`` (lambda_up) on the instances of
     the error set (those an ERM identification model gets wrong), 1 elsewhere.
 
-    JTT *upsamples* the error set lambda_up times; weighting instead gives the same
-    expected loss: under upsampling an epoch's mean loss is
-    ``sum_i c_i * l_i / sum_i c_i`` with ``c_i = lambda_up`` on the error set and 1
-    elsewhere, which is exactly the weighted loss normalised by the weights' mean over
-    the training set. Normalising per batch (as every method here does) is the same up
-    to the batch's estimate of that mean. No gradient; not normalised."""
+    JTT *upsamples* the error set lambda_up times; weighting gives the same expected
+    loss: upsampling's epoch mean ``sum_i c_i l_i / sum_i c_i`` (``c_i`` = lambda_up on the
+    error set, else 1) is the weighted loss normalised by the weights' training-set mean
+    (per batch: up to the batch's estimate of it). No gradient; not normalised."""
     if not (upweight >= 1 and math.isfinite(upweight)):
         raise ValueError(f"JTT's upweight (lambda_up) must be a finite number >= 1, got {upweight}")
     err = torch.as_tensor(error_set).bool()
@@ -199,39 +149,6 @@ def normalise(w: Tensor) -> Tensor:
     """``w / mean(w)`` over the batch, detached: weights carry no gradient."""
     w = w.detach()
     return w / w.mean().clamp_min(torch.finfo(w.dtype).tiny)
-
-
-def instance_weight(config: "MethodConfig", y: Tensor, *, exit_logits: Tensor | None = None,
-                    laplace_pred: Any = None, g: Tensor | None = None,
-                    group_weights: Tensor | None = None,
-                    generator: torch.Generator | None = None,
-                    final_logits: Tensor | None = None,
-                    error_set: Tensor | None = None) -> Tensor | None:
-    """The one place that computes a method's raw (unnormalised) instance weight from
-    what its source needs (``METHOD_SPECS[method].weight``): ``None`` for unit weights;
-    ``exit_map``: :func:`dedier_weight` of ``exit_logits``; ``exit_map_shuffled``: the
-    same, permuted with ``generator``; ``final_map``: :func:`dedier_weight` of the
-    student's own final ``final_logits`` (detached); ``exit_laplace``:
-    :func:`laplace_weight` of ``laplace_pred``; ``error_set``: :func:`jtt_weight` of the
-    instances' ``error_set`` membership; ``true_group``: ``group_weights[g]``
-    (:func:`group_balanced_weight` per group). Training (the objectives) and the figures
-    (``study.final_train_weights``) both call it; which loss terms it multiplies is
-    ``WEIGHTED_TERMS[method]``."""
-    source = METHOD_SPECS[config.method].weight
-    if source == "none":
-        return None
-    if source == "true_group":
-        return group_weights.to(g.device)[g]
-    if source == "exit_laplace":
-        return laplace_weight(laplace_pred, y, config.beta, config.score, config.alpha)
-    if source == "error_set":
-        return jtt_weight(error_set, config.jtt_upweight).to(y.device)
-    if source == "final_map":
-        return dedier_weight(final_logits, y, config.beta, config.alpha)
-    w = dedier_weight(exit_logits, y, config.beta, config.alpha)
-    if source == "exit_map_shuffled":
-        w = w[torch.randperm(len(w), generator=generator).to(w.device)]
-    return w
 
 
 def hardness_scores(map_probs: Tensor, lap: Any, y: Tensor) -> dict:
@@ -270,9 +187,18 @@ def student_loss(logits: Tensor, y: Tensor, teacher_logits: Tensor | None = None
     return per.mean()
 
 
-# --------------------------------------------------------------------------
-# Hyper-parameters
-# --------------------------------------------------------------------------
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN if either is constant."""
+    from scipy.stats import spearmanr
+
+    a, b = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+
+# -------------------------------------------------------------------------- hyper-parameters
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -357,15 +283,6 @@ class MethodConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "MethodConfig":
-        """The inverse of ``to_dict`` (e.g. a committed file of chosen hyper-parameters)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown MethodConfig fields {unknown}; valid ones are {sorted(names)}")
-        return cls(**d)
-
     @property
     def config_id(self) -> str:
         """A short stable id of every field, the method included, so that two
@@ -414,9 +331,6 @@ def default_config(method: str, **overrides) -> MethodConfig:
     return DEFAULT_HPARAMS[method].replace(**overrides)
 
 
-# --------------------------------------------------------------------------
-# Objectives (train.Objective protocol)
-# --------------------------------------------------------------------------
 
 class OnlineTeacher:
     """A teacher run on each (augmented) training batch instead of cached logits.
@@ -438,84 +352,20 @@ class OnlineTeacher:
         return self.model(batch.x.to(device)).float()
 
 
-class DistillationObjective:
-    """The student loss of one method: CE + KD with per-instance weights.
+# -------------------------------------------------------------------------- weights: one table
 
-    Subclasses supply ``_raw_weight`` (the unnormalised weight after warm-up)
-    and may observe each batch (``_observe``). ``loss`` returns the loss and
-    ``{"ce": w_ce, "kd": w_kd}``, the (B,) detached weights actually used, for
-    per-group logging; unweighted terms get ones.
-    """
-
-    def __init__(self, config: MethodConfig, teacher_logits: Tensor | None = None,
-                 n_classes: int | None = None):
-        self.config = config
-        self.n_classes = n_classes
-        if config.lam > 0 and teacher_logits is None:
-            raise ValueError(f"method {config.method!r} with lam={config.lam} needs teacher_logits "
-                             "(N_train, C), indexed by batch.idx; pass the saved teacher logits")
-        if teacher_logits is not None and not isinstance(teacher_logits, OnlineTeacher):
-            if teacher_logits.ndim != 2:
-                raise ValueError(f"teacher_logits must be (N_train, C), got shape {tuple(teacher_logits.shape)}")
-            if n_classes is not None and teacher_logits.shape[1] != n_classes:
-                raise ValueError(f"teacher_logits has {teacher_logits.shape[1]} classes, "
-                                 f"the data {n_classes}: logits of another dataset?")
-            teacher_logits = teacher_logits.detach().float()
-        self._teacher = teacher_logits
-        self._weighted = WEIGHTED_TERMS[config.method]
-
-    # -- hooks ---------------------------------------------------------------
-    def _raw_weight(self, out, batch, y: Tensor, epoch: int) -> Tensor | None:
-        return None
-
-    def _observe(self, out, batch, epoch: int) -> None:
-        pass
-
-    def on_epoch_end(self, epoch: int) -> None:
-        pass
-
-    # -- protocol --------------------------------------------------------------
-    def _teacher_for(self, batch, device) -> Tensor:
-        if isinstance(self._teacher, OnlineTeacher):
-            return self._teacher(batch, device)
-        if self._teacher.device != device:  # moved once, then cached
-            self._teacher = self._teacher.to(device)
-        return self._teacher[batch.idx.to(device)]
-
-    def describe(self) -> dict:
-        """What identifies this objective for the loop's checkpoint fingerprint:
-        every hyper-parameter and the teacher logits (by content hash)."""
-        return {"objective": self.config.method, **self.config.to_dict(),
-                "teacher_logits": (None if self._teacher is None else
-                                   f"online:{self._teacher.fingerprint}"
-                                   if isinstance(self._teacher, OnlineTeacher)
-                                   else self._teacher.cpu())}
-
-    def loss(self, out, batch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = out.logits if hasattr(out, "logits") else out
-        if logits.dtype in (torch.float16, torch.bfloat16):  # under the loop's CUDA autocast
-            logits = logits.float()
-        y = batch.y.to(logits.device)
-        ones = torch.ones(y.shape[0], device=logits.device,
-                          dtype=torch.promote_types(logits.dtype, torch.float32))
-        w = None
-        # weights and factors in full precision, whatever autocast the loop runs under
-        with torch.autocast(logits.device.type, enabled=False):
-            if self._weighted and epoch >= self.config.warmup_epochs:
-                w = self._raw_weight(out, batch, y, epoch)
-            self._observe(out, batch, epoch)
-        if w is None:
-            w = ones
-        else:
-            w = w.detach().to(ones)
-            if self.config.normalise:
-                w = normalise(w)
-        w_ce = w if "ce" in self._weighted else ones
-        w_kd = w if "kd" in self._weighted else ones
-        cfg = self.config
-        teacher = self._teacher_for(batch, logits.device) if cfg.lam > 0 else None
-        value = student_loss(logits, y, teacher, w_ce, w_kd, cfg.lam, cfg.T)
-        return value, {"ce": w_ce, "kd": w_kd}
+@dataclass
+class WeightInputs:
+    """What a method's weight reads besides its config and the batch: ``generator``
+    (``shuffled``'s permutations), ``error_set`` (``jtt``: a (N_train,) bool tensor in
+    dataset order, indexed by ``batch.idx``), ``group_weights`` and ``n_attrs``
+    (``true_group``: :func:`group_balanced_weight` per group ``g = y * n_attrs + a``),
+    ``laplace`` (``exit_laplace``: a :class:`LaplaceSource`)."""
+    generator: torch.Generator | None = None
+    error_set: Tensor | None = None
+    group_weights: Tensor | None = None
+    n_attrs: int | None = None
+    laplace: "LaplaceSource | None" = None
 
 
 def _exit_logits(out) -> Tensor:
@@ -532,161 +382,103 @@ def _full(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-class UnweightedObjective(DistillationObjective):
-    """``erm`` (lam = 0: cross-entropy) and ``kd`` (Hinton's distillation): unit weights."""
+def _exit_map(config, out, batch, inputs):
+    return dedier_weight(_exit_logits(out), batch.y, config.beta, config.alpha)
 
 
-class DeDiERObjective(DistillationObjective):
-    """``dedier`` (KD term) and ``dedier_both`` (both terms): ``exp(beta*cm*alpha)``
-    from the early exit's MAP softmax (``out.exit_logits``; the loop trains the
-    exit with its own CE on detached features)."""
-
-    def _raw_weight(self, out, batch, y, epoch):
-        return instance_weight(self.config, y, exit_logits=_exit_logits(out))
+def _exit_map_shuffled(config, out, batch, inputs):
+    w = _exit_map(config, out, batch, inputs)
+    return w[torch.randperm(len(w), generator=inputs.generator).to(w.device)]
 
 
-class FinalReadoutObjective(DistillationObjective):
-    """``dedier_final`` (an ablation): DeDiER's ``exp(beta*cm*alpha)`` read from the
-    student's own *final* head (the detached MAP softmax of ``out.logits``) instead of
-    the early exit, on both terms like ``dedier_both``: does the readout have to be
-    early?"""
-
-    def _raw_weight(self, out, batch, y, epoch):
-        logits = out.logits if hasattr(out, "logits") else out
-        return instance_weight(self.config, y, final_logits=_full(logits))
+def _final_map(config, out, batch, inputs):
+    logits = out.logits if hasattr(out, "logits") else out
+    return dedier_weight(_full(logits), batch.y, config.beta, config.alpha)
 
 
-class JTTObjective(DistillationObjective):
-    """``jtt`` (Liu et al., ICML 2021) as a distillation method: the KD terms of ``kd``
-    with weight ``jtt_upweight`` on the training instances of ``error_set`` (those the
-    ERM identification model gets wrong, ``study.jtt_error_set``) and 1 elsewhere, on
-    both terms, after the same warm-up as every reweighting method. ``error_set``: a
-    (N_train,) bool tensor in dataset order, indexed by ``batch.idx``; it is part of
-    the checkpoint fingerprint."""
-
-    def __init__(self, config, teacher_logits, error_set, n_classes, n_train=None):
-        super().__init__(config, teacher_logits, n_classes)
-        if error_set is None:
-            raise ValueError("jtt needs error_set: the training instances its identification "
-                             "model gets wrong (study.jtt_error_set)")
-        error_set = torch.as_tensor(error_set).bool().flatten()
-        if n_train is not None and len(error_set) != n_train:
-            raise ValueError(f"error_set has {len(error_set)} entries but n_train={n_train}")
-        self.error_set = error_set
-
-    def describe(self) -> dict:
-        return {**super().describe(), "error_set": self.error_set.to(torch.uint8)}
-
-    def _raw_weight(self, out, batch, y, epoch):
-        if self.error_set.device != y.device:
-            self.error_set = self.error_set.to(y.device)
-        return instance_weight(self.config, y, error_set=self.error_set[batch.idx.to(y.device)])
+def _error_set(config, out, batch, inputs):
+    return jtt_weight(inputs.error_set[batch.idx.cpu()], config.jtt_upweight).to(batch.y.device)
 
 
-class ShuffledObjective(DistillationObjective):
-    """``shuffled`` (a control): ``dedier_both``'s weights permuted at random within
-    the batch — the same distribution of weights, given to random instances. If
-    DeDiER helps because its weights find the right instances, this does not."""
-
-    def __init__(self, config, teacher_logits, n_classes, seed: int = 0):
-        super().__init__(config, teacher_logits, n_classes)
-        self.seed = seed
-        self._gen = torch.Generator().manual_seed(int(seed) + 7919)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "seed": self.seed}
-
-    def _raw_weight(self, out, batch, y, epoch):
-        return instance_weight(self.config, y, exit_logits=_exit_logits(out), generator=self._gen)
+def _true_group(config, out, batch, inputs):
+    g = batch.y * inputs.n_attrs + batch.a.to(batch.y.device)
+    return inputs.group_weights.to(g.device)[g]
 
 
-class GroupBalancedObjective(DistillationObjective):
-    """``group_balanced`` (a reference, not a method): inverse frequency of the
-    true group ``g = y * n_attrs + a`` on both terms — labels the methods never see."""
-
-    def __init__(self, config, teacher_logits, group_counts, n_classes):
-        super().__init__(config, teacher_logits, n_classes)
-        counts = torch.as_tensor(group_counts)
-        if n_classes is None or counts.numel() % n_classes:
-            raise ValueError(f"group_counts has {counts.numel()} groups, not a multiple of "
-                             f"n_classes={n_classes}; pass splits['train'].group_counts() and n_classes")
-        self.n_attrs = counts.numel() // n_classes
-        self._per_group = group_balanced_weight(torch.arange(counts.numel()), counts)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "group_counts": self._per_group.cpu()}
-
-    def _raw_weight(self, out, batch, y, epoch):
-        if self._per_group.device != y.device:
-            self._per_group = self._per_group.to(y.device)
-        return instance_weight(self.config, y, g=y * self.n_attrs + batch.a.to(y.device),
-                               group_weights=self._per_group)
+#: A method's weight source (``METHOD_SPECS[method].weight``) -> its raw weight
+#: ``fn(config, out, batch, inputs)`` (None = unit weights): ``exit_map`` DeDiER's
+#: ``exp(beta*cm*alpha)`` of the early exit's MAP softmax; ``exit_map_shuffled`` the
+#: same permuted within the batch (a control); ``final_map`` the same from the
+#: student's own final head (does the readout have to be early?); ``error_set`` JTT's
+#: lambda_up on the identification model's errors; ``true_group`` inverse frequency of
+#: the true group (a reference); ``exit_laplace`` Laplace-KD (:class:`LaplaceSource`).
+WEIGHTS = {
+    "none": lambda config, out, batch, inputs: None,
+    "exit_map": _exit_map,
+    "exit_map_shuffled": _exit_map_shuffled,
+    "final_map": _final_map,
+    "error_set": _error_set,
+    "true_group": _true_group,
+    "exit_laplace": lambda config, out, batch, inputs: inputs.laplace.weight(out, batch),
+}
 
 
-class LaplaceKDObjective(DistillationObjective):
-    """``laplace_kd``: the weight from the early exit's last-layer Laplace
-    predictive, on both terms (README, "The maths").
+def instance_weight(config: MethodConfig, out, batch, inputs: WeightInputs) -> Tensor | None:
+    """The one place that computes a method's raw (unnormalised) instance weight:
+    :data:`WEIGHTS` of ``METHOD_SPECS[config.method].weight`` on the student's output
+    ``out`` (a ``StudentOutput``; None for sources that do not read the student) and
+    ``batch`` (a ``data.Batch``: ``idx`` positions in the training split, ``y``, ``a``).
+    Training (:class:`Objective`) and the figures (``study.final_train_weights``) both
+    call it; which loss terms it multiplies is ``WEIGHTED_TERMS[method]``."""
+    return WEIGHTS[METHOD_SPECS[config.method].weight](config, out, batch, inputs)
 
-    During each epoch ``exit_laplace.KronFactors`` are accumulated from the
-    exit's features ``phi~ = [phi, 1]``, ``softmax(exit_logits)`` and the labels
-    (for the marginal likelihood) of the batches the loop already computes
-    (detached; no extra pass). At the epoch's end (and every ``refit_every``
-    steps if set) the posterior is refit; the factors carry ``n_train``, so B is
-    rescaled by N_train / n_seen (A stays an average) and a partial epoch stands
-    for the whole training set. ``tau`` is fixed or re-optimised by marginal
-    likelihood from the factors. Until the first fit the weights are 1; factors
-    are only accumulated from the epoch before warm-up ends.
 
-    The exit head's weight is read from the student given at construction
-    (``model.exit.linear.weight``; ``StudentOutput`` does not carry it). The
-    posterior covariance is the one of the last refit, but the predictive's
-    mean is the exit's *current* weight (the one that produced this batch's
-    ``exit_logits``), so Laplace-KD and DeDiER read the same exit and differ
-    only by the Laplace predictive, not by a one-epoch lag of its mean. (For
-    both priors the covariance does not depend on W, so swapping the mean is
-    exact.)
+class LaplaceSource:
+    """``laplace_kd``'s weight: DeDiER's form from the early exit's last-layer Laplace
+    predictive (README, "The maths").
+
+    Each epoch (from the one before warm-up ends) ``exit_laplace.KronFactors`` are
+    accumulated from the batches the loop already computes (``phi~ = [phi, 1]``,
+    ``softmax(exit_logits)``, labels; detached, no extra pass); at its end (and every
+    ``refit_every`` steps if set) the posterior is refit, B rescaled by N_train / n_seen,
+    ``tau`` fixed or by marginal likelihood. Weights are 1 until the first fit. The
+    predictive's mean is the exit's *current* weight (``model.exit.linear.weight``), its
+    covariance the last refit's (which does not depend on W), so Laplace-KD and DeDiER
+    read the same exit. For C > 2 the predictive is Monte Carlo, its generator seeded
+    ``seed`` at the first fit.
+
+    ``fit=False`` (the shared warm-up, :func:`warmup_objective`): only accumulate the
+    factors of epoch ``warmup_epochs - 1`` and keep them for :meth:`state`.
     """
 
-    def __init__(self, config, teacher_logits, model, n_train, n_classes, generator=None,
-                 seed: int = 0):
-        super().__init__(config, teacher_logits, n_classes)
-        if model is None or not hasattr(getattr(model, "exit", None), "linear"):
+    def __init__(self, config: MethodConfig, model: torch.nn.Module | None, n_train: int | None,
+                 seed: int = 0, fit: bool = True):
+        if fit and (model is None or not hasattr(getattr(model, "exit", None), "linear")):
             raise ValueError("laplace_kd needs the student (make_objective(..., model=student)) "
                              "to read its exit head's weight model.exit.linear.weight")
         if not n_train or n_train < 1:
             raise ValueError(f"laplace_kd needs n_train (the training set size), got {n_train}")
-        self.model = model
-        self.n_train = int(n_train)
-        self.generator = generator
-        self.seed = seed
-        self.laplace = None        # the current ExitLaplace; None before the first fit
+        self.config, self.model, self.n_train, self.seed, self.fit = config, model, int(n_train), seed, fit
+        self.generator = None      # the Monte-Carlo predictive's (C > 2), made at the first fit
+        self.posterior = None      # the current ExitLaplace; None before the first fit
         self.factors = None        # this epoch's KronFactors
-        self.last_factors = None   # the factors of the last refit (for inspection)
-        self.n_refits = 0
         self._steps = 0
+        self._effect = None
 
-    def describe(self) -> dict:
-        return {**super().describe(), "n_train": self.n_train, "seed": self.seed}
-
-    def _accumulating(self, epoch: int) -> bool:
-        # the fit at the end of epoch warmup-1 is the first one whose weights are used
-        return epoch >= self.config.warmup_epochs - 1
-
-    def _exit_weight(self) -> Tensor:
-        return self.model.exit.linear.weight.detach()
-
-    def _raw_weight(self, out, batch, y, epoch):
-        if self.laplace is None:
+    def weight(self, out, batch) -> Tensor | None:
+        if self.posterior is None:
             return None
-        la = self.laplace
-        la.W = self._exit_weight().to(la.W)  # current MAP mean, covariance from the last refit
+        la = self.posterior
+        la.W = self.model.exit.linear.weight.detach().to(la.W)  # current MAP mean, covariance from the last refit
         pred = la.predict(_full(out.phi), generator=self.generator)
-        w = instance_weight(self.config, y, laplace_pred=pred)
-        self._record_effect(out, y, pred, w)
+        w = laplace_weight(pred, batch.y, self.config.beta, self.config.score, self.config.alpha)
+        if self._effect is not None:
+            self._record_effect(out, batch, pred, w)
         return w
 
-    def _observe(self, out, batch, epoch):
-        if not self._accumulating(epoch):
+    def observe(self, out, batch, epoch: int) -> None:
+        first = self.config.warmup_epochs - 1  # the fit at that epoch's end is the first one used
+        if epoch < first or (not self.fit and epoch > first):
             return
         phi = _full(out.phi)
         probs = F.softmax(_exit_logits(out), dim=-1)
@@ -695,56 +487,60 @@ class LaplaceKDObjective(DistillationObjective):
         self.factors.update(phi_tilde(phi), probs, batch.y.to(phi.device))
         self._steps += 1
         k = self.config.refit_every
-        if k is not None and self._steps % k == 0 and epoch >= self.config.warmup_epochs:
+        if self.fit and k is not None and self._steps % k == 0 and epoch >= self.config.warmup_epochs:
             self._refit()
 
     def _refit(self) -> None:
-        W = self._exit_weight()
-        self.laplace = ExitLaplace(W, self.factors, prior=self.config.prior, tau=self.config.tau)
-        if self.generator is None and self.laplace.C > 2:  # Monte-Carlo predictive
+        W = self.model.exit.linear.weight.detach()
+        self.posterior = ExitLaplace(W, self.factors, prior=self.config.prior, tau=self.config.tau)
+        if self.generator is None and self.posterior.C > 2:  # Monte-Carlo predictive
             self.generator = torch.Generator(device=W.device).manual_seed(self.seed)
-        self.last_factors = self.factors
-        self.n_refits += 1
 
-    def on_epoch_end(self, epoch: int) -> None:
+    def epoch_end(self, epoch: int) -> None:
+        if not self.fit:
+            return
         if self.factors is not None and self.factors.n > 0:
             self._refit()
         self.factors = None
         self._steps = 0
 
+    def state(self) -> dict:
+        return {"laplace_factors": None if self.factors is None else self.factors.state()}
+
     def load_state(self, state: dict | None, epoch: int) -> None:
-        """Continue from a shared warm-up (``train.train_warmup`` with a
-        :class:`WarmupObjective`) that ends before ``epoch``: its last epoch's factors
-        are what this objective would have accumulated itself, so the refit at that
+        """Continue from a shared warm-up (``train.train_warmup`` with
+        :func:`warmup_objective`) that ends before ``epoch``: its last epoch's factors
+        are what this source would have accumulated itself, so the refit at that
         epoch's end is done now, exactly as in a run from scratch."""
         factors = (state or {}).get("laplace_factors")
-        if self._accumulating(epoch - 1) and factors is None:
+        accumulating = epoch - 1 >= self.config.warmup_epochs - 1
+        if accumulating and factors is None:
             raise ValueError("laplace_kd branches from a warm-up state without Laplace factors "
-                             "(train it with a WarmupObjective)")
-        if factors is not None and self._accumulating(epoch - 1):
+                             "(train it with warmup_objective)")
+        if factors is not None and accumulating:
             self.factors = KronFactors.from_state(factors)
-            self.on_epoch_end(epoch - 1)
+            self.epoch_end(epoch - 1)
 
     # -- the size of the Laplace effect (logged per epoch by the loop) ----------
-    def on_epoch_start(self, epoch: int) -> None:
+    def epoch_start(self) -> None:
         self._effect = {"w_dedier": [], "w_laplace": [], "dp": []}
 
-    def _record_effect(self, out, y, pred, w) -> None:
-        effect = getattr(self, "_effect", None)
-        if effect is None:
-            return
-        exit_logits = _exit_logits(out)
-        effect["w_dedier"].append(dedier_weight(exit_logits, y, self.config.beta, self.config.alpha).cpu())
+    def _record_effect(self, out, batch, pred, w) -> None:
+        effect, exit_logits = self._effect, _exit_logits(out)
+        effect["w_dedier"].append(dedier_weight(exit_logits, batch.y, self.config.beta,
+                                                self.config.alpha).cpu())
         effect["w_laplace"].append(w.detach().cpu())
         effect["dp"].append((pred.probs.detach() - F.softmax(exit_logits.to(pred.probs.dtype), -1))
                             .abs().amax(-1).cpu())
 
-    def epoch_stats(self, epoch: int) -> dict:
+    def epoch_stats(self) -> dict:
         """This epoch's Spearman correlation between the Laplace-KD weights and the
         DeDiER weights the same exit would have given (same beta and alpha), and the
         mean and max |p_Laplace - p_MAP| over the epoch's training instances: how far
         the Laplace predictive moves the weights. NaN before the first refit."""
-        effect = getattr(self, "_effect", None) or {}
+        if not self.fit:
+            return {}
+        effect = self._effect or {}
         if not effect.get("w_laplace"):
             return {"laplace_rank_corr": float("nan"), "laplace_max_abs_dp": float("nan"),
                     "laplace_mean_abs_dp": float("nan")}
@@ -754,57 +550,112 @@ class LaplaceKDObjective(DistillationObjective):
                 "laplace_mean_abs_dp": float(dp.mean())}
 
 
-class WarmupObjective(UnweightedObjective):
-    """The warm-up every distillation method shares (unit weights: kd), which also
-    accumulates the exit's Laplace factors in its last epoch, as ``laplace_kd`` would,
-    so that every method — Laplace-KD included — can branch from one warm-up per seed
-    (``train.train_warmup``) and end exactly where a run from scratch ends."""
+# -------------------------------------------------------------------------- the objective
 
-    def __init__(self, config: MethodConfig, teacher_logits, n_train: int, n_classes=None):
-        config = DEFAULT_HPARAMS["kd"].replace(lam=config.lam, T=config.T,
-                                               warmup_epochs=config.warmup_epochs)
-        super().__init__(config, teacher_logits, n_classes)
-        self.n_train = int(n_train)
-        self.factors = None
+class Objective:
+    """The student loss of one method: CE + KD with the per-instance weights of
+    :func:`instance_weight` after the warm-up, on the terms ``WEIGHTED_TERMS[method]``.
+
+    ``loss`` returns the loss and ``{"ce": w_ce, "kd": w_kd}``, the (B,) detached
+    weights actually used, for per-group logging; unweighted terms get ones. A
+    :class:`LaplaceSource` in ``inputs`` sees every batch and the epoch's end.
+    ``describe_extra``: what identifies the method's inputs in :meth:`describe`.
+    """
+
+    def __init__(self, config: MethodConfig, teacher_logits: Tensor | None = None,
+                 n_classes: int | None = None, inputs: WeightInputs | None = None,
+                 describe_extra: dict | None = None):
+        self.config = config
+        if config.lam > 0 and teacher_logits is None:
+            raise ValueError(f"method {config.method!r} with lam={config.lam} needs teacher_logits "
+                             "(N_train, C), indexed by batch.idx; pass the saved teacher logits")
+        if teacher_logits is not None and not isinstance(teacher_logits, OnlineTeacher):
+            if teacher_logits.ndim != 2:
+                raise ValueError(f"teacher_logits must be (N_train, C), got shape {tuple(teacher_logits.shape)}")
+            if n_classes is not None and teacher_logits.shape[1] != n_classes:
+                raise ValueError(f"teacher_logits has {teacher_logits.shape[1]} classes, "
+                                 f"the data {n_classes}: logits of another dataset?")
+            teacher_logits = teacher_logits.detach().float()
+        self._teacher = teacher_logits
+        self._weighted = WEIGHTED_TERMS[config.method]
+        self.inputs = inputs or WeightInputs()
+        self._extra = describe_extra or {}
+
+    def _teacher_for(self, batch, device) -> Tensor:
+        if isinstance(self._teacher, OnlineTeacher):
+            return self._teacher(batch, device)
+        if self._teacher.device != device:  # moved once, then cached
+            self._teacher = self._teacher.to(device)
+        return self._teacher[batch.idx.to(device)]
 
     def describe(self) -> dict:
-        return {**super().describe(), "warmup_of": "every distillation method", "n_train": self.n_train}
+        """What identifies this objective for the loop's checkpoint fingerprint:
+        every hyper-parameter, the teacher logits (by content hash) and the method's
+        inputs."""
+        return {"objective": self.config.method, **self.config.to_dict(),
+                "teacher_logits": (None if self._teacher is None else
+                                   f"online:{self._teacher.fingerprint}"
+                                   if isinstance(self._teacher, OnlineTeacher)
+                                   else self._teacher.cpu()), **self._extra}
 
-    def _observe(self, out, batch, epoch):
-        if epoch != self.config.warmup_epochs - 1:
-            return
-        phi = _full(out.phi)
-        if self.factors is None:
-            self.factors = KronFactors(n_train=self.n_train)
-        self.factors.update(phi_tilde(phi), F.softmax(_exit_logits(out), dim=-1),
-                            batch.y.to(phi.device))
+    def loss(self, out, batch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = out.logits if hasattr(out, "logits") else out
+        if logits.dtype in (torch.float16, torch.bfloat16):  # under the loop's CUDA autocast
+            logits = logits.float()
+        batch = batch._replace(y=batch.y.to(logits.device))
+        ones = torch.ones(batch.y.shape[0], device=logits.device,
+                          dtype=torch.promote_types(logits.dtype, torch.float32))
+        w, laplace = None, self.inputs.laplace
+        # weights and factors in full precision, whatever autocast the loop runs under
+        with torch.autocast(logits.device.type, enabled=False):
+            if self._weighted and epoch >= self.config.warmup_epochs:
+                w = instance_weight(self.config, out, batch, self.inputs)
+            if laplace is not None:
+                laplace.observe(out, batch, epoch)
+        if w is None:
+            w = ones
+        else:
+            w = w.detach().to(ones)
+            if self.config.normalise:
+                w = normalise(w)
+        w_ce = w if "ce" in self._weighted else ones
+        w_kd = w if "kd" in self._weighted else ones
+        cfg = self.config
+        teacher = self._teacher_for(batch, logits.device) if cfg.lam > 0 else None
+        value = student_loss(logits, batch.y, teacher, w_ce, w_kd, cfg.lam, cfg.T)
+        return value, {"ce": w_ce, "kd": w_kd}
 
-    def state(self) -> dict:
-        return {"laplace_factors": None if self.factors is None else self.factors.state()}
+    # -- the loop's hooks: Laplace-KD's refits, its warm-up state and its effect ----
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.inputs.laplace is not None:
+            self.inputs.laplace.epoch_start()
 
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.inputs.laplace is not None:
+            self.inputs.laplace.epoch_end(epoch)
 
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN if either is constant."""
-    from scipy.stats import spearmanr
+    def state(self) -> dict | None:
+        return None if self.inputs.laplace is None else self.inputs.laplace.state()
 
-    a, b = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
+    def load_state(self, state: dict | None, epoch: int) -> None:
+        if self.inputs.laplace is not None:
+            self.inputs.laplace.load_state(state, epoch)
+
+    def epoch_stats(self, epoch: int) -> dict:
+        return {} if self.inputs.laplace is None else self.inputs.laplace.epoch_stats()
 
 
 def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None,
                    group_counts: Tensor | None = None, n_train: int | None = None,
                    n_classes: int | None = None, model: torch.nn.Module | None = None,
-                   generator: torch.Generator | None = None, seed: int = 0,
-                   error_set: Tensor | None = None) -> DistillationObjective:
+                   seed: int = 0, error_set: Tensor | None = None) -> Objective:
     """The training objective of ``config.method`` for ``train.train_model``.
 
     ``teacher_logits``: (N_train, C) teacher logits on the training split in
     dataset order (indexed by ``batch.idx``), needed when lam > 0.
     ``group_counts``: the training split's ``group_counts()`` (group_balanced).
     ``model``: the student, for laplace_kd (its exit weight at refit time).
-    ``generator`` / ``seed``: for the Monte-Carlo predictive (more than two classes).
+    ``seed``: shuffled's permutations, laplace_kd's Monte-Carlo predictive (C > 2).
     ``error_set``: jtt's (N_train,) error set (``study.jtt_error_set``).
     """
     m = config.method
@@ -815,17 +666,41 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
     if isinstance(teacher_logits, Tensor) and n_train is not None and teacher_logits.shape[0] != n_train:
         raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but n_train={n_train}: "
                          "pass the teacher's logits on the training split, in dataset order")
-    source = METHOD_SPECS[m].weight
-    if source == "true_group" and group_counts is None:
-        raise ValueError(f"{m} needs group_counts (splits['train'].group_counts())")
-    build = {
-        "none": lambda: UnweightedObjective(config, teacher_logits, n_classes),
-        "exit_map": lambda: DeDiERObjective(config, teacher_logits, n_classes),
-        "exit_map_shuffled": lambda: ShuffledObjective(config, teacher_logits, n_classes, seed),
-        "final_map": lambda: FinalReadoutObjective(config, teacher_logits, n_classes),
-        "error_set": lambda: JTTObjective(config, teacher_logits, error_set, n_classes, n_train),
-        "true_group": lambda: GroupBalancedObjective(config, teacher_logits, group_counts, n_classes),
-        "exit_laplace": lambda: LaplaceKDObjective(config, teacher_logits, model, n_train, n_classes,
-                                                   generator, seed),
-    }
-    return build[source]()
+    source, inputs, extra = METHOD_SPECS[m].weight, WeightInputs(), {}
+    if source == "exit_map_shuffled":
+        inputs.generator, extra = torch.Generator().manual_seed(int(seed) + 7919), {"seed": seed}
+    elif source == "error_set":
+        if error_set is None:
+            raise ValueError("jtt needs error_set: the training instances its identification "
+                             "model gets wrong (study.jtt_error_set)")
+        inputs.error_set = torch.as_tensor(error_set).bool().flatten().cpu()
+        if n_train is not None and len(inputs.error_set) != n_train:
+            raise ValueError(f"error_set has {len(inputs.error_set)} entries but n_train={n_train}")
+        extra = {"error_set": inputs.error_set.to(torch.uint8)}
+    elif source == "true_group":
+        if group_counts is None:
+            raise ValueError(f"{m} needs group_counts (splits['train'].group_counts())")
+        counts = torch.as_tensor(group_counts)
+        if n_classes is None or counts.numel() % n_classes:
+            raise ValueError(f"group_counts has {counts.numel()} groups, not a multiple of "
+                             f"n_classes={n_classes}; pass splits['train'].group_counts() and n_classes")
+        inputs.n_attrs = counts.numel() // n_classes
+        inputs.group_weights = group_balanced_weight(torch.arange(counts.numel()), counts)
+        extra = {"group_counts": inputs.group_weights}
+    elif source == "exit_laplace":
+        inputs.laplace = LaplaceSource(config, model, n_train, seed)
+        extra = {"n_train": inputs.laplace.n_train, "seed": seed}
+    return Objective(config, teacher_logits, n_classes, inputs, extra)
+
+
+def warmup_objective(config: MethodConfig, teacher_logits, n_train: int, n_classes=None) -> Objective:
+    """The warm-up every distillation method shares (unit weights: kd at ``config``'s
+    lam, T and warm-up), which also accumulates the exit's Laplace factors in its last
+    epoch, as ``laplace_kd`` would, so that every method — Laplace-KD included — can
+    branch from one warm-up per seed (``train.train_warmup``) and end exactly where a
+    run from scratch ends."""
+    config = DEFAULT_HPARAMS["kd"].replace(lam=config.lam, T=config.T,
+                                           warmup_epochs=config.warmup_epochs)
+    laplace = LaplaceSource(config, None, n_train, fit=False)
+    return Objective(config, teacher_logits, n_classes, WeightInputs(laplace=laplace),
+                     {"warmup_of": "every distillation method", "n_train": laplace.n_train})

@@ -91,8 +91,6 @@ METHOD_SETS = ("default", "extended")
 WEIGHTED_TERMS = {m: spec.terms for m, spec in METHOD_SPECS.items()}
 #: Methods whose weights are not all 1.
 REWEIGHTING = tuple(m for m, spec in METHOD_SPECS.items() if spec.weight != "none")
-#: Methods whose beta the sweep chooses (the others borrow one or have none).
-SWEPT_BETA = tuple(m for m, spec in METHOD_SPECS.items() if spec.beta_from == m)
 #: Per method, the hyper-parameters the sweep chooses for it (beta and its own ``swept``);
 #: lam and T are kd's. Methods with none borrow theirs (or have none).
 SWEPT_HPARAMS = {m: (("beta",) if spec.beta_from == m else ()) + spec.swept

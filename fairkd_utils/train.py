@@ -82,7 +82,7 @@ def final_logits(out) -> torch.Tensor:
 
 class CrossEntropyObjective:
     """Cross-entropy on the final head, no weights: the teacher's objective (and the
-    loop's default). The students' ``erm`` is ``losses.UnweightedObjective`` at lam = 0."""
+    loop's default). The students' ``erm`` is ``losses.make_objective`` at lam = 0."""
 
     def loss(self, out, batch: Batch, epoch: int):
         return F.cross_entropy(final_logits(out).float(), batch.y), None

@@ -258,11 +258,11 @@ def test_a_branch_from_the_shared_warmup_equals_a_run_from_scratch(splits, tmp_p
     scratch_model = models.build_student(TINY, 2, seed=1)
     scratch = train.train_model(scratch_model, splits, tcfg, objective(scratch_model))
     trunk = models.build_student(TINY, 2, seed=1)
-    warm = train.train_warmup(trunk, splits, tcfg, losses.WarmupObjective(config, teacher, len(ds), 2),
+    warm = train.train_warmup(trunk, splits, tcfg, losses.warmup_objective(config, teacher, len(ds), 2),
                               2, ckpt_dir=tmp_path, name="warmup")
     assert warm["epoch"] == 2 and len(list(tmp_path.glob("warmup-*.pt"))) == 1
     again = train.train_warmup(models.build_student(TINY, 2, seed=1), splits, tcfg,
-                               losses.WarmupObjective(config, teacher, len(ds), 2), 2,
+                               losses.warmup_objective(config, teacher, len(ds), 2), 2,
                                ckpt_dir=tmp_path, name="warmup")  # cached, read back
     branch_model = models.build_student(TINY, 2, seed=1)
     branched = train.train_model(branch_model, splits, tcfg, objective(branch_model), branch_from=again)

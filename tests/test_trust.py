@@ -155,7 +155,7 @@ def test_the_warmup_state_is_reused_with_a_log_line_and_retrained_on_request(
 
     def warm():
         return train.train_warmup(models.build_student(TINY, 2, seed=0), splits, _cfg(epochs=2),
-                                  losses.WarmupObjective(config, teacher, len(ds), 2), 1,
+                                  losses.warmup_objective(config, teacher, len(ds), 2), 1,
                                   ckpt_dir=tmp_path, name="warmup-seed0")
 
     warm()
