@@ -366,7 +366,7 @@ class StudentPlan:
     def _warmup_args(self):
         ds = self.run.splits()["train"]
         trunk = build_student(self.run, self.seed)
-        warm = losses.WarmupObjective(self.config, self.teacher_train, len(ds), ds.n_classes)
+        warm = losses.warmup_objective(self.config, self.teacher_train, len(ds), ds.n_classes)
         return (trunk, self.run.splits(), self.train_config, warm, self.config.warmup_epochs), dict(
             ckpt_dir=self.ckpt_dir, name=f"warmup-seed{self.seed}",
             fingerprint_extra=self.run.fingerprint_extra())
@@ -448,7 +448,7 @@ def jtt_error_set(run: Run, config, seed: int, progress: bool = False,
                          f"that many of its {tconfig.epochs} epochs, so it must lie in "
                          f"[1, {tconfig.epochs - 1}]")
     trunk = build_student(run, seed)
-    warm = losses.WarmupObjective(erm, None, len(ds), ds.n_classes)
+    warm = losses.warmup_objective(erm, None, len(ds), ds.n_classes)
     state = timed(run, stage, f"jtt-identification-{config.config_id}-seed{seed}", lambda: _Timed(
         train.train_warmup(trunk, splits, tconfig, warm, epochs, ckpt_dir=run.path("checkpoints"),
                            name=f"warmup-seed{seed}", fingerprint_extra=run.fingerprint_extra())))
@@ -648,21 +648,24 @@ def final_train_weights(run: Run, result, config, pred=None, seed: int | None = 
     source = METHOD_SPECS[config.method].weight
     if source == "none":
         return None
-    inputs = {"g": ds.g, "group_weights": losses.group_balanced_weight(
-        torch.arange(ds.n_groups), ds.group_counts())}
+    inputs = losses.WeightInputs(generator=torch.Generator().manual_seed(0), n_attrs=ds.n_attrs,
+                                 group_weights=losses.group_balanced_weight(
+                                     torch.arange(ds.n_groups), ds.group_counts()))
+    out = None
     if source == "error_set":
         if seed is None:
             raise ValueError("jtt's training weights need the seed of its identification model")
-        inputs["error_set"] = jtt_error_set(run, config, seed)
-    elif source != "true_group":
+        inputs.error_set = jtt_error_set(run, config, seed)
+    elif source != "true_group":  # the sources that read the student
         p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
-        inputs.update(exit_logits=p.exit_logits.double(), final_logits=p.logits.double(),
-                      generator=torch.Generator().manual_seed(0))
-    if source == "exit_laplace":
-        la = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, y=ds.y,
-                              prior=config.prior, tau=config.tau)
-        inputs["laplace_pred"] = la.predict(p.phi.double(), generator=torch.Generator().manual_seed(0))
-    return losses.instance_weight(config, ds.y, **inputs)
+        out = models.StudentOutput(p.logits.double(), p.exit_logits.double(), p.phi.double())
+    if source == "exit_laplace":  # fit on the whole split, predictive drawn with seed 0
+        inputs.laplace = losses.LaplaceSource(config, result.model, len(ds))
+        inputs.laplace.posterior = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs,
+                                                    y=ds.y, prior=config.prior, tau=config.tau)
+        inputs.laplace.generator = torch.Generator().manual_seed(0)
+    return losses.instance_weight(config, out, data.Batch(torch.arange(len(ds)), None, ds.y, ds.a),
+                                  inputs)
 
 
 def run_method(run: Run, method: str, seed: int, teacher=None, config=None, progress: bool = False):
