@@ -447,42 +447,6 @@ def echo_log(path: Path, enabled: bool = True):
         thread.join()
 
 
-def run(args) -> Path:
-    # fails early on an unknown profile or a bad --set
-    profile = apply_overrides(get_profile(args.profile, args.dataset), parse_overrides(getattr(args, "set", None)))
-    if args.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {DATASETS}")
-    if args.dataset not in BUILT_IN_DATASETS and not args.data_root:
-        raise ValueError(f"--dataset {args.dataset} reads a local folder: pass --data-root PATH "
-                         "(see README, 'Your own data')")
-    for role, arch in (("teacher", profile.teacher_arch), ("student", profile.student_arch)):
-        path = getattr(args, f"{role}_model", None)
-        if arch == "hf" and not path:
-            raise ValueError(f"--profile {args.profile} on {args.dataset} loads the {role} from a "
-                             f"local Hugging Face folder: pass --{role}-model DIR (nothing is "
-                             "downloaded; see README, 'MultiNLI with BERT')")
-        if path and not Path(path).expanduser().exists():
-            raise FileNotFoundError(f"--{role}-model {path}: no such file or folder")
-    seeds = check_seeds(args.seeds or profile.seeds)
-    retrain = check_retrain(getattr(args, "retrain", None))
-    known = discover_notebooks(NOTEBOOKS_DIR)
-    notebooks = select_notebooks(known, args.only)
-    run_dir, figures_dir = run_folders(args)
-    for flag, path in (("--out", Path(args.out).resolve()), ("--out", run_dir), ("--figures", figures_dir)):
-        check_folder(path, flag)
-    check_prerequisites(args, run_dir, notebooks, known, seeds,
-                        resolve_methods(profile, getattr(args, "methods", None)))
-    optional = optional_parameters(args)
-    device = resolve_device(args.device)
-    params = notebook_parameters(args, run_dir, figures_dir, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with records.exclusive(run_dir / RUN_LOCK, f"run directory {run_dir}",
-                           hint="give this run another --out"):
-        return _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir,
-                           optional, device, params)
-
-
-#: While a runner works in a run directory it holds this file's lock: a second runner
 def check_hparams_file(args, profile) -> None:
     """Before any kernel starts: the hyper-parameter file notebook 05 will read
     (``--hparams``, else the committed one) is well formed, has an entry for
@@ -535,6 +499,51 @@ def hparams_change(before: dict | None, after: dict | None) -> str | None:
             + ("; ".join(changes) or "other methods") + back)
 
 
+def run(args) -> Path:
+    # fails early on an unknown profile or a bad --set
+    profile = apply_overrides(get_profile(args.profile, args.dataset), parse_overrides(getattr(args, "set", None)))
+    if args.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {DATASETS}")
+    if args.dataset not in BUILT_IN_DATASETS and not args.data_root:
+        raise ValueError(f"--dataset {args.dataset} reads a local folder: pass --data-root PATH "
+                         "(see README, 'Your own data')")
+    for role, arch in (("teacher", profile.teacher_arch), ("student", profile.student_arch)):
+        path = getattr(args, f"{role}_model", None)
+        if arch == "hf" and not path:
+            raise ValueError(f"--profile {args.profile} on {args.dataset} loads the {role} from a "
+                             f"local Hugging Face folder: pass --{role}-model DIR (nothing is "
+                             "downloaded; see README, 'MultiNLI with BERT')")
+        if path and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"--{role}-model {path}: no such file or folder")
+    seeds = check_seeds(args.seeds or profile.seeds)
+    if (getattr(args, "sweep", False) or profile.sweep) and len(seeds) < 2:
+        raise ValueError(f"the sweep averages over at least two seeds, got {seeds}: give "
+                         "--seeds with two or more, or leave --sweep out")
+    check_hparams_file(args, profile)
+    retrain = check_retrain(getattr(args, "retrain", None))
+    known = discover_notebooks(NOTEBOOKS_DIR)
+    notebooks = select_notebooks(known, args.only)
+    run_dir, figures_dir = run_folders(args)
+    for flag, path in (("--out", Path(args.out).resolve()), ("--out", run_dir), ("--figures", figures_dir)):
+        check_folder(path, flag)
+    check_prerequisites(args, run_dir, notebooks, known, seeds,
+                        resolve_methods(profile, getattr(args, "methods", None)))
+    optional = optional_parameters(args)
+    if getattr(args, "executor", None) == "slurm":   # what reaches the sbatch script
+        from . import jobs
+
+        jobs.refuse_control_characters({"--slurm-partition": args.slurm_partition or "",
+                                        "the run directory": run_dir})
+    device = resolve_device(args.device)
+    params = notebook_parameters(args, run_dir, figures_dir, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with records.exclusive(run_dir / RUN_LOCK, f"run directory {run_dir}",
+                           hint="give this run another --out"):
+        return _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir,
+                           optional, device, params)
+
+
+#: While a runner works in a run directory it holds this file's lock: a second runner
 #: into the same directory stops at once, naming the first.
 RUN_LOCK = "runner.lock"
 
@@ -568,11 +577,6 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
     total = time.perf_counter()
     kernel_env = retrain_environment(retrain)
     if retrain is not None:
-    if getattr(args, "executor", None) == "slurm":   # what reaches the sbatch script
-        from . import jobs
-
-        jobs.refuse_control_characters({"--slurm-partition": args.slurm_partition or "",
-                                        "the run directory": run_dir})
         which = " ".join(f"{p}*" for p in retrain) if retrain else "every checkpoint"
         say(f"--retrain: retraining {which} (once in this run)")
     for src in notebooks:
@@ -582,6 +586,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
                  "git_sha": this_run["git_sha"], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         manifest["notebooks"][src.stem] = entry
         records.write_json(manifest_path, manifest)
+        hparams_before = read_hparams_used(run_dir)
         try:
             with echo_log(log_path, enabled=not args.quiet), environment(kernel_env):
                 run_notebook(src, run_dir / "executed" / f"{src.stem}.ipynb", params, cwd=run_dir,
@@ -590,9 +595,15 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
             entry.update(status="failed" if isinstance(err, PipelineError) else "interrupted",
                          seconds=round(time.perf_counter() - t0, 2))
             records.write_json(manifest_path, manifest)
+            if isinstance(err, KeyboardInterrupt):
+                raise Interrupted(f"interrupted during {src.stem}: rerun the same command to "
+                                  "resume (finished checkpoints and jobs are reused)") from None
             raise
         entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2))
         say(f"{src.stem} done in {entry['seconds']:.1f} s")
+        change = hparams_change(hparams_before, read_hparams_used(run_dir))
+        if change:
+            say(change)
     if not args.only:
         manifest["total_seconds"] = round(time.perf_counter() - total, 2)
     manifest["training"] = training_times(run_dir)
@@ -625,7 +636,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-model", default=None, metavar="PATH",
                    help="local pretrained teacher: a torchvision state_dict file (images) or a "
                         "Hugging Face model folder (text; its tokenizer tokenises MultiNLI)")
-        hparams_before = read_hparams_used(run_dir)
     p.add_argument("--student-model", default=None, metavar="PATH",
                    help="local pretrained student backbone: a state_dict file or a Hugging Face "
                         "model folder")
@@ -634,15 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", default=str(REPO_ROOT / "results"),
                    help="parent of the run directory (default: results/)")
-            if isinstance(err, KeyboardInterrupt):
-                raise Interrupted(f"interrupted during {src.stem}: rerun the same command to "
-                                  "resume (finished checkpoints and jobs are reused)") from None
     p.add_argument("--figures", default=None,
                    help="figures folder (default: <run_dir>/figures/; with the default --out, "
                         "figures/<dataset>-<profile>/)")
-        change = hparams_change(hparams_before, read_hparams_used(run_dir))
-        if change:
-            say(change)
     p.add_argument("--only", nargs="+", default=None, metavar="NN",
                    help="run only these notebooks, e.g. --only 04 05 (their prerequisites must exist)")
     p.add_argument("--set", nargs="+", action="extend", default=None, metavar="FIELD=VALUE",
@@ -694,11 +698,6 @@ def main(argv=None) -> int:
     except (PipelineError, ValueError, FileNotFoundError, records.Locked, records.LockFailed) as err:
         print(f"[fairkd] error: {err}", file=sys.stderr)
         return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
     except Interrupted as err:
         print(f"[fairkd] {err}", file=sys.stderr)
         return 130
@@ -706,3 +705,8 @@ if __name__ == "__main__":
         print("[fairkd] interrupted before any notebook started: nothing was changed; rerun "
               "the same command", file=sys.stderr)
         return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
