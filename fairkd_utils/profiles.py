@@ -102,6 +102,8 @@ TRAINED = tuple(m for m, spec in METHOD_SPECS.items() if spec.last_layer_of is N
 REFERENCES = tuple(m for m, spec in METHOD_SPECS.items() if spec.group_labels)
 #: The paired differences of ``summary.csv`` are taken against these; the primary
 #: contrast is ``laplace_kd`` against ``dedier_both`` (same terms, same form).
+BASELINES = ("kd", "dedier_both")
+
 #: The type of every field a hyper-parameter file may set (``losses.MethodConfig``'s):
 #: "number" (int or float, finite, never true/false), "whole" (int), "text", "bool".
 HPARAM_TYPES = {"lam": "number", "T": "number", "beta": "number", "tau": "number",
@@ -213,8 +215,6 @@ def missing_hparams(table: dict, methods) -> list[str]:
                 needs.setdefault((owner, field), []).append(method)
     return [f"{owner}'s {field} (read by {', '.join(users)})" for (owner, field), users in needs.items()]
 
-
-BASELINES = ("kd", "dedier_both")
 
 #: Laplace-KD's scores (``losses.laplace_score``); ``margin`` is the study's form.
 LAPLACE_SCORES = ("margin", "entropy", "variance")

@@ -23,7 +23,8 @@ from . import (checkpoints, data, last_layer, losses, metrics, models, records, 
                text_models, train)
 from .exit_laplace import fit_exit_laplace
 from .profiles import (BUILT_IN_DATASETS, METHOD_SPECS, METHODS, REWEIGHTING, SWEPT_HPARAMS,
-                       TEXT_DATASETS, synthetic_text_knobs)
+                       TEXT_DATASETS, check_hparams, missing_hparams, read_hparams_file,
+                       synthetic_text_knobs)
 from .rundir import Run
 
 # --------------------------------------------------------------------------- teacher
