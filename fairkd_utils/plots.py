@@ -729,3 +729,64 @@ def paired_difference_intervals(diffs: pd.DataFrame, metric: str = "worst_group_
     fig.suptitle(f"Paired differences in {human_label(metric)} per seed "
                  "(◆ mean with 95 % interval)", fontweight="bold")
     return fig
+
+
+# --------------------------------------------------------------------- notebook 04: the regime map
+#: Regime map: sources in this order (one panel each), a colour per Laplace score (the
+#: margin in Laplace-KD's green), a marker and line style per prior recipe.
+REGIME_SOURCES = ["image miniature", "text miniature", "paper regime (simulation)"]
+REGIME_SCORE_COLORS = KeyedPalette({"margin": METHOD_COLORS["laplace_kd"], "entropy": "#56B4E9",
+                                    "variance": "#CC79A7"}, reserve=("#E1BE6A", "#332288"))
+REGIME_RECIPES = {"exact": ("o", "-", "exact prior (marginal likelihood)"),
+                  "meronen": ("s", "--", "Meronen et al. (2023)")}
+
+
+def laplace_regime(df: pd.DataFrame, title: str = "When does the exit's Laplace change DeDiER's weights?"):
+    """The regime map (``laplace_regime.regime_map`` rows; columns source, recipe, score,
+    n_fit, params_per_instance, median_logit_var, spearman_wrong, noise_floor_spearman):
+    one panel per source, x the posterior's median logit variance (log scale), y the
+    within-wrong Spearman correlation of the Laplace-KD weights with DeDiER's, means
+    over seeds. One line per (recipe, score) through the subset sizes, each point
+    labelled with its parameters per fitted instance; the band from each series' MC
+    noise floor (two independent draws of the same fit) up to 1 is where agreement
+    cannot be told from Monte-Carlo noise."""
+    sources = _present(REGIME_SOURCES, df["source"]) + sorted(set(df["source"]) - set(REGIME_SOURCES))
+    keys = ["source", "recipe", "score", "n_fit"]
+    agg = df.groupby(keys, sort=False)[["params_per_instance", "median_logit_var", "spearman_wrong",
+                                        "noise_floor_spearman"]].mean().reset_index()
+    fig, axes = plt.subplots(1, len(sources), figsize=(4.6 * len(sources) + 2.4, 4.6), sharey=True,
+                             layout="constrained", squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        d = agg[agg["source"] == source]
+        for (recipe, score), s in d.groupby(["recipe", "score"], sort=False):
+            s = s.sort_values("median_logit_var")
+            marker, ls, _ = REGIME_RECIPES.get(recipe, ("D", ":", recipe))
+            color = REGIME_SCORE_COLORS[score]
+            floor = s["noise_floor_spearman"].to_numpy(float)
+            if np.isfinite(floor).any():
+                ok = np.isfinite(floor)
+                ax.fill_between(s["median_logit_var"][ok], floor[ok], 1.0, color=color, alpha=0.13,
+                                linewidth=0, zorder=1)
+            ax.plot(s["median_logit_var"], s["spearman_wrong"], marker=marker, ls=ls, color=color,
+                    markersize=6, lw=1.5, zorder=3)
+            for x, y, p in zip(s["median_logit_var"], s["spearman_wrong"], s["params_per_instance"]):
+                ax.annotate(f"{p:.2g}", (x, y), xytext=(4, 4), textcoords="offset points",
+                            fontsize=6.5, color="#333333", zorder=4)
+        ax.set_xscale("log")
+        ax.axhline(0, color="#888888", lw=0.8, zorder=0)
+        ax.set_title(source)
+        ax.set_xlabel("median posterior logit variance")
+    axes[0][0].set_ylabel("within-wrong Spearman with DeDiER's weights")
+    axes[0][0].set_ylim(-1.05, 1.08)
+    scores = list(dict.fromkeys(df["score"]))
+    recipes = list(dict.fromkeys(df["recipe"]))
+    handles = [Line2D([], [], color=REGIME_SCORE_COLORS[s], lw=2) for s in scores]
+    labels = [SCORE_LABELS.get(f"laplace_{s}", human_label(s)) for s in scores]
+    handles += [Line2D([], [], color="#444444", marker=REGIME_RECIPES.get(r, ("D", ":", r))[0],
+                       ls=REGIME_RECIPES.get(r, ("D", ":", r))[1]) for r in recipes]
+    labels += [REGIME_RECIPES.get(r, ("D", ":", r))[2] for r in recipes]
+    handles.append(Patch(color="#888888", alpha=0.3))
+    labels.append("MC noise floor to 1")
+    _legend_outside(axes[0][-1], handles, labels, title="numbers: parameters\nper fitted instance")
+    fig.suptitle(title, fontweight="bold")
+    return fig

@@ -383,7 +383,8 @@ def test_meronen_choice_minimises_validation_nll_over_the_joint_grid():
             p = fresh.predict(pv, generator=torch.Generator().manual_seed(0)).probs
             nll[(v, t)] = float(-torch.log(p[torch.arange(len(yv)), yv]).mean())
     assert len(la.val_nll_grid) == 100
-    assert {(v, t): n for v, t, n in la.val_nll_grid} == pytest.approx(nll, rel=1e-12)
+    # the grid's eigendecomposition path against set_tau's Cholesky inverses (float32 draws)
+    assert {(v, t): n for v, t, n in la.val_nll_grid} == pytest.approx(nll, rel=1e-6)
     best = min(nll.values())
     assert nll[(la.var0, la.temperature)] == best and la.tau == 1 / la.var0
     assert len(set(round(v, 9) for v in nll.values())) > 10                # the grid is not flat
