@@ -39,12 +39,13 @@ Sections (``--sections``; run in this order):
 
 Timing: ``--warmup`` steps, then timed steps until ``--steps`` steps or ``--seconds``
 seconds, whichever comes first (``torch.cuda.synchronize()`` around each on CUDA); the
-median step is reported. Full size on one H100 (estimate, 16 CPU cores): env 5 s,
-pipeline 45 s, image 40 s, text 20 s, laplace 40 s, compile 4 x 30-60 s: about 5-6 min
-with imports; ``--budget-s 420`` skips the compile configurations that would start
-after 7 min. Run it with a 540 s timeout. ``--tiny`` shrinks everything (32 px, batch
-8, a 2-layer hidden-32 BERT, 2,000 x 32 features, dynamo with the ``eager`` backend so
-no compiler runs) to check the plumbing on a CPU in seconds.
+median step is reported. Full size on one H100 (an estimate: no GPU has run it yet):
+imports 10 s, pipeline 40 s, image 30 s, text 15 s, laplace 30 s, compile four
+configurations of 30-70 s each (inductor; the first call holds the compile): 5-6 min in
+all. No compile configuration starts after ``--budget-s`` (360 s), so the run ends by
+about 7.5 min; give it ``timeout 480``. ``--tiny`` shrinks everything (16 px, batch 8,
+the ``smoke`` profile's narrow ResNets, a 2-layer hidden-32 BERT, 1,000 x 16 features,
+dynamo with the ``eager`` backend so no compiler runs) to check the plumbing on a CPU.
 """
 
 from __future__ import annotations
@@ -306,7 +307,13 @@ def _image_step(r: Runner, role: str, bf16: bool, cl: bool, compiled: bool):
     return step, batch
 
 
-IMAGE_CONFIGS = (("fp32", False, False), ("bf16+channels_last", True, True))
+#: precision -> (bf16 autocast, channels_last)
+IMAGE_CONFIGS = {"fp32": (False, False), "bf16+channels_last": (True, True)}
+#: The order the image configurations run in, the likeliest to matter first (the compile
+#: section may run out of budget): the loop's own CUDA settings for the student, then
+#: train.predict's fp32 for the teacher.
+IMAGE_ORDER = (("student", "bf16+channels_last"), ("teacher", "fp32"), ("student", "fp32"),
+               ("teacher", "bf16+channels_last"))
 
 
 def role_name(prof, role: str) -> str:
@@ -320,23 +327,22 @@ def image_config(prof, role: str, precision: str, compiled: bool) -> str:
 
 
 def _image_rows(r: Runner, section: str, compiled: bool):
-    for role in ("teacher", "student"):
-        for precision, bf16, cl in IMAGE_CONFIGS:
-            config = image_config(r.sz.image_profile(), role, precision, compiled)
-            if compiled and r.elapsed() > r.args.budget_s:
-                r.t.add(section, config, "skipped", float("nan"), "-",
-                        f"{r.elapsed():.0f} s elapsed, past --budget-s {r.args.budget_s:.0f}")
-                continue
-            with r.guard(section, config):
-                _reset_peak(r.dev)
-                step, n = _image_step(r, role, bf16, cl, compiled)
-                sec, first = r.time(step)
-                r.t.add(section, config, "throughput", n / sec, "images/s",
-                        f"batch {n}, {r.sz.image_size} px, median step {sec * 1e3:.1f} ms")
-                if compiled:
-                    r.t.add(section, config, "compile_s", max(first - sec, 1e-6), "s",
-                            f"first call {first:.1f} s less one step; backend {r.sz.compile_backend}")
-                _add_peak(r.t, r.dev, section, config)
+    for role, precision in IMAGE_ORDER:
+        config = image_config(r.sz.image_profile(), role, precision, compiled)
+        if compiled and r.elapsed() > r.args.budget_s:
+            r.t.add(section, config, "skipped", float("nan"), "-",
+                    f"{r.elapsed():.0f} s elapsed, past --budget-s {r.args.budget_s:.0f}")
+            continue
+        with r.guard(section, config):
+            _reset_peak(r.dev)
+            step, n = _image_step(r, role, *IMAGE_CONFIGS[precision], compiled)
+            sec, first = r.time(step)
+            r.t.add(section, config, "throughput", n / sec, "images/s",
+                    f"batch {n}, {r.sz.image_size} px, median step {sec * 1e3:.1f} ms")
+            if compiled:
+                r.t.add(section, config, "compile_s", max(first - sec, 1e-6), "s",
+                        f"first call {first:.1f} s less one step; backend {r.sz.compile_backend}")
+            _add_peak(r.t, r.dev, section, config)
 
 
 def section_image(r: Runner):
@@ -502,6 +508,8 @@ def section_laplace(r: Runner):
     sub = phi[:sz.lap_subset]
     ours_cov = None
     with r.guard("laplace", f"ours {config}"):
+        # once untimed on a slice: the linear-algebra libraries' first-call set-up
+        fit_exit_laplace(head, phi[:1000], y=y[:1000], prior="exact", tau=TAU).predict(phi[:100], link="mc")
         _reset_peak(dev)
         t0 = _now(dev)
         la = fit_exit_laplace(head, phi, y=y, prior="exact", tau=TAU)
@@ -521,7 +529,11 @@ def section_laplace(r: Runner):
         with torch.no_grad():
             lin.weight.copy_(head.linear.weight.double())
         pt = models.phi_tilde(phi)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pt, y), batch_size=2048)
+        # CPU batches (as notebook 04), cut by a batch sampler rather than row by row;
+        # laplace-torch moves each to the model's device
+        batches = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(n)), 2048, False)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pt.cpu(), y.cpu()),
+                                             batch_size=None, sampler=batches)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = _now(dev)
@@ -529,7 +541,7 @@ def section_laplace(r: Runner):
                                  hessian_structure="kron", prior_precision=TAU, last_layer_name="0")
             lt.fit(loader)
             r.t.add("laplace", f"laplace-torch {config}", "fit_s", _now(dev) - t0, "s",
-                    f"laplace-torch {getattr(laplace, '__version__', '0.3')}, last layer, kron, batch 2048")
+                    f"laplace-torch {getattr(laplace, '__version__', '0.3')}, last layer, kron, CPU batches of 2048")
             gen = torch.Generator(device=dev).manual_seed(2)
             t0 = _now(dev)
             for i in range(0, n, 4096):
@@ -555,10 +567,10 @@ def section_summary(r: Runner):
     t, rows, prof = r.t, [], r.sz.image_profile()
     for role in ("teacher", "student"):
         eager = {p: t.value("image", image_config(prof, role, p, False), "throughput")
-                 for p, *_ in IMAGE_CONFIGS}
+                 for p in IMAGE_CONFIGS}
         rows.append((f"{role_name(prof, role)} bf16+channels_last / fp32", eager["bf16+channels_last"],
                      eager["fp32"], "eager"))
-        for p, *_ in IMAGE_CONFIGS:
+        for p in IMAGE_CONFIGS:
             rows.append((f"{role_name(prof, role)} {p} compiled / eager",
                          t.value("compile", image_config(prof, role, p, True), "throughput"), eager[p], ""))
     size = f"bert h{r.sz.text_hidden} L{r.sz.text_layers} heads{r.sz.text_heads} student train"
@@ -612,7 +624,10 @@ def main(argv=None) -> int:
         ap.error("--warmup and --steps must be >= 1 and --seconds > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = torch.device(resolve_device(args.device))
+    try:
+        dev = torch.device(resolve_device(args.device))
+    except ValueError as exc:  # --device cuda without a GPU
+        ap.error(str(exc))
     table = Table(args.csv)
     runner = Runner(table, dev, TINY if args.tiny else FULL, args)
     print(f"gpu_check on {dev} ({'tiny' if args.tiny else 'full'} sizes), sections "
