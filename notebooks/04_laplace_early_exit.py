@@ -11,6 +11,12 @@
 # %% [markdown]
 # # 04 — A Laplace approximation at the early exit
 #
+# > **Read it executed, without running anything:** the reference run's copy of this
+# > notebook, outputs included, is `results/reference/synthetic-default/executed/04_laplace_early_exit.ipynb`
+# > (image miniature) and `results/reference/synthetic_text-default/executed/04_laplace_early_exit.ipynb`
+# > (text miniature). Run as it stands, this notebook uses the `smoke` profile, whose
+# > numbers mean nothing; the runner passes the real profile.
+#
 # DeDiER trusts the early exit's *MAP* softmax: its confidence margin decides whom to
 # upweight. But a linear readout of early features is typically over-confident. The
 # study replaces the MAP readout by a **last-layer Laplace approximation** of the exit

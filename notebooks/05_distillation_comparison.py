@@ -11,6 +11,12 @@
 # %% [markdown]
 # # 05 — DeDiER vs Laplace-KD: the distillation comparison
 #
+# > **Read it executed, without running anything:** the reference run's copy of this
+# > notebook, outputs included, is `results/reference/synthetic-default/executed/05_distillation_comparison.ipynb`
+# > (image miniature) and `results/reference/synthetic_text-default/executed/05_distillation_comparison.ipynb`
+# > (text miniature). Run as it stands, this notebook uses the `smoke` profile, whose
+# > numbers mean nothing; the runner passes the real profile.
+#
 # In this notebook we will train every method's students over seeds and compare them on
 # test worst-group accuracy, paired per seed. For a given seed every student starts from
 # the same initialisation, sees the data in the same order and distils from the same
