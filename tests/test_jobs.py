@@ -334,3 +334,14 @@ def test_a_control_character_never_reaches_the_sbatch_script(tmp_path, monkeypat
                        else r"(?s)the job folder.*control character"):
         jobs.submit_array(jobs.slurm_executor(opts, jobs.submission_folder(run, "grid")), todo, opts)
     assert not (tmp_path / "sbatch-script.sh").exists()
+
+
+def test_the_runner_refuses_a_partition_with_a_newline_before_any_kernel(tmp_path, monkeypatch, capsys):
+    from fairkd_utils import pipeline
+
+    monkeypatch.setattr(pipeline, "run_notebook", lambda *a, **k: pytest.fail("a kernel was started"))
+    assert pipeline.main(["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--only", "01",
+                          "--executor", "slurm", "--slurm-partition", "gpu\ntouch /tmp/pwned"]) == 1
+    err = capsys.readouterr().err
+    assert "--slurm-partition 'gpu\\ntouch /tmp/pwned' holds the control character(s) '\\n'" in err
+    assert not (tmp_path / "synthetic-smoke").exists()
