@@ -82,8 +82,8 @@ def regime_map(head, phi, y, g, phi_val, y_val, *, beta: float, exit_logits=None
     * ``noise_floor_spearman``: within-wrong Spearman between the weights of two
       independent MC draws of the same fit (NaN for the deterministic probit);
     * ``tau``, ``var0``, ``temperature``; ``factors_s`` (seconds for the subset's
-      factors, shared by the recipes) and ``fit_s`` (the recipe's posterior, its prior
-      choice and predictions).
+      factors and the exact posterior; the recipes share the factors) and ``fit_s``
+      (the recipe's prior choice and predictions).
     """
     if not beta > 0:
         raise ValueError(f"beta must be positive (DeDiER's weight exp(beta cm alpha)), got {beta}")
@@ -110,14 +110,14 @@ def regime_map(head, phi, y, g, phi_val, y_val, *, beta: float, exit_logits=None
     rows = []
     for n_fit, idx in nested_subsets(len(phi), sizes or default_sizes(len(phi)), seed).items():
         t0 = time.perf_counter()
-        factors = fit_on_subset(head, phi, probs, idx, y=y, prior="kron", tau=1.0).factors
+        exact = fit_on_subset(head, phi, probs, idx, y=y)         # tau by marginal likelihood
         factors_s = time.perf_counter() - t0
         for recipe in recipes:
             t0 = time.perf_counter()
             if recipe == "exact":
-                la = ExitLaplace(W, factors)                       # tau by marginal likelihood
-            else:
-                la = ExitLaplace(W, factors, prior="kron", tau=1.0)
+                la = exact
+            else:                                                  # the same factors
+                la = ExitLaplace(W, exact.factors, prior="kron")
                 la.optimize_meronen_val(phi_val, y_val)
             mc = recipe == "meronen" or C > 2
             preds = [la.predict(phi_ev, generator=torch.Generator().manual_seed(s)) for s in (0, 1)[:1 + mc]]

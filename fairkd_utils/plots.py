@@ -750,7 +750,7 @@ def laplace_regime(df: pd.DataFrame, title: str = "When does the exit's Laplace 
     labelled with its parameters per fitted instance; the band from each series' MC
     noise floor (two independent draws of the same fit) up to 1 is where agreement
     cannot be told from Monte-Carlo noise."""
-    sources = _present(REGIME_SOURCES, df["source"]) + sorted(set(df["source"]) - set(REGIME_SOURCES))
+    sources = _present(REGIME_SOURCES, df["source"])
     keys = ["source", "recipe", "score", "n_fit"]
     agg = df.groupby(keys, sort=False)[["params_per_instance", "median_logit_var", "spearman_wrong",
                                         "noise_floor_spearman"]].mean().reset_index()
@@ -769,9 +769,11 @@ def laplace_regime(df: pd.DataFrame, title: str = "When does the exit's Laplace 
                                 linewidth=0, zorder=1)
             ax.plot(s["median_logit_var"], s["spearman_wrong"], marker=marker, ls=ls, color=color,
                     markersize=6, lw=1.5, zorder=3)
+            up = recipe == next(iter(REGIME_RECIPES))     # the recipes' labels above / below
             for x, y, p in zip(s["median_logit_var"], s["spearman_wrong"], s["params_per_instance"]):
-                ax.annotate(f"{p:.2g}", (x, y), xytext=(4, 4), textcoords="offset points",
-                            fontsize=6.5, color="#333333", zorder=4)
+                ax.annotate(f"{p:.2g}", (x, y), xytext=(-3, 5) if up else (3, -6),
+                            textcoords="offset points", ha="right" if up else "left",
+                            va="bottom" if up else "top", fontsize=6.5, color="#333333", zorder=4)
         ax.set_xscale("log")
         ax.axhline(0, color="#888888", lw=0.8, zorder=0)
         ax.set_title(source)
