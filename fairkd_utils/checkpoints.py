@@ -117,7 +117,7 @@ def _hash_tensor(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         t = t.float()
-    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(t.numpy().reshape(-1).view(np.uint8)).hexdigest()[:16]  # no copy
 
 
 def _plain(obj):
@@ -158,15 +158,17 @@ def describe_objective(objective) -> dict:
 
 
 def describe_data(ds) -> dict:
-    """Identity of a split: name, size, labels, groups, and a sample of its pixels
-    (in memory) or every file's path, size and modification time (lazy)."""
+    """Identity of a split: name, size, labels, groups, and every value of its ``x``
+    (in memory: every token of a text split, every pixel of an image split) or every
+    file's path, size and modification time (lazy). Hashing all of ``x`` costs 0.4-1 s
+    per 400 MB (a 200k x 2 x 128 token split, 2-core CPU; the default synthetic_text
+    splits take milliseconds), so nothing is sampled: an edited pair retrains."""
     d = {"name": getattr(ds, "name", None), "split": getattr(ds, "split", None), "n": len(ds),
          "y": _plain(ds.y), "a": _plain(ds.a),
          "ids": hashlib.sha256("\n".join(map(str, ds.ids)).encode()).hexdigest()[:16],
          "image_size": getattr(ds, "image_size", None), "augment": getattr(ds, "augment", None)}
     if getattr(ds, "x", None) is not None:
-        step = max(1, len(ds) // 64)
-        d["x_sample"] = _plain(ds.x[::step])
+        d["x"] = _plain(ds.x)
     elif getattr(ds, "paths", None) is not None:  # regenerated images change it (os.stat only)
         files = hashlib.sha256()
         for p in ds.paths:

@@ -8,7 +8,8 @@ the token type ids (0 for ``[CLS]``, the premise and its ``[SEP]``; 1 for the
 hypothesis and its ``[SEP]``; 0 on padding). Padding is the tokenizer's pad id -- 0
 for BERT and for the miniature -- and the attention mask is ``input_ids != pad`` (the
 models of :mod:`.text_models` read the pad id from their config); each dataset
-carries its ``pad_id``. Three classes, two attribute values, six groups ``g = 2*y + a``:
+carries its ``pad_id`` and its ``vocab_size`` (ids are ``0 .. vocab_size - 1``). Three
+classes, two attribute values, six groups ``g = 2*y + a``:
 
 * **labels** ``y``, group_DRO's MultiNLI convention (kohpangwei/group_DRO,
   ``data/multinli_dataset.py`` docstring and ``dataset_scripts/generate_multinli.py``,
@@ -21,7 +22,8 @@ carries its ``pad_id``. Three classes, two attribute values, six groups ``g = 2*
   i.e. ``g = 2*y + a``, named :data:`MULTINLI_GROUP_NAMES`.
 
 Pieces: :func:`negation_attribute`; :func:`read_multinli` (a local folder, layouts in
-:data:`MULTINLI_LAYOUT`) and :func:`tokenize_pairs`. The tokenizer is passed in (e.g.
+:data:`MULTINLI_LAYOUT`; no line or text field longer than :data:`MAX_TEXT_CHARS`) and
+:func:`tokenize_pairs`. The tokenizer is passed in (e.g.
 ``text_models.load_tokenizer``); this module never imports ``transformers``.
 """
 
@@ -31,7 +33,7 @@ import csv
 import json
 import string
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,7 +42,8 @@ import torch
 from .data import SPLITS, GroupDataset, _parse_split, _read_csv, _require_columns, _subsample
 
 __all__ = ["MULTINLI_LABELS", "NEGATION_WORDS", "MULTINLI_GROUP_NAMES", "MULTINLI_COUNTS",
-           "MULTINLI_LAYOUT", "negation_attribute", "read_multinli", "tokenize_pairs"]
+           "MULTINLI_LAYOUT", "MAX_TEXT_CHARS", "negation_attribute", "read_multinli",
+           "tokenize_pairs"]
 
 # --------------------------------------------------------------------------- conventions
 
@@ -84,7 +87,14 @@ MULTINLI_LAYOUT = """expected layout, one of
   ROOT/[multinli_1.0/]multinli_1.0_dev_matched.jsonl
   ROOT/[multinli_1.0/]multinli_1.0_dev_mismatched.jsonl
       metadata row i is line i of these three files read in this order (train, dev
-      matched, dev mismatched; '-' lines counted, then left out by the metadata)"""
+      matched, dev mismatched; '-' lines counted, then left out by the metadata)
+every line and every text field at most 100,000 characters"""
+
+#: The longest line, and the longest text field, any MultiNLI file may hold (characters):
+#: far beyond any sentence pair, so a longer one is a damaged file (an unclosed quote, a
+#: lost line break). Lines are checked as they are read, before a huge one is parsed or
+#: tokenised (one 10 MB line otherwise costs gigabytes).
+MAX_TEXT_CHARS = 100_000
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _NEGATION_SET = frozenset(NEGATION_WORDS)
@@ -147,11 +157,14 @@ def read_multinli(root, tokenizer, max_length: int = 128, *, scale: float = 1.0,
     Hugging Face tokenizer, e.g. ``text_models.load_tokenizer``) as ``(premise, hypothesis)``,
     truncated to ``max_length`` tokens and padded to the split's longest pair, into the
     ``(N, 2, L)`` layout of this module. Each dataset keeps its text as ``ds.texts``
-    (premise, hypothesis) and its pad id as ``ds.pad_id``.
+    (premise, hypothesis), its pad id as ``ds.pad_id`` and the tokenizer's vocabulary
+    size (``len(tokenizer)``, what a model built for these ids needs) as ``ds.vocab_size``.
 
     Checks, each failure naming the file and the fix: the folder and files exist, the
-    columns are there, the file is UTF-8 and parses, every label is known, no
-    ``(premise, hypothesis)`` pair is repeated within a split or shared between splits
+    columns are there, the file is UTF-8 and parses, no line or text field is longer
+    than :data:`MAX_TEXT_CHARS`, every label is known, no ``(premise, hypothesis)`` pair
+    is repeated within a split or shared between splits -- compared as the tokenizer
+    reads them, so copies differing only in case or spacing are copies
     (``duplicates="drop"`` instead keeps each pair's first occurrence, in the order
     train, val, test), and every split holds every one of the six groups.
     ``scale`` < 1 keeps that fraction of every group (each >= 1), chosen by ``seed``.
@@ -181,7 +194,7 @@ def read_multinli(root, tokenizer, max_length: int = 128, *, scale: float = 1.0,
             f"no MultiNLI data in {str(root)!r}: neither {str(root / 'multinli.csv')!r} (or "
             f".tsv) nor {str(root / metadata)!r} exists\n{MULTINLI_LAYOUT}")
     frame = _labels_and_attribute(frame, source)
-    frame = _check_duplicates(frame, source, duplicates)
+    frame = _check_duplicates(frame, source, duplicates, tokenizer)
     _check_text_groups(frame, source)
     kept = {split: frame[frame["split"] == split] for split in SPLITS}
     if scale < 1:
@@ -198,6 +211,7 @@ def read_multinli(root, tokenizer, max_length: int = 128, *, scale: float = 1.0,
                           group_names=MULTINLI_GROUP_NAMES, ids=m["id"].astype(str).tolist(), x=x)
         ds.texts = m[["premise", "hypothesis"]].reset_index(drop=True)
         ds.pad_id = int(pad_id)
+        ds.vocab_size = len(tokenizer)
         out[split] = ds
     return out
 
@@ -218,8 +232,35 @@ def tokenize_pairs(tokenizer, premises: Sequence[str], hypotheses: Sequence[str]
     return torch.stack([ids, types], dim=1).contiguous()
 
 
+def _bounded_lines(fh, path: Path) -> Iterator[str]:
+    """The lines of the open text file ``fh``, each refused (naming the file and the
+    line) when longer than :data:`MAX_TEXT_CHARS`; at most that many characters of a
+    line are read before the check, so a huge line never sits in memory whole."""
+    n = 0
+    while line := fh.readline(MAX_TEXT_CHARS + 3):
+        n += 1
+        if len(line.rstrip("\r\n")) > MAX_TEXT_CHARS:
+            raise ValueError(f"{str(path)!r} line {n} is longer than {MAX_TEXT_CHARS:,} characters; "
+                             f"no sentence pair is that long: the file is damaged there (an "
+                             f"unclosed quote or a lost line break?) -- repair or remove that "
+                             f"line\n{MULTINLI_LAYOUT}")
+        yield line
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                      f"save it with UTF-8 encoding (MultiNLI's own files are)\n{MULTINLI_LAYOUT}")
+
+
 def _read_text_csv(path: Path, **kwargs) -> pd.DataFrame:
-    """``data._read_csv`` for text: every field a string (no 'NA' -> NaN)."""
+    """``data._read_csv`` for text: every field a string (no 'NA' -> NaN), every line
+    checked against :data:`MAX_TEXT_CHARS` first."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            for _ in _bounded_lines(fh, path):
+                pass
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
     return _read_csv(path, MULTINLI_LAYOUT, what="sentence pair", dtype=str,
                      keep_default_na=False, na_filter=False, **kwargs)
 
@@ -231,6 +272,11 @@ def _read_table_layout(path: Path) -> pd.DataFrame:
     if len(df) == 0:
         raise ValueError(f"{str(path)!r} lists no sentence pairs\n{MULTINLI_LAYOUT}")
     lines = np.arange(len(df)) + 2
+    longest = np.max([df[c].str.len().to_numpy() for c in df.columns], axis=0)
+    if (longest > MAX_TEXT_CHARS).any():                 # a quoted field over several lines
+        raise ValueError(f"{str(path)!r}: the row near line {lines[np.argmax(longest > MAX_TEXT_CHARS)]} "
+                         f"has a field longer than {MAX_TEXT_CHARS:,} characters; no sentence "
+                         f"pair is that long: an unclosed quote? repair that row\n{MULTINLI_LAYOUT}")
     id_col = next((c for c in ("id", "pairID") if c in df.columns), None)
     ids = df[id_col].astype(str) if id_col else pd.Series([f"line {n}" for n in lines])
     return pd.DataFrame({
@@ -308,7 +354,7 @@ def _read_jsonl(path: Path) -> list[tuple]:
     rows = []
     try:
         with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
+            for n, line in enumerate(_bounded_lines(fh, path), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -330,7 +376,7 @@ def _read_mnli_txt(path: Path) -> list[tuple]:
     rows = []
     try:
         with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            reader = csv.reader(_bounded_lines(fh, path), delimiter="\t", quoting=csv.QUOTE_NONE)
             header = next(reader, None)
             need = ("gold_label", "sentence1", "sentence2")
             if header is None or any(c not in header for c in need):
@@ -344,6 +390,10 @@ def _read_mnli_txt(path: Path) -> list[tuple]:
                 pid = r[col["pairID"]] if "pairID" in col and len(r) > col["pairID"] else f"{path.name}:{n}"
                 rows.append((r[col["gold_label"]], r[col["sentence1"]], r[col["sentence2"]], pid,
                              f"{path.name} line {n}"))
+    except csv.Error as exc:                              # e.g. a field over csv's own limit
+        raise ValueError(f"{str(path)!r} line {reader.line_num} cannot be read as tab-separated "
+                         f"fields ({exc}); use the unmodified MultiNLI 1.0 file\n"
+                         f"{MULTINLI_LAYOUT}") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
                          f"use the unmodified MultiNLI 1.0 file\n{MULTINLI_LAYOUT}") from None
@@ -369,10 +419,15 @@ def _labels_and_attribute(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def _check_duplicates(frame: pd.DataFrame, source: Path, mode: str) -> pd.DataFrame:
+def _check_duplicates(frame: pd.DataFrame, source: Path, mode: str, tokenizer) -> pd.DataFrame:
     """No (premise, hypothesis) pair twice in a split (it would count twice) or in two
-    splits (leakage); compared after stripping outer whitespace."""
-    key = frame["premise"].str.strip() + "\x00" + frame["hypothesis"].str.strip()
+    splits (leakage); compared as the model reads them, by the token ids of premise and
+    hypothesis (whole, not truncated) under ``tokenizer``: copies that differ only in what
+    the tokenizer normalises away (case and accents for an uncased one, spacing) are
+    the same pair."""
+    key = pd.Series([" ".join(map(str, p)) + "|" + " ".join(map(str, h)) for p, h in zip(
+        *(_token_ids(tokenizer, frame[c].tolist()) for c in ("premise", "hypothesis")))],
+        index=frame.index)
     order = frame["split"].map({s: i for i, s in enumerate(SPLITS)})
     if mode == "drop":
         # keep the first occurrence in split order (train, val, test), then file order
@@ -388,13 +443,19 @@ def _check_duplicates(frame: pd.DataFrame, source: Path, mode: str) -> pd.DataFr
     if leaks:
         raise ValueError(
             f"{str(source)!r}: {len(leaks)} (premise, hypothesis) pair(s) occur in more than one "
-            f"split, which leaks evaluation data into training, e.g.\n  {shown}\nremove the copies "
+            f"split (compared as the tokenizer reads them: case and spacing may differ), which leaks evaluation data into training, e.g.\n  {shown}\nremove the copies "
             f"(or pass duplicates='drop' to keep each pair's first occurrence in the order train, "
             f"val, test)\n{MULTINLI_LAYOUT}")
     raise ValueError(
         f"{str(source)!r}: {len(groups)} (premise, hypothesis) pair(s) occur more than once within a "
-        f"split, so they would count twice, e.g.\n  {shown}\nremove the repeats (or pass "
+        f"split (compared as the tokenizer reads them: case and spacing may differ), so they would count twice, e.g.\n  {shown}\nremove the repeats (or pass "
         f"duplicates='drop' to keep the first)\n{MULTINLI_LAYOUT}")
+
+
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, no special tokens, no truncation (at most
+    :data:`MAX_TEXT_CHARS` characters each, as read)."""
+    return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
 
 def _check_text_groups(frame: pd.DataFrame, source: Path) -> None:

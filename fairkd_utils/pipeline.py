@@ -515,6 +515,10 @@ def run(args) -> Path:
                              "downloaded; see README, 'MultiNLI with BERT')")
         if path and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"--{role}-model {path}: no such file or folder")
+    if args.dataset in ("synthetic_text", "multinli"):  # both model folders, before any kernel
+        from .text_models import check_model_folders
+        check_model_folders(profile, args.dataset, getattr(args, "teacher_model", None),
+                            getattr(args, "student_model", None))
     seeds = check_seeds(args.seeds or profile.seeds)
     if (getattr(args, "sweep", False) or profile.sweep) and len(seeds) < 2:
         raise ValueError(f"the sweep averages over at least two seeds, got {seeds}: give "

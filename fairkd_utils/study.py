@@ -147,7 +147,7 @@ def _bert_config(run: Run, ds, role: str):
     p = run.profile
     k = 0 if role == "teacher" else 1
     widths, blocks = (p.teacher_widths, p.teacher_blocks) if k == 0 else (p.student_widths, p.student_blocks)
-    return text_models.bert_config(len(ds.vocab), hidden_size=widths[0], num_layers=blocks[0],
+    return text_models.bert_config(ds.vocab_size, hidden_size=widths[0], num_layers=blocks[0],
                                    num_heads=p.attention_heads[k], max_length=p.max_length,
                                    pad_token_id=ds.pad_id)
 

@@ -224,6 +224,7 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
     ds = GroupDataset(name, split, torch.from_numpy(y), torch.from_numpy(a), n_classes=3,
                       n_attrs=2, group_names=MULTINLI_GROUP_NAMES, ids=ids, x=torch.from_numpy(x))
     ds.vocab = vocab.tokens()
+    ds.vocab_size = vocab.size
     ds.pad_id = PAD
     return ds
 

@@ -6,7 +6,7 @@ They read the ``(N, 2, L)`` layout of :mod:`.multinli` (input ids, token type id
 Pieces: :class:`TextTeacher`, :class:`TextEarlyExitStudent`; :func:`bert_config`,
 :func:`build_text_teacher`, :func:`build_text_student` (tiny encoders from code);
 :func:`load_tokenizer`, :func:`load_text_teacher`, :func:`load_text_student` (local
-folders).
+folders) and :func:`check_model_folders` (the runner's check of those folders).
 
 ``transformers`` is imported inside the functions that need it (the optional extra
 ``text``): importing this module works without it, and the image study never needs it.
@@ -14,6 +14,7 @@ folders).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from torch import nn
 from .models import ExitHead, StudentOutput, _seeded
 
 __all__ = ["TextTeacher", "TextEarlyExitStudent", "bert_config", "build_text_teacher",
-           "build_text_student", "load_tokenizer", "load_text_teacher", "load_text_student"]
+           "build_text_student", "load_tokenizer", "load_text_teacher", "load_text_student",
+           "check_model_folders"]
 
 
 def _encoder_inputs(encoder: nn.Module, x: torch.Tensor, pad_id: int) -> dict:
@@ -194,13 +196,79 @@ def _model_dir(path, what: str) -> Path:
     return p
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "spiece.model")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+
+
+def _tokenizer_dir(path) -> Path:
+    p = _model_dir(path, "tokenizer")
+    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"{str(p)!r} is not a tokenizer folder: none of {list(_TOKENIZER_FILES)} "
+                         f"is there; {_LOCAL_ONLY}")
+    return p
+
+
+def _encoder_dir(path, what: str) -> Path:
+    p = _model_dir(path, what)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{str(p)!r} is not a Hugging Face model folder (no config.json); "
+                         f"{_LOCAL_ONLY}")
+    return p
+
+
+def check_model_folders(profile, dataset: str, teacher_model=None, student_model=None) -> None:
+    """The runner's check of a text run's local Hugging Face folders, before any kernel
+    starts: a teacher or student of arch ``"hf"`` needs its folder with ``config.json``
+    and weights, and a student's encoder must have the layer its exit reads
+    (``profile.exit_stage``); MultiNLI is tokenised with the teacher folder's tokenizer,
+    whatever the archs. The problems of both folders are reported together, in one
+    ValueError; reading the folders' files is all it does (no ``transformers``)."""
+    problems = []
+    for role, arch, path in (("teacher", profile.teacher_arch, teacher_model),
+                             ("student", profile.student_arch, student_model)):
+        if arch != "hf":
+            continue
+        if not path:
+            problems.append(f"--profile {profile.name} loads the {role} from a local Hugging Face "
+                            f"folder: pass --{role}-model DIR")
+            continue
+        try:
+            p = _encoder_dir(path, f"--{role}-model")
+            if not any((p / f).is_file() for f in _WEIGHT_FILES):
+                raise ValueError(f"{str(p)!r} holds no weights (none of {list(_WEIGHT_FILES)}); "
+                                 f"{_LOCAL_ONLY}")
+            if role == "student":
+                _check_exit_layer(p / "config.json", profile.exit_stage)
+        except (OSError, ValueError) as exc:
+            problems.append(f"--{role}-model: {exc}")
+    if dataset == "multinli":
+        try:
+            if not teacher_model:
+                raise ValueError("--dataset multinli is tokenised with the teacher folder's "
+                                 "tokenizer: pass --teacher-model DIR")
+            _tokenizer_dir(teacher_model)
+        except (OSError, ValueError) as exc:
+            problems.append(f"--teacher-model (the tokenizer): {exc}")
+    if problems:
+        raise ValueError("the text run's model folders cannot be used:\n  " + "\n  ".join(problems))
+
+
+def _check_exit_layer(config_path: Path, exit_layer: int) -> None:
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(config_path)!r} is not a JSON config ({exc})") from None
+    layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    if isinstance(layers, int) and not 1 <= exit_layer <= layers:
+        raise ValueError(f"the profile's exit_stage={exit_layer} but {str(config_path)!r} has "
+                         f"layers 1..{layers}; set exit_stage in that range (--set exit_stage=K)")
+
+
 def load_tokenizer(path):
     """The tokenizer saved in a local folder (``AutoTokenizer``, ``local_files_only``)."""
-    p = _model_dir(path, "tokenizer")
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
-    if not any((p / f).is_file() for f in files):
-        raise ValueError(f"{str(p)!r} is not a tokenizer folder: none of {list(files)} is there; "
-                         f"{_LOCAL_ONLY}")
+    p = _tokenizer_dir(path)
     from transformers import AutoTokenizer
 
     try:
@@ -211,10 +279,7 @@ def load_tokenizer(path):
 
 
 def _load_encoder(path, what: str, dropout: float | None = None):
-    p = _model_dir(path, what)
-    if not (p / "config.json").is_file():
-        raise ValueError(f"{str(p)!r} is not a Hugging Face model folder (no config.json); "
-                         f"{_LOCAL_ONLY}")
+    p = _encoder_dir(path, what)
     from transformers import AutoModel
 
     kwargs = {}

@@ -22,11 +22,12 @@ from fairkd_utils import multinli, synthetic_text, text_models
 from fairkd_utils.exit_laplace import ExitLaplace, KronFactors, fit_exit_laplace, phi_tilde
 from fairkd_utils.models import ExitHead, StudentOutput
 
-torch.set_num_threads(2)
+from fakes import NEG_HYPS, POS_HYPS, make_fake_tokenizer_folder
+from fakes import TEXT_COUNTS as FAKE_COUNTS
+from fakes import fake_multinli_rows as fake_rows
+from fakes import write_multinli_table as write_table
 
-WORDS = ("the a cat dog sat on mat is was here there i know it you they we man woman "
-         "park ran walked big small red blue not no never nothing nobody someone always "
-         "sleeps eats food house car , . ' s ! ?").split()
+torch.set_num_threads(2)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -34,15 +35,9 @@ WORDS = ("the a cat dog sat on mat is was here there i know it you they we man w
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    """A BERT WordPiece tokenizer over ~50 made-up words, saved with save_pretrained."""
-    transformers = pytest.importorskip("transformers")
-    d = tmp_path_factory.mktemp("tok")
-    vocab = d / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-    out = d / "saved"
-    tok.save_pretrained(out)
-    return out
+    """A BERT WordPiece tokenizer over ~70 made-up words, saved with save_pretrained."""
+    pytest.importorskip("transformers")
+    return make_fake_tokenizer_folder(tmp_path_factory.mktemp("tok") / "saved")
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +46,8 @@ def tokenizer(tokenizer_dir):
 
 
 def tiny_cfg(vocab_size=60, hidden=16, layers=3, heads=2, max_length=40, dropout=0.0):
-    return text_models.bert_config(vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                            max_length=max_length, dropout=dropout)
+    return text_models.bert_config(vocab_size, hidden_size=hidden, num_layers=layers,
+                                   num_heads=heads, max_length=max_length, dropout=dropout)
 
 
 # --------------------------------------------------------------------------- negation
@@ -85,37 +80,6 @@ def test_negation_attribute_is_group_dros_word_test_after_deleting_punctuation()
 
 
 # --------------------------------------------------------------------------- reading MultiNLI
-
-# odd group counts per split, index g = 2*y + a (contradiction, entailment, neutral)
-FAKE_COUNTS = {"train": (7, 5, 9, 1, 8, 3), "val": (3, 1, 2, 1, 4, 1), "test": (5, 3, 4, 2, 3, 1)}
-NEG_HYPS = ["nobody sat on the mat .", "No, the dog is not here", "they NEVER ran",
-            "nothing is there !"]
-POS_HYPS = ["i know the dog .", "nothing's there", "the cat is here", "a big red car"]
-
-
-def fake_rows(counts=FAKE_COUNTS, seed=0):
-    """One row per pair, unique premises, shuffled; labels written as text with odd case."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for split, cs in counts.items():
-        for g, c in enumerate(cs):
-            y, a = divmod(g, 2)
-            for i in range(c):
-                hyp = (NEG_HYPS if a else POS_HYPS)[i % 4]
-                label = multinli.MULTINLI_LABELS[y]
-                rows.append({"pairID": f"{split}-{g}-{i}", "premise": f"the man walked {split} {g} {i}",
-                             "hypothesis": hyp, "gold_label": label.upper() if i % 2 else label,
-                             "split": split if i % 3 else {"train": 0, "val": 1, "test": 2}[split],
-                             "y": y, "a": a})
-    df = pd.DataFrame(rows)
-    return df.iloc[rng.permutation(len(df))].reset_index(drop=True)
-
-
-def write_table(root, df, name="multinli.csv", **kw):
-    root.mkdir(parents=True, exist_ok=True)
-    cols = [c for c in df.columns if c not in ("y", "a")]
-    df[cols].to_csv(root / name, index=False, sep="\t" if name.endswith(".tsv") else ",", **kw)
-    return root
 
 
 def test_read_multinli_table_gives_labels_attribute_groups_and_tokens(tmp_path, tokenizer):
