@@ -380,8 +380,44 @@ def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progres
             f"notebook {src.name} failed in cell {cell}: "
             f"{type(err).__name__}: {err}\nthe partly executed notebook is {failed}"
         ) from None
+    clean_executed(running)
     os.replace(running, out_path)
     failed.unlink(missing_ok=True)
+
+
+def clean_executed(path: Path) -> None:
+    """Drop the progress-bar redraws (stderr stream outputs that carry a carriage
+    return) from an executed notebook, so that it reads as results; the bars are
+    for a person watching the run, and the run's log keeps one line per epoch."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (
+                o.get("output_type") == "stream" and o.get("name") == "stderr" and "\r" in o.get("text", ""))]
+    records.write_text(path, nbformat.writes(nb))
+
+
+#: What ``--reference`` copies from a finished run into ``results/reference/<run>/``.
+REFERENCE_FILES = ("summary.csv", "manifest.json", "sweep/sweep.csv")
+
+
+def write_reference(run_dir: Path, notebooks: list[Path], reference_root: Path = REPO_ROOT / "results" / "reference") -> Path:
+    """Make the finished run ``run_dir`` its configuration's committed reference:
+    copy :data:`REFERENCE_FILES` (those present) and the executed notebooks of
+    ``notebooks`` into ``<reference_root>/<run name>/`` (``executed/NN_name.ipynb``),
+    each written atomically. Files of the reference this run does not make are
+    left as they are (e.g. a calibration table made by its bench)."""
+    ref = Path(reference_root) / Path(run_dir).name
+    for rel in REFERENCE_FILES:
+        src = Path(run_dir) / rel
+        if src.exists():
+            records.write_bytes(ref / Path(rel).name, src.read_bytes())
+    for nb in notebooks:
+        src = Path(run_dir) / "executed" / f"{nb.stem}.ipynb"
+        records.write_bytes(ref / "executed" / src.name, src.read_bytes())
+    return ref
 
 
 def _running_cell(out_path: Path) -> str:
@@ -524,6 +560,9 @@ def run(args) -> Path:
         raise ValueError(f"the sweep averages over at least two seeds, got {seeds}: give "
                          "--seeds with two or more, or leave --sweep out")
     check_hparams_file(args, profile)
+    if getattr(args, "reference", False) and (args.only or not _default_out(args)):
+        raise ValueError("--reference makes the committed reference of a whole run: leave out "
+                         "--only and --out")
     retrain = check_retrain(getattr(args, "retrain", None))
     known = discover_notebooks(NOTEBOOKS_DIR)
     notebooks = select_notebooks(known, args.only)
@@ -612,6 +651,8 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
         manifest["total_seconds"] = round(time.perf_counter() - total, 2)
     manifest["training"] = training_times(run_dir)
     records.write_json(manifest_path, manifest)
+    if getattr(args, "reference", False):
+        say(f"reference written: {write_reference(run_dir, notebooks)}")
     say(f"all done in {time.perf_counter() - total:.1f} s -> {run_dir} (figures: {figures_dir}, "
         f"log: {log_path})")
     return run_dir
@@ -666,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hparams", default=None, metavar="FILE",
                    help="chosen hyper-parameters (default: fairkd_utils/hparams.json's entry "
                         "for <dataset>-<profile>)")
+    p.add_argument("--reference", action="store_true",
+                   help="when the whole run succeeds, copy its summary, manifest, sweep table and "
+                        "executed notebooks into results/reference/<run>/ (how the committed "
+                        "references are made; needs the default --out and every notebook)")
     p.add_argument("--retrain", nargs="*", default=None, metavar="PREFIX",
                    help="retrain checkpoints instead of reusing them: all of them, or those whose "
                         "name starts with a PREFIX (teacher, warmup, student-kd, ...)")

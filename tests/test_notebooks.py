@@ -99,3 +99,87 @@ def test_the_executor_flags_reach_only_notebook_05_checked_before_any_kernel(tmp
         assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "01", *argv]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "synthetic-smoke").exists()
+
+
+# ------------------------------------------------------------ the reference, readable without running
+REFERENCE = pipeline.REPO_ROOT / "results" / "reference"
+EXECUTED = sorted(REFERENCE.glob("*/executed/*.ipynb"))
+
+
+def _sources(nb, kind):
+    """The sources of a notebook's cells of ``kind``, without papermill's injected cell."""
+    return [c.source.strip() for c in nb.cells if c.cell_type == kind
+            and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+
+
+def test_every_reference_run_commits_its_executed_notebooks():
+    runs = sorted(p.parent for p in REFERENCE.glob("*/summary.csv"))
+    assert runs
+    for run in runs:
+        assert sorted(p.stem for p in (run / "executed").glob("*.ipynb")) == [p.stem for p in NOTEBOOKS], run.name
+        size = sum(p.stat().st_size for p in (run / "executed").glob("*.ipynb"))
+        assert size < 8e6, f"{run.name}: executed notebooks take {size / 1e6:.1f} MB (limit 8 MB)"
+
+
+@pytest.mark.parametrize("path", EXECUTED, ids=lambda p: f"{p.parents[1].name}/{p.stem}")
+def test_a_committed_executed_notebook_is_its_py_run(path):
+    """A reader never sees a stale copy: the executed reference holds exactly the
+    cells of ``notebooks/NN_name.py``, and outputs that read cleanly."""
+    import nbformat
+
+    executed = nbformat.read(str(path), as_version=4)
+    source = jupytext.read(pipeline.NOTEBOOKS_DIR / f"{path.stem}.py")
+    for kind in ("code", "markdown"):
+        assert _sources(executed, kind) == _sources(source, kind), \
+            f"{path} is stale: rerun `make reproduce` with --reference (see README)"
+    for cell in executed.cells:
+        for out in cell.get("outputs", []):
+            assert out.get("output_type") != "error", f"{path}: a cell failed"
+            text = out.get("text", "") if out.get("output_type") == "stream" else ""
+            assert "\r" not in text, f"{path}: a progress-bar fragment"
+            assert "Warning" not in text, f"{path}: a library warning: {text[:200]}"
+
+
+def test_clean_executed_drops_progress_bars_only(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="\rbar:  50%|#####     | 1/2"),
+        nbformat.v4.new_output("stream", name="stdout", text="result\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="a real message\n")])])
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, str(path))
+    pipeline.clean_executed(path)
+    kept = nbformat.read(str(path), as_version=4).cells[0].outputs
+    assert [o["text"] for o in kept] == ["result\n", "a real message\n"]
+
+
+def test_write_reference_copies_the_tables_and_executed_notebooks(tmp_path):
+    run_dir = tmp_path / "results" / "synthetic-default"
+    for rel in ("summary.csv", "manifest.json", "sweep/sweep.csv", "metrics.csv",
+                "executed/01_data_and_groups.ipynb", "executed/02_teacher.ipynb"):
+        (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / rel).write_text(rel)
+    ref = pipeline.write_reference(run_dir, NOTEBOOKS[:2], reference_root=tmp_path / "reference")
+    assert ref == tmp_path / "reference" / "synthetic-default"
+    assert sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file()) == [
+        "executed/01_data_and_groups.ipynb", "executed/02_teacher.ipynb", "manifest.json",
+        "summary.csv", "sweep.csv"]
+    assert (ref / "sweep.csv").read_text() == "sweep/sweep.csv"
+
+
+def test_reference_needs_a_whole_run_in_the_default_out(tmp_path):
+    for extra in (["--only", "05"], ["--out", str(tmp_path)]):
+        args = pipeline.build_parser().parse_args(["--profile", "smoke", "--reference", *extra])
+        with pytest.raises(ValueError, match="--reference"):
+            pipeline.run(args)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_a_notebook_has_at_least_as_much_prose_as_code(path):
+    """Notebooks teach: non-blank markdown lines >= non-blank, non-comment code lines."""
+    nb = jupytext.read(path)
+    md = sum(1 for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines() if line.strip())
+    code = sum(1 for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
+               if line.strip() and not line.strip().startswith("#"))
+    assert md >= code, f"{path.name}: {md} markdown lines for {code} code lines"
