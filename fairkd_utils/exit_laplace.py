@@ -760,6 +760,9 @@ def fit_exit_laplace(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | N
     the shared-draw MC-50 by default.
     """
     if prior == "meronen":
+        if tau is not None:
+            raise ValueError("prior='meronen' chooses tau = 1/var0 on validation data; to fix it, "
+                             "use prior='kron' with tau=... and ExitLaplace.set_meronen(var0, T).")
         if phi_val is None or y_val is None:
             raise ValueError("prior='meronen' chooses var0 and the temperature on validation "
                              "data: pass phi_val=... and y_val=....")

@@ -399,6 +399,8 @@ def test_meronen_temperature_enters_the_two_class_probit_and_the_errors_are_clea
     torch.testing.assert_close(la.predict(phi[:10], link="probit").probs[:, 1], p1, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="phi_val"):
         fit_exit_laplace(ExitHead(4, 2).to(DT), phi, prior="meronen")
+    with pytest.raises(ValueError, match="set_meronen"):
+        fit_exit_laplace(ExitHead(4, 2).to(DT), phi, prior="meronen", tau=1.0, phi_val=phi, y_val=y)
     with pytest.raises(ValueError, match="kron form"):
         ExitLaplace(model[1].weight, la.factors, tau=1.0).set_meronen(1.0, 1.0)
     with pytest.raises(ValueError, match="positive"):
