@@ -5,9 +5,10 @@ Student loss over a batch, per instance i::
 
     L = mean_i[(1-lam) * w_ce_i * CE(s_i, y_i) + lam * w_kd_i * T^2 * KL(softmax(t_i/T) || softmax(s_i/T))]
 
-Weights never carry gradient, start after the same warm-up (unit weights) for
-every reweighting method and are normalised to mean 1 over the batch by
-default (one switch, ``MethodConfig.normalise``, the same for every method).
+Weights never carry gradient, start after the same warm-up (epochs 0 ..
+warmup_epochs-1, counted from 0 as the loop passes them, use unit weights) for every
+reweighting method and are normalised to mean 1 over the batch by default
+(``MethodConfig.normalise``, the same for every method).
 
 The pure functions come first, then ``MethodConfig`` with ``DEFAULT_HPARAMS``, then
 one table, :data:`WEIGHTS`, from a method's weight source
@@ -15,9 +16,6 @@ one table, :data:`WEIGHTS`, from a method's weight source
 :func:`instance_weight` for training and for the figures alike (Laplace-KD's source
 is stateful: :class:`LaplaceSource`); last the one training :class:`Objective` and its
 factories ``make_objective`` and ``warmup_objective``.
-
-Epochs are counted from 0 as the loop passes them: epochs
-``0 .. warmup_epochs-1`` use unit weights.
 """
 
 from __future__ import annotations
@@ -31,8 +29,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 from torch import Tensor
 
+from . import metrics
 from .exit_laplace import ExitLaplace, KronFactors
 from .models import phi_tilde
 from .profiles import (ALPHAS, LAPLACE_SCORES, METHOD_SPECS, METHODS, PRIORS,
@@ -89,9 +89,8 @@ def laplace_score(pred: Any, y: Tensor, score: str = "margin", alpha: str = "wro
     * ``margin``: ``u = cm * alpha`` with the predictive's margin and
       correctness, exactly DeDiER's form with the Laplace predictive in place
       of the MAP softmax (``alpha`` as in ``dedier_weight``).
-    * ``entropy``: ``u = H(p) / log C``, the predictive entropy as a fraction of
-      its maximum: an absolute scale (0 = certain, 1 = uniform) that needs no
-      reference and is comparable across C.
+    * ``entropy``: ``u = H(p) / log C``, the predictive entropy as a fraction of its
+      maximum (0 = certain, 1 = uniform): needs no reference, comparable across C.
     * ``variance``: ``u = v / (v + v_ref)`` with ``v`` the variance of the top-2 logit
       difference and ``v_ref`` the batch's mean variance: scale-free (the variance has no
       maximum and shrinks like 1/N_train, so a fixed map would make ``beta`` mean
@@ -189,8 +188,6 @@ def student_loss(logits: Tensor, y: Tensor, teacher_logits: Tensor | None = None
 
 def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman's rank correlation (average ranks for ties); NaN if either is constant."""
-    from scipy.stats import spearmanr
-
     a, b = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
     if a.std() == 0 or b.std() == 0:
         return float("nan")
@@ -204,19 +201,16 @@ def spearman(a: Tensor, b: Tensor) -> float:
 class MethodConfig:
     """One method's hyper-parameters (README, "The maths").
 
-    ``lam`` mixes CE (0) and KD (1); ``T`` is the distillation temperature;
-    ``beta`` the reweighting strength (weights lie in [1, e^beta] before
-    normalisation); ``score`` the Laplace-KD score; ``alpha`` the sign rule of
-    the margin weights; ``normalise`` divides each batch's weights by their
-    mean; epochs before ``warmup_epochs`` use unit weights. Laplace-KD only:
-    ``refit_every`` (None = refit at each epoch's end, k = also every k steps),
-    ``tau`` (None = re-optimise the prior precision by marginal likelihood from
-    the factors at each refit), ``prior`` ("exact" or "kron", README,
-    "The maths"). JTT only: ``jtt_epochs`` (the ERM identification model's epochs,
-    T_id) and ``jtt_upweight`` (lambda_up). DFR only: ``dfr_penalty`` ("l1" or
-    "l2", the last layer's regularisation; its strength is chosen per seed on half of
-    the validation split, ``last_layer.dfr``). Fields that only one method reads are
-    ``None`` for the others and then left out of ``config_id``.
+    ``lam`` mixes CE (0) and KD (1); ``T`` is the distillation temperature; ``beta`` the
+    reweighting strength (weights in [1, e^beta] before normalisation); ``score`` the
+    Laplace-KD score; ``alpha`` the margin weights' sign rule; ``normalise`` divides each
+    batch's weights by their mean; epochs before ``warmup_epochs`` use unit weights.
+    Laplace-KD only: ``refit_every`` (None = refit at each epoch's end, k = also every k
+    steps), ``tau`` (None = marginal likelihood at each refit), ``prior`` ("exact" or
+    "kron"). JTT only: ``jtt_epochs`` (T_id) and ``jtt_upweight`` (lambda_up). DFR only:
+    ``dfr_penalty`` ("l1" or "l2"; its strength is chosen per seed on half of val,
+    ``last_layer.dfr``). Fields only one method reads are ``None`` for the others and
+    then left out of ``config_id``.
     """
 
     method: str
@@ -331,7 +325,6 @@ def default_config(method: str, **overrides) -> MethodConfig:
     return DEFAULT_HPARAMS[method].replace(**overrides)
 
 
-
 class OnlineTeacher:
     """A teacher run on each (augmented) training batch instead of cached logits.
 
@@ -356,11 +349,9 @@ class OnlineTeacher:
 
 @dataclass
 class WeightInputs:
-    """What a method's weight reads besides its config and the batch: ``generator``
-    (``shuffled``'s permutations), ``error_set`` (``jtt``: a (N_train,) bool tensor in
-    dataset order, indexed by ``batch.idx``), ``group_weights`` and ``n_attrs``
-    (``true_group``: :func:`group_balanced_weight` per group ``g = y * n_attrs + a``),
-    ``laplace`` (``exit_laplace``: a :class:`LaplaceSource`)."""
+    """What a weight reads besides config and batch: ``generator`` (shuffled's
+    permutations), ``error_set`` (jtt: (N_train,) bool, dataset order), ``group_weights``
+    per group ``g = y * n_attrs + a`` (true_group), ``laplace`` (:class:`LaplaceSource`)."""
     generator: torch.Generator | None = None
     error_set: Tensor | None = None
     group_weights: Tensor | None = None
@@ -392,8 +383,7 @@ def _exit_map_shuffled(config, out, batch, inputs):
 
 
 def _final_map(config, out, batch, inputs):
-    logits = out.logits if hasattr(out, "logits") else out
-    return dedier_weight(_full(logits), batch.y, config.beta, config.alpha)
+    return dedier_weight(_full(out.logits), batch.y, config.beta, config.alpha)
 
 
 def _error_set(config, out, batch, inputs):
@@ -405,13 +395,8 @@ def _true_group(config, out, batch, inputs):
     return inputs.group_weights.to(g.device)[g]
 
 
-#: A method's weight source (``METHOD_SPECS[method].weight``) -> its raw weight
-#: ``fn(config, out, batch, inputs)`` (None = unit weights): ``exit_map`` DeDiER's
-#: ``exp(beta*cm*alpha)`` of the early exit's MAP softmax; ``exit_map_shuffled`` the
-#: same permuted within the batch (a control); ``final_map`` the same from the
-#: student's own final head (does the readout have to be early?); ``error_set`` JTT's
-#: lambda_up on the identification model's errors; ``true_group`` inverse frequency of
-#: the true group (a reference); ``exit_laplace`` Laplace-KD (:class:`LaplaceSource`).
+#: A method's weight source (``METHOD_SPECS[method].weight``, each described by
+#: ``profiles.MethodSpec``) -> its raw weight ``fn(config, out, batch, inputs)`` (None = 1).
 WEIGHTS = {
     "none": lambda config, out, batch, inputs: None,
     "exit_map": _exit_map,
@@ -424,35 +409,29 @@ WEIGHTS = {
 
 
 def instance_weight(config: MethodConfig, out, batch, inputs: WeightInputs) -> Tensor | None:
-    """The one place that computes a method's raw (unnormalised) instance weight:
-    :data:`WEIGHTS` of ``METHOD_SPECS[config.method].weight`` on the student's output
-    ``out`` (a ``StudentOutput``; None for sources that do not read the student) and
-    ``batch`` (a ``data.Batch``: ``idx`` positions in the training split, ``y``, ``a``).
-    Training (:class:`Objective`) and the figures (``study.final_train_weights``) both
-    call it; which loss terms it multiplies is ``WEIGHTED_TERMS[method]``."""
+    """A method's raw (unnormalised) instance weight, the one dispatch over :data:`WEIGHTS`:
+    ``out`` the student's ``StudentOutput`` (None for sources that do not read it),
+    ``batch`` a ``data.Batch`` (``idx`` positions in the training split, ``y``, ``a``). Used
+    by training (:class:`Objective`) and the figures (``study.final_train_weights``)."""
     return WEIGHTS[METHOD_SPECS[config.method].weight](config, out, batch, inputs)
 
 
 class LaplaceSource:
     """``laplace_kd``'s weight: DeDiER's form from the early exit's last-layer Laplace
-    predictive (README, "The maths").
-
-    Each epoch (from the one before warm-up ends) ``exit_laplace.KronFactors`` are
-    accumulated from the batches the loop already computes (``phi~ = [phi, 1]``,
-    ``softmax(exit_logits)``, labels; detached, no extra pass); at its end (and every
-    ``refit_every`` steps if set) the posterior is refit, B rescaled by N_train / n_seen,
-    ``tau`` fixed or by marginal likelihood. Weights are 1 until the first fit. The
-    predictive's mean is the exit's *current* weight (``model.exit.linear.weight``), its
-    covariance the last refit's (which does not depend on W), so Laplace-KD and DeDiER
-    read the same exit. For C > 2 the predictive is Monte Carlo, its generator seeded
-    ``seed`` at the first fit.
-
-    ``fit=False`` (the shared warm-up, :func:`warmup_objective`): only accumulate the
-    factors of epoch ``warmup_epochs - 1`` and keep them for :meth:`state`.
-    """
+    predictive (README, "The maths"). Each epoch from the one before warm-up ends,
+    ``exit_laplace.KronFactors`` are accumulated from the batches the loop already
+    computes (``phi~ = [phi, 1]``, ``softmax(exit_logits)``, labels; detached, no extra
+    pass); at its end (and every ``refit_every`` steps if set) the posterior is refit, B
+    rescaled by N_train / n_seen, ``tau`` fixed or by marginal likelihood. Weights are 1
+    until the first fit. The predictive's mean is the exit's *current* weight
+    (``model.exit.linear.weight``), its covariance the last refit's (which does not depend
+    on W), so Laplace-KD and DeDiER read the same exit. For C > 2 the predictive is Monte
+    Carlo, its generator seeded ``seed`` at the first fit. ``fit=False`` (the shared
+    warm-up, :func:`warmup_objective`): only accumulate epoch ``warmup_epochs - 1``'s
+    factors, for :meth:`state`."""
 
     def __init__(self, config: MethodConfig, model: torch.nn.Module | None, n_train: int | None,
-                 seed: int = 0, fit: bool = True):
+                 seed: int = 0, fit: bool = True, group_counts=None, top_k: int | None = None):
         if fit and (model is None or not hasattr(getattr(model, "exit", None), "linear")):
             raise ValueError("laplace_kd needs the student (make_objective(..., model=student)) "
                              "to read its exit head's weight model.exit.linear.weight")
@@ -462,14 +441,16 @@ class LaplaceSource:
         self.generator = None      # the Monte-Carlo predictive's (C > 2), made at the first fit
         self.posterior = None      # the current ExitLaplace; None before the first fit
         self.factors = None        # this epoch's KronFactors
-        self._steps = 0
-        self._effect = None
+        # steps since the last refit; this epoch's diagnostics (epoch_stats, from epoch_start
+        # on); a second Monte-Carlo generator, the diagnostics' noise floor
+        self._steps, self._effect, self._floor = 0, None, None
+        self.n_groups, self.top_k = (0 if group_counts is None else len(group_counts)), top_k
 
     def weight(self, out, batch) -> Tensor | None:
         if self.posterior is None:
             return None
         la = self.posterior
-        la.W = self.model.exit.linear.weight.detach().to(la.W)  # current MAP mean, covariance from the last refit
+        la.W = self.model.exit.linear.weight.detach().to(la.W)  # current mean, last refit's covariance
         pred = la.predict(_full(out.phi), generator=self.generator)
         w = laplace_weight(pred, batch.y, self.config.beta, self.config.score, self.config.alpha)
         if self._effect is not None:
@@ -495,6 +476,7 @@ class LaplaceSource:
         self.posterior = ExitLaplace(W, self.factors, prior=self.config.prior, tau=self.config.tau)
         if self.generator is None and self.posterior.C > 2:  # Monte-Carlo predictive
             self.generator = torch.Generator(device=W.device).manual_seed(self.seed)
+            self._floor = torch.Generator(device=W.device).manual_seed(self.seed + 1)
 
     def epoch_end(self, epoch: int) -> None:
         if not self.fit:
@@ -523,44 +505,64 @@ class LaplaceSource:
 
     # -- the size of the Laplace effect (logged per epoch by the loop) ----------
     def epoch_start(self) -> None:
-        self._effect = {"w_dedier": [], "w_laplace": [], "dp": []}
+        self._effect = {}
 
     def _record_effect(self, out, batch, pred, w) -> None:
-        effect, exit_logits = self._effect, _exit_logits(out)
-        effect["w_dedier"].append(dedier_weight(exit_logits, batch.y, self.config.beta,
-                                                self.config.alpha).cpu())
-        effect["w_laplace"].append(w.detach().cpu())
-        effect["dp"].append((pred.probs.detach() - F.softmax(exit_logits.to(pred.probs.dtype), -1))
-                            .abs().amax(-1).cpu())
+        cfg, exit_logits = self.config, _exit_logits(out)
+        seen = {"w_dedier": dedier_weight(exit_logits, batch.y, cfg.beta, cfg.alpha), "w_laplace": w,
+                "dp": (pred.probs.detach() - F.softmax(exit_logits.to(pred.probs.dtype), -1)).abs().amax(-1),
+                "wrong": exit_logits.argmax(-1) != batch.y, "idx": batch.idx,
+                "g": batch.y * (self.n_groups // exit_logits.shape[-1]) + batch.a.to(batch.y.device)}
+        if self.posterior.C > 2:  # a second, independent Monte-Carlo draw: the noise floor
+            again = self.posterior.predict(_full(out.phi), generator=self._floor)
+            seen["w_again"] = laplace_weight(again, batch.y, cfg.beta, cfg.score, cfg.alpha)
+        for name, value in seen.items():
+            self._effect.setdefault(name, []).append(value.detach().cpu())
 
     def epoch_stats(self) -> dict:
-        """This epoch's Spearman correlation between the Laplace-KD weights and the
-        DeDiER weights the same exit would have given (same beta and alpha), and the
-        mean and max |p_Laplace - p_MAP| over the epoch's training instances: how far
-        the Laplace predictive moves the weights. NaN before the first refit."""
+        """How far Laplace-KD's weights are from DeDiER's (the same exit's MAP weights, same
+        beta and alpha) over this epoch's training instances (:data:`LAPLACE_EFFECT`): the
+        Spearman over all (near 1: most tie at weight 1), max and mean |p_Laplace - p_MAP|,
+        how many the exit's MAP gets wrong and the Spearman and Kendall within those; the
+        share of the ``top_k`` most upweighted instances both have (ties to the lower
+        dataset index); the within-wrong correlations of two independent Monte-Carlo
+        draws, the noise floor (NaN for C = 2: the probit is deterministic); each group's
+        share of the raw Laplace-KD weight. NaN before the first refit."""
         if not self.fit:
             return {}
-        effect = self._effect or {}
-        if not effect.get("w_laplace"):
-            return {"laplace_rank_corr": float("nan"), "laplace_max_abs_dp": float("nan"),
-                    "laplace_mean_abs_dp": float("nan")}
-        wd, wl = torch.cat(effect["w_dedier"]).double(), torch.cat(effect["w_laplace"]).double()
-        dp = torch.cat(effect["dp"]).double()
-        return {"laplace_rank_corr": spearman(wd, wl), "laplace_max_abs_dp": float(dp.max()),
-                "laplace_mean_abs_dp": float(dp.mean())}
+        shares = [f"weight_share_g{k}" for k in range(self.n_groups)]
+        if not (self._effect or {}).get("w_laplace"):
+            return dict.fromkeys([*LAPLACE_EFFECT, *shares], float("nan"))
+        e = {name: torch.cat(values) for name, values in self._effect.items()}
+        wd, wl, dp, wrong = e["w_dedier"].double(), e["w_laplace"].double(), e["dp"].double(), e["wrong"]
+        nan2 = {"spearman": float("nan"), "kendall": float("nan")}
+        within = metrics.within_wrong_rank_corr(wd, wl, wrong)
+        floor = metrics.within_wrong_rank_corr(wl, e["w_again"].double(), wrong) if "w_again" in e else nan2
+        order = e["idx"].argsort()  # dataset order
+        k = min(self.top_k or 0, len(wl))
+        stats = [spearman(wd, wl), float(dp.max()), float(dp.mean()), int(wrong.sum()),
+                 within["spearman"], within["kendall"],
+                 metrics.topk_overlap(wd[order], wl[order], k) if k else float("nan"),
+                 floor["spearman"], floor["kendall"]]
+        share = metrics.group_weight_share(wl, e["g"], self.n_groups) if shares else []
+        return {**dict(zip(LAPLACE_EFFECT, stats)), **dict(zip(shares, map(float, share)))}
+
+
+#: Per-epoch columns of a Laplace-KD history (:meth:`LaplaceSource.epoch_stats`), before
+#: one ``weight_share_g<k>`` column per group.
+LAPLACE_EFFECT = ("laplace_rank_corr", "laplace_max_abs_dp", "laplace_mean_abs_dp", "laplace_n_wrong",
+                  "laplace_wrong_spearman", "laplace_wrong_kendall", "laplace_topk_overlap",
+                  "laplace_mc_wrong_spearman", "laplace_mc_wrong_kendall")
 
 
 # -------------------------------------------------------------------------- the objective
 
 class Objective:
-    """The student loss of one method: CE + KD with the per-instance weights of
-    :func:`instance_weight` after the warm-up, on the terms ``WEIGHTED_TERMS[method]``.
-
-    ``loss`` returns the loss and ``{"ce": w_ce, "kd": w_kd}``, the (B,) detached
-    weights actually used, for per-group logging; unweighted terms get ones. A
-    :class:`LaplaceSource` in ``inputs`` sees every batch and the epoch's end.
-    ``describe_extra``: what identifies the method's inputs in :meth:`describe`.
-    """
+    """The student loss of one method: CE + KD with :func:`instance_weight`'s weights after
+    the warm-up on the terms ``WEIGHTED_TERMS[method]``. ``loss`` returns the loss and the
+    (B,) detached weights used, ``{"ce": w_ce, "kd": w_kd}`` (ones where unweighted). A
+    :class:`LaplaceSource` in ``inputs`` sees every batch and the loop's hooks;
+    ``describe_extra`` identifies the method's inputs in :meth:`describe`."""
 
     def __init__(self, config: MethodConfig, teacher_logits: Tensor | None = None,
                  n_classes: int | None = None, inputs: WeightInputs | None = None,
@@ -589,9 +591,8 @@ class Objective:
         return self._teacher[batch.idx.to(device)]
 
     def describe(self) -> dict:
-        """What identifies this objective for the loop's checkpoint fingerprint:
-        every hyper-parameter, the teacher logits (by content hash) and the method's
-        inputs."""
+        """What identifies this objective for the loop's checkpoint fingerprint: every
+        hyper-parameter, the teacher logits (by content hash) and the method's inputs."""
         return {"objective": self.config.method, **self.config.to_dict(),
                 "teacher_logits": (None if self._teacher is None else
                                    f"online:{self._teacher.fingerprint}"
@@ -612,12 +613,9 @@ class Objective:
                 w = instance_weight(self.config, out, batch, self.inputs)
             if laplace is not None:
                 laplace.observe(out, batch, epoch)
-        if w is None:
-            w = ones
-        else:
-            w = w.detach().to(ones)
-            if self.config.normalise:
-                w = normalise(w)
+        w = ones if w is None else w.detach().to(ones)
+        if w is not ones and self.config.normalise:
+            w = normalise(w)
         w_ce = w if "ce" in self._weighted else ones
         w_kd = w if "kd" in self._weighted else ones
         cfg = self.config
@@ -648,16 +646,15 @@ class Objective:
 def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None,
                    group_counts: Tensor | None = None, n_train: int | None = None,
                    n_classes: int | None = None, model: torch.nn.Module | None = None,
-                   seed: int = 0, error_set: Tensor | None = None) -> Objective:
+                   seed: int = 0, error_set: Tensor | None = None, top_k: int | None = None) -> Objective:
     """The training objective of ``config.method`` for ``train.train_model``.
 
-    ``teacher_logits``: (N_train, C) teacher logits on the training split in
-    dataset order (indexed by ``batch.idx``), needed when lam > 0.
-    ``group_counts``: the training split's ``group_counts()`` (group_balanced).
-    ``model``: the student, for laplace_kd (its exit weight at refit time).
-    ``seed``: shuffled's permutations, laplace_kd's Monte-Carlo predictive (C > 2).
-    ``error_set``: jtt's (N_train,) error set (``study.jtt_error_set``).
-    """
+    ``teacher_logits``: (N_train, C) on the training split in dataset order (lam > 0).
+    ``group_counts``: the training split's ``group_counts()``. ``model``: the student
+    (laplace_kd reads its exit). ``seed``: shuffled's permutations, laplace_kd's Monte
+    Carlo (C > 2). ``error_set``: jtt's (``study.jtt_error_set``). ``top_k``: laplace_kd's
+    diagnostics compare that many most upweighted instances (the study: the number of
+    minority-group training instances)."""
     m = config.method
     base = METHOD_SPECS[m].last_layer_of
     if base is not None:
@@ -678,27 +675,24 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
             raise ValueError(f"error_set has {len(inputs.error_set)} entries but n_train={n_train}")
         extra = {"error_set": inputs.error_set.to(torch.uint8)}
     elif source == "true_group":
-        if group_counts is None:
-            raise ValueError(f"{m} needs group_counts (splits['train'].group_counts())")
-        counts = torch.as_tensor(group_counts)
-        if n_classes is None or counts.numel() % n_classes:
-            raise ValueError(f"group_counts has {counts.numel()} groups, not a multiple of "
-                             f"n_classes={n_classes}; pass splits['train'].group_counts() and n_classes")
+        counts = torch.as_tensor([] if group_counts is None else group_counts)
+        if group_counts is None or n_classes is None or counts.numel() % n_classes:
+            raise ValueError(f"{m} needs group_counts (splits['train'].group_counts(), got "
+                             f"{counts.numel()} groups) and n_classes ({n_classes}), a divisor")
         inputs.n_attrs = counts.numel() // n_classes
         inputs.group_weights = group_balanced_weight(torch.arange(counts.numel()), counts)
         extra = {"group_counts": inputs.group_weights}
     elif source == "exit_laplace":
-        inputs.laplace = LaplaceSource(config, model, n_train, seed)
+        inputs.laplace = LaplaceSource(config, model, n_train, seed, group_counts=group_counts, top_k=top_k)
         extra = {"n_train": inputs.laplace.n_train, "seed": seed}
     return Objective(config, teacher_logits, n_classes, inputs, extra)
 
 
 def warmup_objective(config: MethodConfig, teacher_logits, n_train: int, n_classes=None) -> Objective:
-    """The warm-up every distillation method shares (unit weights: kd at ``config``'s
-    lam, T and warm-up), which also accumulates the exit's Laplace factors in its last
-    epoch, as ``laplace_kd`` would, so that every method — Laplace-KD included — can
-    branch from one warm-up per seed (``train.train_warmup``) and end exactly where a
-    run from scratch ends."""
+    """The warm-up every distillation method shares (kd at ``config``'s lam, T and
+    warm-up), which also accumulates the exit's Laplace factors in its last epoch as
+    ``laplace_kd`` would: every method branches from one warm-up per seed
+    (``train.train_warmup``) and ends exactly where a run from scratch ends."""
     config = DEFAULT_HPARAMS["kd"].replace(lam=config.lam, T=config.T,
                                            warmup_epochs=config.warmup_epochs)
     laplace = LaplaceSource(config, None, n_train, fit=False)

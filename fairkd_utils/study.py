@@ -406,10 +406,12 @@ def plan_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None,
     stage = "sweep" if ckpt_dir is not None and Path(ckpt_dir) != run.path("checkpoints") else "student"
     error_set = (jtt_error_set(run, config, seed, progress=progress, stage=stage)
                  if METHOD_SPECS[config.method].weight == "error_set" else None)
+    counts = ds.group_counts()
     objective = losses.make_objective(config, teacher_logits=teacher_train,
-                                      group_counts=ds.group_counts(), n_train=len(ds),
+                                      group_counts=counts, n_train=len(ds),
                                       n_classes=ds.n_classes, model=model, seed=seed,
-                                      error_set=error_set)
+                                      error_set=error_set, top_k=int(sum(
+                                          counts[g] for g in minority_groups(counts, ds.n_attrs))))
     return StudentPlan(run, config, seed, model, objective,
                        train_config(run, "student", seed, progress=progress),
                        Path(ckpt_dir or run.path("checkpoints")), teacher_train)
@@ -689,6 +691,7 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
                              _record_name("exit", config.method, config.config_id, seed, "map", "train"),
                              prediction_frame(p.exit_probs, ds, keys=keys, weight=w.numpy()))
     effect = [c for c in LAPLACE_EFFECT if c in result.history]
+    effect += [c for c in result.history if c.startswith("weight_share_g")]
     if effect:
         table = result.history[["epoch", *effect]].dropna(how="all", subset=effect)
         table.insert(0, "config_id", config.config_id)
@@ -699,8 +702,9 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
     return result
 
 
-#: Per-epoch columns of a Laplace-KD history: how far its weights are from DeDiER's.
-LAPLACE_EFFECT = ("laplace_rank_corr", "laplace_max_abs_dp", "laplace_mean_abs_dp")
+#: Per-epoch columns of a Laplace-KD history: how far its weights are from DeDiER's
+#: (``losses.LaplaceSource.epoch_stats``; one ``weight_share_g<k>`` column per group follows).
+LAPLACE_EFFECT = losses.LAPLACE_EFFECT
 
 
 def base_config(run: Run, config):

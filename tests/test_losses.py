@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fairkd_utils import losses as L
+from fairkd_utils import metrics as M
 from fairkd_utils import profiles
 from fairkd_utils.data import Batch
 from fairkd_utils.exit_laplace import ExitLaplace, KronFactors, LaplacePrediction
@@ -440,7 +441,8 @@ def test_jtt_weighting_equals_upsampling_the_error_set_in_expectation():
     s = torch.randn(N, C, dtype=DT)
     errors, up = _error_set(), 4
     cfg = L.MethodConfig("jtt", lam=0.3, T=2.0, jtt_epochs=1, jtt_upweight=float(up))
-    w = L.instance_weight(cfg, None, Batch(torch.arange(N), None, y, a), L.WeightInputs(error_set=errors)).to(DT)
+    everyone = Batch(torch.arange(N), None, y, a)
+    w = L.instance_weight(cfg, None, everyone, L.WeightInputs(error_set=errors)).to(DT)
     weighted = L.student_loss(s, y, teacher.to(DT), L.normalise(w), L.normalise(w), 0.3, 2.0)
     idx = torch.cat([torch.arange(N), torch.nonzero(errors).flatten().repeat(up - 1)])
     upsampled = L.student_loss(s[idx], y[idx], teacher.to(DT)[idx], lam=0.3, T=2.0)
@@ -478,3 +480,91 @@ def test_fields_of_one_method_are_refused_elsewhere_and_stay_out_of_other_ids():
     import hashlib
     import json
     assert kd.config_id == "c" + hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:7]
+
+
+# ---------------------------------------------------------------- Laplace-KD's diagnostics
+
+def _laplace_objective(n_classes=C, top_k=None, seed=0):
+    """A laplace_kd objective on a student whose exit has ``n_classes`` outputs, fitted
+    on epoch 0 and recording epoch 1's diagnostics; returns it with epoch 1's batches
+    and the raw weights it gave them."""
+    teacher, y, a, phi = _setup()
+    y = y % n_classes if n_classes > 2 else y
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.exit = ExitHead(D, n_classes)
+    with torch.no_grad():
+        model.exit.linear.weight.normal_(0, 1.0)
+    cfg = L.MethodConfig("laplace_kd", lam=0.5, T=2.0, beta=2.0, normalise=False)
+    counts = torch.bincount(y * 2 + a, minlength=2 * n_classes)
+    obj = L.make_objective(cfg, teacher_logits=torch.randn(N, n_classes), group_counts=counts, n_train=N,
+                           n_classes=n_classes, model=model, seed=seed, top_k=top_k)
+
+    def batches():
+        for i in range(0, N, 16):
+            idx = torch.arange(i, min(i + 16, N))
+            out = StudentOutput(torch.randn(len(idx), n_classes), model.exit(phi[idx]).detach(), phi[idx])
+            yield Batch(idx, torch.zeros(len(idx), 1), y[idx], a[idx]), out
+
+    for b, out in batches():
+        obj.loss(out, b, 0)
+    obj.on_epoch_end(0)
+    obj.on_epoch_start(1)
+    seen = [(b, out, obj.loss(out, b, 1)[1]["ce"]) for b, out in batches()]
+    return obj, seen, y, a
+
+
+def test_laplace_effect_reads_within_wrong_agreement_top_k_and_group_shares_by_hand():
+    from scipy.stats import kendalltau, spearmanr
+
+    obj, seen, y, a = _laplace_objective(top_k=6)
+    stats = obj.epoch_stats(1)
+    wl = torch.cat([w for _, _, w in seen]).double()
+    exit_logits = torch.cat([out.exit_logits for _, out, _ in seen])
+    wd = L.dedier_weight(exit_logits, y, 2.0).double()
+    wrong = (exit_logits.argmax(1) != y).numpy()
+    assert stats["laplace_n_wrong"] == wrong.sum() > 2
+    assert stats["laplace_wrong_spearman"] == pytest.approx(spearmanr(wd[wrong], wl[wrong]).statistic)
+    assert stats["laplace_wrong_kendall"] == pytest.approx(kendalltau(wd[wrong], wl[wrong]).statistic)
+    top = lambda w: set(sorted(range(N), key=lambda i: (-float(w[i]), i))[:6])  # noqa: E731
+    assert stats["laplace_topk_overlap"] == pytest.approx(len(top(wd) & top(wl)) / 6)
+    g = (y * 2 + a).numpy()
+    for k in range(4):
+        assert stats[f"weight_share_g{k}"] == pytest.approx(float(wl[g == k].sum() / wl.sum()))
+    assert math.isnan(stats["laplace_mc_wrong_spearman"])  # C = 2: the probit is deterministic
+    assert set(stats) == {*L.LAPLACE_EFFECT, *(f"weight_share_g{k}" for k in range(4))}
+
+
+def test_laplace_effect_within_wrong_sees_a_reordering_the_all_instances_spearman_hides():
+    """95 right instances at weight 1 for both weightings and 5 wrong ones whose order
+    Laplace-KD reverses: over all instances Spearman stays near 1, within the wrong
+    ones it is -1 (hand-made weights in the objective's own record)."""
+    obj, _, _, _ = _laplace_objective()
+    source = obj.inputs.laplace
+    wd = torch.cat([torch.ones(95), torch.tensor([2.0, 3.0, 4.0, 5.0, 6.0])])
+    wl = torch.cat([torch.ones(95), torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0])])
+    source._effect = {"w_dedier": [wd], "w_laplace": [wl], "dp": [torch.zeros(100)],
+                      "wrong": [wd > 1], "idx": [torch.arange(100)],
+                      "g": [torch.zeros(100, dtype=torch.long)]}
+    stats = obj.epoch_stats(1)
+    assert stats["laplace_rank_corr"] > 0.9
+    assert stats["laplace_wrong_spearman"] == pytest.approx(-1.0)
+    assert stats["laplace_wrong_kendall"] == pytest.approx(-1.0)
+
+
+def test_laplace_effect_noise_floor_is_two_independent_monte_carlo_draws():
+    """C = 3 (Monte-Carlo predictive): the floor is the within-wrong correlation of the
+    weights drawn with the training generator (seed) and a second one (seed + 1), and
+    drawing it leaves the training weights as they were."""
+    obj, seen, y, a = _laplace_objective(n_classes=3, seed=4)
+    stats = obj.epoch_stats(1)
+    la = obj.inputs.laplace.posterior
+    gens = [torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)]
+    draws = [torch.cat([L.laplace_weight(la.predict(out.phi, generator=gen), b.y, 2.0) for b, out, _ in seen])
+             for gen in gens]
+    torch.testing.assert_close(torch.cat([w for _, _, w in seen]), draws[0].float())  # training weights
+    exit_logits = torch.cat([out.exit_logits for _, out, _ in seen])
+    want = M.within_wrong_rank_corr(draws[0], draws[1], exit_logits.argmax(1) != y)
+    assert stats["laplace_mc_wrong_spearman"] == pytest.approx(want["spearman"])
+    assert stats["laplace_mc_wrong_kendall"] == pytest.approx(want["kendall"])
+    assert 0 < stats["laplace_mc_wrong_spearman"] < 1
