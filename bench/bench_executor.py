@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fairkd_utils import jobs, pipeline, records, rundir, study
+from fairkd_utils import hparams, jobs, pipeline, records, rundir
 
 
 def uptime() -> str:
@@ -41,7 +41,7 @@ def grid(prefix: Path, dest: Path, profile: str, opts) -> tuple[float, "object",
     run_dir = dest / f"synthetic-{profile}"
     shutil.copytree(prefix, run_dir)
     run = rundir.setup(run_dir, dest / "figures", profile, "synthetic", None, None, "cpu")
-    configs = {m: study.method_config(run, m) for m in run.profile.methods}
+    configs = {m: hparams.method_config(run, m) for m in run.profile.methods}
     t0 = time.perf_counter()
     table = jobs.run_grid(run, configs, opts, show=False)
     return time.perf_counter() - t0, table, run_dir

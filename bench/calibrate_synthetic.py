@@ -11,9 +11,9 @@ library's own training code and the profile's budget:
   (e) plain kd: worst-group accuracy <= the teacher's - 0.05 (room for reweighting).
 Only the teacher, the ERM student, its exit, group-balanced ERM and kd are trained:
 the reweighting methods are never looked at. The conditions are computed by
-``fairkd_utils.metrics.calibration_conditions``. The text miniature's targets for (c)'s
+``calibration.calibration_conditions`` (bench/calibration.py). The text miniature's targets for (c)'s
 margin and (d) are the image ones scaled by MultiNLI's numbers against Waterbirds'
-(``fairkd_utils.study.calibration_targets``).
+(``fairkd_utils.calibration_targets``).
 
     .venv/bin/python bench/calibrate_synthetic.py [--dataset synthetic|synthetic_text]
         [--seeds 0 1 2 3 4] [--teacher-seeds 0] [--alignment 0.5] [--adapt-epochs 0]
@@ -33,7 +33,8 @@ import time
 import pandas as pd
 import torch
 
-from fairkd_utils import losses, profiles, rundir, study
+from calibration import calibration_conditions, calibration_targets  # bench/calibration.py
+from fairkd_utils import build, hparams, losses, metrics, profiles, rundir, students, teacher
 from fairkd_utils import metrics as M
 from fairkd_utils import train
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=None, metavar="FIELD=VALUE",
                    help="profile fields to change (a run directory of their own, as the runner)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the profile's)")
-    p.add_argument("--teacher-seeds", type=int, nargs="+", default=[study.TEACHER_SEED])
+    p.add_argument("--teacher-seeds", type=int, nargs="+", default=[build.TEACHER_SEED])
     p.add_argument("--alignment", type=float, default=None, help="pretraining corpus alignment")
     p.add_argument("--adapt-epochs", type=int, default=None, help="teacher adaptation epochs")
     p.add_argument("--pretrain-epochs", type=int, default=None)
@@ -73,31 +74,31 @@ def main(argv=None) -> int:
           f"{n_groups * pr.teacher_pretrain_per_pair} instances (alignment "
           f"{pr.teacher_pretrain_alignment}, {pr.teacher_pretrain_epochs} epochs), "
           f"adapted {pr.teacher_adapt_epochs} epochs; students {pr.student_epochs} epochs, "
-          f"seeds {run.seeds}; kd from {study.hparams_source(run)}; torch threads {torch.get_num_threads()}",
+          f"seeds {run.seeds}; kd from {hparams.hparams_source(run)}; torch threads {torch.get_num_threads()}",
           flush=True)
     splits = run.splits()
     train_ds, test = splits["train"], splits["test"]
-    minority = torch.tensor(study.minority_groups(train_ds.group_counts(), train_ds.n_attrs))
+    minority = torch.tensor(metrics.minority_groups(train_ds.group_counts(), train_ds.n_attrs))
     in_minority = torch.isin(train_ds.g, minority)
-    configs = {m: study.method_config(run, m) for m in ("erm", "group_balanced_erm", "kd")}
+    configs = {m: hparams.method_config(run, m) for m in ("erm", "group_balanced_erm", "kd")}
     rows = []
     for tseed in args.teacher_seeds:
         t0 = time.time()
-        stages = study.train_teacher_stages(run, seed=tseed, progress=False)
+        stages = teacher.train_teacher_stages(run, seed=tseed, progress=False)
         for stage, res in stages.items():
             s = group_summary(train.predict(res.model, test).probs, test)
             print(f"teacher seed {tseed} {stage}: test avg {s['avg']:.3f} wga {s['wga']:.3f} "
                   f"groups {s['groups']} ({'reused' if res.reused else f'{time.time() - t0:.0f} s'})",
                   flush=True)
         teacher_model = list(stages.values())[-1].model
-        teacher = {"train": train.predict(teacher_model, train_ds).logits}
+        teacher_logits = {"train": train.predict(teacher_model, train_ds).logits}
         ts = group_summary(train.predict(teacher_model, test).probs, test)
         for seed in run.seeds:
             row = {"teacher_seed": tseed, "seed": seed, "teacher_avg_acc": ts["avg"],
                    "teacher_wga": ts["wga"]}
             for method, cfg in configs.items():
                 t0 = time.time()
-                res = study.train_student(run, cfg, seed, teacher, progress=False)
+                res = students.train_student(run, cfg, seed, teacher_logits, progress=False)
                 s = group_summary(train.predict(res.model, test).probs, test)
                 key = {"erm": "erm", "group_balanced_erm": "gb", "kd": "kd"}[method]
                 row[f"{key}_wga"], row[f"{key}_avg"] = s["wga"], s["avg"]
@@ -114,12 +115,12 @@ def main(argv=None) -> int:
     per_seed = pd.DataFrame(rows)
     if args.csv:
         per_seed.to_csv(args.csv, index=False)
-    targets = study.calibration_targets(train_ds.group_counts().tolist(), train_ds.n_attrs, args.dataset)
+    targets = calibration_targets(train_ds.group_counts().tolist(), train_ds.n_attrs, args.dataset)
     print(f"targets for {args.dataset}: exit margin >= {targets['margin']:.3f}, "
-          f"group-balanced gain >= {targets['gain']:.3f} (study.calibration_targets)")
+          f"group-balanced gain >= {targets['gain']:.3f} (calibration_targets)")
     all_ok = True
     for tseed, d in per_seed.groupby("teacher_seed"):
-        cond = M.calibration_conditions(d, targets)
+        cond = calibration_conditions(d, targets)
         table = cond.pivot(index=["condition", "target"], columns="seed", values="value").round(3)
         verdict = cond.pivot(index="condition", columns="seed", values="passed")
         print(f"\nteacher seed {tseed}: value per student seed (and the mean); PASS/FAIL below")

@@ -17,7 +17,7 @@ Then the levers, each timed on its own (unprofiled): the validation pass at seve
 evaluation batch sizes; what each training batch costs before the model sees it (the
 gather of its rows from the split, and the channels_last copy the loop makes of every
 batch); the checkpoint fingerprint (hashing the train and val data); one more
-``train.predict`` of the validation split, which ``study.evaluate_student`` repeats
+``train.predict`` of the validation split, which ``students.evaluate_student`` repeats
 after the loop already predicted it at the kept epoch.
 """
 
@@ -89,7 +89,7 @@ def levers(prof, splits, student, config, objective):
     sec = _best_of(lambda: checkpoints.fingerprint_payload(student, splits, config, objective, "student", None))
     print(f"checkpoint fingerprint per train_model call (hashes train + val data): {sec:.3f} s")
     sec = _best_of(lambda: train.predict(student, val_ds, device="cpu"))
-    print(f"train.predict on val (study.evaluate_student, after the loop's own pass of the kept "
+    print(f"train.predict on val (students.evaluate_student, after the loop's own pass of the kept "
           f"epoch): {sec:.3f} s")
 
 

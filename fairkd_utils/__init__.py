@@ -13,7 +13,10 @@ One concept per module (README, "Where each formula lives"):
 - ``exit_laplace``: the last-layer Laplace approximation at the early exit;
 - ``train``: the one training loop; ``checkpoints``: fingerprints and checkpoint files;
 - ``metrics``: group metrics and the statistics over seeds;
-- ``rundir``: a run's directory and set-up; ``study``: the steps the notebooks share;
+- ``rundir``: a run's directory and set-up; ``build``: the run's teacher and student
+  models and corpora; ``teacher``: the teacher trained and its logits; ``hparams``: the
+  chosen hyper-parameters; ``students``: one student's plan, training and records;
+  ``sweep``: choosing the hyper-parameters on validation;
 - ``records``: tidy record files and atomic writes; ``plots``: the figures;
 - ``jobs``: notebook 05's students and sweep as jobs (inline, local processes, SLURM);
 - ``pipeline``: the command line that runs the notebooks
@@ -23,10 +26,18 @@ One concept per module (README, "Where each formula lives"):
 Notebooks ``import fairkd_utils as fk`` and call small named functions.
 """
 
-from . import (checkpoints, data, exit_laplace, jobs, last_layer, losses, metrics, models, multinli,
-               plots, profiles, records, rundir, study, synthetic_text, text_models, train)
+import warnings
+
+# Libraries the text study imports (transformers, laplace-torch) reach for tqdm.auto, which
+# in a notebook kernel without ipywidgets warns once and falls back to the text bars this
+# package uses anyway: the warning says nothing to a reader of the executed notebooks.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+from . import (build, checkpoints, data, exit_laplace, hparams, jobs, laplace_regime, last_layer, losses,
+               metrics, models, multinli, plots, profiles, records, rundir, students, sweep,
+               synthetic_text, teacher, text_models, train)
 
 __version__ = "0.1.0"
-__all__ = ["checkpoints", "data", "exit_laplace", "jobs", "last_layer", "losses", "metrics",
-           "models", "multinli", "plots", "profiles", "records", "rundir", "study", "synthetic_text",
-           "text_models", "train"]
+__all__ = ["build", "checkpoints", "data", "exit_laplace", "hparams", "jobs", "laplace_regime",
+           "last_layer", "losses", "metrics", "models", "multinli", "plots", "profiles", "records",
+           "rundir", "students", "sweep", "synthetic_text", "teacher", "text_models", "train"]

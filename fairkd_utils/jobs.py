@@ -4,7 +4,7 @@ notebook's process (``inline``, the default), as worker processes on this machin
 
 **What a job is.** One student: train it (or reuse its checkpoint) and write its
 own records, or — for the sweep — its row of ``sweep.csv``. Every distillation method
-of a seed branches from one shared warm-up (``study.StudentPlan``), so students that
+of a seed branches from one shared warm-up (``students.StudentPlan``), so students that
 are going to be trained and share a missing warm-up wait for a *warm-up job*, one per
 warm-up file (a warm-up only one student needs is trained by that student's job). The
 teacher is not a job: notebook 02 trains it first, in its own process.
@@ -12,7 +12,7 @@ teacher is not a job: notebook 02 trains it first, in its own process.
 **Skipping what is done.** A finished job writes, last, a stamp
 ``<run_dir>/records/done/<job>.json`` (sweep jobs: ``<run_dir>/sweep/records/done/``)
 holding its fingerprint and the files it wrote. *A job's fingerprint is the
-fingerprint its student's checkpoint gets* (``study.StudentPlan.fingerprint``: the
+fingerprint its student's checkpoint gets* (``students.StudentPlan.fingerprint``: the
 method's and the loop's configs, the model's initialisation, the train and val data,
 the objective with the teacher's logits, and the run's data and code identity, i.e. the
 source of the modules that train and evaluate). A job whose stamp holds the same
@@ -50,7 +50,8 @@ from typing import Callable
 
 import pandas as pd
 
-from . import checkpoints, records, study
+from . import checkpoints, records, students, sweep
+from .teacher import load_teacher_logits, teacher_for_students
 from .profiles import METHOD_SPECS, resolve_device
 from .rundir import Run
 
@@ -200,14 +201,14 @@ def _teacher(run: Run, configs, teacher):
     if not any(c.lam > 0 for c in configs):
         return None
     if run.profile.augment:
-        return study.teacher_for_students(run, teacher)   # a teacher model given is kept
-    return teacher or study.load_teacher_logits(run)
+        return teacher_for_students(run, teacher)   # a teacher model given is kept
+    return teacher or load_teacher_logits(run)
 
 
 def plan_grid(run: Run, configs: dict, teacher=None, seeds=None) -> list:
-    """One :class:`study.StudentPlan` per seed and method (``configs``: method -> config)."""
+    """One :class:`students.StudentPlan` per seed and method (``configs``: method -> config)."""
     teacher = _teacher(run, configs.values(), teacher)
-    return [study.plan_student(run, cfg, seed, teacher, progress=False)
+    return [students.plan_student(run, cfg, seed, teacher, progress=False)
             for seed in (run.seeds if seeds is None else seeds) for cfg in configs.values()]
 
 
@@ -342,19 +343,19 @@ def execute(job: Job, device: str, worker: bool = True) -> dict:
                   f"{torch.get_num_threads()} threads, host {socket.gethostname()}, pid {os.getpid()}",
                   flush=True)
         run.splits()
-        teacher = (study.load_teacher_logits(run) if job.config.lam > 0 and not run.profile.augment
+        teacher = (load_teacher_logits(run) if job.config.lam > 0 and not run.profile.augment
                    else None)
         setup_s = time.perf_counter() - t0
         reused = None
         with records.collect_writes() as written:
             if job.kind == "warmup":
-                study.plan_student(run, job.config, job.seed, teacher, job.ckpt_dir,
+                students.plan_student(run, job.config, job.seed, teacher, job.ckpt_dir,
                                    progress=False).train_warmup()
             elif job.kind == "student":
-                result = study.run_method(run, job.config.method, job.seed, teacher, job.config)
+                result = students.run_method(run, job.config.method, job.seed, teacher, job.config)
                 reused = bool(result.reused)
             elif job.kind == "sweep":
-                row = study.sweep_row(run, job.config, job.seed, teacher)
+                row = sweep.sweep_row(run, job.config, job.seed, teacher)
                 reused = bool(row["reused"])
                 records.write_csv(job.row, pd.DataFrame([row]))
             else:
@@ -600,7 +601,7 @@ def run_jobs(run: Run, jobs: list[Job], plans: dict, opts: Options | None = None
     ``opts.executor``, wait with a progress bar, and return one row per job (``status``:
     skipped, done, failed or not run). Raises :class:`JobsFailed` naming each failed
     job, its log and its error's last lines once every other job has finished."""
-    opts = opts or options()
+    opts = opts or options(**run.jobs)   # the runner's --executor, through the run's configuration
     todo = with_warmups([j for j in jobs if not finished(j)], plans)
     skipped = [j for j in jobs if j.name not in {t.name for t in todo}]
     n_warm = sum(j.kind == "warmup" for j in todo)
@@ -698,8 +699,6 @@ def run_grid(run: Run, configs: dict, opts: Options | None = None, teacher=None,
             jobs, by_name = last_layer_jobs(run, refits, teacher, seeds)
             table = pd.concat([table, run_jobs(run, jobs, by_name, opts, "grid-last-layer", show)],
                               ignore_index=True)
-        # the hyper-parameters of the tables made from these records (the runner compares)
-        study.record_hparams(run, configs)
         return table
 
 
@@ -709,12 +708,12 @@ def last_layer_jobs(run: Run, configs: dict, teacher=None, seeds=None) -> tuple[
     the base student's (its checkpoint, reused here, never trained again once the grid
     has run); its fingerprint joins the base student's with the method's own
     configuration, so changing either reruns it."""
-    bases = {m: study.base_config(run, c) for m, c in configs.items()}
+    bases = {m: students.base_config(run, c) for m, c in configs.items()}
     teacher = _teacher(run, bases.values(), teacher)
     jobs, by_name = [], {}
     for seed in (run.seeds if seeds is None else seeds):
         for m, cfg in configs.items():
-            plan = study.plan_student(run, bases[m], seed, teacher, progress=False)
+            plan = students.plan_student(run, bases[m], seed, teacher, progress=False)
             job = dataclasses.replace(
                 _student_job(plan, "student", f"student-{m}-{cfg.config_id}-seed{seed}"),
                 config=cfg, fingerprint=f"{plan.fingerprint}-{cfg.config_id}")
@@ -725,14 +724,14 @@ def last_layer_jobs(run: Run, configs: dict, teacher=None, seeds=None) -> tuple[
 
 def run_sweep(run: Run, seeds, teacher=None, methods=None, opts: Options | None = None,
               show: bool = True):
-    """``study.sweep`` with each round's students (kd's lam x T grid, then each swept
-    method's beta grid) run as jobs; returns (table, chosen) like ``study.sweep``."""
-    opts = opts or options()
-    teacher = teacher or study.load_teacher_logits(run)
-    shared = study.teacher_for_students(run) if run.profile.augment else teacher
+    """``sweep.sweep`` with each round's students (kd's lam x T grid, then each swept
+    method's beta grid) run as jobs; returns (table, chosen) like ``sweep.sweep``."""
+    opts = opts or options(**run.jobs)   # the runner's --executor, through the run's configuration
+    teacher = teacher or load_teacher_logits(run)
+    shared = teacher_for_students(run) if run.profile.augment else teacher
 
     def evaluate(method, pairs):
-        plans = [study.plan_student(run, cfg, seed, shared if cfg.lam > 0 else None,
+        plans = [students.plan_student(run, cfg, seed, shared if cfg.lam > 0 else None,
                                     ckpt_dir=run.path("sweep", "checkpoints"), progress=False)
                  for cfg, seed in pairs]
         jobs = [_student_job(p, "sweep", f"sweep-{p.config.method}-{p.config.config_id}-seed{p.seed}")
@@ -741,4 +740,4 @@ def run_sweep(run: Run, seeds, teacher=None, methods=None, opts: Options | None 
         return [records.read_table(j.row).iloc[0].to_dict() for j in jobs]
 
     with _locked(run):
-        return study.sweep(run, seeds, teacher, methods, evaluate=evaluate)
+        return sweep.sweep(run, seeds, teacher, methods, evaluate=evaluate)

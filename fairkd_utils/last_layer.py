@@ -34,7 +34,6 @@ batch, no randomness; every (strength, subsample) problem of a seed is solved at
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -412,7 +412,7 @@ def instance_weight(config: MethodConfig, out, batch, inputs: WeightInputs) -> T
     """A method's raw (unnormalised) instance weight, the one dispatch over :data:`WEIGHTS`:
     ``out`` the student's ``StudentOutput`` (None for sources that do not read it),
     ``batch`` a ``data.Batch`` (``idx`` positions in the training split, ``y``, ``a``). Used
-    by training (:class:`Objective`) and the figures (``study.final_train_weights``)."""
+    by training (:class:`Objective`) and the figures (``students.final_train_weights``)."""
     return WEIGHTS[METHOD_SPECS[config.method].weight](config, out, batch, inputs)
 
 
@@ -652,14 +652,14 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
     ``teacher_logits``: (N_train, C) on the training split in dataset order (lam > 0).
     ``group_counts``: the training split's ``group_counts()``. ``model``: the student
     (laplace_kd reads its exit). ``seed``: shuffled's permutations, laplace_kd's Monte
-    Carlo (C > 2). ``error_set``: jtt's (``study.jtt_error_set``). ``top_k``: laplace_kd's
+    Carlo (C > 2). ``error_set``: jtt's (``students.jtt_error_set``). ``top_k``: laplace_kd's
     diagnostics compare that many most upweighted instances (the study: the number of
     minority-group training instances)."""
     m = config.method
     base = METHOD_SPECS[m].last_layer_of
     if base is not None:
         raise ValueError(f"{m} trains no student of its own: it retrains the last layer of "
-                         f"{base}'s student (study.run_method / last_layer.dfr)")
+                         f"{base}'s student (students.run_method / last_layer.dfr)")
     if isinstance(teacher_logits, Tensor) and n_train is not None and teacher_logits.shape[0] != n_train:
         raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but n_train={n_train}: "
                          "pass the teacher's logits on the training split, in dataset order")
@@ -669,7 +669,7 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
     elif source == "error_set":
         if error_set is None:
             raise ValueError("jtt needs error_set: the training instances its identification "
-                             "model gets wrong (study.jtt_error_set)")
+                             "model gets wrong (students.jtt_error_set)")
         inputs.error_set = torch.as_tensor(error_set).bool().flatten().cpu()
         if n_train is not None and len(inputs.error_set) != n_train:
             raise ValueError(f"error_set has {len(inputs.error_set)} entries but n_train={n_train}")

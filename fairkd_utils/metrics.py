@@ -23,10 +23,10 @@ from .profiles import BASELINES, METHODS
 
 __all__ = [
     "group_accuracy", "worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap",
-    "ece", "nll", "metric_rows", "summarize", "SUMMARY_METRICS", "calibration_conditions",
-    "CALIBRATION_TARGETS", "IMAGE_TARGETS", "shortcut_margin_ceiling",
+    "ece", "nll", "metric_rows", "summarize", "SUMMARY_METRICS",
     "auroc", "per_seed_metrics", "mean_interval", "summary_table", "paired_differences",
-    "within_wrong_rank_corr", "topk_overlap", "group_weight_share",
+    "within_wrong_rank_corr", "topk_overlap", "group_weight_share", "minority_groups",
+    "format_summary", "format_paired", "verdict", "verdicts",
 ]
 
 #: The scalar metrics of ``summary.csv`` (per method, over seeds).
@@ -167,90 +167,29 @@ def summarize(probs, y, g, n_groups: int, train_group_counts=None) -> dict:
     return out
 
 
-#: The calibration targets of the built-in miniature (test split unless stated), each
-#: ``(condition, what, target)``; :func:`calibration_conditions` checks them. ``{margin}``
-#: and ``{gain}`` are the two targets that depend on the benchmark the miniature copies
-#: (``study.calibration_targets``; the image miniature's are :data:`IMAGE_TARGETS`).
-CALIBRATION_TARGETS = (
-    ("a_teacher_avg", "teacher average accuracy", ">= 0.90"),
-    ("a_teacher_wga", "teacher worst-group accuracy", "in [0.55, 0.90]"),
-    ("b_erm_gap", "ERM student worst-group accuracy - teacher's", "<= -0.15"),
-    ("c_exit_wrong", "exit wrong on train minority groups (share)", ">= 0.50"),
-    ("c_exit_margin", "exit's mean margin where wrong (train minority)", ">= {margin:.2f}"),
-    ("d_gb_gain", "group_balanced_erm worst-group acc - ERM student's", ">= {gain:.2f}"),
-    ("e_kd_room", "kd worst-group accuracy - teacher's", "<= -0.05"),
-)
-
-#: (c)'s margin and (d)'s gain on the image miniature (Waterbirds' counts): the values
-#: the text targets are scaled from.
-IMAGE_TARGETS = {"margin": 0.50, "gain": 0.20}
-
-
-def shortcut_margin_ceiling(train_counts, n_attrs: int, groups) -> float:
-    """How confident a reader of the spurious attribute alone is where it is wrong: the
-    mean, over the training instances of ``groups`` (the minority groups), of the margin
-    P(top label | a) - P(second label | a) of the Bayes classifier that sees only the
-    attribute ``a``, from the training counts in the order ``g = y * n_attrs + a``.
-
-    Waterbirds' counts give 0.765 (landbird on water: 0.703, waterbird on land: 0.968);
-    MultiNLI's 0.625 (with negation: P(contradiction) 0.761 - P(neutral) 0.136). It is
-    the reference level of a calibrated shortcut reader, not a bound on every exit: one
-    that reads more than the attribute can be more confident on some instances.
-    Groups with no training instances are left out."""
-    counts = np.asarray(train_counts, dtype=float)
-    groups = [int(k) for k in groups if 0 <= int(k) < len(counts) and counts[int(k)] > 0]
-    if n_attrs < 2 or len(counts) % n_attrs or len(counts) <= n_attrs or not groups:
-        raise ValueError(f"shortcut_margin_ceiling needs label x attribute counts (at least two "
-                         f"labels) and non-empty minority groups (got {len(counts)} counts, "
-                         f"n_attrs={n_attrs}, groups={groups})")
-    table = counts.reshape(-1, n_attrs)               # rows: labels y; columns: attributes a
-    p = np.sort(table / np.maximum(table.sum(0, keepdims=True), 1.0), axis=0)
-    margin_of_attr = p[-1] - p[-2]
-    attrs = np.asarray(groups) % n_attrs
-    return float(np.average(margin_of_attr[attrs], weights=counts[np.asarray(groups)]))
-
-
-def calibration_conditions(per_seed, targets: dict | None = None) -> pd.DataFrame:
-    """The miniature's calibration conditions per seed and on the mean over seeds.
-
-    ``per_seed``: a DataFrame with one row per seed and columns ``seed``,
-    ``teacher_avg_acc``, ``teacher_wga``, ``erm_wga``, ``exit_minority_wrong``,
-    ``exit_minority_margin_wrong``, ``gb_wga`` (group_balanced_erm) and ``kd_wga``.
-    ``targets``: ``{"margin": ..., "gain": ...}`` for (c)'s margin and (d)'s gain
-    (default :data:`IMAGE_TARGETS`; ``study.calibration_targets`` derives the text ones).
-    Returns tidy rows ``seed`` ("mean" for the mean over seeds), ``condition``,
-    ``what``, ``target``, ``value``, ``passed``. The conditions use the teacher, the
-    ERM student, its exit, group-balanced ERM and plain kd only — never a
-    reweighting method, so they cannot be tuned towards one."""
-
-    t = {**IMAGE_TARGETS, **(targets or {})}
-    need = ["seed", "teacher_avg_acc", "teacher_wga", "erm_wga", "exit_minority_wrong",
-            "exit_minority_margin_wrong", "gb_wga", "kd_wga"]
-    missing = [c for c in need if c not in per_seed.columns]
-    if missing:
-        raise ValueError(f"calibration_conditions needs columns {missing}")
-    frame = per_seed[need].copy()
-    mean = frame.drop(columns="seed").mean().to_dict()
-    rows = []
-    for seed, r in [*((s, d) for s, d in zip(frame.seed, frame.to_dict("records"))), ("mean", mean)]:
-        values = {
-            "a_teacher_avg": (r["teacher_avg_acc"], r["teacher_avg_acc"] >= 0.90),
-            "a_teacher_wga": (r["teacher_wga"], 0.55 <= r["teacher_wga"] <= 0.90),
-            "b_erm_gap": (r["erm_wga"] - r["teacher_wga"], r["erm_wga"] <= r["teacher_wga"] - 0.15),
-            "c_exit_wrong": (r["exit_minority_wrong"], r["exit_minority_wrong"] >= 0.50),
-            "c_exit_margin": (r["exit_minority_margin_wrong"],
-                              r["exit_minority_margin_wrong"] >= t["margin"]),
-            "d_gb_gain": (r["gb_wga"] - r["erm_wga"], r["gb_wga"] >= r["erm_wga"] + t["gain"]),
-            "e_kd_room": (r["kd_wga"] - r["teacher_wga"], r["kd_wga"] <= r["teacher_wga"] - 0.05),
-        }
-        for cond, what, target in CALIBRATION_TARGETS:
-            value, ok = values[cond]
-            rows.append({"seed": seed, "condition": cond, "what": what,
-                         "target": target.format(**t), "value": float(value), "passed": bool(ok)})
-    return pd.DataFrame(rows)
-
-
 # --------------------------------------------------------------------------- statistics over seeds
+def minority_groups(train_counts, n_attrs: int) -> list[int]:
+    """The shortcut-conflicting groups: ``(y, a)`` whose label the attribute makes at
+    least twice less likely than it is overall, P(y | a) < P(y) / 2, read from the
+    training counts in the library's order ``g = y * n_attrs + a`` (``n_attrs``: the
+    dataset's ``ds.n_attrs``; a folder dataset's attribute may take more than two
+    values). Waterbirds: the two background-mismatched groups; CelebA: blond men;
+    MultiNLI: entailment and neutral with negation (not contradiction with negation,
+    which is small but agrees with the shortcut). When no group conflicts (e.g.
+    balanced data), the smallest group(s); none when all groups have the same size."""
+    counts = np.asarray(train_counts, dtype=float)
+    small = np.array([], dtype=int)
+    if n_attrs >= 2 and len(counts) % n_attrs == 0 and len(counts) > n_attrs and counts.sum() > 0:
+        table = counts.reshape(-1, n_attrs)  # rows: labels y; columns: attributes a
+        p_y = table.sum(1, keepdims=True) / table.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_y_given_a = table / table.sum(0, keepdims=True)
+        small = np.flatnonzero((p_y_given_a < 0.5 * p_y).ravel())
+    if len(small) == 0 and counts.min() < counts.max():
+        small = np.flatnonzero(counts == counts.min())
+    return [int(k) for k in small]
+
+
 def auroc(scores, labels) -> float:
     """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U,
     ties counted one half); NaN when a class is absent. Direction as given: no
@@ -345,6 +284,54 @@ def paired_differences(per_seed, metric: str = "worst_group_acc", baselines=BASE
 
 
 # --------------------------------------------------------------------------- agreement of two weightings
+# --------------------------------------------------------------------------- the tables, in words
+def _interval(mean, lo, hi, sign: str = "") -> str:
+    return f"{mean:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
+
+
+def format_summary(summary, methods) -> pd.DataFrame:
+    """``summary.csv`` as a reader's table: one row per method of ``methods`` (in that
+    order), one column per :data:`SUMMARY_METRICS`, each "mean ± sd [95 % interval]"."""
+    cells = summary.assign(value=[f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci95_lo']:.3f}, {r['ci95_hi']:.3f}]"
+                                  for _, r in summary.iterrows()])
+    return cells.pivot(index="method", columns="metric", values="value").reindex(methods)[list(SUMMARY_METRICS)]
+
+
+def format_paired(summary, methods, baselines=BASELINES, metric: str = "worst_group_acc") -> pd.DataFrame:
+    """Each method's paired difference in ``metric`` against each baseline, "mean
+    [95 % interval]" (empty for a baseline against itself)."""
+    rows = summary[summary.metric == metric].set_index("method")
+    return pd.DataFrame({f"vs {b}": ["" if pd.isna(rows.loc[m].get(f"diff_vs_{b}_mean")) else _interval(
+        *(rows.loc[m, f"diff_vs_{b}_{k}"] for k in ("mean", "ci95_lo", "ci95_hi")), sign="+")
+        for m in methods] for b in baselines}, index=list(methods))
+
+
+def verdict(row, baseline: str = "dedier_both") -> str:
+    """"better than", "worse than" or "not distinguishable from" ``baseline``: whether the
+    paired difference's whole 95 % interval lies above zero, below it, or neither."""
+    lo, hi = row[f"diff_vs_{baseline}_ci95_lo"], row[f"diff_vs_{baseline}_ci95_hi"]
+    return "better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from"
+
+
+def verdicts(summary, references=(), metric: str = "worst_group_acc") -> str:
+    """In words: the methods ranked by mean test ``metric`` (``references``, which use
+    group labels, left out), then the primary contrast (Laplace-KD - DeDiER, both terms)
+    and, when present, the readout ablation (DeDiER from the final head - from the exit)."""
+    rows = summary[summary.metric == metric].set_index("method")
+    ranked = rows.drop(index=[m for m in references if m in rows.index])["mean"].sort_values(ascending=False)
+    lines = [f"Mean test {metric}, best first (references {[m for m in references if m in rows.index]} "
+             "use group labels, excluded):"]
+    lines += [f"  {m:12s} {v:.3f} ± {rows.loc[m, 'std']:.3f}" for m, v in ranked.items()]
+    for method, what in (("laplace_kd", "Laplace-KD - DeDiER (both terms)"),
+                         ("dedier_final", "DeDiER read from the final head - from the early exit")):
+        if {method, "dedier_both"} <= set(rows.index):
+            r = rows.loc[method]
+            lines.append(f"{what}, {metric}, paired over {int(r['paired_seeds_vs_dedier_both'])} seeds: "
+                         f"{_interval(r['diff_vs_dedier_both_mean'], r['diff_vs_dedier_both_ci95_lo'], r['diff_vs_dedier_both_ci95_hi'], '+')}"
+                         f" -> {method} is {verdict(r)} dedier_both here.")
+    return "\n".join(lines)
+
+
 def _weights(w, name: str) -> np.ndarray:
     a = np.asarray(_t(w).double().numpy() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
     if a.ndim != 1 or not np.isfinite(a).all():

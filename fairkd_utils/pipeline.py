@@ -45,7 +45,7 @@ from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHOD_SETS, PROFIL
                        TRAINED, apply_overrides, get_profile, method_set_tag, missing_hparams,
                        overrides_tag, parse_overrides, read_hparams_file, resolve_device,
                        resolve_methods)
-from .rundir import REPO_ROOT
+from .rundir import JOBS_ENV, REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
@@ -73,11 +73,11 @@ class Interrupted(RuntimeError):
     """Ctrl-C: the message names what was interrupted."""
 
 
-#: The committed chosen hyper-parameters (``study.HPARAMS_FILE``), keyed by
+#: The committed chosen hyper-parameters (``hparams.HPARAMS_FILE``), keyed by
 #: ``<dataset>-<profile>``.
 HPARAMS_FILE = Path(__file__).with_name("hparams.json")
 #: What notebook 05 records of the hyper-parameters that made the run's tables
-#: (``study.HPARAMS_USED``).
+#: (``hparams.HPARAMS_USED``).
 HPARAMS_USED = "hparams_used.json"
 
 
@@ -275,10 +275,11 @@ def environment(values: dict):
                 os.environ[k] = v
 
 
-def executor_parameters(args) -> dict:
-    """Notebook 05's ``executor``, ``workers``, ``threads`` and ``slurm`` from
-    ``--executor``, ``--workers``, ``--threads`` and ``--slurm-*``, checked (by
-    ``jobs.options``) before any kernel starts; {} for the default (inline, as given)."""
+def jobs_environment(args) -> dict:
+    """Where notebook 05's jobs run — ``--executor``, ``--workers``, ``--threads`` and
+    ``--slurm-*``, checked (by ``jobs.options``) before any kernel starts — as the
+    kernels' :data:`rundir.JOBS_ENV` (the run's configuration, never a notebook
+    parameter); {} for the default (inline)."""
     from . import jobs
 
     slurm = {k: getattr(args, f"slurm_{k}", None) for k in jobs.SLURM_KEYS}
@@ -290,14 +291,14 @@ def executor_parameters(args) -> dict:
     opts = jobs.options(executor, workers, threads, slurm)
     out = {"executor": opts.executor, "workers": opts.workers, "threads": opts.threads,
            "slurm": opts.slurm}
-    return {k: v for k, v in out.items() if v is not None and (k, v) != ("executor", "inline")}
+    out = {k: v for k, v in out.items() if v is not None and (k, v) != ("executor", "inline")}
+    return {JOBS_ENV: json.dumps(out, sort_keys=True)} if out else {}
 
 
 def optional_parameters(args) -> dict:
-    """Parameters only the notebooks that declare them receive (notebook 05): where the
-    jobs run, the sweep switch, a hyper-parameter file and a named method set other than
-    the profile's."""
-    optional = executor_parameters(args)
+    """Parameters only the notebooks that declare them receive (notebook 05): the sweep
+    switch, a hyper-parameter file and a named method set other than the profile's."""
+    optional = {}
     if getattr(args, "methods", None) not in (None, "default"):
         optional["methods"] = args.methods
     if getattr(args, "sweep", False):
@@ -572,6 +573,7 @@ def run(args) -> Path:
     check_prerequisites(args, run_dir, notebooks, known, seeds,
                         resolve_methods(profile, getattr(args, "methods", None)))
     optional = optional_parameters(args)
+    jobs_environment(args)   # --executor and its options, checked before any kernel starts
     if getattr(args, "executor", None) == "slurm":   # what reaches the sbatch script
         from . import jobs
 
@@ -604,7 +606,8 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
         "git_sha": _git_sha(),
         "versions": _versions(),
         "command": command,
-        "config": {"profile": profile.to_dict(), "parameters": {**params, **optional}},
+        "config": {"profile": profile.to_dict(), "parameters": {**params, **optional},
+                   "jobs": jobs_environment(args)},
         "device": device,
         "platform": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -618,7 +621,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
             fh.write(f"{time.strftime('%H:%M:%S')} [fairkd] {message}\n")
 
     total = time.perf_counter()
-    kernel_env = retrain_environment(retrain)
+    kernel_env = {**retrain_environment(retrain), **jobs_environment(args)}
     if retrain is not None:
         which = " ".join(f"{p}*" for p in retrain) if retrain else "every checkpoint"
         say(f"--retrain: retraining {which} (once in this run)")

@@ -318,7 +318,7 @@ class Profile:
     # synthetic_text only: the student's pretrained encoder, the stand-in for the public
     # small-BERT checkpoint a real text student starts from. With
     # student_pretrain_per_pair > 0, one encoder is trained once per run (seed
-    # study.STUDENT_PRETRAIN_SEED) for student_pretrain_epochs on its own unbiased corpus
+    # build.STUDENT_PRETRAIN_SEED) for student_pretrain_epochs on its own unbiased corpus
     # with that many pairs per group, and every student, whatever its seed, starts from
     # it (the seed draws the heads and the data order, as in fine-tuning a checkpoint).
     student_pretrain_per_pair: int = 0

@@ -166,7 +166,7 @@ RECORD_COLUMNS = {
     "laplace_effect": (("seed", "method", "config_id", "epoch"),
                        ("seed", "method", "config_id", "epoch")),
     "timings": (("stage", "name", "seconds", "reused"), ("stage", "name", "seconds", "reused")),
-    # DFR's strengths per seed (study.run_dfr): accuracies on the selection half of val
+    # DFR's strengths per seed (students.run_dfr): accuracies on the selection half of val
     "dfr": (("seed", "method", "config_id", "base_config_id", "penalty", "C",
              "val_half2_worst_group_acc", "val_half2_avg_acc", "chosen"),
             ("seed", "method", "config_id", "base_config_id", "penalty", "C", "chosen")),

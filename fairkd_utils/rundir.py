@@ -7,6 +7,7 @@ notebooks share nothing but its files.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,9 @@ from .checkpoints import code_fingerprint
 from .profiles import (BUILT_IN_DATASETS, DATASETS, Profile, apply_overrides, get_profile,
                        method_set_tag, overrides_tag, resolve_device, synthetic_text_knobs)
 
+#: Set by the runner for its kernels: where notebook 05's jobs run, as JSON
+#: (``jobs.options``' arguments: executor, workers, threads, slurm). Unset: inline.
+JOBS_ENV = "FAIRKD_JOBS"
 #: The repository (default ``results/`` and ``figures/`` live here).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +48,10 @@ class Run:
     seeds: list[int]
     device: str
     hparams_file: str | None = None
+    sweep: bool = False        # the hyper-parameters come from this run's own sweep (notebook 05)
+    #: where notebook 05's jobs run (``jobs.options``' arguments), from the runner's
+    #: ``--executor`` through :data:`JOBS_ENV`; {} runs them inline, one after another
+    jobs: dict = field(default_factory=dict)
     teacher_model: str | None = None   # local weights file (images) or Hugging Face folder (text)
     student_model: str | None = None
     _splits: dict | None = field(default=None, repr=False)
@@ -102,11 +110,15 @@ class Run:
 
 def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str = "synthetic",
           data_root=None, seeds=None, device: str = "auto", hparams_file=None,
-          profile_overrides=None, teacher_model=None, student_model=None, methods=None) -> Run:
+          profile_overrides=None, teacher_model=None, student_model=None, methods=None,
+          sweep=None) -> Run:
     """Resolve a notebook's parameters into a :class:`Run` (creating its folders), and
     append the ``fairkd`` logger's lines (training progress) to ``<run_dir>/run.log``.
     ``methods`` (a named method set such as ``"extended"``) only names the default run
-    directory, as the runner does."""
+    directory, as the runner does. ``sweep`` (None: the profile's setting): the run's
+    hyper-parameters are those its own sweep writes, ``<run_dir>/sweep/hparams.json``
+    (notebook 05 runs the sweep before it reads them); not with ``hparams_file``. Where
+    notebook 05's jobs run comes from the runner (:data:`JOBS_ENV`)."""
     import logging
 
     prof = apply_overrides(get_profile(profile, dataset), profile_overrides)
@@ -127,12 +139,19 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
         handler.fairkd_run_log = log_file
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    sweep = prof.sweep if sweep is None else bool(sweep)
+    if sweep and hparams_file:
+        raise ValueError("a sweep chooses the hyper-parameters itself: give either sweep or "
+                         "hparams_file (--sweep or --hparams), not both")
+    if sweep:
+        hparams_file = run_dir / "sweep" / "hparams.json"
     device = resolve_device(device)
     if device == "cpu":
         configure_threads()
     return Run(run_dir=run_dir, figures_dir=figures_dir, profile=prof, dataset=dataset,
                data_root=data_root, seeds=list(seeds) if seeds else list(prof.seeds), device=device,
-               hparams_file=str(hparams_file) if hparams_file else None,
+               hparams_file=str(hparams_file) if hparams_file else None, sweep=sweep,
+               jobs=json.loads(os.environ.get(JOBS_ENV) or "{}"),
                teacher_model=str(teacher_model) if teacher_model else None,
                student_model=str(student_model) if student_model else None)
 

@@ -164,7 +164,7 @@ else:
 # %%
 shortcut = {a: int(np.bincount(train.y.numpy()[train.a.numpy() == a], minlength=train.n_classes).argmax())
             for a in range(train.n_attrs)}
-minority = fk.study.minority_groups(train.group_counts(), train.n_attrs)
+minority = fk.metrics.minority_groups(train.group_counts(), train.n_attrs)
 
 
 def agreement(ds):

@@ -80,7 +80,7 @@ print(f"teacher: {run.profile.teacher_arch} {run.profile.teacher_widths or ''}, 
 # reuses it, any change trains a new file beside it.
 
 # %%
-stages = fk.study.train_teacher_stages(run)
+stages = fk.teacher.train_teacher_stages(run)
 for stage, res in stages.items():
     print(f"{stage}: " + ("reused " if res.reused else "trained into ") + res.checkpoint.name
           + f" (best validation epoch {res.best_epoch})")
@@ -116,7 +116,7 @@ stage_table[list(stages)].round(3)
 # run on each augmented batch.)
 
 # %%
-logits = fk.study.save_teacher_logits(run, result)
+logits = fk.teacher.save_teacher_logits(run, result)
 {split: tuple(logits[split].shape) for split in splits}
 
 # %% [markdown]
@@ -129,8 +129,8 @@ rows = []
 for split in ("val", "test"):
     ds = splits[split]
     probs = logits[split].double().softmax(1)
-    rows += fk.study.record(run, probs, ds, model="teacher", method="erm",
-                                 seed=fk.study.TEACHER_SEED, config_id="teacher",
+    rows += fk.students.record(run, probs, ds, model="teacher", method="erm",
+                                 seed=fk.build.TEACHER_SEED, config_id="teacher",
                                  predictions=(split == "test"))
 teacher_metrics = pd.DataFrame(rows)
 teacher_metrics.pivot(index="group_name", columns="split", values="acc").round(3)

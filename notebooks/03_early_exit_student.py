@@ -68,8 +68,8 @@ run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, 
 fk.rundir.print_profile_note(run)   # says so when the numbers mean nothing (smoke)
 run.require("groups.csv", "01_data_and_groups")
 splits = run.splits()
-config = fk.study.method_config(run, "erm")
-minority = fk.study.minority_groups(splits["train"].group_counts(), splits["train"].n_attrs)
+config = fk.hparams.method_config(run, "erm")
+minority = fk.metrics.minority_groups(splits["train"].group_counts(), splits["train"].n_attrs)
 print(f"student: {run.profile.student_arch} {run.profile.student_widths or ''}, exit after stage "
       f"{run.profile.exit_stage}; seeds {run.seeds}; minority groups "
       f"{[splits['train'].group_names[k] for k in minority]}")
@@ -89,8 +89,8 @@ print(f"student: {run.profile.student_arch} {run.profile.student_widths or ''}, 
 # %%
 test_preds, train_preds = {}, {}
 for seed in run.seeds:
-    result = fk.study.train_student(run, config, seed)
-    preds = fk.study.evaluate_student(run, result, config, seed)
+    result = fk.students.train_student(run, config, seed)
+    preds = fk.students.evaluate_student(run, result, config, seed)
     test_preds[seed] = preds["test"]
     train_preds[seed] = fk.train.predict(result.model, splits["train"], device=run.device)
     print(f"seed {seed}: {'reused' if result.reused else 'trained'} {result.checkpoint.name}, "
@@ -181,7 +181,7 @@ score.groupby("group", sort=False).mean().round(3)
 
 # %%
 test = splits["test"]
-frame = pd.concat([fk.study.exit_frame(p, test).assign(seed=s) for s, p in test_preds.items()])
+frame = pd.concat([fk.students.exit_frame(p, test).assign(seed=s) for s, p in test_preds.items()])
 long = frame.melt(id_vars=["group", "group_name", "correct", "seed"], value_vars=["prob", "margin"],
                   var_name="score", value_name="value")
 long["score"] = long["score"].map({"prob": "confidence", "margin": "margin"})
@@ -215,7 +215,7 @@ def exit_premise(frame):
         "confidently_wrong_share": (~d.correct & (d.margin > 0.5)).mean(),
     }), include_groups=False).rename(index={True: "minority groups", False: "majority groups"})
 
-train_frame = pd.concat([fk.study.exit_frame(p, splits["train"]).assign(seed=s)
+train_frame = pd.concat([fk.students.exit_frame(p, splits["train"]).assign(seed=s)
                          for s, p in train_preds.items()])
 summary = exit_premise(frame)
 premise_table = pd.concat({"test": summary, "train": exit_premise(train_frame)}, names=["split"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fairkd_utils import data as fkdata
-from fairkd_utils import rundir, study
+from fairkd_utils import metrics, rundir
 from fairkd_utils.data import load_splits
 from fairkd_utils.profiles import get_profile
 from fairkd_utils.checkpoints import describe_data, fingerprint
@@ -265,10 +265,10 @@ def test_decoding_many_images_shows_a_progress_bar(tmp_path, monkeypatch, capsys
 
 
 def test_minority_groups_of_balanced_data_are_the_smallest_or_none():
-    assert study.minority_groups([3498, 184, 56, 1057], 2) == [1, 2]  # unchanged
-    assert study.minority_groups([10, 10, 9, 10], 2) == [2]
-    assert study.minority_groups([9, 10, 9, 12, 11, 10], 2) == [0, 2]
-    assert study.minority_groups([5, 5, 5, 5], 2) == []
+    assert metrics.minority_groups([3498, 184, 56, 1057], 2) == [1, 2]  # unchanged
+    assert metrics.minority_groups([10, 10, 9, 10], 2) == [2]
+    assert metrics.minority_groups([9, 10, 9, 12, 11, 10], 2) == [0, 2]
+    assert metrics.minority_groups([5, 5, 5, 5], 2) == []
 
 
 def _premise_cells():
@@ -290,8 +290,8 @@ def test_notebook_03_premise_check_handles_balanced_training_data(counts, capsys
                             group_names=["g0", "g1", "g2", "g3"])
     namespace = {"pd": pd, "np": np, "frame": frame, "train_preds": {0: frame},
                  "splits": {"train": train},
-                 "minority": study.minority_groups(counts, 2),
-                 "fk": SimpleNamespace(study=SimpleNamespace(exit_frame=lambda p, ds: p))}
+                 "minority": metrics.minority_groups(counts, 2),
+                 "fk": SimpleNamespace(students=SimpleNamespace(exit_frame=lambda p, ds: p))}
     for source in _premise_cells():
         exec(source, namespace)
     out = capsys.readouterr().out

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fairkd_utils import pipeline, profiles, rundir, study
+from fairkd_utils import hparams, pipeline, profiles, rundir
 
 
 def _run(tmp_path, entry, name="synthetic-smoke"):
@@ -25,18 +25,18 @@ COMPLETE = {"kd": {"lam": 0.9, "T": 4.0}, "dedier": {"beta": 2.0}, "dedier_both"
 def test_a_partial_entry_stops_naming_what_is_missing_instead_of_taking_library_defaults(tmp_path):
     run = _run(tmp_path, {"kd": {"lam": 0.9}, "dedier_both": {"beta": 1.0}})
     with pytest.raises(ValueError, match=r"h\.json\['synthetic-smoke'\] lacks kd's T \(read by kd\)"):
-        study.method_config(run, "kd")
+        hparams.method_config(run, "kd")
     with pytest.raises(ValueError, match="lacks kd's T"):
-        study.method_config(run, "shuffled")
+        hparams.method_config(run, "shuffled")
     with pytest.raises(ValueError, match=r"lacks kd's T \(read by dedier\), dedier's beta \(read by dedier\)"):
-        study.method_config(run, "dedier")
-    assert study.method_config(run, "erm").lam == 0.0      # erm reads nothing from the file
+        hparams.method_config(run, "dedier")
+    assert hparams.method_config(run, "erm").lam == 0.0      # erm reads nothing from the file
     # the methods a run trains, all at once
     missing = profiles.missing_hparams({"kd": {"lam": 0.9}}, ["erm", "kd", "shuffled", "jtt"])
     assert missing == ["kd's T (read by kd, shuffled, jtt)", "dedier_both's beta (read by shuffled)",
                        "jtt's jtt_epochs (read by jtt)", "jtt's jtt_upweight (read by jtt)"]
     run = _run(tmp_path, COMPLETE)
-    assert {m: study.method_config(run, m).beta for m in ("dedier", "shuffled", "laplace_kd")} == \
+    assert {m: hparams.method_config(run, m).beta for m in ("dedier", "shuffled", "laplace_kd")} == \
         {"dedier": 2.0, "shuffled": 1.0, "laplace_kd": 4.0}
 
 
@@ -51,9 +51,9 @@ def test_a_partial_entry_stops_naming_what_is_missing_instead_of_taking_library_
 def test_a_value_of_the_wrong_type_or_shape_is_named(tmp_path, method, value, message):
     run = _run(tmp_path, {**COMPLETE, method: value})
     with pytest.raises(ValueError, match=message):
-        study.read_hparams(run.hparams_file)
+        hparams.read_hparams(run.hparams_file)
     with pytest.raises(ValueError, match=message):
-        study.method_config(run, "erm")
+        hparams.method_config(run, "erm")
 
 
 @pytest.mark.parametrize("method, value, message", [
@@ -66,11 +66,11 @@ def test_a_value_of_the_wrong_type_or_shape_is_named(tmp_path, method, value, me
 def test_a_value_the_method_does_not_read_is_refused(tmp_path, method, value, message):
     run = _run(tmp_path, {**COMPLETE, method: value})
     with pytest.raises(ValueError, match=message):
-        study.method_config(run, "kd")
+        hparams.method_config(run, "kd")
 
 
 def test_the_committed_file_is_complete_and_well_formed():
-    chosen = study.read_hparams(study.HPARAMS_FILE)
+    chosen = hparams.read_hparams(hparams.HPARAMS_FILE)
     assert profiles.missing_hparams(chosen["synthetic-default"],
                                     profiles.resolve_methods(profiles.get_profile("default"), "extended")) == []
     assert profiles.missing_hparams(chosen["synthetic_text-default"], profiles.DEFAULT_METHODS) == []
@@ -129,7 +129,7 @@ hparams_file = None
 import fairkd_utils as fk
 run = fk.rundir.setup(run_dir, figures_dir, profile, dataset, data_root, seeds, "cpu",
                       hparams_file=hparams_file)
-fk.study.record_hparams(run, {m: fk.study.method_config(run, m) for m in ("erm", "kd")})
+fk.hparams.record_hparams(run, {m: fk.hparams.method_config(run, m) for m in ("erm", "kd")})
 '''
 
 

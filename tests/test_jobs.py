@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairkd_utils import checkpoints, jobs, losses, records, rundir, study
+from fairkd_utils import checkpoints, hparams, jobs, losses, records, rundir, students, sweep
+from fairkd_utils import teacher as teacher_mod
 
 #: A real comparison, kept small: one method per kind of weight (none, the exit's MAP,
 #: the exit's Laplace, the true group at lam = 0) on the smoke profile's seed.
@@ -27,7 +28,7 @@ def _prefix(smoke_run: Path, dest: Path):
     run_dir = dest / "synthetic-smoke"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("jobs", "done", "sweep", "*.lock"))
     run = rundir.setup(run_dir, dest / "figures", "smoke", "synthetic", None, [0], "cpu")
-    keep = study.plan_student(run, study.method_config(run, "erm"), 0).warmup_checkpoint().name
+    keep = students.plan_student(run, hparams.method_config(run, "erm"), 0).warmup_checkpoint().name
     for ck in (run_dir / "checkpoints").iterdir():
         if not (ck.name.startswith(("teacher", "student-erm-")) or ck.name == keep):
             ck.unlink()
@@ -35,7 +36,7 @@ def _prefix(smoke_run: Path, dest: Path):
 
 
 def _configs(run, methods=METHODS):
-    return {m: study.method_config(run, m) for m in methods}
+    return hparams.method_configs(run, methods)[0]   # as notebook 05 reads them: once, recorded
 
 
 def _tables(run) -> dict:
@@ -58,7 +59,7 @@ def test_local_workers_give_tables_byte_identical_to_inline(smoke_run, tmp_path)
     for table in (inline, local):
         assert set(table.status) == {"done"}, table
         assert sorted(table.kind) == ["student"] * 4 + ["warmup"]   # kd's, shared by three
-    for run in (a, b):   # the hyper-parameters of these records, for the runner to compare
+    for run in (a, b):   # the hyper-parameters of these records (method_configs), for the runner
         used = json.loads((run.run_dir / "hparams_used.json").read_text())
         assert used["configs"] == {m: c.to_dict() for m, c in _configs(run).items()}
         assert used["source"].startswith("library defaults") and used["file"] is None
@@ -86,7 +87,7 @@ def test_local_workers_give_tables_byte_identical_to_inline(smoke_run, tmp_path)
 def test_a_failing_job_is_named_with_its_log_and_a_rerun_runs_only_it(smoke_run, tmp_path):
     run = _prefix(smoke_run, tmp_path)
     configs = _configs(run, ("erm", "kd", "group_balanced_erm"))
-    bad = study.plan_student(run, configs["group_balanced_erm"], 0).checkpoint
+    bad = students.plan_student(run, configs["group_balanced_erm"], 0).checkpoint
     bad.write_bytes(b"not a checkpoint")    # the job that loads it raises CheckpointError
     with pytest.raises(jobs.JobsFailed) as err:
         jobs.run_grid(run, configs, jobs.options("local", workers=2), show=False)
@@ -231,7 +232,7 @@ def test_collect_writes_and_the_lock(tmp_path):
 def test_the_sweep_runs_as_jobs_and_a_rerun_skips_them(smoke_run, tmp_path, monkeypatch):
     """The sweep's rounds as jobs (training replaced by known validation scores: the
     plumbing, not the training, which the grid tests cover): one row file and stamp per
-    configuration and seed, the same choice as ``study.sweep`` makes, nothing rerun."""
+    configuration and seed, the same choice as ``sweep.sweep`` makes, nothing rerun."""
     run = _prefix(smoke_run, tmp_path)
     calls = []
 
@@ -242,7 +243,7 @@ def test_the_sweep_runs_as_jobs_and_a_rerun_skips_them(smoke_run, tmp_path, monk
                 "T": cfg.T, "beta": cfg.beta, "score": cfg.score, "val_worst_group_acc": score,
                 "val_avg_acc": 0.9, "reused": False}
 
-    monkeypatch.setattr(study, "sweep_row", fake_row)
+    monkeypatch.setattr(sweep, "sweep_row", fake_row)
     table, chosen = jobs.run_sweep(run, [0, 1], methods=["kd", "dedier_both"], show=False)
     assert chosen == {"kd": {"lam": 0.9, "T": 2.0}, "dedier_both": {"beta": 4.0}}
     assert len(table) == len(calls) == 9 * 2 + 3 * 2
@@ -256,7 +257,7 @@ def test_the_sweep_runs_as_jobs_and_a_rerun_skips_them(smoke_run, tmp_path, monk
 
 def test_dfr_runs_after_the_grid_on_kds_student_and_a_rerun_skips_it(smoke_run, tmp_path):
     """DFR trains no student: notebook 05's grid runs it in a second phase, on kd's
-    checkpoint (reused, not trained again), with the same records as study.run_method;
+    checkpoint (reused, not trained again), with the same records as students.run_method;
     changing DFR's own configuration reruns only the DFR job."""
     run = _prefix(smoke_run, tmp_path)
     table = jobs.run_grid(run, _configs(run, ("kd", "dfr")), jobs.options("inline", threads=1),
@@ -292,7 +293,7 @@ def test_jtt_runs_in_the_grid_and_two_jtt_configs_write_apart(smoke_run, tmp_pat
     stamp = _stamp(run, table.job.iloc[0])
     assert len(stamp["files"]) == len(set(stamp["files"]))
     other = configs["jtt"].replace(jtt_upweight=configs["jtt"].jtt_upweight + 1.0)
-    errors = study.jtt_error_set(run, other, 0)
+    errors = students.jtt_error_set(run, other, 0)
     assert errors.dtype == torch.bool and errors.shape == (len(run.splits()["train"]),)
     timings = sorted(p.name for p in (run.run_dir / "records" / "timings").glob("jtt-identification-*"))
     assert timings == sorted(f"jtt-identification-{c.config_id}-seed0.csv"
@@ -306,10 +307,10 @@ def test_under_augmentation_a_teacher_model_given_is_kept_not_loaded_again(tmp_p
                        profile_overrides={"augment": True})
     online = losses.OnlineTeacher(torch.nn.Linear(2, 2), fingerprint="given")
     calls = []
-    monkeypatch.setattr(study, "train_teacher", lambda *a, **k: calls.append(a))
-    configs = [study.method_config(run, "kd"), study.method_config(run, "dfr")]
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: calls.append(a))
+    configs = [hparams.method_config(run, "kd"), hparams.method_config(run, "dfr")]
     assert jobs._teacher(run, configs, online) is online and not calls
-    assert jobs._teacher(run, [study.method_config(run, "erm")], online) is None   # nothing distils
+    assert jobs._teacher(run, [hparams.method_config(run, "erm")], online) is None   # nothing distils
 
 
 @pytest.mark.parametrize("where", ["partition", "run_dir"])

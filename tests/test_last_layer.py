@@ -1,4 +1,4 @@
-"""DFR (fairkd_utils/last_layer.py, study.run_dfr): the validation split cut in halves,
+"""DFR (fairkd_utils/last_layer.py, students.run_dfr): the validation split cut in halves,
 group-balanced subsamples of the first, a logistic regression that solves its own
 objective, the strength chosen on the second half, and test never read."""
 
@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import minimize
 
 from fairkd_utils import last_layer as LL
-from fairkd_utils import losses, models, records, rundir, study, train
+from fairkd_utils import losses, models, records, rundir, students, train
 from fairkd_utils.data import GroupDataset
 from fairkd_utils.profiles import get_profile
 
@@ -138,7 +138,7 @@ def _split(split, n, seed, size=16):
 
 
 def test_dfr_never_reads_test_and_is_recorded_like_every_student(tmp_path, monkeypatch):
-    """study.run_dfr: two runs that differ only in their test split choose the same
+    """students.run_dfr: two runs that differ only in their test split choose the same
     strength and the same last layer; the student and its (kd) exit are recorded."""
     profile = get_profile("smoke").replace(student_widths=(8, 16), student_blocks=(1, 1),
                                            image_size=16)
@@ -148,7 +148,7 @@ def test_dfr_never_reads_test_and_is_recorded_like_every_student(tmp_path, monke
         assert cfg.method == "kd" and (cfg.lam, cfg.T) == (0.9, 4.0)
         return train.TrainResult(model, None, None, None, True, "fp", 1)
 
-    monkeypatch.setattr(study, "train_student", fake_student)
+    monkeypatch.setattr(students, "train_student", fake_student)
     heads = []
     for k, test_seed in enumerate((2, 3)):
         splits = {"train": _split("train", 32, 0), "val": _split("val", 64, 1),
@@ -157,7 +157,7 @@ def test_dfr_never_reads_test_and_is_recorded_like_every_student(tmp_path, monke
                          dataset="synthetic", data_root=None, seeds=[0], device="cpu",
                          _splits=splits)
         cfg = losses.default_config("dfr", lam=0.9, T=4.0)
-        res = study.run_method(run, "dfr", 0, config=cfg)
+        res = students.run_method(run, "dfr", 0, config=cfg)
         heads.append((res.model.backbone.fc.weight.detach().clone(),
                        records.assemble(run.run_dir, "dfr", write=False)))
         m = records.assemble(run.run_dir, "metrics", write=False)

@@ -14,8 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fairkd_utils import (checkpoints, data, multinli, pipeline, rundir, study, synthetic_text,
-                          text_models)
+from fairkd_utils import (build, checkpoints, data, multinli, pipeline, rundir, synthetic_text, text_models)
 from fairkd_utils.profiles import TEXT_PROFILES
 
 from fakes import (TEXT_COUNTS, fake_multinli_rows, make_fake_bert_folder, make_fake_multinli,
@@ -214,7 +213,7 @@ def test_every_text_profile_builds_its_teacher_and_student_on_multinli(tmp_path,
     train = run.splits()["train"]
     assert train.vocab_size == len(transformers.AutoTokenizer.from_pretrained(bert_dir))
     assert train.x.shape[2] <= TEXT_PROFILES[profile].max_length
-    teacher, student = study.build_teacher(run).eval(), study.build_student(run, 0).eval()
+    teacher, student = build.build_teacher(run).eval(), build.build_student(run, 0).eval()
     with torch.no_grad():
         assert teacher(train.x[:5]).shape == (5, 3)
         out = student(train.x[:5])

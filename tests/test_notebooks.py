@@ -2,11 +2,12 @@
 every parameter the runner passes (papermill silently ignores unknown ones)."""
 
 import argparse
+import json
 
 import jupytext
 import pytest
 
-from fairkd_utils import pipeline
+from fairkd_utils import jobs, pipeline, rundir
 
 NOTEBOOKS = pipeline.discover_notebooks()
 
@@ -82,23 +83,40 @@ def test_papermill_parses_every_line_of_the_parameters_cell(path):
     assert len(parsed) == len(lines), f"{path.name}: papermill parses {sorted(parsed)} of {lines}"
 
 
-def test_the_executor_flags_reach_only_notebook_05_checked_before_any_kernel(tmp_path, capsys):
+def test_the_executor_flags_reach_the_jobs_through_the_run_not_a_notebook(tmp_path, capsys, monkeypatch):
+    """No notebook has an executor, worker, thread or SLURM parameter: the runner puts
+    them in the kernels' environment and ``rundir.setup`` makes them the run's ``jobs``."""
     declaring = [p.name for p in NOTEBOOKS
-                 if {"executor", "workers", "threads", "slurm"} <= pipeline.declared_parameters(jupytext.read(p))]
-    assert declaring == ["05_distillation_comparison.py"]
+                 if {"executor", "workers", "threads", "slurm"} & pipeline.declared_parameters(jupytext.read(p))]
+    assert declaring == []
     args = pipeline.build_parser().parse_args(
         ["--executor", "slurm", "--workers", "8", "--slurm-partition", "gpu", "--slurm-time", "2:00:00",
          "--slurm-gpus", "1", "--slurm-cpus", "6"])
-    assert pipeline.optional_parameters(args) == {
-        "executor": "slurm", "workers": 8,
-        "slurm": {"partition": "gpu", "time": 120, "gpus": 1, "cpus": 6}}
-    assert pipeline.optional_parameters(pipeline.build_parser().parse_args([])) == {}
+    env = pipeline.jobs_environment(args)
+    assert pipeline.optional_parameters(args) == {}
+    expected = {"executor": "slurm", "workers": 8, "slurm": {"partition": "gpu", "time": 120, "gpus": 1, "cpus": 6}}
+    assert json.loads(env[rundir.JOBS_ENV]) == expected
+    monkeypatch.setenv(rundir.JOBS_ENV, env[rundir.JOBS_ENV])
+    run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke")
+    assert run.jobs == expected
+    assert jobs.options(**run.jobs).slurm == {"partition": "gpu", "time": 120, "gpus": 1, "cpus": 6}
+    monkeypatch.delenv(rundir.JOBS_ENV)
+    assert rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke").jobs == {}
+    assert pipeline.jobs_environment(pipeline.build_parser().parse_args([])) == {}
     for argv, message in ((["--slurm-gpus", "1"], "apply to --executor slurm only"),
                           (["--workers", "2"], "--workers applies to --executor local or slurm"),
                           (["--executor", "slurm", "--slurm-time", "2h"], "--slurm-time '2h'")):
         assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path), "--only", "01", *argv]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "synthetic-smoke").exists()
+
+
+def test_a_sweep_run_reads_the_hyper_parameters_its_sweep_writes(tmp_path):
+    run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", sweep=True)
+    assert run.sweep and run.hparams_file == str(tmp_path / "run" / "sweep" / "hparams.json")
+    assert not rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke").sweep   # the profile's setting
+    with pytest.raises(ValueError, match="not both"):
+        rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", sweep=True, hparams_file=tmp_path / "h.json")
 
 
 # ------------------------------------------------------------ the reference, readable without running

@@ -3,14 +3,18 @@ each against a computation written out by hand."""
 
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import calibration  # noqa: E402  bench/calibration.py: the miniatures' calibration
 from fairkd_utils import metrics as M
-from fairkd_utils import data, plots, profiles, rundir, study
+from fairkd_utils import build, data, hparams, metrics, plots, profiles, rundir, students, sweep
 
 
 def test_auroc_equals_the_share_of_correctly_ordered_pairs():
@@ -25,13 +29,13 @@ def test_auroc_equals_the_share_of_correctly_ordered_pairs():
 
 
 def test_minority_groups_are_the_shortcut_conflicting_training_groups():
-    assert study.minority_groups([3498, 184, 56, 1057], 2) == [1, 2]  # Waterbirds
-    assert study.minority_groups([71629, 66874, 22880, 1387], 2) == [3]  # CelebA: blond men
+    assert metrics.minority_groups([3498, 184, 56, 1057], 2) == [1, 2]  # Waterbirds
+    assert metrics.minority_groups([71629, 66874, 22880, 1387], 2) == [3]  # CelebA: blond men
     # MultiNLI (group_DRO's train counts, g = 2y + a, contradiction/entailment/neutral x
     # negation): entailment and neutral with negation; contradiction with negation is
     # small but agrees with the shortcut.
     multinli = [57498, 11158, 67376, 1521, 66630, 1992]
-    assert study.minority_groups(multinli, 2) == [3, 5]
+    assert metrics.minority_groups(multinli, 2) == [3, 5]
     # dense check of the rule P(y | a) < P(y) / 2 on the same counts
     t = np.array(multinli, float).reshape(3, 2)
     rule = (t / t.sum(0)) < 0.5 * (t.sum(1, keepdims=True) / t.sum())
@@ -39,8 +43,8 @@ def test_minority_groups_are_the_shortcut_conflicting_training_groups():
     # three attribute values (a folder dataset): read as 2 labels x 3 attributes, not as
     # 3 labels x 2 attributes
     three = [500, 400, 30, 20, 400, 500]
-    assert study.minority_groups(three, 3) == [2, 3]
-    assert study.minority_groups(three, 2) != [2, 3]
+    assert metrics.minority_groups(three, 3) == [2, 3]
+    assert metrics.minority_groups(three, 2) != [2, 3]
 
 
 def _metrics_table():
@@ -126,15 +130,15 @@ def test_a_bad_hyperparameter_file_is_named(tmp_path, monkeypatch):
                          dataset="synthetic", data_root=None, seeds=[0], device="cpu")
     bad = tmp_path / "hparams.json"
     bad.write_text('{"synthetic-smoke": {"dedier": {"betta": 2}}}')
-    monkeypatch.setattr(study, "HPARAMS_FILE", bad)
+    monkeypatch.setattr(hparams, "HPARAMS_FILE", bad)
     with pytest.raises(ValueError, match="hparams.json.*: bad entry for 'dedier'"):
-        study.method_config(run, "dedier")
+        hparams.method_config(run, "dedier")
     bad.write_text('{"synthetic-smoke": {"dedeir": {"beta": 2}}}')
     with pytest.raises(ValueError, match="unknown methods \\['dedeir'\\]"):
-        study.method_config(run, "dedier")
+        hparams.method_config(run, "dedier")
     bad.write_text('{"synthetic-smoke": {"kd": {"lam": 0.5, "T": 2}, "dedier": {"beta": 2.5}}}')
-    assert study.method_config(run, "dedier").beta == 2.5
-    assert study.method_config(run, "dedier").warmup_epochs == run.profile.warmup_epochs
+    assert hparams.method_config(run, "dedier").beta == 2.5
+    assert hparams.method_config(run, "dedier").warmup_epochs == run.profile.warmup_epochs
 
 
 
@@ -157,7 +161,7 @@ def test_summary_carries_paired_differences_against_kd_and_dedier_both():
 
 
 def test_calibration_conditions_from_hand_made_metrics():
-    from fairkd_utils.metrics import calibration_conditions
+    from calibration import calibration_conditions
 
     per_seed = pd.DataFrame({"seed": [0, 1], "teacher_avg_acc": [0.92, 0.92], "teacher_wga": [0.8, 0.8],
                              "erm_wga": [0.1, 0.7], "exit_minority_wrong": [0.9, 0.4],
@@ -176,7 +180,7 @@ def test_calibration_conditions_from_hand_made_metrics():
 
 
 def test_shortcut_margin_ceiling_by_hand():
-    from fairkd_utils.metrics import shortcut_margin_ceiling
+    from calibration import shortcut_margin_ceiling
 
     # Waterbirds: landbird on water (184) reads water, P(water bird | water) = 1057 / 1241;
     # waterbird on land (56) reads land, P(land bird | land) = 3498 / 3554.
@@ -203,19 +207,19 @@ def test_shortcut_margin_ceiling_by_hand():
 def test_calibration_targets_scale_the_image_ones_by_multinlis_numbers():
     from fairkd_utils import multinli, synthetic_text
 
-    assert study.calibration_targets(data.WATERBIRDS_COUNTS["train"], 2, "synthetic") == \
+    assert calibration.calibration_targets(data.WATERBIRDS_COUNTS["train"], 2, "synthetic") == \
         {"margin": 0.50, "gain": 0.20}
-    t = study.calibration_targets(multinli.MULTINLI_COUNTS["train"], 2, "multinli")
+    t = calibration.calibration_targets(multinli.MULTINLI_COUNTS["train"], 2, "multinli")
     wb = (184 * (1057 - 184) / 1241 + 56 * (3498 - 56) / 3554) / 240
     assert t["margin"] == round(0.50 * (11158 - 1992) / 14671 / wb, 2) == 0.41
     assert t["gain"] == round(0.20 * (0.777 - 0.679) / (0.914 - 0.726), 2) == 0.10
     # the synthetic_text counts (MultiNLI's / 20) give the same targets to 0.01
     counts = synthetic_text.synthetic_text_counts("train", 1.0)
-    assert study.calibration_targets(counts, 2, "synthetic_text")["margin"] == pytest.approx(t["margin"], abs=0.01)
+    assert calibration.calibration_targets(counts, 2, "synthetic_text")["margin"] == pytest.approx(t["margin"], abs=0.01)
 
 
 def test_calibration_conditions_take_the_texts_targets():
-    from fairkd_utils.metrics import calibration_conditions
+    from calibration import calibration_conditions
 
     per_seed = pd.DataFrame({"seed": [0], "teacher_avg_acc": [0.92], "teacher_wga": [0.8],
                              "erm_wga": [0.1], "exit_minority_wrong": [0.9],
@@ -235,16 +239,16 @@ def test_hyperparameters_share_kds_lam_and_t_and_refuse_them_elsewhere(tmp_path)
     (tmp_path / "h.json").write_text('{"synthetic-smoke": {"kd": {"lam": 0.9, "T": 4}, '
                                      '"dedier": {"beta": 3}, "dedier_both": {"beta": 2}, '
                                      '"laplace_kd": {"beta": 1, "score": "margin"}}}')
-    cfgs = {m: study.method_config(run, m) for m in profiles.get_profile("smoke").methods}
+    cfgs = {m: hparams.method_config(run, m) for m in profiles.get_profile("smoke").methods}
     for m, c in cfgs.items():
         assert (c.lam, c.T) == ((0.9, 4.0) if m not in ("erm", "group_balanced_erm") else (0.0, 1.0)), m
     assert cfgs["shuffled"].beta == cfgs["dedier_both"].beta == 2 and cfgs["laplace_kd"].beta == 1
     (tmp_path / "h.json").write_text('{"synthetic-smoke": {"dedier": {"lam": 0.5}}}')
     with pytest.raises(ValueError, match="lam and T are kd's"):
-        study.method_config(run, "dedier")
+        hparams.method_config(run, "dedier")
     (tmp_path / "h.json").write_text('{"synthetic-default": {}}')
     with pytest.raises(ValueError, match="no entry for 'synthetic-smoke'"):
-        study.method_config(run, "kd")
+        hparams.method_config(run, "kd")
 
 
 def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, monkeypatch):
@@ -263,16 +267,16 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
     def fake_student(run_, cfg, seed, teacher=None, ckpt_dir=None, progress=True):
         target = {"kd": 0.6 if (cfg.lam, cfg.T) == (0.9, 2.0) else 0.4}.get(cfg.method)
         if target is None:  # the smallest beta best for dedier_both, the largest for the others
-            best = study.SWEEP_GRID["beta"][0 if cfg.method == "dedier_both" else -1]
+            best = sweep.SWEEP_GRID["beta"][0 if cfg.method == "dedier_both" else -1]
             target = 0.7 if cfg.beta == best else 0.5
         score[cfg.config_id] = target + (0.05 if seed == 1 else 0.0)
         return SimpleNamespace(model=cfg.config_id, reused=False)
 
-    monkeypatch.setattr(study, "train_student", fake_student)
+    monkeypatch.setattr(sweep, "train_student", fake_student)
     monkeypatch.setattr(train, "predict", _predict_share(score))
-    table, chosen = study.sweep(run, [0, 1], teacher={"train": None})
+    table, chosen = sweep.sweep(run, [0, 1], teacher={"train": None})
     assert chosen["kd"] == {"lam": 0.9, "T": 2.0}
-    low, high = study.SWEEP_GRID["beta"][0], study.SWEEP_GRID["beta"][-1]
+    low, high = sweep.SWEEP_GRID["beta"][0], sweep.SWEEP_GRID["beta"][-1]
     assert chosen["dedier_both"]["beta"] == low and chosen["dedier"]["beta"] == high
     assert chosen["laplace_kd"] == {"beta": high, "score": "margin"}
     assert set(table.seed) == {0, 1}
@@ -281,21 +285,21 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
     assert {k: v for k, v in written.items() if k != "_comment"} == chosen
     run.hparams_file = str(run.run_dir / "sweep" / "hparams.json")
     for m in ("dedier", "dedier_both", "laplace_kd", "shuffled", "group_balanced"):
-        c = study.method_config(run, m)
+        c = hparams.method_config(run, m)
         assert (c.lam, c.T) == (0.9, 2.0)
-    assert study.method_config(run, "shuffled").beta == low
+    assert hparams.method_config(run, "shuffled").beta == low
 
 
 def test_an_invalid_hyperparameter_file_is_named(tmp_path):
     bad = tmp_path / "h.json"
     bad.write_text('{"synthetic-smoke": {"kd": {"lam": 0.9,}}}')
     with pytest.raises(ValueError, match=r"h\.json' is not valid JSON"):
-        study.read_hparams(bad)
+        hparams.read_hparams(bad)
     bad.write_bytes(b'{"synthetic-smoke": "\xff"}')
     with pytest.raises(ValueError, match=r"h\.json' is not valid JSON"):
-        study.read_hparams(bad)
+        hparams.read_hparams(bad)
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
-        study.read_hparams(tmp_path / "nowhere.json")
+        hparams.read_hparams(tmp_path / "nowhere.json")
 
 
 # ---------------------------------------------------------------- the reviewer's baselines
@@ -329,9 +333,9 @@ def test_default_methods_keep_the_config_ids_of_the_reference_run():
 
     ref = pd.read_csv(Path(rundir.REPO_ROOT) / "results/reference/synthetic-default/summary.csv",
                       dtype={"config_id": str})
-    table = study.read_hparams(study.HPARAMS_FILE)["synthetic-default"]
+    table = hparams.read_hparams(hparams.HPARAMS_FILE)["synthetic-default"]
     for method, cid in ref[["method", "config_id"]].drop_duplicates().values:
-        cfg = losses.default_config(method, **study.hparams_for(table, method), warmup_epochs=3)
+        cfg = losses.default_config(method, **hparams.hparams_for(table, method), warmup_epochs=3)
         assert cfg.config_id == cid, method
 
 
@@ -342,12 +346,12 @@ def test_jtt_and_dfr_take_kds_lam_and_t_and_their_own_fields(tmp_path):
     (tmp_path / "h.json").write_text('{"synthetic-smoke": {"kd": {"lam": 0.9, "T": 4}, '
                                      '"jtt": {"jtt_epochs": 1, "jtt_upweight": 50}, '
                                      '"dedier_final": {"beta": 4}, "dfr": {"dfr_penalty": "l2"}}}')
-    jtt, dfr, final = (study.method_config(run, m) for m in ("jtt", "dfr", "dedier_final"))
+    jtt, dfr, final = (hparams.method_config(run, m) for m in ("jtt", "dfr", "dedier_final"))
     assert (jtt.lam, jtt.T, jtt.jtt_epochs, jtt.jtt_upweight) == (0.9, 4.0, 1, 50.0)
     assert (dfr.lam, dfr.T, dfr.dfr_penalty) == (0.9, 4.0, "l2")
     assert (final.lam, final.T, final.beta) == (0.9, 4.0, 4)
-    base = study.base_config(run, dfr)       # DFR retrains exactly kd's student
-    assert base == study.method_config(run, "kd")
+    base = students.base_config(run, dfr)       # DFR retrains exactly kd's student
+    assert base == hparams.method_config(run, "kd")
 
 
 def _tiny_run(tmp_path, **changes):
@@ -387,11 +391,11 @@ def test_jtts_error_set_is_the_erm_trajectorys_training_mistakes_cached_and_shar
     run = _tiny_run(tmp_path)
     ds = run.splits()["train"]
     cfg = losses.default_config("jtt", lam=0.5, T=2.0, jtt_epochs=1, jtt_upweight=9.0, warmup_epochs=2)
-    errors = study.jtt_error_set(run, cfg, seed=0)
+    errors = students.jtt_error_set(run, cfg, seed=0)
     # by hand: ERM (lam = 0 cross-entropy) for one epoch of the 3-epoch schedule
     erm = losses.default_config("erm", warmup_epochs=2)
     model = models.build_student(run.profile, 2, seed=0)
-    state = train.train_warmup(model, run.splits(), study.train_config(run, "student", 0, progress=False),
+    state = train.train_warmup(model, run.splits(), build.train_config(run, "student", 0, progress=False),
                                losses.make_objective(erm), 1)
     model.load_state_dict(state["model"])
     mistakes = train.predict(model, ds).logits.argmax(1) != ds.y
@@ -399,18 +403,18 @@ def test_jtts_error_set_is_the_erm_trajectorys_training_mistakes_cached_and_shar
     assert 0 < int(errors.sum()) < len(errors)
     files = sorted(run.path("checkpoints").glob("warmup-seed0-*.pt"))
     assert len(files) == 1
-    assert torch.equal(study.jtt_error_set(run, cfg, seed=0), errors)       # reused, not retrained
+    assert torch.equal(students.jtt_error_set(run, cfg, seed=0), errors)       # reused, not retrained
     assert sorted(run.path("checkpoints").glob("warmup-seed0-*.pt")) == files
     # the ERM student's shared warm-up is jtt's identification model at warmup_epochs
-    study.train_student(run, study.method_config(run, "erm"), 0, progress=False)
+    students.train_student(run, hparams.method_config(run, "erm"), 0, progress=False)
     shared = set(run.path("checkpoints").glob("warmup-seed0-*.pt")) - set(files)
     assert len(shared) == 1
-    study.jtt_error_set(run, cfg.replace(jtt_epochs=2), seed=0)
+    students.jtt_error_set(run, cfg.replace(jtt_epochs=2), seed=0)
     assert set(run.path("checkpoints").glob("warmup-seed0-*.pt")) == set(files) | shared
-    w = study.final_train_weights(run, None, cfg, seed=0)
+    w = students.final_train_weights(run, None, cfg, seed=0)
     torch.testing.assert_close(w, torch.where(errors, 9.0, 1.0))
     with pytest.raises(ValueError, match="jtt_epochs=3"):
-        study.jtt_error_set(run, cfg.replace(jtt_epochs=3), seed=0)
+        students.jtt_error_set(run, cfg.replace(jtt_epochs=3), seed=0)
 
 
 def test_dedier_finals_training_weights_read_the_final_head(tmp_path):
@@ -423,7 +427,7 @@ def test_dedier_finals_training_weights_read_the_final_head(tmp_path):
     model = models.build_student(run.profile, 2, seed=0)
     p = train.predict(model, ds)
     cfg = losses.default_config("dedier_final", beta=2.0)
-    w = study.final_train_weights(run, None, cfg, pred=p)
+    w = students.final_train_weights(run, None, cfg, pred=p)
     torch.testing.assert_close(w, losses.dedier_weight(p.logits.double(), ds.y, 2.0))
 
 
@@ -448,21 +452,21 @@ def test_the_sweep_at_kds_given_lam_and_t_chooses_jtts_epochs_and_upweight(tmp_p
         score[cfg.config_id] = target + (0.05 if seed == 1 else 0.0)
         return SimpleNamespace(model=cfg.config_id, reused=False)
 
-    monkeypatch.setattr(study, "train_student", fake_student)
+    monkeypatch.setattr(sweep, "train_student", fake_student)
     monkeypatch.setattr(train, "predict", _predict_share(score))
-    table, chosen = study.sweep(run, [0, 1], teacher={"train": None}, methods=["jtt", "dedier_final"],
+    table, chosen = sweep.sweep(run, [0, 1], teacher={"train": None}, methods=["jtt", "dedier_final"],
                                 lam_T={"lam": 0.95, "T": 4})
     assert chosen == {"kd": {"lam": 0.95, "T": 4.0}, "jtt": {"jtt_epochs": 2, "jtt_upweight": 100.0},
                       "dedier_final": {"beta": 1.0}}
     assert not any(c.method == "kd" for c in trained) and all((c.lam, c.T) == (0.95, 4.0) for c in trained)
-    grid = study.SWEEP_GRID
+    grid = sweep.SWEEP_GRID
     assert len(table[table.method == "jtt"]) == 2 * len(grid["jtt_epochs"]) * len(grid["jtt_upweight"])
     assert {"jtt_epochs", "jtt_upweight"} <= set(table.columns)
     written = json.loads((run.run_dir / "sweep" / "hparams.json").read_text())["synthetic-smoke"]
     assert {k: v for k, v in written.items() if k != "_comment"} == chosen
     assert "given" in written["_comment"] and "jtt_upweight" in written["_comment"]
     run.hparams_file = str(run.run_dir / "sweep" / "hparams.json")
-    jtt = study.method_config(run, "jtt")
+    jtt = hparams.method_config(run, "jtt")
     assert (jtt.lam, jtt.T, jtt.jtt_epochs, jtt.jtt_upweight) == (0.95, 4.0, 2, 100.0)
 
 
@@ -483,3 +487,15 @@ def _predict_share(score):
         logits = torch.nn.functional.one_hot(pred, 2).float() * 4
         return train.Predictions(logits, None, None, ds.y, ds.a, ds.g)
     return fake_predict
+
+
+def test_notebook_05_reads_the_hyper_parameter_file_once_and_records_it(tmp_path, monkeypatch):
+    import json
+
+    run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke")
+    calls, real = [], hparams.read_hparams
+    monkeypatch.setattr(hparams, "read_hparams", lambda path: calls.append(path) or real(path))
+    configs, source = hparams.method_configs(run, run.profile.methods)
+    assert len(calls) == 1 and list(configs) == list(run.profile.methods)
+    used = json.loads((run.run_dir / "hparams_used.json").read_text())
+    assert used["source"] == source and used["configs"] == {m: c.to_dict() for m, c in configs.items()}

@@ -568,18 +568,18 @@ def test_three_class_exit_laplace_matches_laplace_torch_on_a_text_students_exit(
 
 
 def test_every_student_seed_starts_from_the_one_pretrained_encoder_and_a_rerun_reuses_it(tmp_path):
-    from fairkd_utils import rundir, study
+    from fairkd_utils import build, rundir
 
     overrides = {"student_pretrain_per_pair": 20, "student_pretrain_epochs": 1, "data_scale": 0.02,
                  "text_antonym_pairs": 12, "text_word_zipf": 1.0}
     run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic_text", None, [0, 1],
                        "cpu", profile_overrides=overrides)
-    encoder = study.pretrained_student_encoder(run)
-    a, b = study.build_student(run, 0), study.build_student(run, 1)
+    encoder = build.pretrained_student_encoder(run)
+    a, b = build.build_student(run, 0), build.build_student(run, 1)
     for model in (a, b):                                 # the encoder is the pretrained one ...
         for k, v in model.encoder.state_dict().items():
             assert torch.equal(v, encoder[k]), k
-    scratch = study._tiny_student(run, 0)                # ... which pretraining has changed
+    scratch = build._tiny_student(run, 0)                # ... which pretraining has changed
     assert not torch.equal(scratch.encoder.embeddings.word_embeddings.weight,
                            encoder["embeddings.word_embeddings.weight"])
     assert not torch.equal(a.classifier.weight, b.classifier.weight)   # the seed draws the heads
@@ -590,20 +590,20 @@ def test_every_student_seed_starts_from_the_one_pretrained_encoder_and_a_rerun_r
     again = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic_text", None, [0, 1],
                          "cpu", profile_overrides=overrides)
     mtime = ckpts[0].stat().st_mtime_ns
-    for k, v in study.pretrained_student_encoder(again).items():
+    for k, v in build.pretrained_student_encoder(again).items():
         assert torch.equal(v, encoder[k])
     assert ckpts[0].stat().st_mtime_ns == mtime
     assert a.pool == "cls"                               # the profile's exit_pool reaches the model
     pooled = rundir.setup(tmp_path / "pooled", tmp_path / "fig", "smoke", "synthetic_text", None, [0],
                           "cpu", profile_overrides={"data_scale": 0.02, "exit_pool": "mean"})
-    assert study.build_student(pooled, 0).pool == "mean"
+    assert build.build_student(pooled, 0).pool == "mean"
     # no pretraining: a plain random encoder, different per seed
     plain = rundir.setup(tmp_path / "plain", tmp_path / "fig", "smoke", "synthetic_text", None, [0],
                          "cpu", profile_overrides={"data_scale": 0.02})
-    assert study.pretrained_student_encoder(plain) is None
-    assert not torch.equal(study.build_student(plain, 0).encoder.embeddings.word_embeddings.weight,
-                           study.build_student(plain, 1).encoder.embeddings.word_embeddings.weight)
+    assert build.pretrained_student_encoder(plain) is None
+    assert not torch.equal(build.build_student(plain, 0).encoder.embeddings.word_embeddings.weight,
+                           build.build_student(plain, 1).encoder.embeddings.word_embeddings.weight)
     bad = rundir.setup(tmp_path / "bad", tmp_path / "fig", "smoke", "synthetic_text", None, [0], "cpu",
                        profile_overrides={"student_pretrain_per_pair": 20, "student_pretrain_epochs": 0})
     with pytest.raises(ValueError, match="student_pretrain_epochs=0"):
-        study.build_student(bad, 0)
+        build.build_student(bad, 0)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fairkd_utils import checkpoints, losses, metrics, models, pipeline, profiles, records, rundir, study, train
+from fairkd_utils import checkpoints, losses, metrics, models, pipeline, profiles, records, rundir, students, train
 from test_train import TINY, _cfg, _split
 
 
@@ -43,7 +43,7 @@ def _messages(caplog):
 
 # ---------------------------------------------------------------- 1: code in the fingerprint
 def _package_copy(tmp_path):
-    package = os.path.dirname(study.__file__)
+    package = os.path.dirname(students.__file__)
     for name in os.listdir(package):
         if name.endswith(".py"):
             shutil.copy(os.path.join(package, name), tmp_path)
@@ -61,7 +61,7 @@ def _edit(path, old, new):
 def test_the_fingerprint_covers_the_code_of_the_modules_that_train(tmp_path):
     before = _package_copy(tmp_path)
     assert before == checkpoints.code_fingerprint(str(tmp_path)) != ""
-    assert {"data", "models", "losses", "exit_laplace", "train", "checkpoints", "study", "rundir",
+    assert {"data", "models", "losses", "exit_laplace", "train", "checkpoints", "students", "build", "teacher", "hparams", "rundir",
             "profiles", "metrics"} <= set(checkpoints.code_modules(tmp_path))
     assert not {"plots", "pipeline", "jobs"} & set(checkpoints.code_modules(tmp_path))
     _edit(tmp_path / "losses.py", "def confidence_margin(", "def confidence_margin_(")
@@ -99,7 +99,7 @@ def test_a_docstring_edit_reuses_a_checkpoint_and_a_code_edit_retrains(splits, t
 def test_runs_fingerprint_holds_the_code_and_no_hand_bumped_version(tmp_path):
     extra = _smoke_run(tmp_path).fingerprint_extra()
     assert extra["code"] == checkpoints.code_fingerprint()
-    assert "study_version" not in extra and not hasattr(study, "STUDY_VERSION")
+    assert "study_version" not in extra and not hasattr(students, "STUDY_VERSION")
 
 
 def test_a_library_edit_retrains_instead_of_reusing(splits, tmp_path, no_retrain):

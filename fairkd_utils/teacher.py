@@ -1,0 +1,88 @@
+"""The teacher: trained (or reused) stage by stage, its logits saved once for
+distillation, and what a distilling student learns from (the cached logits, or the
+teacher model itself on augmented batches)."""
+
+from __future__ import annotations
+import torch
+from . import checkpoints, losses, records, train
+from .rundir import Run
+from .build import TEACHER_SEED, build_teacher, pretraining_corpus, timed, train_config, uses_pretraining_corpus
+
+
+TEACHER_LOGITS = "teacher_logits.pt"
+
+
+def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
+                         progress: bool = True) -> dict:
+    """Train the teacher stage by stage, or reuse each stage's checkpoint (same
+    fingerprint); ``{stage: TrainResult}`` in order, the last one is the teacher.
+
+    On synthetic data with a pretraining corpus: ``"pretrained"`` (ERM on the corpus,
+    selected on the corpus's own val split) and, if ``teacher_adapt_epochs > 0``,
+    ``"adapted"`` (ERM fine-tuning on the study's training split at
+    ``teacher_adapt_lr``, selected on val average accuracy). Otherwise one stage,
+    ``"trained"``: ``teacher_epochs`` on the study's training split, from
+    ``weights_path`` if given. The teacher is plain ERM and never sees group labels,
+    so it is selected on average accuracy."""
+    p = run.profile
+    model = build_teacher(run, weights_path, seed=seed)
+    base = dict(select_on=p.teacher_select_on, progress=progress)
+    stages = {}
+    if uses_pretraining_corpus(run):
+        corpus = pretraining_corpus(run, seed)
+        config = train_config(run, "teacher", seed, epochs=p.teacher_pretrain_epochs, **base)
+        stages["pretrained"] = timed(run, "teacher", "teacher-pretrained", lambda: train.train_model(
+            model, corpus, config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
+            name="teacher-pretrained", fingerprint_extra=run.fingerprint_extra()))
+        if p.teacher_adapt_epochs > 0:
+            config = train_config(run, "teacher", seed, epochs=p.teacher_adapt_epochs,
+                                  lr=p.teacher_adapt_lr, **base)
+            stages["adapted"] = timed(run, "teacher", "teacher-adapted", lambda: train.train_model(
+                model, run.splits(), config, train.CrossEntropyObjective(),
+                ckpt_dir=run.path("checkpoints"), name="teacher",
+                fingerprint_extra=run.fingerprint_extra()))
+        return stages
+    config = train_config(run, "teacher", seed, **base)
+    stages["trained"] = timed(run, "teacher", "teacher", lambda: train.train_model(
+        model, run.splits(), config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
+        name="teacher", fingerprint_extra=run.fingerprint_extra()))
+    return stages
+
+
+def train_teacher(run: Run, weights_path=None, seed: int = TEACHER_SEED, progress: bool = True):
+    """The teacher every student distils from (the last stage of
+    :func:`train_teacher_stages`), trained or reused."""
+    return list(train_teacher_stages(run, weights_path, seed, progress).values())[-1]
+
+
+def save_teacher_logits(run: Run, result) -> dict:
+    """Teacher logits on every split (eval mode, no augmentation), saved atomically
+    with the teacher's fingerprint so students can check what they distil from."""
+    out = {"fingerprint": result.fingerprint,
+           "train_data": str(checkpoints.describe_data(run.splits()["train"]))}
+    for split, ds in run.splits().items():
+        out[split] = train.predict(result.model, ds, device=run.device).logits
+    records.torch_save(run.path(TEACHER_LOGITS), out)
+    return out
+
+
+def load_teacher_logits(run: Run) -> dict:
+    path = run.require(TEACHER_LOGITS, "02_teacher")
+    logits = torch.load(path, map_location="cpu", weights_only=True)
+    if logits.get("train_data") != str(checkpoints.describe_data(run.splits()["train"])):
+        raise ValueError(f"{path} holds the logits of a teacher trained on other data "
+                         "(another --data-root or data version): rerun notebook 02_teacher")
+    return logits
+
+
+def teacher_for_students(run: Run, teacher=None):
+    """What a distilling student learns from: the cached train-split logits (``teacher``:
+    the dict of :func:`load_teacher_logits`, read if None) or, with training augmentation
+    (``paper`` profile), the teacher model itself run on each augmented batch (an
+    ``OnlineTeacher`` given as ``teacher`` is used as it is)."""
+    if isinstance(teacher, losses.OnlineTeacher):
+        return teacher
+    if run.profile.augment:
+        tres = train_teacher(run)
+        return losses.OnlineTeacher(tres.model.eval(), fingerprint=tres.fingerprint)
+    return (teacher or load_teacher_logits(run))["train"]
