@@ -49,6 +49,7 @@ from .profiles import PRIORS
 
 __all__ = [
     "KronFactors", "ExitLaplace", "LaplacePrediction", "fit_exit_laplace", "fit_on_subset",
+    "posterior_from_factors",
     "probit_two_class", "phi_tilde", "MERONEN_VAR0_GRID", "MERONEN_TEMP_GRID", "MERONEN_SAMPLES",
 ]
 
@@ -760,15 +761,7 @@ def fit_exit_laplace(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | N
     the shared-draw MC-50 by default.
     """
     if prior == "meronen":
-        if tau is not None:
-            raise ValueError("prior='meronen' chooses tau = 1/var0 on validation data; to fix it, "
-                             "use prior='kron' with tau=... and ExitLaplace.set_meronen(var0, T).")
-        if phi_val is None or y_val is None:
-            raise ValueError("prior='meronen' chooses var0 and the temperature on validation "
-                             "data: pass phi_val=... and y_val=....")
-        la = fit_exit_laplace(head, phi, probs, y=y, prior="kron", tau=1.0, n_train=n_train)
-        la.optimize_meronen_val(phi_val, y_val, *(grid or ()))
-        return la
+        _check_meronen(tau, phi_val, y_val)
     phi = torch.as_tensor(phi)
     _check_width(phi, _in_features(head))
     if phi.shape[0] == 0:
@@ -779,14 +772,42 @@ def fit_exit_laplace(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | N
         with torch.no_grad():
             probs = torch.softmax(phi_tilde(phi.to(W.device, _MATH)) @ W.to(_MATH).T, -1)
     factors = KronFactors.from_features(phi.to(W.device), probs.to(W.device), y, n_train=n_train)
+    return posterior_from_factors(W, factors, prior=prior, tau=tau, phi_val=phi_val, y_val=y_val,
+                                  grid=grid)
+
+
+def _check_meronen(tau, phi_val, y_val) -> None:
+    if tau is not None:
+        raise ValueError("prior='meronen' chooses tau = 1/var0 on validation data; to fix it, "
+                         "use prior='kron' with tau=... and ExitLaplace.set_meronen(var0, T).")
+    if phi_val is None or y_val is None:
+        raise ValueError("prior='meronen' chooses var0 and the temperature on validation "
+                         "data: pass phi_val=... and y_val=....")
+
+
+def posterior_from_factors(weight: torch.Tensor, factors: KronFactors, *, prior: str = "exact",
+                           tau: float | None = None, phi_val: torch.Tensor | None = None,
+                           y_val: torch.Tensor | None = None,
+                           grid: Sequence[float] | None = None) -> ExitLaplace:
+    """The exit Laplace of the head weight ``weight`` (C, D+1) from accumulated
+    ``factors``, each prior's parameter chosen as :func:`fit_exit_laplace` does (which
+    calls this once it has the factors): exact, tau by marginal likelihood unless given;
+    kron, tau given or by validation NLL over ``grid``; ``"meronen"``, the kron form with
+    ``(var0, T)`` chosen jointly on ``(phi_val, y_val)``. Laplace-KD's refits
+    (``losses.LaplaceSource``) call it with the factors they accumulated in training."""
+    if prior == "meronen":
+        _check_meronen(tau, phi_val, y_val)
+        la = ExitLaplace(weight, factors, prior="kron", tau=1.0)
+        la.optimize_meronen_val(phi_val, y_val, *(grid or ()))
+        return la
     if prior == "kron" and tau is None:
         if phi_val is None or y_val is None:
             raise ValueError("prior='kron' needs tau=... or validation data (phi_val, y_val) to "
                              "choose tau by NLL.")
-        la = ExitLaplace(W, factors, prior="kron", tau=None)
+        la = ExitLaplace(weight, factors, prior="kron", tau=None)
         la.optimize_tau_val(phi_val, y_val, grid)
         return la
-    return ExitLaplace(W, factors, prior=prior, tau=tau)
+    return ExitLaplace(weight, factors, prior=prior, tau=tau)
 
 
 def fit_on_subset(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | None, idx, *,

@@ -33,9 +33,9 @@ from scipy.stats import spearmanr
 from torch import Tensor
 
 from . import metrics
-from .exit_laplace import ExitLaplace, KronFactors
+from .exit_laplace import KronFactors, posterior_from_factors
 from .models import phi_tilde
-from .profiles import (ALPHAS, LAPLACE_SCORES, METHOD_SPECS, METHODS, PRIORS,
+from .profiles import (ALPHAS, LAPLACE_PRIORS, LAPLACE_SCORES, METHOD_SPECS, METHODS,
                        WEIGHTED_TERMS)
 
 
@@ -206,10 +206,12 @@ class MethodConfig:
     Laplace-KD score; ``alpha`` the margin weights' sign rule; ``normalise`` divides each
     batch's weights by their mean; epochs before ``warmup_epochs`` use unit weights.
     Laplace-KD only: ``refit_every`` (None = refit at each epoch's end, k = also every k
-    steps), ``tau`` (None = marginal likelihood at each refit), ``prior`` ("exact" or
-    "kron"). JTT only: ``jtt_epochs`` (T_id) and ``jtt_upweight`` (lambda_up). DFR only:
-    ``dfr_penalty`` ("l1" or "l2"; its strength is chosen per seed on half of val,
-    ``last_layer.dfr``). Fields only one method reads are ``None`` for the others and
+    steps), ``tau`` (None = marginal likelihood at each refit), ``prior`` ("exact",
+    "kron", or "meronen": Meronen et al.'s recipe, var0 and a temperature chosen on
+    validation NLL at each refit); ``laplace_subset`` (laplace_kd_subset only: the
+    number of each epoch's instances the posterior is fit on). JTT only: ``jtt_epochs``
+    (T_id) and ``jtt_upweight`` (lambda_up). DFR only: ``dfr_penalty`` ("l1" or "l2";
+    its strength is chosen per seed on half of val, ``last_layer.dfr``). Fields only one method reads are ``None`` for the others and
     then left out of ``config_id``.
     """
 
@@ -227,6 +229,7 @@ class MethodConfig:
     jtt_epochs: int | None = None
     jtt_upweight: float | None = None
     dfr_penalty: str | None = None
+    laplace_subset: int | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -237,8 +240,13 @@ class MethodConfig:
             bad(f"unknown score {self.score!r}; choose one of {list(LAPLACE_SCORES)}")
         if self.alpha not in ALPHAS:
             bad(f"unknown alpha {self.alpha!r}; choose one of {list(ALPHAS)}")
-        if self.prior not in PRIORS:
-            bad(f"unknown prior {self.prior!r}; choose one of {list(PRIORS)}")
+        if self.prior not in LAPLACE_PRIORS:
+            bad(f"unknown prior {self.prior!r}; choose one of {list(LAPLACE_PRIORS)}")
+        for name, value in METHOD_SPECS[self.method].fixed:
+            if getattr(self, name) != value:
+                bad(f"{self.method} is Laplace-KD with {name}={value!r}: that is what makes it "
+                    f"{self.method}, got {name}={getattr(self, name)!r} (use method='laplace_kd' "
+                    "for other values)")
         if not 0.0 <= self.lam <= 1.0:
             bad(f"lam must lie in [0, 1], got {self.lam}")
         if not METHOD_SPECS[self.method].distils and self.lam != 0.0:
@@ -258,7 +266,11 @@ class MethodConfig:
         if self.prior == "kron" and self.tau is None:
             bad("prior='kron' is not evidence-based, so tau cannot come from the marginal "
                 "likelihood during training: give tau (e.g. notebook 04's validation choice)")
-        own = {"jtt_epochs": "jtt", "jtt_upweight": "jtt", "dfr_penalty": "dfr"}
+        if self.prior == "meronen" and self.tau is not None:
+            bad("prior='meronen' chooses tau = 1/var0 on validation NLL at each refit: leave tau "
+                "None (or use prior='kron' with a fixed tau)")
+        own = {"jtt_epochs": "jtt", "jtt_upweight": "jtt", "dfr_penalty": "dfr",
+               "laplace_subset": "laplace_kd_subset"}
         for name, method in own.items():
             if (getattr(self, name) is None) != (self.method != method):
                 bad(f"{name} is {method}'s alone: set it for {method} and leave it None otherwise")
@@ -268,6 +280,10 @@ class MethodConfig:
                     f"got {self.jtt_epochs}")
             if not (self.jtt_upweight >= 1 and math.isfinite(self.jtt_upweight)):
                 bad(f"jtt_upweight (lambda_up) must be a finite number >= 1, got {self.jtt_upweight}")
+        if self.method == "laplace_kd_subset" and (
+                int(self.laplace_subset) != self.laplace_subset or self.laplace_subset < 2):
+            bad(f"laplace_subset (the instances each epoch's posterior is fit on) must be an "
+                f"integer >= 2, got {self.laplace_subset}")
         if self.method == "dfr" and self.dfr_penalty not in DFR_PENALTIES:
             bad(f"dfr_penalty must be one of {list(DFR_PENALTIES)}, got {self.dfr_penalty!r}")
 
@@ -275,7 +291,11 @@ class MethodConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field; those of :data:`_SET_ONLY_FIELDS` only when set, so that the
+        other methods' dicts (checkpoint fingerprints, ``hparams_used.json``) stay what
+        they were before such fields existed."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if not (k in _SET_ONLY_FIELDS and v is None)}
 
     @property
     def config_id(self) -> str:
@@ -289,7 +309,10 @@ class MethodConfig:
 
 
 #: MethodConfig fields that only one method reads (None for every other method).
-_ONE_METHOD_FIELDS = ("jtt_epochs", "jtt_upweight", "dfr_penalty")
+_ONE_METHOD_FIELDS = ("jtt_epochs", "jtt_upweight", "dfr_penalty", "laplace_subset")
+#: MethodConfig fields added after checkpoints of other methods existed: in ``to_dict``
+#: only when set.
+_SET_ONLY_FIELDS = ("laplace_subset",)
 #: DFR's regularisation of the retrained last layer (``last_layer.fit_logistic``).
 DFR_PENALTIES = ("l1", "l2")
 
@@ -299,6 +322,8 @@ DFR_PENALTIES = ("l1", "l2")
 # the order of Waterbirds' majority/minority ratio. laplace_kd's score is the
 # study's form, the Laplace margin; entropy and variance are ablations.
 _LAM, _T, _BETA = 0.5, 2.0, 3.0
+#: laplace_kd_subset's default subset: one batch of the image profiles (128 instances).
+LAPLACE_SUBSET = 128
 DEFAULT_HPARAMS: dict[str, MethodConfig] = {
     "erm": MethodConfig("erm", lam=0.0, T=1.0, beta=0.0),
     "kd": MethodConfig("kd", lam=_LAM, T=_T, beta=0.0),
@@ -315,6 +340,14 @@ DEFAULT_HPARAMS: dict[str, MethodConfig] = {
     "jtt": MethodConfig("jtt", lam=_LAM, T=_T, beta=0.0, jtt_epochs=1, jtt_upweight=20.0),
     # DFR: L1, as Kirichenko et al. use on Waterbirds and CelebA.
     "dfr": MethodConfig("dfr", lam=_LAM, T=_T, beta=0.0, dfr_penalty="l1"),
+    # The laplace method set's variants of laplace_kd (profiles.LAPLACE_METHODS), at its beta.
+    "laplace_kd_entropy": MethodConfig("laplace_kd_entropy", lam=_LAM, T=_T, beta=_BETA, score="entropy"),
+    "laplace_kd_variance": MethodConfig("laplace_kd_variance", lam=_LAM, T=_T, beta=_BETA,
+                                        score="variance"),
+    "laplace_kd_meronen": MethodConfig("laplace_kd_meronen", lam=_LAM, T=_T, beta=_BETA, prior="meronen"),
+    # A posterior fit on LAPLACE_SUBSET instances is wide (README, "The maths").
+    "laplace_kd_subset": MethodConfig("laplace_kd_subset", lam=_LAM, T=_T, beta=_BETA,
+                                      laplace_subset=LAPLACE_SUBSET),
 }
 
 
@@ -428,16 +461,35 @@ class LaplaceSource:
     on W), so Laplace-KD and DeDiER read the same exit. For C > 2 the predictive is Monte
     Carlo, its generator seeded ``seed`` at the first fit. ``fit=False`` (the shared
     warm-up, :func:`warmup_objective`): only accumulate epoch ``warmup_epochs - 1``'s
-    factors, for :meth:`state`."""
+    factors, for :meth:`state`.
+
+    The variants (``profiles.LAPLACE_METHODS``) change only the posterior:
+    ``prior="meronen"`` (laplace_kd_meronen) chooses var0 and a temperature on the
+    validation split ``val`` at each refit (:func:`exit_laplace.posterior_from_factors`),
+    reading the current exit's features there (one eval-mode pass over ``val``,
+    ``train.predict``), and predicts by Meronen et al.'s shared-draw Monte Carlo (its
+    generator seeded ``seed`` whatever C); ``config.laplace_subset`` (laplace_kd_subset)
+    accumulates only the instances of :func:`laplace_subset_indices` (``seed``, epoch),
+    without rescaling: the posterior stands for N = the instances of the subset seen."""
 
     def __init__(self, config: MethodConfig, model: torch.nn.Module | None, n_train: int | None,
-                 seed: int = 0, fit: bool = True, group_counts=None, top_k: int | None = None):
+                 seed: int = 0, fit: bool = True, group_counts=None, top_k: int | None = None,
+                 val=None):
         if fit and (model is None or not hasattr(getattr(model, "exit", None), "linear")):
             raise ValueError("laplace_kd needs the student (make_objective(..., model=student)) "
                              "to read its exit head's weight model.exit.linear.weight")
         if not n_train or n_train < 1:
             raise ValueError(f"laplace_kd needs n_train (the training set size), got {n_train}")
+        if fit and config.prior == "meronen" and val is None:
+            raise ValueError(f"{config.method} (prior='meronen') chooses var0 and the temperature on "
+                             "validation NLL at each refit: pass the validation split "
+                             "(make_objective(..., val=splits['val']))")
+        if config.laplace_subset is not None and config.laplace_subset > n_train:
+            raise ValueError(f"{config.method}: laplace_subset={config.laplace_subset} exceeds the "
+                             f"{n_train} training instances; give a smaller subset")
         self.config, self.model, self.n_train, self.seed, self.fit = config, model, int(n_train), seed, fit
+        self.val = val
+        self._subset, self._subset_epoch = None, None  # laplace_kd_subset's (N_train,) mask
         self.generator = None      # the Monte-Carlo predictive's (C > 2), made at the first fit
         self.posterior = None      # the current ExitLaplace; None before the first fit
         self.factors = None        # this epoch's KronFactors
@@ -463,9 +515,20 @@ class LaplaceSource:
             return
         phi = _full(out.phi)
         probs = F.softmax(_exit_logits(out), dim=-1)
+        y = batch.y.to(phi.device)
+        subset = self.config.laplace_subset
+        if subset is not None:  # only this epoch's subset, standing for itself (no rescaling)
+            if self._subset_epoch != epoch:
+                self._subset = torch.zeros(self.n_train, dtype=torch.bool)
+                self._subset[laplace_subset_indices(self.n_train, subset, self.seed, epoch)] = True
+                self._subset_epoch = epoch
+            keep = self._subset[batch.idx.cpu()].to(phi.device)
+            if not bool(keep.any()):
+                return
+            phi, probs, y = phi[keep], probs[keep], y[keep]
         if self.factors is None:
-            self.factors = KronFactors(n_train=self.n_train)
-        self.factors.update(phi_tilde(phi), probs, batch.y.to(phi.device))
+            self.factors = KronFactors(n_train=None if subset is not None else self.n_train)
+        self.factors.update(phi_tilde(phi), probs, y)
         self._steps += 1
         k = self.config.refit_every
         if self.fit and k is not None and self._steps % k == 0 and epoch >= self.config.warmup_epochs:
@@ -473,10 +536,23 @@ class LaplaceSource:
 
     def _refit(self) -> None:
         W = self.model.exit.linear.weight.detach()
-        self.posterior = ExitLaplace(W, self.factors, prior=self.config.prior, tau=self.config.tau)
-        if self.generator is None and self.posterior.C > 2:  # Monte-Carlo predictive
+        self.posterior = self.posterior_from(W, self.factors)
+        if self.generator is None and (self.posterior.C > 2 or self.posterior.recipe == "meronen"):
+            # Monte-Carlo predictive
             self.generator = torch.Generator(device=W.device).manual_seed(self.seed)
             self._floor = torch.Generator(device=W.device).manual_seed(self.seed + 1)
+
+    def posterior_from(self, W: Tensor, factors: KronFactors):
+        """The exit Laplace of head weight ``W`` from ``factors`` under ``config.prior``
+        (Meronen's recipe: var0 and temperature on the current exit's validation
+        features)."""
+        cfg, val = self.config, {}
+        if cfg.prior == "meronen":
+            from .train import predict  # train imports no losses; kept local all the same
+
+            p = predict(self.model, self.val, device=W.device)
+            val = {"phi_val": p.phi.to(W.device), "y_val": self.val.y}
+        return posterior_from_factors(W, factors, prior=cfg.prior, tau=cfg.tau, **val)
 
     def epoch_end(self, epoch: int) -> None:
         if not self.fit:
@@ -496,6 +572,10 @@ class LaplaceSource:
         epoch's end is done now, exactly as in a run from scratch."""
         factors = (state or {}).get("laplace_factors")
         accumulating = epoch - 1 >= self.config.warmup_epochs - 1
+        if self.config.laplace_subset is not None and accumulating:
+            raise ValueError(f"{self.config.method} fits each epoch's posterior on its own subset, "
+                             "which a shared warm-up's factors (all instances) cannot give: train "
+                             "it from scratch (students.shares_warmup is False for it)")
         if accumulating and factors is None:
             raise ValueError("laplace_kd branches from a warm-up state without Laplace factors "
                              "(train it with warmup_objective)")
@@ -513,7 +593,7 @@ class LaplaceSource:
                 "dp": (pred.probs.detach() - F.softmax(exit_logits.to(pred.probs.dtype), -1)).abs().amax(-1),
                 "wrong": exit_logits.argmax(-1) != batch.y, "idx": batch.idx,
                 "g": batch.y * (self.n_groups // exit_logits.shape[-1]) + batch.a.to(batch.y.device)}
-        if self.posterior.C > 2:  # a second, independent Monte-Carlo draw: the noise floor
+        if self._floor is not None:  # a second, independent Monte-Carlo draw: the noise floor
             again = self.posterior.predict(_full(out.phi), generator=self._floor)
             seen["w_again"] = laplace_weight(again, batch.y, cfg.beta, cfg.score, cfg.alpha)
         for name, value in seen.items():
@@ -546,6 +626,14 @@ class LaplaceSource:
                  floor["spearman"], floor["kendall"]]
         share = metrics.group_weight_share(wl, e["g"], self.n_groups) if shares else []
         return {**dict(zip(LAPLACE_EFFECT, stats)), **dict(zip(shares, map(float, share)))}
+
+
+def laplace_subset_indices(n_train: int, size: int, seed: int, epoch: int) -> Tensor:
+    """laplace_kd_subset's instances of ``epoch`` (0-based) for ``seed``: the first
+    ``size`` of a permutation of ``range(n_train)`` seeded ``1_000_003 * seed + epoch``
+    (a new subset each epoch, the same in every run of that seed)."""
+    gen = torch.Generator().manual_seed(1_000_003 * int(seed) + int(epoch))
+    return torch.randperm(int(n_train), generator=gen)[:int(size)]
 
 
 #: Per-epoch columns of a Laplace-KD history (:meth:`LaplaceSource.epoch_stats`), before
@@ -646,7 +734,8 @@ class Objective:
 def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None,
                    group_counts: Tensor | None = None, n_train: int | None = None,
                    n_classes: int | None = None, model: torch.nn.Module | None = None,
-                   seed: int = 0, error_set: Tensor | None = None, top_k: int | None = None) -> Objective:
+                   seed: int = 0, error_set: Tensor | None = None, top_k: int | None = None,
+                   val=None) -> Objective:
     """The training objective of ``config.method`` for ``train.train_model``.
 
     ``teacher_logits``: (N_train, C) on the training split in dataset order (lam > 0).
@@ -654,7 +743,8 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
     (laplace_kd reads its exit). ``seed``: shuffled's permutations, laplace_kd's Monte
     Carlo (C > 2). ``error_set``: jtt's (``students.jtt_error_set``). ``top_k``: laplace_kd's
     diagnostics compare that many most upweighted instances (the study: the number of
-    minority-group training instances)."""
+    minority-group training instances). ``val``: the validation split (a ``data`` split
+    dataset; read by laplace_kd_meronen's refits)."""
     m = config.method
     base = METHOD_SPECS[m].last_layer_of
     if base is not None:
@@ -683,7 +773,8 @@ def make_objective(config: MethodConfig, *, teacher_logits: Tensor | None = None
         inputs.group_weights = group_balanced_weight(torch.arange(counts.numel()), counts)
         extra = {"group_counts": inputs.group_weights}
     elif source == "exit_laplace":
-        inputs.laplace = LaplaceSource(config, model, n_train, seed, group_counts=group_counts, top_k=top_k)
+        inputs.laplace = LaplaceSource(config, model, n_train, seed, group_counts=group_counts,
+                                       top_k=top_k, val=val if config.prior == "meronen" else None)
         extra = {"n_train": inputs.laplace.n_train, "seed": seed}
     return Objective(config, teacher_logits, n_classes, inputs, extra)
 

@@ -9,7 +9,9 @@ seeds, device); notebooks share nothing but the files of the run directory
 ``--figures`` says otherwise (with the default ``--out results/``: the repository's
 ``figures/<dataset>-<profile>/``). ``--methods extended`` adds JTT, DFR and the
 final-head DeDiER ablation to the profile's methods (notebook 05 receives it as its
-``methods`` parameter) in a run directory of its own, ``<dataset>-<profile>-extended``.
+``methods`` parameter) in a run directory of its own, ``<dataset>-<profile>-extended``;
+``--methods laplace`` likewise adds the Laplace-KD variants (``profiles.LAPLACE_METHODS``)
+in ``<dataset>-<profile>-laplace``.
 Before any kernel starts, the runner checks the
 folders, the seeds and the files the selected notebooks read from earlier ones. A
 failing cell stops the run with a non-zero exit naming the notebook and the cell;
@@ -701,9 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override profile fields, e.g. --set student_epochs=5 seeds=[0,1]; the run "
                         "goes to its own run directory <dataset>-<profile>-set-<hash>")
     p.add_argument("--methods", default="default", choices=METHOD_SETS,
-                   help="the methods compared: the profile's (default) or 'extended', which adds "
-                        "JTT, DFR and DeDiER read from the final head; an extended run goes to its "
-                        "own run directory <dataset>-<profile>-extended")
+                   help="the methods compared: the profile's (default); 'extended', which adds "
+                        "JTT, DFR and DeDiER read from the final head; or 'laplace', which adds the "
+                        "Laplace-KD variants (entropy, variance, Meronen's exit Laplace, a subset "
+                        "posterior). Such a run goes to its own run directory "
+                        "<dataset>-<profile>-extended or -laplace")
     p.add_argument("--sweep", action="store_true",
                    help="rerun the hyper-parameter sweep on validation worst-group accuracy "
                         "(notebook 05; writes sweep/hparams.json and uses it)")

@@ -75,10 +75,14 @@ METHOD_COLORS = KeyedPalette({
     "laplace_kd": "#009E73", "shuffled": "#CC79A7", "group_balanced": "#000000",
     "group_balanced_erm": "#882255",
     "jtt": "#56B4E9", "dfr": "#332288", "dedier_final": "#5C3A00",
+    # the laplace set's variants of Laplace-KD: greens and teals next to its green
+    "laplace_kd_entropy": "#44AA99", "laplace_kd_variance": "#1B5E20",
+    "laplace_kd_meronen": "#999933", "laplace_kd_subset": "#88CCAA",
 }, reserve=("#E1BE6A", "#1A85FF", "#222255", "#117733"))
 #: Marker per method (a second cue next to colour); references are hollow squares.
 METHOD_MARKERS = {"erm": "v", "kd": "o", "dedier": "^", "dedier_both": "D", "laplace_kd": "*",
-                  "shuffled": "P", "jtt": "X", "dedier_final": "h"}
+                  "shuffled": "P", "jtt": "X", "dedier_final": "h", "laplace_kd_entropy": "p",
+                  "laplace_kd_variance": "H", "laplace_kd_meronen": "8", "laplace_kd_subset": "d"}
 #: Methods that use group labels in training: drawn hollow, marked as references.
 
 #: One hue per label, dark then light for the two attribute values (g = 2 y + a).

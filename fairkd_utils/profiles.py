@@ -41,7 +41,9 @@ class MethodSpec:
     hyper-parameters besides beta that the sweep chooses. ``last_layer_of``: the method
     trains no student of its own but retrains the last layer of that method's student
     after training (DFR); ``group_labels`` then says whether that retraining reads
-    group labels (DFR: the validation split's).
+    group labels (DFR: the validation split's). ``fixed``: ``(field, value)`` pairs the
+    method's configuration always has (what makes a Laplace-KD variant that variant:
+    its score or its prior); a hyper-parameter file cannot set them.
     """
     weight: str
     terms: tuple[str, ...]
@@ -51,6 +53,7 @@ class MethodSpec:
     label: str = ""
     swept: tuple[str, ...] = ()
     last_layer_of: str | None = None
+    fixed: tuple[tuple[str, object], ...] = ()
 
 
 #: Every method of the study, in table order. ``dedier_final``, ``jtt`` and ``dfr`` are
@@ -76,6 +79,19 @@ METHOD_SPECS: dict[str, MethodSpec] = {
                                      label="group-balanced ERM (reference)"),
     "dfr": MethodSpec("none", (), distils=True, group_labels=True, last_layer_of="kd",
                       label="DFR on KD (reference)"),
+    # The Laplace-KD variants of the ``laplace`` method set (:data:`LAPLACE_METHODS`).
+    "laplace_kd_entropy": MethodSpec("exit_laplace", ("ce", "kd"), distils=True,
+                                     beta_from="laplace_kd_entropy", fixed=(("score", "entropy"),),
+                                     label="Laplace-KD, entropy score"),
+    "laplace_kd_variance": MethodSpec("exit_laplace", ("ce", "kd"), distils=True,
+                                      beta_from="laplace_kd_variance", fixed=(("score", "variance"),),
+                                      label="Laplace-KD, variance score"),
+    "laplace_kd_meronen": MethodSpec("exit_laplace", ("ce", "kd"), distils=True,
+                                     beta_from="laplace_kd_meronen", fixed=(("prior", "meronen"),),
+                                     label="Laplace-KD, Meronen et al.'s exit Laplace"),
+    "laplace_kd_subset": MethodSpec("exit_laplace", ("ce", "kd"), distils=True,
+                                    beta_from="laplace_kd_subset",
+                                    label="Laplace-KD, posterior on a subset"),
 }
 METHODS = tuple(METHOD_SPECS)
 #: The methods a plain run compares (every profile's ``methods``): the study as it was
@@ -85,8 +101,15 @@ DEFAULT_METHODS = ("erm", "kd", "dedier", "dedier_both", "laplace_kd", "shuffled
 #: What ``--methods extended`` adds to a profile's methods: JTT, DFR and the
 #: final-head readout ablation of DeDiER.
 EXTRA_METHODS = ("jtt", "dfr", "dedier_final")
-#: Named method sets (``--methods``): ``default`` is the profile's own ``methods``.
-METHOD_SETS = ("default", "extended")
+#: What ``--methods laplace`` adds to a profile's methods: the Laplace-KD variants whose
+#: weights can differ from laplace_kd's (README, "The maths"): the entropy and variance
+#: scores, Meronen et al.'s exit Laplace, and the posterior of a small subset.
+LAPLACE_METHODS = ("laplace_kd_entropy", "laplace_kd_variance", "laplace_kd_meronen",
+                   "laplace_kd_subset")
+#: Named method sets (``--methods``): ``default`` is the profile's own ``methods``; the
+#: others add :data:`EXTRA_METHODS` (``extended``) or :data:`LAPLACE_METHODS` (``laplace``).
+METHOD_SETS = ("default", "extended", "laplace")
+_SET_METHODS = {"extended": EXTRA_METHODS, "laplace": LAPLACE_METHODS}
 #: Which loss terms each method's weight multiplies.
 WEIGHTED_TERMS = {m: spec.terms for m, spec in METHOD_SPECS.items()}
 #: Methods whose weights are not all 1.
@@ -108,6 +131,7 @@ BASELINES = ("kd", "dedier_both")
 #: "number" (int or float, finite, never true/false), "whole" (int), "text", "bool".
 HPARAM_TYPES = {"lam": "number", "T": "number", "beta": "number", "tau": "number",
                 "jtt_upweight": "number", "jtt_epochs": "whole", "refit_every": "whole",
+                "laplace_subset": "whole",
                 "score": "text", "alpha": "text", "prior": "text", "dfr_penalty": "text",
                 "normalise": "bool"}
 #: Per weight source, the fields besides beta that a method's weight reads (its sign
@@ -120,11 +144,15 @@ def hparam_fields(method: str) -> tuple[str, ...]:
     """The fields ``method``'s own entry of a hyper-parameter file may set: kd's lam and
     T (shared by every distillation method), the method's own beta (not one it borrows),
     the fields its weight reads, its own swept fields, normalise for reweighting
-    methods, DFR's penalty."""
+    methods, DFR's penalty, laplace_kd_subset's subset size; never a field the method
+    fixes (``MethodSpec.fixed``)."""
     spec = METHOD_SPECS[method]
-    return (("lam", "T") if method == "kd" else ()) + (("beta",) if spec.beta_from == method else ()) \
+    fixed = dict(spec.fixed)
+    fields = (("lam", "T") if method == "kd" else ()) + (("beta",) if spec.beta_from == method else ()) \
         + _WEIGHT_FIELDS.get(spec.weight, ()) + spec.swept \
-        + (("normalise",) if spec.weight != "none" else ()) + (("dfr_penalty",) if method == "dfr" else ())
+        + (("normalise",) if spec.weight != "none" else ()) + (("dfr_penalty",) if method == "dfr" else ()) \
+        + (("laplace_subset",) if method == "laplace_kd_subset" else ())
+    return tuple(f for f in fields if f not in fixed)
 
 
 def required_hparams(method: str) -> tuple[tuple[str, str], ...]:
@@ -222,6 +250,10 @@ LAPLACE_SCORES = ("margin", "entropy", "variance")
 ALPHAS = ("wrong", "signed")
 #: Priors of the exit's Laplace posterior (``exit_laplace.ExitLaplace``).
 PRIORS = ("exact", "kron")
+#: The exit Laplace recipes a Laplace-KD configuration may name (``MethodConfig.prior``):
+#: the priors and Meronen et al.'s recipe (``fit_exit_laplace(..., prior="meronen")``:
+#: the kron form with var0 and a temperature chosen on validation NLL).
+LAPLACE_PRIORS = PRIORS + ("meronen",)
 #: Scores notebook 04 compares for singling out hard instances
 #: (``losses.hardness_scores``), each oriented so that larger means "upweight".
 HARDNESS_SCORES = ("dedier_map_margin", "laplace_margin", "laplace_entropy", "laplace_variance")
@@ -599,13 +631,13 @@ def overrides_tag(overrides: dict | None) -> str:
 
 def resolve_methods(profile: Profile, methods=None) -> tuple[str, ...]:
     """The methods a run compares: ``None`` or ``"default"`` -> the profile's own
-    ``methods``; ``"extended"`` -> those and :data:`EXTRA_METHODS` (in table order,
-    each once); a list of method names -> those, checked. ``dfr`` brings the method it
-    retrains (``kd``) along."""
+    ``methods``; ``"extended"`` -> those and :data:`EXTRA_METHODS`, ``"laplace"`` -> those
+    and :data:`LAPLACE_METHODS` (in table order, each once); a list of method names ->
+    those, checked. ``dfr`` brings the method it retrains (``kd``) along."""
     if methods is None or methods == "default":
         chosen = tuple(profile.methods)
-    elif methods == "extended":
-        chosen = tuple(profile.methods) + tuple(m for m in EXTRA_METHODS if m not in profile.methods)
+    elif isinstance(methods, str) and methods in _SET_METHODS:
+        chosen = tuple(profile.methods) + tuple(m for m in _SET_METHODS[methods] if m not in profile.methods)
     elif isinstance(methods, str):
         raise ValueError(f"unknown method set {methods!r}; choose one of {list(METHOD_SETS)} "
                          "or give a list of methods")
@@ -621,7 +653,7 @@ def resolve_methods(profile: Profile, methods=None) -> tuple[str, ...]:
 
 def method_set_tag(methods=None) -> str:
     """The run-directory suffix of a named method set other than the profile's own
-    (``"-extended"``; ``""`` for ``None``/``"default"``): an extended run never writes
+    (``"-extended"``, ``"-laplace"``; ``""`` for ``None``/``"default"``): an extended run never writes
     into the plain profile's run directory."""
     if methods is None or methods == "default":
         return ""

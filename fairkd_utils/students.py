@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 from . import checkpoints, data, last_layer, losses, metrics, models, records, train
-from .exit_laplace import fit_exit_laplace
+from .exit_laplace import fit_exit_laplace, fit_on_subset
 from .profiles import METHOD_SPECS, REWEIGHTING
 from .rundir import Run
 from .build import _Timed, build_student, timed, train_config
@@ -106,7 +106,8 @@ def plan_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None,
                                       group_counts=counts, n_train=len(ds),
                                       n_classes=ds.n_classes, model=model, seed=seed,
                                       error_set=error_set, top_k=int(sum(
-                                          counts[g] for g in metrics.minority_groups(counts, ds.n_attrs))))
+                                          counts[g] for g in metrics.minority_groups(counts, ds.n_attrs))),
+                                      val=run.splits()["val"])
     return StudentPlan(run, config, seed, model, objective,
                        train_config(run, "student", seed, progress=progress),
                        Path(ckpt_dir or run.path("checkpoints")), teacher_train)
@@ -160,8 +161,10 @@ def shares_warmup(config, train_config) -> bool:
     """Whether the student of ``config`` branches from its seed's shared warm-up. Until
     its warm-up ends every method trains with unit weights, so all methods with the
     same lam and T share it: every distillation method is kd then, and ``erm`` and
-    ``group_balanced_erm`` (lam = 0) are the same cross-entropy."""
-    return 0 < config.warmup_epochs < train_config.epochs
+    ``group_balanced_erm`` (lam = 0) are the same cross-entropy. Not laplace_kd_subset:
+    its first posterior is fit on a subset of the warm-up's last epoch, which the shared
+    warm-up's factors (all instances) do not hold, so it trains its warm-up itself."""
+    return 0 < config.warmup_epochs < train_config.epochs and config.laplace_subset is None
 
 
 def _record_name(model: str, method: str, config_id: str, seed: int, predictive: str, split: str) -> str:
@@ -267,9 +270,18 @@ def final_train_weights(run: Run, result, config, pred=None, seed: int | None = 
         p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
         out = models.StudentOutput(p.logits.double(), p.exit_logits.double(), p.phi.double())
     if source == "exit_laplace":  # fit on the whole split, predictive drawn with seed 0
-        inputs.laplace = losses.LaplaceSource(config, result.model, len(ds))
-        inputs.laplace.posterior = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs,
-                                                    y=ds.y, prior=config.prior, tau=config.tau)
+        inputs.laplace = losses.LaplaceSource(config, result.model, len(ds), val=run.splits()["val"])
+        val = {}
+        if config.prior == "meronen":  # var0 and temperature on the final exit's validation NLL
+            v = train.predict(result.model, run.splits()["val"], device=run.device)
+            val = {"phi_val": v.phi.double(), "y_val": v.y}
+        fit = dict(y=ds.y, prior=config.prior, tau=config.tau, **val)
+        if config.laplace_subset is None:
+            inputs.laplace.posterior = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, **fit)
+        else:  # laplace_kd_subset: on its subset of epoch 0 of the seed (0 if not given)
+            idx = losses.laplace_subset_indices(len(ds), config.laplace_subset, seed or 0, 0)
+            inputs.laplace.posterior = fit_on_subset(result.model.exit, p.phi.double(), p.exit_probs,
+                                                     idx, **fit)
         inputs.laplace.generator = torch.Generator().manual_seed(0)
     return losses.instance_weight(config, out, data.Batch(torch.arange(len(ds)), None, ds.y, ds.a),
                                   inputs)

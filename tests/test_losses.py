@@ -198,6 +198,26 @@ class _Student(torch.nn.Module):
             self.exit.linear.weight.normal_(0, 1.0)
 
 
+def _config(method, **overrides):
+    """``default_config``, laplace_kd_subset's subset cut to a quarter of the tests' N."""
+    cfg = L.default_config(method, **overrides)
+    return cfg.replace(laplace_subset=N // 4) if cfg.laplace_subset else cfg
+
+
+@pytest.fixture
+def val(monkeypatch):
+    """A validation split for laplace_kd_meronen's refits: labels, and features that the
+    exit-feature pass (``train.predict``, patched) returns."""
+    import types
+
+    import fairkd_utils.train as train
+    g = torch.Generator().manual_seed(11)
+    split = types.SimpleNamespace(phi=torch.randn(N // 2, D, generator=g),
+                                  y=torch.randint(0, C, (N // 2,), generator=g))
+    monkeypatch.setattr(train, "predict", lambda model, ds, device=None: ds)
+    return split
+
+
 def _batches(y, a, phi, model, size=16):
     for i in range(0, N, size):
         idx = torch.arange(i, min(i + size, N))
@@ -206,14 +226,14 @@ def _batches(y, a, phi, model, size=16):
         yield Batch(idx, torch.zeros(len(idx), 1), y[idx], a[idx]), out
 
 
-def test_every_objective_returns_its_loss_and_the_weights_it_used():
+def test_every_objective_returns_its_loss_and_the_weights_it_used(val):
     teacher, y, a, phi = _setup()
     model = _Student()
     counts = torch.bincount(y * 2 + a, minlength=4)
     for method in profiles.TRAINED:
-        cfg = L.default_config(method)
+        cfg = _config(method)
         obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N,
-                               n_classes=C, model=model, error_set=_error_set())
+                               n_classes=C, model=model, error_set=_error_set(), val=val)
         batch, out = next(_batches(y, a, phi, model))
         loss, w = obj.loss(out, batch, epoch=0)
         expected = L.student_loss(out.logits, batch.y, teacher[batch.idx], w["ce"], w["kd"],
@@ -237,14 +257,14 @@ def test_dedier_weights_the_kd_term_only_and_dedier_both_both_terms():
         torch.testing.assert_close(w["ce"], raw if ce_weighted else torch.ones_like(raw))
 
 
-def test_warm_up_gives_unit_weights_for_every_reweighting_method():
+def test_warm_up_gives_unit_weights_for_every_reweighting_method(val):
     teacher, y, a, phi = _setup()
     model = _Student()
     counts = torch.bincount(y * 2 + a, minlength=4)
     for method in profiles.REWEIGHTING:
-        cfg = L.default_config(method, warmup_epochs=2, normalise=False)
+        cfg = _config(method, warmup_epochs=2, normalise=False)
         obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N,
-                               n_classes=C, model=model, error_set=_error_set())
+                               n_classes=C, model=model, error_set=_error_set(), val=val)
         for epoch in range(3):
             term = profiles.METHOD_SPECS[method].terms[0]
             ws = [obj.loss(out, b, epoch)[1][term] for b, out in _batches(y, a, phi, model)]
@@ -375,7 +395,7 @@ def test_shuffled_keeps_the_batch_multiset_of_dedier_both_weights_but_not_their_
 
 
 @pytest.mark.parametrize("method", L.METHODS)
-def test_the_method_table_decides_terms_teacher_and_labels(method):
+def test_the_method_table_decides_terms_teacher_and_labels(method, val):
     """One table says, per method, where its weight comes from and which terms it
     multiplies; the objective built from it behaves accordingly after warm-up. A method
     that retrains another's last layer (DFR) has no training objective of its own."""
@@ -383,7 +403,7 @@ def test_the_method_table_decides_terms_teacher_and_labels(method):
     teacher, y, a, phi = _setup()
     model = _Student()
     counts = torch.bincount(y * 2 + a, minlength=4)
-    cfg = L.default_config(method, normalise=False)
+    cfg = _config(method, normalise=False)
     assert (cfg.lam > 0) == spec.distils
     if spec.last_layer_of:
         assert method not in profiles.TRAINED and spec.last_layer_of in profiles.TRAINED
@@ -391,9 +411,9 @@ def test_the_method_table_decides_terms_teacher_and_labels(method):
             L.make_objective(cfg, teacher_logits=teacher, n_train=N, n_classes=C)
         return
     obj = L.make_objective(cfg, teacher_logits=teacher, group_counts=counts, n_train=N, n_classes=C,
-                           model=model, error_set=_error_set())
+                           model=model, error_set=_error_set(), val=val)
     obj.on_epoch_end(0)  # laplace_kd: nothing accumulated yet, so its weights stay 1
-    if method == "laplace_kd":
+    if spec.weight == "exit_laplace":
         for b, out in _batches(y, a, phi, model):
             obj.loss(out, b, 0)
         obj.on_epoch_end(0)
