@@ -22,7 +22,6 @@ WATERBIRDS_COUNTS = {
 }
 
 
-
 def synthetic_counts(split: str, scale: float = 1.0, spurious_strength: float = 0.95):
     """Group counts of a synthetic split: Waterbirds' counts times ``scale`` (each >= 1).
 
