@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fairkd_utils import data, metrics
+from fairkd_utils import metrics, synthetic_images
 from fairkd_utils.profiles import TEXT_DATASETS
 
 
@@ -122,7 +122,7 @@ def calibration_targets(train_counts, n_attrs: int, dataset: str) -> dict:
     image = IMAGE_TARGETS
     if dataset not in TEXT_DATASETS:
         return dict(image)
-    wb = data.WATERBIRDS_COUNTS["train"]
+    wb = synthetic_images.WATERBIRDS_COUNTS["train"]
     ceiling = shortcut_margin_ceiling(
         train_counts, n_attrs, metrics.minority_groups(train_counts, n_attrs))
     wb_ceiling = shortcut_margin_ceiling(wb, 2, metrics.minority_groups(wb, 2))

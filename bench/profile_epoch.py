@@ -8,7 +8,7 @@ at seed 0 on ``data.load_splits("synthetic", ...)`` at the profile's size and sc
 ``losses.make_objective`` of ``--method``, ``train.train_model`` with the profile's
 student config) with random teacher logits of the right shape in place of the teacher's;
 one unprofiled epoch first (allocator and oneDNN warm-up), then one profiled. The
-teacher's epoch is an epoch of its pretraining (``data.make_pretraining_corpus`` at the
+teacher's epoch is an epoch of its pretraining (``synthetic_images.make_pretraining_corpus`` at the
 profile's size, ``CrossEntropyObjective``). For each: the epoch's training and
 validation time as the loop records them, the call's wall time (its fingerprint and
 set-up included), and the top operators by self CPU time.
@@ -29,7 +29,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fairkd_utils import checkpoints, data, losses, models, train
+from fairkd_utils import checkpoints, data, losses, models, synthetic_images, train
 from fairkd_utils.profiles import get_profile
 
 
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     res = profiled_epoch(f"student epoch ({args.method}, widths {prof.student_widths})", student, splits,
                          config, objective, args.top, warm_up=True)
     if not args.skip_teacher:
-        corpus = data.make_pretraining_corpus(n_per_pair=prof.teacher_pretrain_per_pair,
+        corpus = synthetic_images.make_pretraining_corpus(n_per_pair=prof.teacher_pretrain_per_pair,
                                               alignment=prof.teacher_pretrain_alignment,
                                               image_size=prof.image_size, seed=0)
         teacher = models.build_teacher(prof, ds.n_classes, seed=0)

@@ -6,7 +6,7 @@ pretrained encoder. One teacher per (dataset, profile), shared by every student 
 
 from __future__ import annotations
 import time
-from . import checkpoints, data, models, records, synthetic_text, text_models, train
+from . import checkpoints, models, records, synthetic_images, synthetic_text, text_models, train
 from .profiles import BUILT_IN_DATASETS, TEXT_DATASETS, synthetic_text_knobs
 from .rundir import Run
 
@@ -30,7 +30,7 @@ def uses_pretraining_corpus(run: Run) -> bool:
 
 def pretraining_corpus(run: Run, seed: int = TEACHER_SEED, n_per_group: int | None = None) -> dict:
     """The teacher's pretraining corpus for ``run`` as ``{"train", "val"}``: images
-    (``data.make_pretraining_corpus``) or text pairs (``synthetic_text.make_text_pretraining_corpus``,
+    (``synthetic_images.make_pretraining_corpus``) or text pairs (``synthetic_text.make_text_pretraining_corpus``,
     its val part drawn from another seed; ``n_per_group`` defaults to the profile's
     ``teacher_pretrain_per_pair``, the student's corpus passes its own)."""
     p = run.profile
@@ -43,7 +43,7 @@ def pretraining_corpus(run: Run, seed: int = TEACHER_SEED, n_per_group: int | No
             n_per_group=max(1, n // 10), seed=seed + 1000,
             exclude=[*run.splits().values(), train_part], **knobs)
         return {"train": train_part, "val": val_part}
-    return data.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
+    return synthetic_images.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
                                         alignment=p.teacher_pretrain_alignment,
                                         image_size=p.image_size, seed=seed)
 

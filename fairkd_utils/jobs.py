@@ -1,6 +1,7 @@
 """Notebook 05's method × seed grid and the sweep as jobs: one after another in the
 notebook's process (``inline``, the default), as worker processes on this machine
-(``local``) or as a SLURM job array (``slurm``), the last two through submitit.
+(``local``) or as a SLURM job array (``slurm``), the last two through submitit
+(the executors themselves: ``executors``).
 
 **What a job is.** One student: train it (or reuse its checkpoint) and write its
 own records, or — for the sweep — its row of ``sweep.csv``. Every distillation method
@@ -50,7 +51,7 @@ from typing import Callable
 
 import pandas as pd
 
-from . import checkpoints, records, students, sweep
+from . import checkpoints, executors, records, students, sweep
 from .teacher import load_teacher_logits, teacher_for_students
 from .profiles import METHOD_SPECS, resolve_device
 from .rundir import Run
@@ -271,53 +272,6 @@ def _log_to_stdout() -> None:
     log.setLevel(logging.INFO)
 
 
-#: A local worker's environment: "<pid>:<start>" of the process that started it (the
-#: notebook's kernel); the worker ends itself once that process is gone.
-OWNER_ENV = "FAIRKD_JOBS_OWNER"
-
-
-def _process_start(pid: int) -> str | None:
-    """An id of the process ``pid`` that a later process with the same pid does not
-    share (its start time, from ``/proc``), or None when it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        if not Path("/proc/self/stat").exists():   # no /proc (not Linux): the pid alone
-            try:
-                os.kill(pid, 0)
-                return ""
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                return ""
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def owner() -> str:
-    """This process as :data:`OWNER_ENV` names it."""
-    return f"{os.getpid()}:{_process_start(os.getpid())}"
-
-
-def _end_with_owner(value: str, every_s: float = 1.0) -> None:
-    """In a local worker: a daemon thread that ends this process (``os._exit``) once the
-    process that started it (:data:`OWNER_ENV`) is gone, so that a runner killed with
-    ``kill -9`` (its kernel exits with it) leaves no worker training behind into the run
-    directory. Its files are written atomically: nothing is left half-written."""
-    import threading
-
-    pid, _, start = value.partition(":")
-
-    def watch():
-        while _process_start(int(pid)) == start:
-            time.sleep(every_s)
-        print(f"[fairkd] the process that started this job (pid {pid}) is gone: stopping",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="fairkd-owner-watch", daemon=True).start()
-
-
 def execute(job: Job, device: str, worker: bool = True) -> dict:
     """Run one job on ``device`` (given by the scheduler: never the kernel's) and write,
     last, its stamp. ``worker``: in a process of its own (sets the job's ``--retrain``
@@ -330,8 +284,8 @@ def execute(job: Job, device: str, worker: bool = True) -> dict:
         for key in (checkpoints.RETRAIN_ENV, checkpoints.RETRAIN_RUN_ENV):
             os.environ.pop(key, None)
         os.environ.update(env)
-        if env.get(OWNER_ENV):
-            _end_with_owner(env[OWNER_ENV])
+        if env.get(executors.OWNER_ENV):
+            executors._end_with_owner(env[executors.OWNER_ENV])
         _log_to_stdout()
     threads_before = torch.get_num_threads()
     if job.threads:
@@ -381,215 +335,6 @@ def execute(job: Job, device: str, worker: bool = True) -> dict:
 
 
 # --------------------------------------------------------------------------- running them
-def _tail(path, n: int = 8) -> list[str]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    return [ln for ln in lines if ln.strip()][-n:]
-
-
-def _for_worker(job: Job, threads: int | None) -> Job:
-    """The job as it travels to a worker: its run without the data (nor the pretrained
-    student encoder, which the worker reloads from its checkpoint), its threads."""
-    return dataclasses.replace(job, run=dataclasses.replace(job.run, _splits=None, _student_encoder=None),
-                               threads=threads)
-
-
-def _for_local_worker(job: Job, threads: int | None) -> Job:
-    """:func:`_for_worker`, told to end with this process (:data:`OWNER_ENV`)."""
-    job = _for_worker(job, threads)
-    return dataclasses.replace(job, env=tuple(sorted({**dict(job.env), OWNER_ENV: owner()}.items())))
-
-
-def _failure(job: Job, sub, err: BaseException) -> dict:
-    log = Path(sub.paths.stderr)
-    tail = _tail(log) or [f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"]
-    return {"status": "failed", "log": str(log), "error": tail}
-
-
-def _result(job: Job, sub) -> dict:
-    try:
-        out = sub.result()
-    except Exception as err:  # the job raised, was killed or timed out
-        return _failure(job, sub, err)
-    return {"status": "done", "log": str(sub.paths.stdout), **out}
-
-
-class _Progress:
-    """The bar of jobs done / total, and one line per finished job in run.log."""
-
-    def __init__(self, total: int, label: str, show: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=f"{label} jobs", unit="job", disable=not show)
-
-    def done(self, job: Job, res: dict, seconds: float) -> None:
-        res["seconds"] = round(seconds, 2)
-        if res["status"] == "done":
-            logger.info("job %s done in %.1f s", job.name, seconds)
-        elif res["status"] == "failed":
-            logger.info("job %s FAILED after %.1f s (log: %s)", job.name, seconds, res.get("log"))
-        else:
-            logger.info("job %s not run (%s)", job.name, res.get("error", [""])[0])
-        self.bar.update(1)
-
-    def close(self):
-        self.bar.close()
-
-
-def _blocked(job: Job, results: dict) -> dict | None:
-    if job.after and results.get(job.after, {}).get("status") in ("failed", "not run"):
-        return {"status": "not run", "error": [f"its warm-up {job.after} failed"]}
-    return None
-
-
-def _run_inline(jobs: list[Job], opts: Options, progress: _Progress, results: dict) -> None:
-    """One after another in this process, on the run's device (a failure stops here
-    with its traceback, as the notebook's loop did)."""
-    for job in jobs:
-        t0 = time.perf_counter()
-        results[job.name] = {"status": "done", **execute(
-            dataclasses.replace(job, threads=opts.threads), job.run.device, worker=False)}
-        progress.done(job, results[job.name], time.perf_counter() - t0)
-
-
-def local_slots(workers: int | None, device: str) -> list[tuple[str, dict]]:
-    """Per local worker slot: the device string its jobs get and the submitit
-    parameters that go with it. On CUDA one GPU per slot (``CUDA_VISIBLE_DEVICES`` set to
-    that GPU by submitit's ``visible_gpus``; slots beyond the GPUs share them in turn);
-    on CPU no GPU is visible."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        n_gpus = torch.cuda.device_count()
-        if n_gpus < 1:
-            raise ValueError(f"device {device!r} but torch sees no GPU")
-        return [("cuda", {"gpus_per_node": 1, "visible_gpus": (k % n_gpus,)})
-                for k in range(workers or n_gpus)]
-    return [("cpu", {"gpus_per_node": 0, "visible_gpus": ()}) for _ in range(workers or cores())]
-
-
-def _run_local(jobs: list[Job], opts: Options, folder: Path, device: str, progress: _Progress,
-               results: dict, handles: dict) -> None:
-    """At most ``workers`` jobs at once, each a process of its own (submitit's
-    LocalExecutor); a student starts once its warm-up is done."""
-    import submitit
-
-    slots = local_slots(opts.workers, device)
-    threads = opts.threads or max(1, cores() // len(slots))
-    executor = (opts.executor_factory or submitit.LocalExecutor)(folder=folder)
-    free, queue, running = list(range(len(slots))), list(jobs), {}
-    while queue or running:
-        for job in list(queue):
-            blocked = _blocked(job, results)
-            if blocked:
-                queue.remove(job)
-                results[job.name] = blocked
-                progress.done(job, blocked, 0.0)
-                continue
-            if not free:
-                break
-            if job.after and results.get(job.after, {}).get("status") != "done":
-                continue  # its warm-up is still running
-            slot = free.pop(0)
-            job_device, params = slots[slot]
-            executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, **params)
-            sub = executor.submit(execute, _for_local_worker(job, threads), job_device)
-            handles[job.name] = sub
-            running[job.name] = (job, sub, slot, time.perf_counter())
-            queue.remove(job)
-        for name, (job, sub, slot, t0) in list(running.items()):
-            if sub.done():
-                results[name] = _result(job, sub)
-                progress.done(job, results[name], time.perf_counter() - t0)
-                free.append(slot)
-                del running[name]
-        if queue or running:
-            time.sleep(opts.poll_s)
-
-
-def slurm_parameters(opts: Options) -> dict:
-    """``AutoExecutor.update_parameters`` arguments of ``--slurm-*`` and ``--workers``."""
-    s = opts.slurm or {}
-    params = {"name": "fairkd", "timeout_min": int(s.get("time", SLURM_TIMEOUT_MIN)),
-              "gpus_per_node": int(s.get("gpus", 0)), "cpus_per_task": s.get("cpus"),
-              "slurm_partition": s.get("partition"), "slurm_array_parallelism": opts.workers}
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def refuse_control_characters(values: dict) -> None:
-    """Stop if a value that reaches the sbatch script (``values``: its name in words ->
-    the value) holds a control character: a newline would end its ``#SBATCH`` line and
-    run the rest of the value as a command."""
-    import unicodedata
-
-    for what, value in values.items():
-        bad = sorted({c for c in str(value) if unicodedata.category(c) == "Cc"})
-        if bad:
-            raise ValueError(f"{what} {str(value)!r} holds the control character(s) "
-                             f"{', '.join(repr(c) for c in bad)}, which would break the sbatch "
-                             "script (a newline ends its #SBATCH line and runs the rest as a "
-                             "command); give it without them")
-
-
-def slurm_executor(opts: Options, folder: Path):
-    """A submitit executor for SLURM (``opts.executor_factory`` stands in for
-    ``submitit.AutoExecutor`` in tests) with :func:`slurm_parameters` set; its files go
-    to ``folder``."""
-    import submitit
-
-    refuse_control_characters({
-        **{f"--slurm-{k[len('slurm_'):] if k.startswith('slurm_') else k}": v
-           for k, v in slurm_parameters(opts).items() if isinstance(v, str)},
-        "the job folder (in the run directory)": Path(folder).resolve(), "the Python executable": sys.executable})
-    executor = (opts.executor_factory or submitit.AutoExecutor)(folder=folder, cluster="slurm")
-    executor.update_parameters(**slurm_parameters(opts))
-    return executor
-
-
-def submit_array(executor, jobs: list[Job], opts: Options) -> list:
-    """Submit ``jobs`` as one job array (``map_array``); each task gets its device
-    (``cuda`` with ``--slurm-gpus``, else ``cpu``) and threads (``--threads``, else
-    ``--slurm-cpus``) as arguments."""
-    s = opts.slurm or {}
-    device = "cuda" if int(s.get("gpus", 0)) > 0 else "cpu"
-    threads = opts.threads or s.get("cpus")
-    return executor.map_array(execute, [_for_worker(j, threads) for j in jobs], [device] * len(jobs))
-
-
-def _run_array(jobs: list[Job], opts: Options, folder: Path, progress: _Progress, results: dict,
-               handles: dict) -> None:
-    """A SLURM job array per phase (the warm-ups, then the rest), each task on the GPUs
-    and CPUs ``--slurm-*`` asks for."""
-    executor = slurm_executor(opts, folder)
-    for phase in ([j for j in jobs if j.kind == "warmup"], [j for j in jobs if j.kind != "warmup"]):
-        todo = []
-        for job in phase:
-            blocked = _blocked(job, results)
-            if blocked:
-                results[job.name] = blocked
-                progress.done(job, blocked, 0.0)
-            else:
-                todo.append(job)
-        if not todo:
-            continue
-        subs = submit_array(executor, todo, opts)
-        t0 = time.perf_counter()
-        logger.info("submitted %d jobs as array %s (logs: %s)", len(subs),
-                    str(subs[0].job_id).split("_")[0], folder)
-        handles.update({j.name: sub for j, sub in zip(todo, subs)})
-        waiting = {j.name: (j, sub) for j, sub in zip(todo, subs)}
-        while waiting:
-            for name, (job, sub) in list(waiting.items()):
-                if sub.done():
-                    results[name] = _result(job, sub)
-                    progress.done(job, results[name], time.perf_counter() - t0)
-                    del waiting[name]
-            if waiting:
-                time.sleep(opts.poll_s)
-
-
 def submission_folder(run: Run, label: str) -> Path:
     """``<run_dir>/jobs/<time>-<label>-<pid>/``: this call's job files and logs."""
     return run.path("jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{os.getpid()}")
@@ -610,17 +355,17 @@ def run_jobs(run: Run, jobs: list[Job], plans: dict, opts: Options | None = None
                 f" after {n_warm} warm-up job{'s' if n_warm > 1 else ''}" if n_warm else "", opts.executor)
     results = {j.name: {"status": "skipped"} for j in skipped}
     handles, folder = {}, None
-    progress = _Progress(len(todo), label, show)
+    progress = executors._Progress(len(todo), label, show)
     try:
         if opts.executor == "inline" or not todo:
-            _run_inline(todo, opts, progress, results)
+            executors._run_inline(todo, opts, progress, results)
         else:
             folder = submission_folder(run, label)
             folder.mkdir(parents=True, exist_ok=True)
             if opts.executor == "local":
-                _run_local(todo, opts, folder, run.device, progress, results, handles)
+                executors._run_local(todo, opts, folder, run.device, progress, results, handles)
             else:
-                _run_array(todo, opts, folder, progress, results, handles)
+                executors._run_array(todo, opts, folder, progress, results, handles)
     finally:
         progress.close()
         for name, sub in handles.items():  # interrupted: stop what still runs

@@ -12,7 +12,7 @@ final-head DeDiER ablation to the profile's methods (notebook 05 receives it as 
 ``methods`` parameter) in a run directory of its own, ``<dataset>-<profile>-extended``;
 ``--methods laplace`` likewise adds the Laplace-KD variants (``profiles.LAPLACE_METHODS``)
 in ``<dataset>-<profile>-laplace``.
-Before any kernel starts, the runner checks the
+Before any kernel starts, the runner checks (``runner_checks``) the
 folders, the seeds and the files the selected notebooks read from earlier ones. A
 failing cell stops the run with a non-zero exit naming the notebook and the cell;
 the failed notebook is kept as ``executed/NN_name.failed.ipynb`` beside the last good
@@ -42,11 +42,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from . import records
+from . import records, runner_checks
 from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHOD_SETS, PROFILES,
-                       TRAINED, apply_overrides, get_profile, method_set_tag, missing_hparams,
-                       overrides_tag, parse_overrides, read_hparams_file, resolve_device,
-                       resolve_methods)
+                       apply_overrides, get_profile, method_set_tag, overrides_tag,
+                       parse_overrides, resolve_device, resolve_methods)
 from .rundir import JOBS_ENV, REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -54,17 +53,6 @@ NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 #: Packages whose versions go into manifest.json.
 MANIFEST_PACKAGES = ("torch", "torchvision", "laplace-torch", "numpy", "pandas",
                      "matplotlib", "seaborn", "papermill", "jupytext")
-#: Seeds go to numpy and torch: 0 <= seed < SEED_LIMIT.
-SEED_LIMIT = 2**31
-#: What a notebook reads that an earlier one writes: (the reading notebooks, a glob
-#: under the run directory, once per requested {seed} and profile {method}, the writer).
-PREREQUISITES = (
-    ("02 03 04 05 06", "groups.csv", "01"),
-    ("05", "teacher_logits.pt", "02"),
-    ("04 05", "records/metrics/student-erm-*-seed{seed}-map-test.csv", "03"),
-    ("06", "summary.csv", "05"),
-    ("06", "records/metrics/student-{method}-*-seed{seed}-map-test.csv", "05"),
-)
 
 
 class PipelineError(RuntimeError):
@@ -73,14 +61,6 @@ class PipelineError(RuntimeError):
 
 class Interrupted(RuntimeError):
     """Ctrl-C: the message names what was interrupted."""
-
-
-#: The committed chosen hyper-parameters (``hparams.HPARAMS_FILE``), keyed by
-#: ``<dataset>-<profile>``.
-HPARAMS_FILE = Path(__file__).with_name("hparams.json")
-#: What notebook 05 records of the hyper-parameters that made the run's tables
-#: (``hparams.HPARAMS_USED``).
-HPARAMS_USED = "hparams_used.json"
 
 
 def discover_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -129,14 +109,6 @@ def _local_path(path) -> str | None:
     return str(Path(path).expanduser().resolve()) if path else None
 
 
-def check_seeds(seeds) -> list[int]:
-    bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
-    if bad:
-        raise ValueError(f"--seeds {' '.join(map(str, bad))}: every seed must satisfy "
-                         "0 <= seed < 2**31 (numpy and torch seeding)")
-    return list(seeds)
-
-
 def run_name(args) -> str:
     """The run directory's name: ``<dataset>-<profile>``, with ``-extended`` for
     ``--methods extended`` and ``-set-<hash>`` for ``--set`` overrides, so that such a
@@ -153,113 +125,9 @@ def run_folders(args) -> tuple[Path, Path]:
     run_dir = (Path(args.out) / name).resolve()
     if args.figures:
         return run_dir, Path(args.figures).resolve()
-    if _default_out(args):
+    if runner_checks._default_out(args):
         return run_dir, (REPO_ROOT / "figures" / name).resolve()
     return run_dir, run_dir / "figures"
-
-
-def _default_out(args) -> bool:
-    return Path(args.out).resolve() == (REPO_ROOT / "results").resolve()
-
-
-def check_folder(path: Path, flag: str) -> None:
-    """Stop unless ``path`` is, or can be made, a folder this process can write in."""
-    path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder; pass a folder "
-                         "(it is created if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: cannot write in {existing} (permission denied); "
-                         "pass a folder you can write to")
-
-
-def missing_prerequisites(run_dir: Path, selected: set[str], seeds, methods) -> list[tuple]:
-    """(notebook, glob, writer) for each file a ``selected`` notebook reads that no
-    selected notebook writes and ``run_dir`` lacks."""
-    missing = []
-    for readers, pattern, writer in PREREQUISITES:
-        if writer in selected:
-            continue
-        for nb in sorted(set(readers.split()) & selected):
-            globs = sorted({pattern.format(seed=s, method=m) for s in seeds for m in methods})
-            missing += [(nb, g, writer) for g in globs if not any(Path(run_dir).glob(g))]
-    return missing
-
-
-def check_prerequisites(args, run_dir: Path, notebooks: list[Path], known: list[Path], seeds,
-                        methods) -> None:
-    """Stop before any kernel starts if a selected notebook would miss an earlier
-    notebook's output, naming the files and the ``--only`` that makes them."""
-    selected = {p.name[:2] for p in notebooks}
-    missing = missing_prerequisites(run_dir, selected, seeds, methods)
-    if not missing:
-        return
-    needed = set(selected)
-    while more := missing_prerequisites(run_dir, needed, seeds, methods):
-        needed |= {writer for _, _, writer in more}
-    names = {p.name[:2]: p.stem for p in known}
-    by_pair = {}
-    for nb, glob, writer in missing:
-        by_pair.setdefault((nb, writer), []).append(glob)
-    lines = [f"{names.get(nb, nb)} reads {', '.join(g[:3])}" + (f" and {len(g) - 3} more" if len(g) > 3 else "")
-             + f" (written by {names.get(w, w)})" for (nb, w), g in by_pair.items()]
-    raise FileNotFoundError(
-        f"{run_dir} lacks what the selected notebooks read:\n  " + "\n  ".join(lines)
-        + f"\nrun {', '.join(names.get(n, n) for n in sorted(needed - selected))} too: "
-        + suggest_command(args, sorted(needed)))
-
-
-def suggest_command(args, only: list[str]) -> str:
-    """The command line of this run with ``--only`` replaced."""
-    parts = ["python -m fairkd_utils.pipeline", "--profile", args.profile, "--dataset", args.dataset]
-    if getattr(args, "methods", None) not in (None, "default"):
-        parts += ["--methods", args.methods]
-    for flag, value in (("--data-root", args.data_root),
-                        ("--teacher-model", getattr(args, "teacher_model", None)),
-                        ("--student-model", getattr(args, "student_model", None)),
-                        ("--figures", args.figures),
-                        ("--device", None if args.device == "auto" else args.device),
-                        ("--out", None if _default_out(args) else args.out)):
-        parts += [flag, str(value)] if value else []
-    parts += ["--only", *only] + (["--seeds", *map(str, args.seeds)] if args.seeds else [])
-    return " ".join(parts)
-
-
-#: Checkpoint names: teacher-pretrained, teacher, warmup-seed<N> (the shared warm-ups and
-#: JTT's identification models), student-<method>-seed<N> (DFR has none of its own).
-CHECKPOINT_STEMS = ("teacher-pretrained", "teacher", "warmup-seed",
-                    *(f"student-{m}-seed" for m in TRAINED))
-
-
-def check_retrain(prefixes) -> list[str] | None:
-    """``--retrain``'s prefixes (``[]``: every checkpoint), each refused unless some
-    checkpoint name can start with it."""
-    if prefixes is None:
-        return None
-    for p in prefixes:
-        ok = p and not any(c.isspace() for c in p) and any(
-            stem.startswith(p) or (p.startswith(stem) and stem.endswith("-seed")
-                                   and p[len(stem):].isdigit())
-            for stem in CHECKPOINT_STEMS)
-        if not ok:
-            raise ValueError(f"--retrain {p!r}: no checkpoint name starts with it; names are "
-                             "teacher-pretrained, teacher, warmup-seed<N> and "
-                             f"student-<method>-seed<N> (methods: {', '.join(TRAINED)}); "
-                             "--retrain alone retrains every checkpoint")
-    return list(prefixes)
-
-
-def retrain_environment(prefixes) -> dict:
-    """The variables that tell the kernels which checkpoints to retrain
-    (``FAIRKD_RETRAIN``, read by ``train.train_model``/``train_warmup``) with an id of
-    this run (``FAIRKD_RETRAIN_RUN``), so each is retrained once, not by every notebook
-    that loads it; ``{}`` without ``--retrain``."""
-    if prefixes is None:
-        return {}
-    import uuid
-
-    return {"FAIRKD_RETRAIN": " ".join(prefixes) or "*", "FAIRKD_RETRAIN_RUN": uuid.uuid4().hex}
 
 
 @contextlib.contextmanager
@@ -486,58 +354,6 @@ def echo_log(path: Path, enabled: bool = True):
         thread.join()
 
 
-def check_hparams_file(args, profile) -> None:
-    """Before any kernel starts: the hyper-parameter file notebook 05 will read
-    (``--hparams``, else the committed one) is well formed, has an entry for
-    ``<dataset>-<profile>`` when given with ``--hparams``, and that entry holds every value
-    the run's methods read (with ``--sweep`` the sweep writes them: form only)."""
-    sweep = getattr(args, "sweep", False) or profile.sweep
-    path = Path(args.hparams) if getattr(args, "hparams", None) else HPARAMS_FILE
-    if not getattr(args, "hparams", None) and not path.exists():
-        return
-    chosen, name = read_hparams_file(path), f"{args.dataset}-{args.profile}"
-    table = chosen.get(name)
-    if table is None:
-        if getattr(args, "hparams", None) and not sweep:
-            raise ValueError(f"{str(path)!r} has no entry for {name!r} (it has {sorted(chosen)}); "
-                             "run the sweep for this dataset and profile")
-        return
-    missing = [] if sweep else missing_hparams(table, resolve_methods(profile, getattr(args, "methods", None)))
-    if missing:
-        raise ValueError(f"{path.name}[{name!r}] lacks {', '.join(missing)}: the methods this run "
-                         "trains read them, and a file's entry is never completed from the "
-                         "library's defaults; add them, choose them with --sweep, or give "
-                         "--hparams FILE with a complete entry")
-
-
-def read_hparams_used(run_dir: Path) -> dict | None:
-    """The record of the hyper-parameters that made the run's tables (None if none)."""
-    try:
-        return json.loads((Path(run_dir) / HPARAMS_USED).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def hparams_change(before: dict | None, after: dict | None) -> str | None:
-    """In words, how the hyper-parameters of ``after`` differ from those of ``before``
-    (records of :data:`HPARAMS_USED`), with the flag that brings the earlier ones back;
-    None when neither record is missing and they agree."""
-    if not before or not after or before.get("configs") == after.get("configs"):
-        return None
-    old, new = before.get("configs", {}), after.get("configs", {})
-    changes = []
-    for method in [m for m in new if m in old]:
-        fields = [f"{k} {old[method].get(k)} -> {v}" for k, v in new[method].items()
-                  if old[method].get(k) != v]
-        if fields:
-            changes.append(f"{method}: {', '.join(fields)}")
-    back = (f"; to use the earlier ones again: --hparams {before['file']}"
-            if before.get("file") and before.get("file") != after.get("file") else "")
-    return (f"hyper-parameters differ from those that made this run's tables: "
-            f"{before.get('source')} before, {after.get('source')} now; "
-            + ("; ".join(changes) or "other methods") + back)
-
-
 def run(args) -> Path:
     # fails early on an unknown profile or a bad --set
     profile = apply_overrides(get_profile(args.profile, args.dataset), parse_overrides(getattr(args, "set", None)))
@@ -558,28 +374,28 @@ def run(args) -> Path:
         from .text_models import check_model_folders
         check_model_folders(profile, args.dataset, getattr(args, "teacher_model", None),
                             getattr(args, "student_model", None))
-    seeds = check_seeds(args.seeds or profile.seeds)
+    seeds = runner_checks.check_seeds(args.seeds or profile.seeds)
     if (getattr(args, "sweep", False) or profile.sweep) and len(seeds) < 2:
         raise ValueError(f"the sweep averages over at least two seeds, got {seeds}: give "
                          "--seeds with two or more, or leave --sweep out")
-    check_hparams_file(args, profile)
-    if getattr(args, "reference", False) and (args.only or not _default_out(args)):
+    runner_checks.check_hparams_file(args, profile)
+    if getattr(args, "reference", False) and (args.only or not runner_checks._default_out(args)):
         raise ValueError("--reference makes the committed reference of a whole run: leave out "
                          "--only and --out")
-    retrain = check_retrain(getattr(args, "retrain", None))
+    retrain = runner_checks.check_retrain(getattr(args, "retrain", None))
     known = discover_notebooks(NOTEBOOKS_DIR)
     notebooks = select_notebooks(known, args.only)
     run_dir, figures_dir = run_folders(args)
     for flag, path in (("--out", Path(args.out).resolve()), ("--out", run_dir), ("--figures", figures_dir)):
-        check_folder(path, flag)
-    check_prerequisites(args, run_dir, notebooks, known, seeds,
+        runner_checks.check_folder(path, flag)
+    runner_checks.check_prerequisites(args, run_dir, notebooks, known, seeds,
                         resolve_methods(profile, getattr(args, "methods", None)))
     optional = optional_parameters(args)
     jobs_environment(args)   # --executor and its options, checked before any kernel starts
     if getattr(args, "executor", None) == "slurm":   # what reaches the sbatch script
-        from . import jobs
+        from . import executors
 
-        jobs.refuse_control_characters({"--slurm-partition": args.slurm_partition or "",
+        executors.refuse_control_characters({"--slurm-partition": args.slurm_partition or "",
                                         "the run directory": run_dir})
     device = resolve_device(args.device)
     params = notebook_parameters(args, run_dir, figures_dir, device)
@@ -623,7 +439,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
             fh.write(f"{time.strftime('%H:%M:%S')} [fairkd] {message}\n")
 
     total = time.perf_counter()
-    kernel_env = {**retrain_environment(retrain), **jobs_environment(args)}
+    kernel_env = {**runner_checks.retrain_environment(retrain), **jobs_environment(args)}
     if retrain is not None:
         which = " ".join(f"{p}*" for p in retrain) if retrain else "every checkpoint"
         say(f"--retrain: retraining {which} (once in this run)")
@@ -634,7 +450,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
                  "git_sha": this_run["git_sha"], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         manifest["notebooks"][src.stem] = entry
         records.write_json(manifest_path, manifest)
-        hparams_before = read_hparams_used(run_dir)
+        hparams_before = runner_checks.read_hparams_used(run_dir)
         try:
             with echo_log(log_path, enabled=not args.quiet), environment(kernel_env):
                 run_notebook(src, run_dir / "executed" / f"{src.stem}.ipynb", params, cwd=run_dir,
@@ -649,7 +465,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
             raise
         entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2))
         say(f"{src.stem} done in {entry['seconds']:.1f} s")
-        change = hparams_change(hparams_before, read_hparams_used(run_dir))
+        change = runner_checks.hparams_change(hparams_before, runner_checks.read_hparams_used(run_dir))
         if change:
             say(change)
     if not args.only:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fairkd_utils import data as fkdata
+from fairkd_utils import synthetic_images
 from fairkd_utils.data import iterate_batches, load_splits
 from fakes import (DEFAULT_COUNTS, make_fake_celeba, make_fake_folder,
                    make_fake_waterbirds)
@@ -25,17 +26,17 @@ def small_synth():
 
 
 def test_synthetic_has_waterbirds_group_counts_at_full_scale():
-    for split, counts in fkdata.WATERBIRDS_COUNTS.items():
-        assert fkdata.synthetic_counts(split, 1.0) == list(counts)
+    for split, counts in synthetic_images.WATERBIRDS_COUNTS.items():
+        assert synthetic_images.synthetic_counts(split, 1.0) == list(counts)
     splits = load_splits("synthetic", scale=1.0, seed=0)  # a few seconds
     for split, ds in splits.items():
-        assert ds.group_counts().tolist() == list(fkdata.WATERBIRDS_COUNTS[split])
-        assert ds.x.shape == (sum(fkdata.WATERBIRDS_COUNTS[split]), 3, 32, 32)
+        assert ds.group_counts().tolist() == list(synthetic_images.WATERBIRDS_COUNTS[split])
+        assert ds.x.shape == (sum(synthetic_images.WATERBIRDS_COUNTS[split]), 3, 32, 32)
 
 
 def test_synthetic_scaled_counts_are_rounded_and_keep_every_group(small_synth):
     for split, ds in small_synth.items():
-        expected = [max(1, round(0.05 * c)) for c in fkdata.WATERBIRDS_COUNTS[split]]
+        expected = [max(1, round(0.05 * c)) for c in synthetic_images.WATERBIRDS_COUNTS[split]]
         assert ds.group_counts().tolist() == expected
     tiny = load_splits("synthetic", scale=0.001)
     assert all((ds.group_counts() >= 1).all() for ds in tiny.values())
@@ -75,7 +76,7 @@ def test_synthetic_knobs_validate_and_change_the_train_correlation():
     s = load_splits("synthetic", scale=1.0, spurious_strength=0.8, image_size=8)
     c = s["train"].group_counts().tolist()
     assert c[0] / (c[0] + c[1]) == pytest.approx(0.8, abs=1e-3)
-    assert s["test"].group_counts().tolist() == list(fkdata.WATERBIRDS_COUNTS["test"])
+    assert s["test"].group_counts().tolist() == list(synthetic_images.WATERBIRDS_COUNTS["test"])
     with pytest.raises(ValueError, match="reliability"):
         load_splits("synthetic", scale=0.02, reliability=0.2)
     with pytest.raises(TypeError):
@@ -335,7 +336,7 @@ def test_the_shape_colour_carries_no_class_cue_unless_asked():
     """With colour_cue=0 the object's mean brightness is the same for both classes; at 1
     landbirds are dark and waterbirds light (a cue a pooled early feature reads)."""
     def shape_brightness(colour_cue):
-        x, drawn = fkdata._render_birds(torch.arange(4000) % 2, torch.zeros(4000, dtype=torch.long), 32,
+        x, drawn = synthetic_images._render_birds(torch.arange(4000) % 2, torch.zeros(4000, dtype=torch.long), 32,
                                         torch.Generator().manual_seed(0), colour_cue=colour_cue,
                                         noise=0.0, background_contrast=0.0)
         raw = x * torch.tensor(fkdata.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(fkdata.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -351,7 +352,7 @@ def test_the_shape_colour_carries_no_class_cue_unless_asked():
 
 @pytest.mark.parametrize("alignment", [0.5, 0.8])
 def test_the_pretraining_corpus_alignment_is_what_its_knob_says(alignment):
-    corpus = fkdata.make_pretraining_corpus(n_per_pair=100, alignment=alignment, image_size=8, seed=2)
+    corpus = synthetic_images.make_pretraining_corpus(n_per_pair=100, alignment=alignment, image_size=8, seed=2)
     n = sum(ds.group_counts() for ds in corpus.values())
     assert int(n.sum()) == 400 and n[0] + n[1] == n[2] + n[3] == 200   # classes balanced
     own = float((n[0] + n[3]).double() / n.sum())                        # a == y
@@ -359,4 +360,4 @@ def test_the_pretraining_corpus_alignment_is_what_its_knob_says(alignment):
     assert torch.equal(corpus["train"].object_class, corpus["train"].y)
     assert 0 < len(corpus["val"]) < len(corpus["train"])
     with pytest.raises(ValueError, match="alignment"):
-        fkdata.make_pretraining_corpus(n_per_pair=10, alignment=1.2)
+        synthetic_images.make_pretraining_corpus(n_per_pair=10, alignment=1.2)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fairkd_utils import data as fkdata
+from fairkd_utils import synthetic_images
 from fairkd_utils import metrics, rundir
 from fairkd_utils.data import load_splits
 from fairkd_utils.profiles import get_profile
@@ -313,7 +314,7 @@ def test_data_scale_applies_to_synthetic_data_only(tmp_path):
     synth = rundir.Run(run_dir=tmp_path, figures_dir=tmp_path, profile=smoke,
                            dataset="synthetic", data_root=None, seeds=[0], device="cpu")
     assert synth.splits()["train"].group_counts().tolist() == \
-        fkdata.synthetic_counts("train", smoke.data_scale)
+        synthetic_images.synthetic_counts("train", smoke.data_scale)
 
 
 def test_an_image_corrupted_with_the_same_size_and_mtime_is_decoded_again(tmp_path, decode_cache,

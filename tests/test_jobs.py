@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairkd_utils import checkpoints, hparams, jobs, losses, records, rundir, students, sweep
+from fairkd_utils import checkpoints, executors, hparams, jobs, losses, records, rundir, students, sweep
 from fairkd_utils import teacher as teacher_mod
 
 #: A real comparison, kept small: one method per kind of weight (none, the exit's MAP,
@@ -153,7 +153,7 @@ def test_slurm_jobs_are_one_array_with_the_flags_parameters_and_log_paths(tmp_pa
     opts = jobs.options("slurm", workers=2, slurm={"partition": "gpu", "time": "1:30:00", "gpus": 1,
                                                    "cpus": 4})
     folder = jobs.submission_folder(run, "grid")
-    subs = jobs.submit_array(jobs.slurm_executor(opts, folder), todo, opts)
+    subs = executors.submit_array(executors.slurm_executor(opts, folder), todo, opts)
     script = (tmp_path / "sbatch-script.sh").read_text()
     for line in ("--array=0-2%2", "--partition=gpu", "--time=90", "--gpus-per-node=1",
                  "--cpus-per-task=4", f"--output={folder}/%A_%a_0_log.out",
@@ -178,7 +178,7 @@ def test_options_are_checked_before_anything_runs():
     with pytest.raises(ValueError, match="choose one of"):
         jobs.options("dask")
     assert jobs.options("slurm").slurm == {"time": jobs.SLURM_TIMEOUT_MIN}
-    assert jobs.slurm_parameters(jobs.options("slurm", workers=3, slurm={"partition": "p", "cpus": 2})) == {
+    assert executors.slurm_parameters(jobs.options("slurm", workers=3, slurm={"partition": "p", "cpus": 2})) == {
         "name": "fairkd", "timeout_min": 240, "gpus_per_node": 0, "cpus_per_task": 2,
         "slurm_partition": "p", "slurm_array_parallelism": 3}
 
@@ -186,12 +186,12 @@ def test_options_are_checked_before_anything_runs():
 def test_local_slots_give_each_worker_one_gpu_or_none(monkeypatch):
     import torch
 
-    assert jobs.local_slots(2, "cpu") == [("cpu", {"gpus_per_node": 0, "visible_gpus": ()})] * 2
+    assert executors.local_slots(2, "cpu") == [("cpu", {"gpus_per_node": 0, "visible_gpus": ()})] * 2
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    slots = jobs.local_slots(None, "cuda")
+    slots = executors.local_slots(None, "cuda")
     assert slots == [("cuda", {"gpus_per_node": 1, "visible_gpus": (0,)}),
                      ("cuda", {"gpus_per_node": 1, "visible_gpus": (1,)})]
-    assert [p["visible_gpus"] for _, p in jobs.local_slots(3, "cuda")] == [(0,), (1,), (0,)]
+    assert [p["visible_gpus"] for _, p in executors.local_slots(3, "cuda")] == [(0,), (1,), (0,)]
 
 
 def test_a_stamp_counts_only_with_its_fingerprint_its_records_and_no_retrain(tmp_path, monkeypatch):
@@ -333,7 +333,7 @@ def test_a_control_character_never_reaches_the_sbatch_script(tmp_path, monkeypat
     opts = jobs.options("slurm", slurm={"partition": partition})
     with pytest.raises(ValueError, match=r"control character.*\\n" if where == "partition"
                        else r"(?s)the job folder.*control character"):
-        jobs.submit_array(jobs.slurm_executor(opts, jobs.submission_folder(run, "grid")), todo, opts)
+        executors.submit_array(executors.slurm_executor(opts, jobs.submission_folder(run, "grid")), todo, opts)
     assert not (tmp_path / "sbatch-script.sh").exists()
 
 

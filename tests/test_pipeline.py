@@ -10,7 +10,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from fairkd_utils import pipeline
+from fairkd_utils import pipeline, runner_checks
 from fairkd_utils.profiles import DEFAULT_METHODS, EXTRA_METHODS, get_profile
 
 #: The methods a plain smoke run compares (the extended set has its own run directory).
@@ -189,10 +189,10 @@ def test_methods_extended_reaches_notebook_05_in_a_run_directory_of_its_own(tmp_
     (run_dir / "records").mkdir(parents=True)
     (run_dir / "groups.csv").write_text("x")
     (run_dir / "summary.csv").write_text("x")
-    missing = {glob for _, glob, _ in pipeline.missing_prerequisites(
+    missing = {glob for _, glob, _ in runner_checks.missing_prerequisites(
         run_dir, {"06"}, [0], pipeline.resolve_methods(get_profile("smoke"), "extended"))}
     assert {f"records/metrics/student-{m}-*-seed0-map-test.csv" for m in EXTRA_METHODS} <= missing
-    assert "--methods extended" in pipeline.suggest_command(args, ["05", "06"])
+    assert "--methods extended" in runner_checks.suggest_command(args, ["05", "06"])
 
 
 def test_methods_extended_parameter_is_passed_to_the_kernel_of_notebook_05(tmp_path):

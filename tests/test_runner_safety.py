@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from fairkd_utils import pipeline, rundir, train
+from fairkd_utils import pipeline, rundir, runner_checks, train
 from fairkd_utils.profiles import METHODS
 
 # One tiny notebook "01" (no prerequisites): it logs like the training loop, draws a
@@ -45,6 +45,7 @@ def fake_repo(tmp_path, monkeypatch):
     (repo / "notebooks").mkdir(parents=True)
     (repo / "notebooks" / "01_fake.py").write_text(FAKE)
     monkeypatch.setattr(pipeline, "REPO_ROOT", repo)
+    monkeypatch.setattr(runner_checks, "REPO_ROOT", repo)
     monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", repo / "notebooks")
     return repo
 
@@ -180,7 +181,7 @@ def test_missing_prerequisites_name_the_writer_and_the_command(tmp_path, capsys,
     # nothing is missing that a selected notebook writes
     args = pipeline.build_parser().parse_args(["--out", str(tmp_path), "--profile", "smoke"])
     known = pipeline.discover_notebooks()
-    pipeline.check_prerequisites(args, run_dir, pipeline.select_notebooks(known, ["02", "03", "05"]),
+    runner_checks.check_prerequisites(args, run_dir, pipeline.select_notebooks(known, ["02", "03", "05"]),
                                  known, [0], METHODS)
 
 
@@ -195,7 +196,7 @@ def test_only_06_with_seeds_never_run_says_which_notebooks_to_rerun(tmp_path, ca
     assert err.rstrip().endswith("--only 03 05 06 --seeds 3")
     args = pipeline.build_parser().parse_args(["--out", str(tmp_path), "--profile", "smoke"])
     known = pipeline.discover_notebooks()
-    pipeline.check_prerequisites(args, run_dir, pipeline.select_notebooks(known, ["06"]), known,
+    runner_checks.check_prerequisites(args, run_dir, pipeline.select_notebooks(known, ["06"]), known,
                                  [0], METHODS)
 
 
@@ -338,7 +339,7 @@ def test_a_lock_that_cannot_be_taken_says_what_failed(tmp_path, monkeypatch, cap
 PARENT = '''
 import sys, time
 from pathlib import Path
-from fairkd_utils import jobs, losses
+from fairkd_utils import executors, jobs, losses
 from slow_work import SlowRun
 out = Path(sys.argv[1])
 run = SlowRun(run_dir=out / "run", figures_dir=out / "fig", profile=None, dataset="synthetic",
@@ -346,8 +347,8 @@ run = SlowRun(run_dir=out / "run", figures_dir=out / "fig", profile=None, datase
 todo = [jobs.Job(name=f"student-kd-x-seed{s}", kind="student", run=run,
                  config=losses.default_config("kd"), seed=s, fingerprint="f", checkpoint="c",
                  ckpt_dir=out / "ck") for s in range(2)]
-jobs._run_local(todo, jobs.options("local", workers=2, threads=1), out / "jobs", "cpu",
-                jobs._Progress(2, "t", False), {}, {})
+executors._run_local(todo, jobs.options("local", workers=2, threads=1), out / "jobs", "cpu",
+                     executors._Progress(2, "t", False), {}, {})
 '''
 
 

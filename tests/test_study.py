@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import calibration  # noqa: E402  bench/calibration.py: the miniatures' calibration
 from fairkd_utils import metrics as M
-from fairkd_utils import build, data, hparams, metrics, plots, profiles, rundir, students, sweep
+from fairkd_utils import build, hparams, metrics, plots, profiles, rundir, students, sweep, synthetic_images
 
 
 def test_auroc_equals_the_share_of_correctly_ordered_pairs():
@@ -207,7 +207,7 @@ def test_shortcut_margin_ceiling_by_hand():
 def test_calibration_targets_scale_the_image_ones_by_multinlis_numbers():
     from fairkd_utils import multinli, synthetic_text
 
-    assert calibration.calibration_targets(data.WATERBIRDS_COUNTS["train"], 2, "synthetic") == \
+    assert calibration.calibration_targets(synthetic_images.WATERBIRDS_COUNTS["train"], 2, "synthetic") == \
         {"margin": 0.50, "gain": 0.20}
     t = calibration.calibration_targets(multinli.MULTINLI_COUNTS["train"], 2, "multinli")
     wb = (184 * (1057 - 184) / 1241 + 56 * (3498 - 56) / 3554) / 240

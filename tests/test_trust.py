@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fairkd_utils import checkpoints, losses, metrics, models, pipeline, profiles, records, rundir, students, train
+from fairkd_utils import (checkpoints, losses, metrics, models, pipeline, profiles, records, rundir,
+                          runner_checks, students, train)
 from test_train import TINY, _cfg, _split
 
 
@@ -62,8 +63,8 @@ def test_the_fingerprint_covers_the_code_of_the_modules_that_train(tmp_path):
     before = _package_copy(tmp_path)
     assert before == checkpoints.code_fingerprint(str(tmp_path)) != ""
     assert {"data", "models", "losses", "exit_laplace", "train", "checkpoints", "students", "build", "teacher", "hparams", "rundir",
-            "profiles", "metrics"} <= set(checkpoints.code_modules(tmp_path))
-    assert not {"plots", "pipeline", "jobs"} & set(checkpoints.code_modules(tmp_path))
+            "profiles", "metrics", "synthetic_images"} <= set(checkpoints.code_modules(tmp_path))
+    assert not {"plots", "pipeline", "runner_checks", "jobs", "executors"} & set(checkpoints.code_modules(tmp_path))
     _edit(tmp_path / "losses.py", "def confidence_margin(", "def confidence_margin_(")
     assert checkpoints.code_fingerprint(tmp_path) != before
 
@@ -176,10 +177,10 @@ def test_the_runner_parses_retrain_and_refuses_names_no_checkpoint_has():
     assert parse(["--retrain", "teacher", "student-kd"]).retrain == ["teacher", "student-kd"]
     for ok in (["teacher"], ["teacher-pre"], ["warmup"], ["warmup-seed12"], ["student-laplace_kd-seed0"],
                ["student"], []):
-        assert pipeline.check_retrain(ok) == ok
+        assert runner_checks.check_retrain(ok) == ok
     for bad in ("studnet", "student-kd-seedx", "checkpoints", ""):
         with pytest.raises(ValueError, match="no checkpoint name starts with it"):
-            pipeline.check_retrain([bad])
+            runner_checks.check_retrain([bad])
 
 
 def test_the_runner_tells_every_kernel_of_the_run_the_same_retrain_request(
