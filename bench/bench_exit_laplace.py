@@ -80,7 +80,8 @@ def worker(impl: str, C: int, D: int, repeats: int, lt_chunk: int, threads: int,
     phi, y, x, model, probs = _problem(C, D)
     res = dict(impl=impl, C=C, D=D)
     if impl == "ours":
-        from fairkd_utils.exit_laplace import ExitLaplace, KronFactors
+        from fairkd_utils.exit_laplace import ExitLaplace
+        from fairkd_utils.kron_factors import KronFactors
 
         def fit():
             with torch.no_grad():

@@ -9,8 +9,11 @@ One concept per module (README, "Where each formula lives"):
   ``synthetic_text`` (the built-in miniature), ``text_models`` (BERT teachers and
   early-exit students, local Hugging Face folders);
 - ``losses``: the student loss, every method's instance weight, the objectives;
+  ``laplace_source``: Laplace-KD's stateful weight (factors from the batches, refits,
+  the diagnostics of laplace_effect.csv);
 - ``last_layer``: DFR — a student's last layer refit on balanced validation halves;
 - ``exit_laplace``: the last-layer Laplace approximation at the early exit;
+  ``kron_factors``: its Kronecker factors A and B, accumulated batch by batch;
 - ``train``: the one training loop; ``checkpoints``: fingerprints and checkpoint files;
 - ``metrics``: group metrics and the statistics over seeds;
 - ``rundir``: a run's directory and set-up; ``build``: the run's teacher and student
@@ -18,6 +21,7 @@ One concept per module (README, "Where each formula lives"):
   chosen hyper-parameters; ``students``: one student's plan, training and records;
   ``sweep``: choosing the hyper-parameters on validation;
 - ``records``: tidy record files and atomic writes; ``plots``: the figures;
+  ``palette``: their colours, labels, markers and style, one palette per concept;
 - ``jobs``: notebook 05's students and sweep as jobs (inline, local processes, SLURM);
 - ``pipeline``: the command line that runs the notebooks
   (``python -m fairkd_utils.pipeline``; not imported here, so that ``-m`` runs it

@@ -31,12 +31,13 @@ from .records import torch_save
 
 logger = logging.getLogger("fairkd")
 
-#: The library modules that do not shape a checkpoint (figures, the runner, the job
-#: engine, table writing): every other module of the package goes into every
+#: The library modules that do not shape a checkpoint (figures and their palette, the
+#: runner, the job engine, table writing): every other module of the package goes into every
 #: checkpoint fingerprint (:func:`code_fingerprint`), so a code change to any of them
 #: retrains instead of reusing checkpoints of the old code. A new module counts by
 #: default. (``metrics`` counts: its validation metrics choose the kept epoch.)
-NOT_TRAINING_MODULES = ("__init__", "plots", "pipeline", "runner_checks", "jobs", "executors", "records")
+NOT_TRAINING_MODULES = ("__init__", "plots", "palette", "pipeline", "runner_checks", "jobs", "executors",
+                        "records")
 #: A model checkpoint (:func:`save_model`) and a warm-up state (``train.train_warmup``).
 CHECKPOINT_FORMAT = "fairkd-checkpoint-v1"
 WARMUP_FORMAT = "fairkd-warmup-v1"

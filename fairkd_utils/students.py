@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from . import checkpoints, data, last_layer, losses, metrics, models, records, train
+from . import checkpoints, data, laplace_source, last_layer, losses, metrics, models, records, train
 from .exit_laplace import fit_exit_laplace, fit_on_subset
 from .profiles import METHOD_SPECS, REWEIGHTING
 from .rundir import Run
@@ -270,7 +270,7 @@ def final_train_weights(run: Run, result, config, pred=None, seed: int | None = 
         p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
         out = models.StudentOutput(p.logits.double(), p.exit_logits.double(), p.phi.double())
     if source == "exit_laplace":  # fit on the whole split, predictive drawn with seed 0
-        inputs.laplace = losses.LaplaceSource(config, result.model, len(ds), val=run.splits()["val"])
+        inputs.laplace = laplace_source.LaplaceSource(config, result.model, len(ds), val=run.splits()["val"])
         val = {}
         if config.prior == "meronen":  # var0 and temperature on the final exit's validation NLL
             v = train.predict(result.model, run.splits()["val"], device=run.device)
@@ -279,7 +279,7 @@ def final_train_weights(run: Run, result, config, pred=None, seed: int | None = 
         if config.laplace_subset is None:
             inputs.laplace.posterior = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, **fit)
         else:  # laplace_kd_subset: on its subset of epoch 0 of the seed (0 if not given)
-            idx = losses.laplace_subset_indices(len(ds), config.laplace_subset, seed or 0, 0)
+            idx = laplace_source.laplace_subset_indices(len(ds), config.laplace_subset, seed or 0, 0)
             inputs.laplace.posterior = fit_on_subset(result.model.exit, p.phi.double(), p.exit_probs,
                                                      idx, **fit)
         inputs.laplace.generator = torch.Generator().manual_seed(0)
@@ -319,7 +319,7 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
 
 
 #: Per-epoch columns of a Laplace-KD history: how far its weights are from DeDiER's
-#: (``losses.LaplaceSource.epoch_stats``; one ``weight_share_g<k>`` column per group follows).
+#: (``laplace_source.LaplaceSource.epoch_stats``; one ``weight_share_g<k>`` column per group follows).
 LAPLACE_EFFECT = losses.LAPLACE_EFFECT
 
 

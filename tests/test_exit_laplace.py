@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fairkd_utils.exit_laplace import (ExitLaplace, KronFactors, LaplacePrediction,
-                                       fit_exit_laplace, phi_tilde, probit_two_class)
+from fairkd_utils.exit_laplace import (ExitLaplace, LaplacePrediction, fit_exit_laplace, phi_tilde,
+                                       probit_two_class)
+from fairkd_utils.kron_factors import KronFactors
 from fairkd_utils.models import ExitHead
 
 laplace = pytest.importorskip("laplace")

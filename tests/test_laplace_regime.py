@@ -13,10 +13,11 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from fairkd_utils import laplace_regime as R  # noqa: E402
-from fairkd_utils import losses, plots  # noqa: E402
+from fairkd_utils import losses, palette, plots  # noqa: E402
 from fairkd_utils.exit_laplace import fit_exit_laplace  # noqa: E402
 from fairkd_utils.models import ExitHead, phi_tilde  # noqa: E402
 
@@ -146,10 +147,10 @@ def test_laplace_regime_figure_has_a_panel_per_source_and_the_expected_artists()
         assert len(series) == 6                                        # recipes x scores
         assert {ln.get_marker() for ln in series} == {"o", "s"}
         assert {ln.get_linestyle() for ln in series} == {"-", "--"}
-        assert {plots.to_hex(ln.get_color()) for ln in series} == {
-            plots.to_hex(plots.REGIME_SCORE_COLORS[s]) for s in ("margin", "entropy", "variance")}
+        assert {to_hex(ln.get_color()) for ln in series} == {
+            to_hex(palette.REGIME_SCORE_COLORS[s]) for s in ("margin", "entropy", "variance")}
         margin = [ln for ln in series if ln.get_marker() == "o"
-                  and plots.to_hex(ln.get_color()) == plots.to_hex(plots.REGIME_SCORE_COLORS["margin"])][0]
+                  and to_hex(ln.get_color()) == to_hex(palette.REGIME_SCORE_COLORS["margin"])][0]
         np.testing.assert_allclose(margin.get_xdata(), [0.0105, 0.1005, 1.0005])   # means over seeds
         np.testing.assert_allclose(margin.get_ydata(), [0.99, 0.94, 0.89])
         labels = [t.get_text() for t in ax.texts]

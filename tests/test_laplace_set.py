@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairkd_utils import losses, profiles
+from fairkd_utils import laplace_source, losses, profiles
 from fairkd_utils.data import Batch
-from fairkd_utils.exit_laplace import KronFactors, fit_exit_laplace
+from fairkd_utils.exit_laplace import fit_exit_laplace
+from fairkd_utils.kron_factors import KronFactors
 from fairkd_utils.models import ExitHead, StudentOutput
 
 #: Every method's default config_id and to_dict at the branch's starting commit (07e78b4).
@@ -76,9 +77,9 @@ def _epoch(src, head, phi, y, epoch, bs=16):
 def test_subset_refit_uses_exactly_the_subset():
     model, head, phi, y = _setup()
     cfg = losses.DEFAULT_HPARAMS["laplace_kd_subset"].replace(laplace_subset=20, warmup_epochs=1)
-    src = losses.LaplaceSource(cfg, model, len(y), seed=3)
+    src = laplace_source.LaplaceSource(cfg, model, len(y), seed=3)
     _epoch(src, head, phi, y, epoch=0)
-    idx = losses.laplace_subset_indices(len(y), 20, 3, 0)
+    idx = laplace_source.laplace_subset_indices(len(y), 20, 3, 0)
     assert len(idx.unique()) == 20
     with torch.no_grad():
         probs = F.softmax(head(phi.float()).double(), -1)
@@ -89,10 +90,10 @@ def test_subset_refit_uses_exactly_the_subset():
     torch.testing.assert_close(la.factors.A, ref.A)
     torch.testing.assert_close(la.factors.log_lik, ref.log_lik)
     # another epoch, another subset; another seed, another subset
-    assert not torch.equal(idx, losses.laplace_subset_indices(len(y), 20, 3, 1))
-    assert not torch.equal(idx, losses.laplace_subset_indices(len(y), 20, 4, 0))
+    assert not torch.equal(idx, laplace_source.laplace_subset_indices(len(y), 20, 3, 1))
+    assert not torch.equal(idx, laplace_source.laplace_subset_indices(len(y), 20, 4, 0))
     with pytest.raises(ValueError, match="train it from scratch"):
-        losses.LaplaceSource(cfg, model, len(y), seed=3).load_state({"laplace_factors": None}, 1)
+        laplace_source.LaplaceSource(cfg, model, len(y), seed=3).load_state({"laplace_factors": None}, 1)
 
 
 def test_meronen_source_equals_fit_exit_laplace(monkeypatch):
@@ -104,8 +105,8 @@ def test_meronen_source_equals_fit_exit_laplace(monkeypatch):
     monkeypatch.setattr(train, "predict", lambda model_, ds, device=None: types.SimpleNamespace(phi=phi_val))
     cfg = losses.DEFAULT_HPARAMS["laplace_kd_meronen"].replace(warmup_epochs=1)
     with pytest.raises(ValueError, match="validation split"):
-        losses.LaplaceSource(cfg, model, len(y))
-    src = losses.LaplaceSource(cfg, model, len(y), seed=0, val=val)
+        laplace_source.LaplaceSource(cfg, model, len(y))
+    src = laplace_source.LaplaceSource(cfg, model, len(y), seed=0, val=val)
     _epoch(src, head, phi, y, epoch=0)
     with torch.no_grad():
         probs = F.softmax(head(phi.float()).double(), -1)
@@ -124,7 +125,7 @@ def test_meronen_source_equals_fit_exit_laplace(monkeypatch):
 def test_score_sources_give_laplace_weight(method, score):
     model, head, phi, y = _setup(C=2)
     cfg = losses.DEFAULT_HPARAMS[method].replace(warmup_epochs=1)
-    src = losses.LaplaceSource(cfg, model, len(y))
+    src = laplace_source.LaplaceSource(cfg, model, len(y))
     _epoch(src, head, phi, y, epoch=0)
     inputs = losses.WeightInputs(laplace=src)
     idx = torch.arange(16)

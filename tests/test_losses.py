@@ -11,7 +11,8 @@ from fairkd_utils import losses as L
 from fairkd_utils import metrics as M
 from fairkd_utils import profiles
 from fairkd_utils.data import Batch
-from fairkd_utils.exit_laplace import ExitLaplace, KronFactors, LaplacePrediction
+from fairkd_utils.exit_laplace import ExitLaplace, LaplacePrediction
+from fairkd_utils.kron_factors import KronFactors
 from fairkd_utils.models import ExitHead, StudentOutput, phi_tilde
 
 torch.set_num_threads(1)

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_hex, to_rgb, to_rgba  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from fairkd_utils import plots, profiles  # noqa: E402
+from fairkd_utils import palette, plots, profiles  # noqa: E402
 
 GROUPS4 = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
 GROUPS6 = [f"{y}, {a}" for y in ("contradiction", "entailment", "neutral")
@@ -238,9 +238,9 @@ def overlap(a, b, tol=1.0):
 # ------------------------------------------------------------------ palettes
 def test_group_palette_is_its_own_for_four_and_six_groups():
     methods = STUDY_METHODS + COMING_METHODS
-    method_colors = hexes(plots.METHOD_COLORS[m] for m in methods) | hexes(plots.METHOD_COLORS.reserve)
+    method_colors = hexes(palette.METHOD_COLORS[m] for m in methods) | hexes(palette.METHOD_COLORS.reserve)
     for names in (GROUPS4, GROUPS6):
-        pal = plots.group_palette(names)
+        pal = palette.group_palette(names)
         assert len(hexes(pal.values())) == len(names)              # a colour per group
         assert not hexes(pal.values()) & method_colors             # none of them a method's
         for g, m in itertools.product(pal.values(), method_colors):
@@ -248,14 +248,14 @@ def test_group_palette_is_its_own_for_four_and_six_groups():
         for a, b in itertools.combinations(pal.values(), 2):
             assert delta_e(a, b) >= 20, (a, b)                     # apart for colour-blind readers too
     # the bird data's second group is no longer Laplace-KD's green (nor any green)
-    assert delta_e(plots.group_palette(GROUPS4)[GROUPS4[1]], plots.METHOD_COLORS["laplace_kd"],
+    assert delta_e(palette.group_palette(GROUPS4)[GROUPS4[1]], palette.METHOD_COLORS["laplace_kd"],
                    vision=(None,)) >= 20
 
 
 def test_method_colors_are_colour_blind_safe_with_room_for_three_more():
     methods = STUDY_METHODS + COMING_METHODS
-    assert set(plots.METHOD_ORDER) <= set(methods) | set(plots.METHOD_COLORS)
-    colors = [plots.METHOD_COLORS[m] for m in methods]
+    assert set(palette.METHOD_ORDER) <= set(methods) | set(palette.METHOD_COLORS)
+    colors = [palette.METHOD_COLORS[m] for m in methods]
     assert len(hexes(colors)) == len(methods)
     for (ma, a), (mb, b) in itertools.combinations(zip(methods, colors), 2):
         assert delta_e(a, b) >= 12, (ma, mb)
@@ -264,15 +264,15 @@ def test_method_colors_are_colour_blind_safe_with_room_for_three_more():
 
 
 def test_unknown_method_gets_a_stable_colour_of_its_own():
-    known = hexes(plots.METHOD_COLORS.values())
-    a = plots.METHOD_COLORS.get("some_new_method")
+    known = hexes(palette.METHOD_COLORS.values())
+    a = palette.METHOD_COLORS.get("some_new_method")
     assert a is not None and to_hex(a) not in known
-    assert a == plots.METHOD_COLORS["some_new_method"] == plots.KeyedPalette({}, plots.METHOD_COLORS.reserve)[
+    assert a == palette.METHOD_COLORS["some_new_method"] == palette.KeyedPalette({}, palette.METHOD_COLORS.reserve)[
         "some_new_method"]
-    assert "some_new_method" not in plots.METHOD_COLORS      # a lookup does not add it
-    assert plots.METHOD_COLORS.get("some_new_method", "red") == "red"
-    assert plots._method_label("some_new_method") == "some new method"
-    assert plots._method_label("dedier_final") == profiles.METHOD_SPECS["dedier_final"].label
+    assert "some_new_method" not in palette.METHOD_COLORS      # a lookup does not add it
+    assert palette.METHOD_COLORS.get("some_new_method", "red") == "red"
+    assert palette._method_label("some_new_method") == "some new method"
+    assert palette._method_label("dedier_final") == profiles.METHOD_SPECS["dedier_final"].label
 
 
 def test_predictive_colour_by_key_in_every_figure_that_draws_it():
@@ -281,7 +281,7 @@ def test_predictive_colour_by_key_in_every_figure_that_draws_it():
     key_of = {"MAP (ECE 0.100)": "map", "Laplace exact (probit)": "probit",
               "Laplace Kronecker (probit)": "probit", "Laplace exact (MC)": "mc"}
     for label, key in key_of.items():
-        assert same(lines[label].get_color(), plots.PREDICTIVE_COLORS[key]), label
+        assert same(lines[label].get_color(), palette.PREDICTIVE_COLORS[key]), label
     kron, exact = lines["Laplace Kronecker (probit)"], lines["Laplace exact (probit)"]
     assert kron.get_linestyle() != exact.get_linestyle()        # the prior form by line style
 
@@ -289,18 +289,18 @@ def test_predictive_colour_by_key_in_every_figure_that_draws_it():
         fig = plots.confidence_by_group(confidence_table(levels=values), value="confidence", hue="predictive",
                                         col="prediction")
         boxes = hexes(p.get_facecolor() for ax in fig.axes for p in ax.patches)
-        assert boxes == hexes([plots.PREDICTIVE_COLORS["map"], plots.PREDICTIVE_COLORS["probit"]])
+        assert boxes == hexes([palette.PREDICTIVE_COLORS["map"], palette.PREDICTIVE_COLORS["probit"]])
         legend = legend_colors(fig)
-        assert same(legend["MAP"], plots.PREDICTIVE_COLORS["map"])
+        assert same(legend["MAP"], palette.PREDICTIVE_COLORS["map"])
     # the MAP exit is the same concept as the MAP predictive
     bars = plots.group_accuracy_bars(accuracy_table("model", ["student", "exit"]), hue="model")
-    assert same(bar_colors(bars.axes[0])["early exit"], plots.PREDICTIVE_COLORS["map"])
+    assert same(bar_colors(bars.axes[0])["early exit"], palette.PREDICTIVE_COLORS["map"])
 
 
 def test_method_colour_by_key_in_every_figure_that_draws_it():
     methods = STUDY_METHODS + ["jtt", "some_new_method"]
-    expected = {plots._method_label(m): to_hex(plots.METHOD_COLORS[m]) for m in methods}
-    by_label = {plots._method_label(m): m for m in methods}
+    expected = {palette._method_label(m): to_hex(palette.METHOD_COLORS[m]) for m in methods}
+    by_label = {palette._method_label(m): m for m in methods}
 
     wga = plots.wga_vs_avg(per_seed_table(methods))
     drawn = {c.get_label(): c.lines[0] for c in wga.axes[0].containers}
@@ -312,7 +312,7 @@ def test_method_colour_by_key_in_every_figure_that_draws_it():
 
     pdiff = plots.paired_difference_intervals(diffs_table(methods))
     ticks = [t.get_text() for t in pdiff.axes[0].get_yticklabels()]   # y is shared
-    assert ticks == [plots._method_label(m) for m in plots._present(plots.METHOD_ORDER, methods)]
+    assert ticks == [palette._method_label(m) for m in palette._present(palette.METHOD_ORDER, methods)]
     for ax in pdiff.axes:
         for coll in ax.collections:
             rows = set(np.asarray(coll.get_offsets())[:, 1].round().astype(int))
@@ -330,7 +330,7 @@ def test_method_colour_by_key_in_every_figure_that_draws_it():
 
 def test_group_colour_by_key_in_every_figure_that_draws_it():
     for names in (GROUPS4, GROUPS6):
-        pal = {n: to_hex(c) for n, c in plots.group_palette(names).items()}
+        pal = {n: to_hex(c) for n, c in palette.group_palette(names).items()}
         counts = plots.group_counts(group_table(names))
         assert bar_colors(counts.axes[0]) == pal
         weights = plots.weights_by_group(weights_table(names=names))
@@ -346,7 +346,7 @@ def test_group_colour_by_key_in_every_figure_that_draws_it():
     sub = weight_distribution_table()
     sub = sub[sub.group.isin([1, 3])]
     fig = plots.weight_distributions(sub, methods=("laplace_kd",))
-    pal4 = plots.group_palette(GROUPS4)
+    pal4 = palette.group_palette(GROUPS4)
     assert legend_colors(fig) == {GROUPS4[g]: to_hex(pal4[GROUPS4[g]]) for g in (1, 3)}
 
 
@@ -364,14 +364,14 @@ def test_heatmap_is_colour_blind_safe_with_readable_annotations():
         x, y = t.get_position()
         cell = cmap(values[int(y), int(x)])
         assert _contrast(cell, t.get_color()) >= 4.5, (t.get_text(), t.get_color())
-    assert [t.get_text() for t in ax.get_yticklabels()] == [plots._method_label(m) for m in STUDY_METHODS]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [palette._method_label(m) for m in STUDY_METHODS]
 
 
 def test_score_auroc_labels_are_human_above_the_bars_and_clear_of_chance():
     fig = plots.score_auroc(auroc_table())
     ax = fig.axes[0]
     ticks = [t.get_text().replace("\n", " ") for t in ax.get_xticklabels()]
-    assert ticks[0] == plots.SCORE_LABELS["dedier_map_margin"]
+    assert ticks[0] == palette.SCORE_LABELS["dedier_map_margin"]
     assert not any("_" in t for t in ticks)
     custom = plots.score_auroc(auroc_table().replace("laplace_variance", "my_new_score"))
     assert "my new score" in [t.get_text().replace("\n", " ") for t in custom.axes[0].get_xticklabels()]
@@ -442,7 +442,7 @@ def test_paired_differences_label_is_readable():
         assert "worst-group accuracy" in ax.get_xlabel()
         assert "_" not in ax.get_xlabel() + ax.get_title()
         assert not any("_" in t.get_text() for t in ax.get_yticklabels())
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [plots._method_label(m) for m in STUDY_METHODS]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [palette._method_label(m) for m in STUDY_METHODS]
 
 
 def test_jittered_figure_is_byte_stable(tmp_path):
@@ -452,3 +452,13 @@ def test_jittered_figure_is_byte_stable(tmp_path):
                           tmp_path / f"fig{k}")
     assert (tmp_path / "fig1.png").read_bytes() == (tmp_path / "fig2.png").read_bytes()
     assert (tmp_path / "fig1.pdf").read_bytes() == (tmp_path / "fig2.pdf").read_bytes()
+
+
+def test_the_names_the_notebooks_call_stay_on_plots():
+    """Notebooks call these as ``fk.plots.<name>``; the palette's ``METHOD_ORDER`` is plots' own."""
+    for name in ("METHOD_ORDER", "confidence_by_group", "group_acc_heatmap", "group_accuracy_bars",
+                 "group_counts", "group_samples", "laplace_regime", "laplace_samples",
+                 "paired_difference_intervals", "reliability", "savefig", "score_auroc",
+                 "weight_distributions", "weights_by_group", "wga_vs_avg"):
+        assert callable(getattr(plots, name)) or name == "METHOD_ORDER", name
+    assert plots.METHOD_ORDER is palette.METHOD_ORDER

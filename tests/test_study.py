@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import calibration  # noqa: E402  bench/calibration.py: the miniatures' calibration
 from fairkd_utils import metrics as M
-from fairkd_utils import build, hparams, metrics, plots, profiles, rundir, students, sweep, synthetic_images
+from fairkd_utils import build, hparams, metrics, palette, plots, profiles, rundir, students, sweep, synthetic_images
 
 
 def test_auroc_equals_the_share_of_correctly_ordered_pairs():
@@ -305,8 +305,8 @@ def test_an_invalid_hyperparameter_file_is_named(tmp_path):
 # ---------------------------------------------------------------- the reviewer's baselines
 def test_the_method_lists_carry_the_new_methods_and_default_keeps_its_own():
     extra = {"jtt", "dfr", "dedier_final"}
-    assert extra <= set(profiles.METHODS) and extra <= set(plots.METHOD_ORDER)
-    assert set(plots.METHOD_COLORS) == set(profiles.METHODS)
+    assert extra <= set(profiles.METHODS) and extra <= set(palette.METHOD_ORDER)
+    assert set(palette.METHOD_COLORS) == set(profiles.METHODS)
     assert "dfr" in plots.REFERENCES and not {"jtt", "dedier_final"} & set(plots.REFERENCES)
     for name in ("smoke", "default", "paper"):
         prof = profiles.get_profile(name)

@@ -63,8 +63,8 @@ def test_the_fingerprint_covers_the_code_of_the_modules_that_train(tmp_path):
     before = _package_copy(tmp_path)
     assert before == checkpoints.code_fingerprint(str(tmp_path)) != ""
     assert {"data", "models", "losses", "exit_laplace", "train", "checkpoints", "students", "build", "teacher", "hparams", "rundir",
-            "profiles", "metrics", "synthetic_images"} <= set(checkpoints.code_modules(tmp_path))
-    assert not {"plots", "pipeline", "runner_checks", "jobs", "executors"} & set(checkpoints.code_modules(tmp_path))
+            "profiles", "metrics", "synthetic_images", "kron_factors", "laplace_source"} <= set(checkpoints.code_modules(tmp_path))
+    assert not {"plots", "palette", "pipeline", "runner_checks", "jobs", "executors"} & set(checkpoints.code_modules(tmp_path))
     _edit(tmp_path / "losses.py", "def confidence_margin(", "def confidence_margin_(")
     assert checkpoints.code_fingerprint(tmp_path) != before
 
