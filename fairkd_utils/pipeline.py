@@ -379,9 +379,9 @@ def run(args) -> Path:
         raise ValueError(f"the sweep averages over at least two seeds, got {seeds}: give "
                          "--seeds with two or more, or leave --sweep out")
     runner_checks.check_hparams_file(args, profile)
-    if getattr(args, "reference", False) and (args.only or not runner_checks._default_out(args)):
-        raise ValueError("--reference makes the committed reference of a whole run: leave out "
-                         "--only and --out")
+    if getattr(args, "reference", False) and not runner_checks._default_out(args):
+        raise ValueError("--reference writes the committed reference of a run in results/: "
+                         "leave out --out")
     retrain = runner_checks.check_retrain(getattr(args, "retrain", None))
     known = discover_notebooks(NOTEBOOKS_DIR)
     notebooks = select_notebooks(known, args.only)
@@ -531,9 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chosen hyper-parameters (default: fairkd_utils/hparams.json's entry "
                         "for <dataset>-<profile>)")
     p.add_argument("--reference", action="store_true",
-                   help="when the whole run succeeds, copy its summary, manifest, sweep table and "
-                        "executed notebooks into results/reference/<run>/ (how the committed "
-                        "references are made; needs the default --out and every notebook)")
+                   help="when the run succeeds, copy its summary, manifest, sweep table and the "
+                        "executed notebooks it ran into results/reference/<run>/ (how the "
+                        "committed references are made; with --only, just those notebooks' "
+                        "copies are renewed; needs the default --out)")
     p.add_argument("--retrain", nargs="*", default=None, metavar="PREFIX",
                    help="retrain checkpoints instead of reusing them: all of them, or those whose "
                         "name starts with a PREFIX (teacher, warmup, student-kd, ...)")

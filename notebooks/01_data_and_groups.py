@@ -122,7 +122,7 @@ else:
 # ## The built-in miniature and its knobs
 #
 # `synthetic` is a miniature of Waterbirds with one knob per property of the benchmark
-# (`fairkd_utils.data.make_synthetic`):
+# (`fairkd_utils.synthetic_images.make_synthetic`):
 #
 # | knob | default | what it sets |
 # |---|---|---|
