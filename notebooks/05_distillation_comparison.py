@@ -207,12 +207,14 @@ pd.DataFrame({"group": [train.group_names[k] for k in (batch.y * train.n_attrs +
 
 # %%
 jobs = fk.jobs.run_grid(run, configs, teacher=teacher)
-jobs.assign(method=jobs.job.str.split("-").str[1]).groupby(["method", "status"]) \
-    .agg(students=("job", "size"), reused=("reused", "sum"), seconds=("seconds", "sum")).round(1)
+jobs["method"] = jobs.method.where(jobs.kind != "warmup", "(shared warm-ups)")
+jobs.groupby(["method", "status"]).agg(jobs=("job", "size"), reused=("reused", "sum"),
+                                       seconds=("seconds", "sum")).round(1)
 
 # %% [markdown]
 # One row per method: how many students it has, how many were reused from an earlier
-# run, and the seconds spent training the rest.
+# run, and the seconds spent training the rest; the shared warm-ups (one per seed) are a
+# row of their own.
 #
 # ## The tables
 #
