@@ -1,16 +1,9 @@
 """Last-layer Laplace approximation at the early exit (README, "The maths").
 
-The exit head is ``Linear(D+1, C, bias=False)`` on ``phi_tilde = [phi, 1]``.  Its
-GGN is approximated by ``kron(B, A)`` with laplace-torch's normalisation:
-
-* ``B = sum_n diag(p_n) - p_n p_n^T``  (C x C, *summed* over instances),
-* ``A = (1/N) sum_n phi~_n phi~_n^T``  ((D+1) x (D+1), *averaged*),
-
-where ``p_n`` are the exit's own softmax probabilities (a GGN, not an empirical
-Fisher: the labels enter only the log-likelihood of the marginal likelihood).
-The weight is flattened row-major, ``vec(W)[c*(D+1) + j] = W[c, j]``, which is the
-order of ``kron(B, A)`` and of laplace-torch's ``parameters_to_vector``.
-``A`` and ``B`` are accumulated by :class:`kron_factors.KronFactors`.
+The exit head is ``Linear(D+1, C, bias=False)`` on ``phi_tilde = [phi, 1]``; its GGN
+is approximated by ``kron(B, A)``, the Kronecker factors of
+:mod:`fairkd_utils.kron_factors` (``B`` summed, ``A`` averaged over instances, as
+laplace-torch normalises them; ``vec(W)`` row-major), which that module accumulates.
 
 Two priors:
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fairkd_utils import hparams, pipeline, profiles, rundir
+from fairkd_utils import hparams, pipeline, profiles, rundir, runner_checks
 
 
 def _run(tmp_path, entry, name="synthetic-smoke"):
@@ -106,7 +106,7 @@ def test_the_runner_checks_the_committed_entry_for_the_methods_it_trains(tmp_pat
                                                                         monkeypatch):
     committed = tmp_path / "committed.json"
     committed.write_text(json.dumps({"synthetic-smoke": {"kd": {"lam": 0.9, "T": 2.0}}}))
-    monkeypatch.setattr(pipeline, "HPARAMS_FILE", committed)
+    monkeypatch.setattr(runner_checks, "HPARAMS_FILE", committed)
     assert pipeline.main(["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path),
                           "--only", "01"]) == 1
     err = capsys.readouterr().err
@@ -139,6 +139,7 @@ def test_the_runner_says_when_the_hyperparameters_differ_from_those_of_the_table
     (repo / "notebooks").mkdir(parents=True)
     (repo / "notebooks" / "01_fake_hparams.py").write_text(FAKE_05)
     monkeypatch.setattr(pipeline, "REPO_ROOT", repo)
+    monkeypatch.setattr(runner_checks, "REPO_ROOT", repo)
     monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", repo / "notebooks")
     swept = tmp_path / "sweep.json"
     swept.write_text(json.dumps({"synthetic-smoke": COMPLETE}))
