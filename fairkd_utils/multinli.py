@@ -367,8 +367,7 @@ def _read_jsonl(path: Path) -> list[tuple]:
                                      f"{exc}); use the unmodified MultiNLI 1.0 file\n"
                                      f"{MULTINLI_LAYOUT}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
-                         f"use the unmodified MultiNLI 1.0 file\n{MULTINLI_LAYOUT}") from None
+        raise _not_utf8(path, exc) from None
     return rows
 
 
@@ -395,8 +394,7 @@ def _read_mnli_txt(path: Path) -> list[tuple]:
                          f"fields ({exc}); use the unmodified MultiNLI 1.0 file\n"
                          f"{MULTINLI_LAYOUT}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
-                         f"use the unmodified MultiNLI 1.0 file\n{MULTINLI_LAYOUT}") from None
+        raise _not_utf8(path, exc) from None
     return rows
 
 
