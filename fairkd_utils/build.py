@@ -30,9 +30,10 @@ def uses_pretraining_corpus(run: Run) -> bool:
 
 def pretraining_corpus(run: Run, seed: int = TEACHER_SEED, n_per_group: int | None = None) -> dict:
     """The teacher's pretraining corpus for ``run`` as ``{"train", "val"}``: images
-    (``synthetic_images.make_pretraining_corpus``) or text pairs (``synthetic_text.make_text_pretraining_corpus``,
-    its val part drawn from another seed; ``n_per_group`` defaults to the profile's
-    ``teacher_pretrain_per_pair``, the student's corpus passes its own)."""
+    (``synthetic_images.make_pretraining_corpus``) or text pairs
+    (``synthetic_text.make_text_pretraining_corpus``, its val part drawn from another
+    seed; ``n_per_group`` defaults to the profile's ``teacher_pretrain_per_pair``, the
+    student's corpus passes its own)."""
     p = run.profile
     if run.dataset == "synthetic_text":
         knobs = synthetic_text_knobs(p)
@@ -43,9 +44,9 @@ def pretraining_corpus(run: Run, seed: int = TEACHER_SEED, n_per_group: int | No
             n_per_group=max(1, n // 10), seed=seed + 1000,
             exclude=[*run.splits().values(), train_part], **knobs)
         return {"train": train_part, "val": val_part}
-    return synthetic_images.make_pretraining_corpus(n_per_pair=p.teacher_pretrain_per_pair,
-                                        alignment=p.teacher_pretrain_alignment,
-                                        image_size=p.image_size, seed=seed)
+    return synthetic_images.make_pretraining_corpus(
+        n_per_pair=p.teacher_pretrain_per_pair, alignment=p.teacher_pretrain_alignment,
+        image_size=p.image_size, seed=seed)
 
 
 def build_teacher(run: Run, weights_path=None, seed: int = TEACHER_SEED):
@@ -126,12 +127,13 @@ def _model_folder(path, role: str) -> str:
 
 
 def _bert_config(run: Run, ds, role: str):
+    """The tiny BERT of ``role`` ("teacher" or "student"): the profile's first
+    ``<role>_widths`` and ``<role>_blocks``, its ``attention_heads`` (teacher, student)."""
     p = run.profile
-    k = 0 if role == "teacher" else 1
-    widths, blocks = (p.teacher_widths, p.teacher_blocks) if k == 0 else (p.student_widths, p.student_blocks)
-    return text_models.bert_config(ds.vocab_size, hidden_size=widths[0], num_layers=blocks[0],
-                                   num_heads=p.attention_heads[k], max_length=p.max_length,
-                                   pad_token_id=ds.pad_id)
+    return text_models.bert_config(ds.vocab_size, hidden_size=getattr(p, f"{role}_widths")[0],
+                                   num_layers=getattr(p, f"{role}_blocks")[0],
+                                   num_heads=p.attention_heads[("teacher", "student").index(role)],
+                                   max_length=p.max_length, pad_token_id=ds.pad_id)
 
 
 class _Timed:

@@ -8,6 +8,7 @@ one entry point; ``iterate_batches`` feeds training loops, ``group_table`` write
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,8 +26,7 @@ SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-BIRD_GROUP_NAMES = ["landbird on land", "landbird on water",
-                    "waterbird on land", "waterbird on water"]
+BIRD_GROUP_NAMES = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
 CELEBA_GROUP_NAMES = ["non-blond woman", "non-blond man", "blond woman", "blond man"]
 
 WATERBIRDS_LAYOUT = """expected layout (the waterbird_complete95_forest2water2/ folder):
@@ -71,15 +71,11 @@ class GroupDataset(Dataset):
         self.y = torch.as_tensor(y, dtype=torch.long)
         self.a = torch.as_tensor(a, dtype=torch.long)
         self.n_classes, self.n_attrs = int(n_classes), int(n_attrs)
-        self.group_names = list(group_names)
-        self.ids = list(ids)
-        self.x = x
-        self.paths = None if paths is None else list(paths)
-        self.image_size = int(image_size)
-        self.augment = bool(augment)
+        self.group_names, self.ids = list(group_names), list(ids)
+        self.x, self.paths = x, None if paths is None else list(paths)
+        self.image_size, self.augment = int(image_size), bool(augment)
         if len(self.group_names) != self.n_groups:
             raise ValueError(f"{len(self.group_names)} group names for {self.n_groups} groups")
-        self._eval_tf = self._train_tf = None
 
     # -- groups
     @property
@@ -108,14 +104,9 @@ class GroupDataset(Dataset):
     # -- items
     def __getitem__(self, i):
         """``(x, y, a)``; for lazy data ``i`` may be ``(index, seed)`` to fix augmentation."""
-        seed = None
-        if isinstance(i, tuple):
-            i, seed = i
+        i, seed = i if isinstance(i, tuple) else (i, None)
         i = int(i)
-        if self.in_memory:
-            x = self.x[i]
-        else:
-            x = self._load(i, seed)
+        x = self.x[i] if self.in_memory else self._load(i, seed)
         return x, int(self.y[i]), int(self.a[i])
 
     def _load(self, i: int, seed: int | None) -> torch.Tensor:
@@ -134,8 +125,7 @@ class GroupDataset(Dataset):
         else:
             img = TF.resize(img, int(round(size * 256 / 224)), antialias=True)
             img = TF.center_crop(img, [size, size])
-        x = TF.to_tensor(img)
-        return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+        return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _random_resized_crop_params(wh, gen, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -203,14 +193,12 @@ def load_splits(dataset: str, root=None, *, image_size: int = 32, scale: float =
     if scale < 1:
         kept = {split: _subsample(m, n_attrs, scale, seed, split) for split, m in kept.items()}
     _check_images_decode(pd.concat(kept.values()), dataset, root, listing)
-    out = {}
-    for split, m in kept.items():
-        ds = GroupDataset(dataset, split, torch.tensor(m["y"].to_numpy(np.int64)),
-                          torch.tensor(m["a"].to_numpy(np.int64)), n_classes=n_classes,
-                          n_attrs=n_attrs, group_names=names, ids=m["id"].astype(str).tolist(),
-                          paths=m["path"].tolist(), image_size=image_size,
-                          augment=augment and split == "train")
-        out[split] = ds
+    out = {split: GroupDataset(dataset, split, torch.tensor(m["y"].to_numpy(np.int64)),
+                               torch.tensor(m["a"].to_numpy(np.int64)), n_classes=n_classes,
+                               n_attrs=n_attrs, group_names=names, ids=m["id"].astype(str).tolist(),
+                               paths=m["path"].tolist(), image_size=image_size,
+                               augment=augment and split == "train")
+           for split, m in kept.items()}
     _check_groups(out, dataset, root)
     return out
 
@@ -244,17 +232,14 @@ def _check_groups(splits: dict[str, GroupDataset], dataset: str, root) -> None:
 
 def _check_images_exist(paths: list[str], dataset: str, root: Path) -> None:
     """Fail now, not hours into training, when a listed image is missing."""
-    listing: dict[str, set] = {}
-    missing = []
-    for p in paths:
-        d, f = os.path.split(p)
-        if d not in listing:
-            try:
-                listing[d] = set(os.listdir(d))
-            except (FileNotFoundError, NotADirectoryError):
-                listing[d] = set()
-        if f not in listing[d]:
-            missing.append(p)
+    @functools.cache
+    def listed(folder: str) -> set:  # each folder is listed once
+        try:
+            return set(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+
+    missing = [p for p in paths if os.path.basename(p) not in listed(os.path.dirname(p))]
     if missing:
         shown = "\n  ".join(missing[:5])
         raise FileNotFoundError(
@@ -266,15 +251,14 @@ def _check_inside_root(meta: pd.DataFrame, dataset: str, root: Path, listing: Pa
     """The real path of every listed image; each must lie inside the data root (a row
     ``../../x.jpg`` or ``/etc/x.jpg`` would read outside it). Folders' real paths are
     resolved once each; a file is resolved on its own only when it is a link."""
-    base = os.path.realpath(root)
-    folders, real = {}, []
+    base = os.path.realpath(root).rstrip(os.sep) + os.sep
+    folder = functools.cache(os.path.realpath)
+    real = []
     for p in meta["path"]:
         d, f = os.path.split(p)
-        if d not in folders:
-            folders[d] = os.path.realpath(d)
-        q = os.path.join(folders[d], f)
+        q = os.path.join(folder(d), f)
         real.append(os.path.realpath(q) if f in ("", ".", "..") or os.path.islink(q) else q)
-    bad = [i for i, q in enumerate(real) if not q.startswith(base.rstrip(os.sep) + os.sep)]
+    bad = [i for i, q in enumerate(real) if not q.startswith(base)]
     if bad:
         shown = "\n  ".join(f"line {meta['line'].iat[i]}: {meta['id'].iat[i]!r} -> {real[i]}"
                             for i in bad[:5])
@@ -317,13 +301,11 @@ def _check_images_decode(meta: pd.DataFrame, dataset: str, root: Path, listing: 
     from PIL import Image
     from tqdm import tqdm
 
-    rows = [(path, line, (q, _content_hash(q)))
-            for path, line, q in zip(meta["path"], meta["line"], meta["real"])]
-    todo = [r for r in rows if r[2] not in _DECODED]
-    if todo:
+    keys = [(q, _content_hash(q)) for q in meta["real"]]
+    if not _DECODED.issuperset(keys):
         stored = _read_decoded_cache()
-        _DECODED.update(k for _, _, k in todo if stored.get(k[0]) == k[1])
-        todo = [r for r in todo if r[2] not in _DECODED]
+        _DECODED.update(k for k in keys if stored.get(k[0]) == k[1])
+    todo = [r for r in zip(meta["path"], meta["line"], keys) if r[2] not in _DECODED]
     bad = []
     for path, line, key in tqdm(todo, desc=f"checking {dataset} images", unit="image",
                                 disable=len(todo) < _DECODE_BAR_FROM):
@@ -339,7 +321,7 @@ def _check_images_decode(meta: pd.DataFrame, dataset: str, root: Path, listing: 
     if bad:
         shown = "\n  ".join(bad[:5])
         raise ValueError(
-            f"dataset {dataset!r} at {str(root)!r}: {len(bad)} of {len(rows)} listed images "
+            f"dataset {dataset!r} at {str(root)!r}: {len(bad)} of {len(keys)} listed images "
             f"cannot be decoded (truncated, or not an image), e.g.\n  {shown}\nre-download or "
             f"regenerate these files, or remove their rows from {str(listing)!r}")
 
@@ -372,14 +354,9 @@ def _write_decoded_cache(keys) -> None:
     """Add decoded images to the cache file and drop those whose folder is gone; best
     effort, written atomically (a lost update only means decoding again)."""
     stored = _read_decoded_cache()
-    stored.update({q: digest for q, digest in keys})
-    folders: dict[str, bool] = {}
-    for q in list(stored):
-        d = os.path.dirname(q)
-        if d not in folders:
-            folders[d] = os.path.isdir(d)
-        if not folders[d]:
-            del stored[q]
+    stored.update(keys)
+    isdir = functools.cache(os.path.isdir)  # each folder is checked once
+    stored = {q: digest for q, digest in stored.items() if isdir(os.path.dirname(q))}
     path = _decoded_cache_path()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -439,62 +416,59 @@ def _int_column(df: pd.DataFrame, col: str, path: Path, layout: str) -> np.ndarr
     return v.to_numpy().astype(np.int64)
 
 
-def _listing(df: pd.DataFrame, root: Path, path: Path, layout: str, file_col: str, a_col: str):
-    """id, path, split, y, a and the listing's line of each image of a metadata.csv."""
-    files = df[file_col].astype(str)
-    return pd.DataFrame({"id": files, "path": [str(root / f) for f in files],
-                         "split": _parse_split(df["split"], path, layout),
-                         "y": _int_column(df, "y", path, layout),
-                         "a": _int_column(df, a_col, path, layout), "line": np.arange(len(df)) + 2})
+def _read_metadata(root: Path, layout: str, what: str, columns: Sequence[str]):
+    """``root/metadata.csv`` (``what`` names it in messages) and the id, path, split, y, a
+    and line of each image it lists; ``columns`` are its required columns, in the order
+    messages list them: the file name's first, the spurious attribute's last."""
+    path = _require_file(root / "metadata.csv", layout, what)
+    df = _read_csv(path, layout)
+    _require_columns(df, columns, path, layout)
+    files = df[columns[0]].astype(str)
+    return path, pd.DataFrame({"id": files, "path": [str(root / f) for f in files],
+                               "split": _parse_split(df["split"], path, layout),
+                               "y": _int_column(df, "y", path, layout),
+                               "a": _int_column(df, columns[-1], path, layout),
+                               "line": np.arange(len(df)) + 2})
 
 
 def _read_waterbirds(root: Path):
     if not (root / "metadata.csv").is_file() and \
             (root / "waterbird_complete95_forest2water2" / "metadata.csv").is_file():
         root = root / "waterbird_complete95_forest2water2"
-    path = _require_file(root / "metadata.csv", WATERBIRDS_LAYOUT, "Waterbirds metadata")
-    df = _read_csv(path, WATERBIRDS_LAYOUT)
-    _require_columns(df, ["img_filename", "y", "split", "place"], path, WATERBIRDS_LAYOUT)
-    meta = _listing(df, root, path, WATERBIRDS_LAYOUT, "img_filename", "place")
-    _check_binary(meta, path, WATERBIRDS_LAYOUT, {"y": "y", "a": "place"})
-    return meta, 2, 2, BIRD_GROUP_NAMES, path
-
-
-def _check_binary(meta, path, layout, cols):
-    for col, src in cols.items():
+    path, meta = _read_metadata(root, WATERBIRDS_LAYOUT, "Waterbirds metadata",
+                                ["img_filename", "y", "split", "place"])
+    for col, src in (("y", "y"), ("a", "place")):
         bad = sorted(set(meta[col]) - {0, 1})
         if bad:
-            raise ValueError(f"{str(path)!r}: column {src!r} must be 0/1, found {bad[:5]}\n{layout}")
+            raise ValueError(f"{str(path)!r}: column {src!r} must be 0/1, found {bad[:5]}\n"
+                             f"{WATERBIRDS_LAYOUT}")
+    return meta, 2, 2, BIRD_GROUP_NAMES, path
 
 
 def _read_celeba(root: Path):
     if not any((root / f"list_attr_celeba.{e}").is_file() for e in ("txt", "csv")) and \
             (root / "celeba").is_dir():
         root = root / "celeba"
-    if (root / "list_attr_celeba.txt").is_file():
-        attr_path = root / "list_attr_celeba.txt"
+    text = (root / "list_attr_celeba.txt").is_file()  # the original files, else Kaggle's .csv
+    ext = "txt" if text else "csv"
+    attr_path, part_path = root / f"list_attr_celeba.{ext}", root / f"list_eval_partition.{ext}"
+    if text:
         # line 1: count; line 2: 40 names (one fewer field than the rows, so the
         # filename becomes the index); then rows `filename v1..v40`
         attrs = _read_csv(attr_path, CELEBA_LAYOUT, sep=r"\s+", skiprows=1)
-        first_line = 3
         attrs.index = attrs.index.astype(str)
-        part_path = _require_file(root / "list_eval_partition.txt", CELEBA_LAYOUT,
-                                  "CelebA partition file")
-        part = _read_csv(part_path, CELEBA_LAYOUT, sep=r"\s+", header=None,
-                         names=["image_id", "partition"], dtype={"image_id": str})
-    elif (root / "list_attr_celeba.csv").is_file():
-        attr_path = root / "list_attr_celeba.csv"
+    elif attr_path.is_file():
         attrs = _read_csv(attr_path, CELEBA_LAYOUT, dtype={"image_id": str})
-        first_line = 2
         _require_columns(attrs, ["image_id"], attr_path, CELEBA_LAYOUT)
         attrs = attrs.set_index("image_id")
-        part_path = _require_file(root / "list_eval_partition.csv", CELEBA_LAYOUT,
-                                  "CelebA partition file")
-        part = _read_csv(part_path, CELEBA_LAYOUT, dtype={"image_id": str})
-        _require_columns(part, ["image_id", "partition"], part_path, CELEBA_LAYOUT)
     else:
         raise FileNotFoundError(f"CelebA attribute file {str(root / 'list_attr_celeba.txt')!r} "
                                 f"(or .csv) not found\n{CELEBA_LAYOUT}")
+    _require_file(part_path, CELEBA_LAYOUT, "CelebA partition file")
+    columns = ["image_id", "partition"]  # the .txt file has no header line
+    part = _read_csv(part_path, CELEBA_LAYOUT, dtype={"image_id": str},
+                     **({"sep": r"\s+", "header": None, "names": columns} if text else {}))
+    _require_columns(part, columns, part_path, CELEBA_LAYOUT)
     _require_columns(attrs, ["Blond_Hair", "Male"], attr_path, CELEBA_LAYOUT)
     part = part.set_index("image_id")
     if part.index.has_duplicates:
@@ -522,18 +496,15 @@ def _read_celeba(root: Path):
                               part_path, CELEBA_LAYOUT).to_numpy(),
         "y": (y.to_numpy() > 0).astype(np.int64),
         "a": (a.to_numpy() > 0).astype(np.int64),
-        "line": np.arange(len(attrs)) + first_line,
+        "line": np.arange(len(attrs)) + (3 if text else 2),
     })
     return meta, 2, 2, CELEBA_GROUP_NAMES, attr_path
 
 
 def _read_folder(root: Path):
-    path = _require_file(root / "metadata.csv", FOLDER_LAYOUT, "metadata file")
-    df = _read_csv(path, FOLDER_LAYOUT)
-    _require_columns(df, ["filename", "split", "y", "a"], path, FOLDER_LAYOUT)
-    if len(df) == 0:
+    path, meta = _read_metadata(root, FOLDER_LAYOUT, "metadata file", ["filename", "split", "y", "a"])
+    if len(meta) == 0:
         raise ValueError(f"{str(path)!r} lists no images\n{FOLDER_LAYOUT}")
-    meta = _listing(df, root, path, FOLDER_LAYOUT, "filename", "a")
     n_classes, n_attrs = int(meta["y"].max()) + 1, int(meta["a"].max()) + 1
     if n_classes < 2:
         raise ValueError(f"{str(path)!r}: column 'y' has a single class; need >= 2\n{FOLDER_LAYOUT}")
@@ -555,19 +526,6 @@ class Batch(NamedTuple):
     a: torch.Tensor
 
 
-class _Indexed(Dataset):
-    def __init__(self, ds: GroupDataset, seeds: torch.Tensor | None):
-        self.ds, self.seeds = ds, seeds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        seed = None if self.seeds is None else int(self.seeds[i])
-        x, y, a = self.ds[(i, seed)]
-        return i, x, y, a
-
-
 def iterate_batches(ds: GroupDataset, batch_size: int, *, shuffle: bool,
                     generator: torch.Generator | None = None, device="cpu",
                     num_workers: int = 0, pin_memory: bool = False,
@@ -578,26 +536,21 @@ def iterate_batches(ds: GroupDataset, batch_size: int, *, shuffle: bool,
     gives the same batches on every run (and with any number of workers).
     """
     n = len(ds)
-    if shuffle:
-        order = torch.randperm(n, generator=generator)
-    else:
-        order = torch.arange(n)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    starts = range(0, n - n % batch_size if drop_last else n, batch_size)
     if ds.in_memory:
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
+        for start in starts:
             idx = order[start:start + batch_size]
-            x = ds.x[idx]
-            if ds.augment:
-                x = _augment_tensor(x, generator)
+            x = _augment_tensor(ds.x[idx], generator) if ds.augment else ds.x[idx]
             yield Batch(idx, x.to(device), ds.y[idx].to(device), ds.a[idx].to(device))
         return
-    seeds = None
-    if ds.augment:
-        seeds = torch.randint(0, 2 ** 62, (n,), generator=generator)
-    loader = DataLoader(_Indexed(ds, seeds), batch_size=batch_size, sampler=order.tolist(),
+    # lazy data: the loader reads ds[(i, seed)] in ``order``, one augmentation seed per item
+    seeds = torch.randint(0, 2 ** 62, (n,), generator=generator).tolist() if ds.augment else [None] * n
+    loader = DataLoader(ds, batch_size=batch_size, sampler=[(i, seeds[i]) for i in order.tolist()],
                         num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last)
-    for idx, x, y, a in loader:
-        yield Batch(idx.long(), x.to(device), y.long().to(device), a.long().to(device))
+    for start, (x, y, a) in zip(starts, loader):
+        idx = order[start:start + batch_size]
+        yield Batch(idx, x.to(device), y.long().to(device), a.long().to(device))
 
 
 def _augment_tensor(x: torch.Tensor, generator, pad: int = 2) -> torch.Tensor:
@@ -619,12 +572,9 @@ def _augment_tensor(x: torch.Tensor, generator, pad: int = 2) -> torch.Tensor:
 
 def group_table(splits: dict[str, GroupDataset]) -> pd.DataFrame:
     """One row per (split, group): split, group, group_name, y, a, n — ``groups.csv``."""
-    rows = []
-    for split, ds in splits.items():
-        counts = ds.group_counts().tolist()
-        for grp, name in enumerate(ds.group_names):
-            rows.append({"split": split, "group": grp, "group_name": name,
-                         "y": grp // ds.n_attrs, "a": grp % ds.n_attrs, "n": counts[grp]})
+    rows = [(split, grp, name, grp // ds.n_attrs, grp % ds.n_attrs, n)
+            for split, ds in splits.items()
+            for grp, (name, n) in enumerate(zip(ds.group_names, ds.group_counts().tolist()))]
     return pd.DataFrame(rows, columns=["split", "group", "group_name", "y", "a", "n"])
 
 

@@ -67,16 +67,11 @@ def make_synthetic(*, image_size: int = 32, scale: float = 1.0, seed: int = 0,
     The defaults are calibrated by ``bench/calibrate_synthetic.py`` with the teacher,
     the ERM student, its exit, ``group_balanced`` and plain ``kd`` only.
     """
-    _check_render_knobs(reliability, colour_cue)
-    out = {}
-    for k, split in enumerate(SPLITS):
-        counts = synthetic_counts(split, scale, spurious_strength)
-        out[split] = _synthetic_split("synthetic", split, counts, image_size,
-                                      seed=[int(seed), k, 20250], reliability=reliability,
-                                      colour_cue=colour_cue,
-                                      background_contrast=background_contrast,
-                                      shape_size=shape_size, noise=noise)
-    return out
+    render = dict(reliability=reliability, colour_cue=colour_cue,
+                  background_contrast=background_contrast, shape_size=shape_size, noise=noise)
+    return {split: _synthetic_split("synthetic", split, synthetic_counts(split, scale, spurious_strength),
+                                    image_size, seed=[int(seed), k, 20250], **render)
+            for k, split in enumerate(SPLITS)}
 
 
 def make_pretraining_corpus(*, n_per_pair: int = 2500, alignment: float = 0.5,
@@ -98,37 +93,25 @@ def make_pretraining_corpus(*, n_per_pair: int = 2500, alignment: float = 0.5,
         raise ValueError(f"pretraining alignment must lie in [0, 1], got {alignment}")
     if n_per_pair < 1:
         raise ValueError(f"n_per_pair must be >= 1, got {n_per_pair}")
-    _check_render_knobs(render.get("reliability", 1.0), render.get("colour_cue", 0.0))
     n_class = 2 * int(n_per_pair)
     own = int(round(alignment * n_class))
     counts = [own, n_class - own, n_class - own, own]  # g = 2y + a: own background is a = y
-    out = {}
-    for k, part in enumerate(("train", "val")):
-        share = [int(round(c * val_fraction)) for c in counts]
-        part_counts = share if part == "val" else [c - v for c, v in zip(counts, share)]
-        out[part] = _synthetic_split("synthetic_pretrain", part, part_counts, image_size,
-                                     seed=[int(seed), 100 + k, 20251], **render)
-    return out
-
-
-def _check_render_knobs(reliability: float, colour_cue: float) -> None:
-    if not 0.5 <= reliability <= 1:
-        raise ValueError(f"reliability must be in [0.5, 1], got {reliability}")
-    if not 0.0 <= colour_cue <= 1:
-        raise ValueError(f"colour_cue must be in [0, 1], got {colour_cue}")
+    val = [int(round(c * val_fraction)) for c in counts]
+    parts = {"train": [c - v for c, v in zip(counts, val)], "val": val}
+    return {part: _synthetic_split("synthetic_pretrain", part, part_counts, image_size,
+                                   seed=[int(seed), 100 + k, 20251], **render)
+            for k, (part, part_counts) in enumerate(parts.items())}
 
 
 def _synthetic_split(name: str, split: str, counts, image_size: int, *, seed, **render) -> GroupDataset:
     """One split with ``counts[g]`` images of group g (shuffled), rendered from ``seed``."""
-    gen = torch.Generator().manual_seed(
-        int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
     g = torch.repeat_interleave(torch.arange(4), torch.tensor(counts, dtype=torch.long))
     g = g[torch.randperm(len(g), generator=gen)]
     y, a = g // 2, g % 2
     x, drawn = _render_birds(y, a, image_size, gen, **render)
-    ids = [f"{name}-{split}-{i:05d}" for i in range(len(y))]
     ds = GroupDataset(name, split, y, a, n_classes=2, n_attrs=2, group_names=BIRD_GROUP_NAMES,
-                      ids=ids, x=x, image_size=image_size)
+                      ids=[f"{name}-{split}-{i:05d}" for i in range(len(y))], x=x, image_size=image_size)
     ds.object_class = drawn  # the class of the shape actually drawn (== y at reliability 1)
     return ds
 
@@ -136,7 +119,12 @@ def _synthetic_split(name: str, split: str, counts, image_size: int, *, seed, **
 def _render_birds(y, a, size, gen, *, reliability=1.0, colour_cue=0.0, background_contrast=1.0,
                   shape_size=(0.2, 0.3), noise=0.06):
     """Images (N,3,size,size) float32, ImageNet-normalised, and the class of the shape
-    drawn in each (N,); fully vectorised."""
+    drawn in each (N,); fully vectorised. Checks ``reliability`` and ``colour_cue``, the
+    knobs every caller passes on."""
+    if not 0.5 <= reliability <= 1:
+        raise ValueError(f"reliability must be in [0.5, 1], got {reliability}")
+    if not 0.0 <= colour_cue <= 1:
+        raise ValueError(f"colour_cue must be in [0, 1], got {colour_cue}")
     n = len(y)
     u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
