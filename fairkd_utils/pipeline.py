@@ -41,12 +41,12 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 from . import records, runner_checks
-from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHOD_SETS, PROFILES,
-                       apply_overrides, get_profile, method_set_tag, overrides_tag,
-                       parse_overrides, resolve_device, resolve_methods)
-from .rundir import JOBS_ENV, REPO_ROOT
+from .profiles import (BUILT_IN_DATASETS, DATASETS, DEVICES, METHOD_SETS, PROFILES, apply_overrides,
+                       get_profile, parse_overrides, resolve_device, resolve_methods)
+from .rundir import JOBS_ENV, REPO_ROOT, run_name
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
@@ -88,7 +88,7 @@ def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path
 
 def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> dict:
     """The parameters every notebook's ``parameters`` cell defines (JSON-like values only)."""
-    overrides = parse_overrides(getattr(args, "set", None))
+    overrides = parse_overrides(args.set)
     profile = apply_overrides(get_profile(args.profile, args.dataset), overrides)
     seeds = list(args.seeds) if args.seeds else list(profile.seeds)
     return {
@@ -100,8 +100,8 @@ def notebook_parameters(args, run_dir: Path, figures_dir: Path, device: str) -> 
         "seeds": seeds,
         "device": device,
         "profile_overrides": overrides or None,
-        "teacher_model": _local_path(getattr(args, "teacher_model", None)),
-        "student_model": _local_path(getattr(args, "student_model", None)),
+        "teacher_model": _local_path(args.teacher_model),
+        "student_model": _local_path(args.student_model),
     }
 
 
@@ -109,40 +109,19 @@ def _local_path(path) -> str | None:
     return str(Path(path).expanduser().resolve()) if path else None
 
 
-def run_name(args) -> str:
-    """The run directory's name: ``<dataset>-<profile>``, with ``-extended`` for
-    ``--methods extended`` and ``-set-<hash>`` for ``--set`` overrides, so that such a
-    run never mixes its tables with the plain profile's."""
-    return (f"{args.dataset}-{args.profile}{method_set_tag(getattr(args, 'methods', None))}"
-            f"{overrides_tag(parse_overrides(getattr(args, 'set', None)))}")
-
-
 def run_folders(args) -> tuple[Path, Path]:
     """The run directory and the figures folder: ``<run_dir>/figures/`` unless
     ``--figures`` is given or ``--out`` is the default ``results/`` (then the
-    repository's ``figures/<dataset>-<profile>/``, with the run's suffixes)."""
-    name = run_name(args)
+    repository's ``figures/<dataset>-<profile>/``, with the run's suffixes). The run
+    directory's name is :func:`rundir.run_name`'s, so that a ``--methods`` or ``--set``
+    run never mixes its tables with the plain profile's."""
+    name = run_name(args.dataset, args.profile, args.methods, parse_overrides(args.set))
     run_dir = (Path(args.out) / name).resolve()
     if args.figures:
         return run_dir, Path(args.figures).resolve()
     if runner_checks._default_out(args):
         return run_dir, (REPO_ROOT / "figures" / name).resolve()
     return run_dir, run_dir / "figures"
-
-
-@contextlib.contextmanager
-def environment(values: dict):
-    """While the block runs, ``os.environ`` holds ``values`` (the kernels inherit it)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def jobs_environment(args) -> dict:
@@ -152,15 +131,11 @@ def jobs_environment(args) -> dict:
     parameter); {} for the default (inline)."""
     from . import jobs
 
-    slurm = {k: getattr(args, f"slurm_{k}", None) for k in jobs.SLURM_KEYS}
-    slurm = {k: v for k, v in slurm.items() if v is not None}
-    executor = getattr(args, "executor", None) or "inline"
-    workers, threads = getattr(args, "workers", None), getattr(args, "threads", None)
-    if workers is not None and executor == "inline":
+    if args.workers is not None and args.executor == "inline":
         raise ValueError("--workers applies to --executor local or slurm (inline runs one job at a time)")
-    opts = jobs.options(executor, workers, threads, slurm)
-    out = {"executor": opts.executor, "workers": opts.workers, "threads": opts.threads,
-           "slurm": opts.slurm}
+    opts = jobs.options(args.executor, args.workers, args.threads,
+                        {k: getattr(args, f"slurm_{k}") for k in jobs.SLURM_KEYS})
+    out = {"executor": opts.executor, "workers": opts.workers, "threads": opts.threads, "slurm": opts.slurm}
     out = {k: v for k, v in out.items() if v is not None and (k, v) != ("executor", "inline")}
     return {JOBS_ENV: json.dumps(out, sort_keys=True)} if out else {}
 
@@ -168,12 +143,10 @@ def jobs_environment(args) -> dict:
 def optional_parameters(args) -> dict:
     """Parameters only the notebooks that declare them receive (notebook 05): the sweep
     switch, a hyper-parameter file and a named method set other than the profile's."""
-    optional = {}
-    if getattr(args, "methods", None) not in (None, "default"):
-        optional["methods"] = args.methods
-    if getattr(args, "sweep", False):
+    optional = {"methods": args.methods} if args.methods != "default" else {}
+    if args.sweep:
         optional["sweep"] = True
-    if getattr(args, "hparams", None):
+    if args.hparams:
         path = Path(args.hparams).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"--hparams {args.hparams}: no such file (a sweep writes "
@@ -207,13 +180,9 @@ def declared_parameters(nb) -> set[str]:
     """Names assigned in a notebook's cell tagged ``parameters``."""
     import ast
 
-    names = set()
-    for cell in nb.cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, ast.Assign):
-                    names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    return names
+    return {target.id for cell in nb.cells if "parameters" in cell.get("metadata", {}).get("tags", [])
+            for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+            for target in node.targets if isinstance(target, ast.Name)}
 
 
 def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progress: bool = True,
@@ -236,21 +205,15 @@ def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progres
         pm.execute_notebook(nb, str(running), parameters=parameters, kernel_name="python3",
                             language="python", cwd=str(cwd), progress_bar=progress,
                             log_output=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
-    except PapermillExecutionError as err:
-        os.replace(running, failed)
-        raise PipelineError(
-            f"notebook {src.name} failed in cell {err.cell_index} "
-            f"(execution count {err.exec_count}): {err.ename}: {err.evalue}\n"
-            f"the executed notebook with the traceback is {failed}"
-        ) from None
-    except Exception as err:  # the kernel died (e.g. out of memory) or a cell timed out
-        cell = _running_cell(running)
+    except Exception as err:  # a cell raised, or the kernel died (e.g. out of memory) or a cell timed out
+        if isinstance(err, PapermillExecutionError):
+            what = (f"cell {err.cell_index} (execution count {err.exec_count}): {err.ename}: "
+                    f"{err.evalue}\nthe executed notebook with the traceback")
+        else:
+            what = f"cell {_running_cell(running)}: {type(err).__name__}: {err}\nthe partly executed notebook"
         if running.exists():
             os.replace(running, failed)
-        raise PipelineError(
-            f"notebook {src.name} failed in cell {cell}: "
-            f"{type(err).__name__}: {err}\nthe partly executed notebook is {failed}"
-        ) from None
+        raise PipelineError(f"notebook {src.name} failed in {what} is {failed}") from None
     clean_executed(running)
     os.replace(running, out_path)
     failed.unlink(missing_ok=True)
@@ -274,7 +237,8 @@ def clean_executed(path: Path) -> None:
 REFERENCE_FILES = ("summary.csv", "manifest.json", "sweep/sweep.csv")
 
 
-def write_reference(run_dir: Path, notebooks: list[Path], reference_root: Path = REPO_ROOT / "results" / "reference") -> Path:
+def write_reference(run_dir: Path, notebooks: list[Path],
+                    reference_root: Path = REPO_ROOT / "results" / "reference") -> Path:
     """Make the finished run ``run_dir`` its configuration's committed reference:
     copy :data:`REFERENCE_FILES` (those present) and the executed notebooks of
     ``notebooks`` into ``<reference_root>/<run name>/`` (``executed/NN_name.ipynb``),
@@ -296,13 +260,11 @@ def _running_cell(out_path: Path) -> str:
     import nbformat
 
     try:
-        nb = nbformat.read(str(out_path), as_version=4)
+        cells = nbformat.read(str(out_path), as_version=4).cells
     except Exception:
         return "?"
-    for i, cell in enumerate(nb.cells):
-        if cell.get("metadata", {}).get("papermill", {}).get("status") == "running":
-            return str(i)
-    return "?"
+    return next((str(i) for i, cell in enumerate(cells)
+                 if cell.get("metadata", {}).get("papermill", {}).get("status") == "running"), "?")
 
 
 def load_manifest(path: Path) -> dict:
@@ -356,14 +318,14 @@ def echo_log(path: Path, enabled: bool = True):
 
 def run(args) -> Path:
     # fails early on an unknown profile or a bad --set
-    profile = apply_overrides(get_profile(args.profile, args.dataset), parse_overrides(getattr(args, "set", None)))
+    profile = apply_overrides(get_profile(args.profile, args.dataset), parse_overrides(args.set))
     if args.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {DATASETS}")
     if args.dataset not in BUILT_IN_DATASETS and not args.data_root:
         raise ValueError(f"--dataset {args.dataset} reads a local folder: pass --data-root PATH "
                          "(see README, 'Your own data')")
     for role, arch in (("teacher", profile.teacher_arch), ("student", profile.student_arch)):
-        path = getattr(args, f"{role}_model", None)
+        path = getattr(args, f"{role}_model")
         if arch == "hf" and not path:
             raise ValueError(f"--profile {args.profile} on {args.dataset} loads the {role} from a "
                              f"local Hugging Face folder: pass --{role}-model DIR (nothing is "
@@ -372,38 +334,37 @@ def run(args) -> Path:
             raise FileNotFoundError(f"--{role}-model {path}: no such file or folder")
     if args.dataset in ("synthetic_text", "multinli"):  # both model folders, before any kernel
         from .text_models import check_model_folders
-        check_model_folders(profile, args.dataset, getattr(args, "teacher_model", None),
-                            getattr(args, "student_model", None))
+        check_model_folders(profile, args.dataset, args.teacher_model, args.student_model)
     seeds = runner_checks.check_seeds(args.seeds or profile.seeds)
-    if (getattr(args, "sweep", False) or profile.sweep) and len(seeds) < 2:
+    if (args.sweep or profile.sweep) and len(seeds) < 2:
         raise ValueError(f"the sweep averages over at least two seeds, got {seeds}: give "
                          "--seeds with two or more, or leave --sweep out")
     runner_checks.check_hparams_file(args, profile)
-    if getattr(args, "reference", False) and not runner_checks._default_out(args):
+    if args.reference and not runner_checks._default_out(args):
         raise ValueError("--reference writes the committed reference of a run in results/: "
                          "leave out --out")
-    retrain = runner_checks.check_retrain(getattr(args, "retrain", None))
+    retrain = runner_checks.check_retrain(args.retrain)
     known = discover_notebooks(NOTEBOOKS_DIR)
     notebooks = select_notebooks(known, args.only)
     run_dir, figures_dir = run_folders(args)
     for flag, path in (("--out", Path(args.out).resolve()), ("--out", run_dir), ("--figures", figures_dir)):
         runner_checks.check_folder(path, flag)
     runner_checks.check_prerequisites(args, run_dir, notebooks, known, seeds,
-                        resolve_methods(profile, getattr(args, "methods", None)))
+                                      resolve_methods(profile, args.methods))
     optional = optional_parameters(args)
-    jobs_environment(args)   # --executor and its options, checked before any kernel starts
-    if getattr(args, "executor", None) == "slurm":   # what reaches the sbatch script
+    jobs_env = jobs_environment(args)   # --executor and its options, checked before any kernel starts
+    if args.executor == "slurm":   # what reaches the sbatch script
         from . import executors
 
         executors.refuse_control_characters({"--slurm-partition": args.slurm_partition or "",
-                                        "the run directory": run_dir})
+                                             "the run directory": run_dir})
     device = resolve_device(args.device)
     params = notebook_parameters(args, run_dir, figures_dir, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     with records.exclusive(run_dir / RUN_LOCK, f"run directory {run_dir}",
                            hint="give this run another --out"):
         return _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir,
-                           optional, device, params)
+                           optional, jobs_env, device, params)
 
 
 #: While a runner works in a run directory it holds this file's lock: a second runner
@@ -412,7 +373,7 @@ RUN_LOCK = "runner.lock"
 
 
 def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, optional,
-                device, params) -> Path:
+                jobs_env, device, params) -> Path:
     manifest_path, log_path = run_dir / "manifest.json", run_dir / "run.log"
     earlier = load_manifest(manifest_path)
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +386,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
         "versions": _versions(),
         "command": command,
         "config": {"profile": profile.to_dict(), "parameters": {**params, **optional},
-                   "jobs": jobs_environment(args)},
+                   "jobs": jobs_env},
         "device": device,
         "platform": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -439,7 +400,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
             fh.write(f"{time.strftime('%H:%M:%S')} [fairkd] {message}\n")
 
     total = time.perf_counter()
-    kernel_env = {**runner_checks.retrain_environment(retrain), **jobs_environment(args)}
+    kernel_env = {**runner_checks.retrain_environment(retrain), **jobs_env}
     if retrain is not None:
         which = " ".join(f"{p}*" for p in retrain) if retrain else "every checkpoint"
         say(f"--retrain: retraining {which} (once in this run)")
@@ -451,8 +412,9 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
         manifest["notebooks"][src.stem] = entry
         records.write_json(manifest_path, manifest)
         hparams_before = runner_checks.read_hparams_used(run_dir)
+        # the kernels inherit os.environ: it holds kernel_env while the notebook runs
         try:
-            with echo_log(log_path, enabled=not args.quiet), environment(kernel_env):
+            with echo_log(log_path, enabled=not args.quiet), mock.patch.dict(os.environ, kernel_env):
                 run_notebook(src, run_dir / "executed" / f"{src.stem}.ipynb", params, cwd=run_dir,
                              progress=not args.quiet, optional=optional)
         except (PipelineError, KeyboardInterrupt) as err:
@@ -465,14 +427,13 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
             raise
         entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2))
         say(f"{src.stem} done in {entry['seconds']:.1f} s")
-        change = runner_checks.hparams_change(hparams_before, runner_checks.read_hparams_used(run_dir))
-        if change:
+        if change := runner_checks.hparams_change(hparams_before, runner_checks.read_hparams_used(run_dir)):
             say(change)
     if not args.only:
         manifest["total_seconds"] = round(time.perf_counter() - total, 2)
     manifest["training"] = training_times(run_dir)
     records.write_json(manifest_path, manifest)
-    if getattr(args, "reference", False):
+    if args.reference:
         say(f"reference written: {write_reference(run_dir, notebooks)}")
     say(f"all done in {time.perf_counter() - total:.1f} s -> {run_dir} (figures: {figures_dir}, "
         f"log: {log_path})")
@@ -498,24 +459,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models and budgets (default: %(default)s)")
     p.add_argument("--dataset", default="synthetic", choices=DATASETS,
                    help="the data (default: %(default)s, built in)")
-    p.add_argument("--data-root", default=None, help="local folder of a real dataset")
-    p.add_argument("--teacher-model", default=None, metavar="PATH",
+    p.add_argument("--data-root", help="local folder of a real dataset")
+    p.add_argument("--teacher-model", metavar="PATH",
                    help="local pretrained teacher: a torchvision state_dict file (images) or a "
                         "Hugging Face model folder (text; its tokenizer tokenises MultiNLI)")
-    p.add_argument("--student-model", default=None, metavar="PATH",
-                   help="local pretrained student backbone: a state_dict file or a Hugging Face "
-                        "model folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="student seeds (default: the profile's)")
+    p.add_argument("--student-model", metavar="PATH",
+                   help="local pretrained student backbone: a state_dict file or a Hugging Face model folder")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: the profile's)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", default=str(REPO_ROOT / "results"),
                    help="parent of the run directory (default: results/)")
-    p.add_argument("--figures", default=None,
-                   help="figures folder (default: <run_dir>/figures/; with the default --out, "
-                        "figures/<dataset>-<profile>/)")
-    p.add_argument("--only", nargs="+", default=None, metavar="NN",
+    p.add_argument("--figures", help="figures folder (default: <run_dir>/figures/; with the default --out, "
+                                     "figures/<dataset>-<profile>/)")
+    p.add_argument("--only", nargs="+", metavar="NN",
                    help="run only these notebooks, e.g. --only 04 05 (their prerequisites must exist)")
-    p.add_argument("--set", nargs="+", action="extend", default=None, metavar="FIELD=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
                    help="override profile fields, e.g. --set student_epochs=5 seeds=[0,1]; the run "
                         "goes to its own run directory <dataset>-<profile>-set-<hash>")
     p.add_argument("--methods", default="default", choices=METHOD_SETS,
@@ -527,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="rerun the hyper-parameter sweep on validation worst-group accuracy "
                         "(notebook 05; writes sweep/hparams.json and uses it)")
-    p.add_argument("--hparams", default=None, metavar="FILE",
+    p.add_argument("--hparams", metavar="FILE",
                    help="chosen hyper-parameters (default: fairkd_utils/hparams.json's entry "
                         "for <dataset>-<profile>)")
     p.add_argument("--reference", action="store_true",
@@ -535,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "executed notebooks it ran into results/reference/<run>/ (how the "
                         "committed references are made; with --only, just those notebooks' "
                         "copies are renewed; needs the default --out)")
-    p.add_argument("--retrain", nargs="*", default=None, metavar="PREFIX",
+    p.add_argument("--retrain", nargs="*", metavar="PREFIX",
                    help="retrain checkpoints instead of reusing them: all of them, or those whose "
                         "name starts with a PREFIX (teacher, warmup, student-kd, ...)")
     jobs = p.add_argument_group(
@@ -545,19 +503,19 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--executor", default="inline", choices=("inline", "local", "slurm"),
                       help="inline: one after another in the notebook (default); local: worker "
                            "processes on this machine; slurm: a SLURM job array (submitit)")
-    jobs.add_argument("--workers", type=int, default=None, metavar="N",
+    jobs.add_argument("--workers", type=int, metavar="N",
                       help="local: jobs at once (default: one per GPU, or one per core on CPU); "
                            "slurm: array tasks running at once (default: no limit)")
-    jobs.add_argument("--threads", type=int, default=None, metavar="N",
+    jobs.add_argument("--threads", type=int, metavar="N",
                       help="torch threads per job (default: all cores inline, cores // workers "
                            "locally, --slurm-cpus on SLURM)")
-    jobs.add_argument("--slurm-partition", default=None, metavar="NAME")
-    jobs.add_argument("--slurm-time", default=None, metavar="TIME",
+    jobs.add_argument("--slurm-partition", metavar="NAME")
+    jobs.add_argument("--slurm-time", metavar="TIME",
                       help="time limit per job, as sbatch --time: minutes or H:M:S, D-H:M:S "
                            "(default: 4:00:00)")
-    jobs.add_argument("--slurm-gpus", type=int, default=None, metavar="N",
+    jobs.add_argument("--slurm-gpus", type=int, metavar="N",
                       help="GPUs per job (default 0: CPU jobs); >0 trains on cuda")
-    jobs.add_argument("--slurm-cpus", type=int, default=None, metavar="N", help="CPUs per job")
+    jobs.add_argument("--slurm-cpus", type=int, metavar="N", help="CPUs per job")
     p.add_argument("--quiet", action="store_true",
                    help="no per-cell progress bar and no training lines (they still go to run.log)")
     return p

@@ -24,17 +24,11 @@ JOBS_ENV = "FAIRKD_JOBS"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def configure_threads(n: int | None = None) -> int:
-    """Use the cores this process may run on (``os.sched_getaffinity``), or ``n``."""
-    import torch
-
-    if n is None:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
+def run_name(dataset: str, profile: str, methods=None, overrides=None) -> str:
+    """A run directory's name: ``<dataset>-<profile>``, with ``-extended`` (or
+    ``-laplace``) for a named method set and ``-set-<hash>`` for profile overrides, so
+    that such a run never mixes its tables with the plain profile's."""
+    return f"{dataset}-{profile}{method_set_tag(methods)}{overrides_tag(overrides)}"
 
 
 @dataclass
@@ -124,11 +118,11 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
     prof = apply_overrides(get_profile(profile, dataset), profile_overrides)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
-    name = f"{dataset}-{profile}{method_set_tag(methods)}{overrides_tag(profile_overrides)}"
+    name = run_name(dataset, profile, methods, profile_overrides)
     run_dir = Path(run_dir) if run_dir else REPO_ROOT / "results" / name
     figures_dir = Path(figures_dir) if figures_dir else REPO_ROOT / "figures" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    figures_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (run_dir, figures_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     logger, log_file = logging.getLogger("fairkd"), str((run_dir / "run.log").resolve())
     for old in [h for h in logger.handlers if getattr(h, "fairkd_run_log", None) not in (None, log_file)]:
         logger.removeHandler(old)  # an earlier run of this process
@@ -146,8 +140,11 @@ def setup(run_dir=None, figures_dir=None, profile: str = "smoke", dataset: str =
     if sweep:
         hparams_file = run_dir / "sweep" / "hparams.json"
     device = resolve_device(device)
-    if device == "cpu":
-        configure_threads()
+    if device == "cpu":   # use the cores this process may run on
+        import torch
+
+        from .jobs import cores
+        torch.set_num_threads(cores())
     return Run(run_dir=run_dir, figures_dir=figures_dir, profile=prof, dataset=dataset,
                data_root=data_root, seeds=list(seeds) if seeds else list(prof.seeds), device=device,
                hparams_file=str(hparams_file) if hparams_file else None, sweep=sweep,
@@ -168,7 +165,6 @@ def profile_note(run: Run) -> str | None:
 
 def print_profile_note(run: Run) -> None:
     """Print :func:`profile_note` when there is one (each notebook, after setup)."""
-    note = profile_note(run)
-    if note:
+    if note := profile_note(run):
         print(note)
 

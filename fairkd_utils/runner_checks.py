@@ -66,14 +66,10 @@ def check_folder(path: Path, flag: str) -> None:
 def missing_prerequisites(run_dir: Path, selected: set[str], seeds, methods) -> list[tuple]:
     """(notebook, glob, writer) for each file a ``selected`` notebook reads that no
     selected notebook writes and ``run_dir`` lacks."""
-    missing = []
-    for readers, pattern, writer in PREREQUISITES:
-        if writer in selected:
-            continue
-        for nb in sorted(set(readers.split()) & selected):
-            globs = sorted({pattern.format(seed=s, method=m) for s in seeds for m in methods})
-            missing += [(nb, g, writer) for g in globs if not any(Path(run_dir).glob(g))]
-    return missing
+    return [(nb, g, writer) for readers, pattern, writer in PREREQUISITES if writer not in selected
+            for nb in sorted(set(readers.split()) & selected)
+            for g in sorted({pattern.format(seed=s, method=m) for s in seeds for m in methods})
+            if not any(Path(run_dir).glob(g))]
 
 
 def check_prerequisites(args, run_dir: Path, notebooks: list[Path], known: list[Path], seeds,
@@ -81,17 +77,16 @@ def check_prerequisites(args, run_dir: Path, notebooks: list[Path], known: list[
     """Stop before any kernel starts if a selected notebook would miss an earlier
     notebook's output, naming the files and the ``--only`` that makes them."""
     selected = {p.name[:2] for p in notebooks}
-    missing = missing_prerequisites(run_dir, selected, seeds, methods)
-    if not missing:
-        return
-    needed = set(selected)
+    needed = set(selected)   # with the writers of what is missing, and theirs in turn
     while more := missing_prerequisites(run_dir, needed, seeds, methods):
         needed |= {writer for _, _, writer in more}
+    if needed == selected:
+        return
     names = {p.name[:2]: p.stem for p in known}
     by_pair = {}
-    for nb, glob, writer in missing:
+    for nb, glob, writer in missing_prerequisites(run_dir, selected, seeds, methods):
         by_pair.setdefault((nb, writer), []).append(glob)
-    lines = [f"{names.get(nb, nb)} reads {', '.join(g[:3])}" + (f" and {len(g) - 3} more" if len(g) > 3 else "")
+    lines = [f"{names.get(nb, nb)} reads {', '.join(g[:3])}" + (f" and {len(g) - 3} more" if g[3:] else "")
              + f" (written by {names.get(w, w)})" for (nb, w), g in by_pair.items()]
     raise FileNotFoundError(
         f"{run_dir} lacks what the selected notebooks read:\n  " + "\n  ".join(lines)
@@ -102,11 +97,10 @@ def check_prerequisites(args, run_dir: Path, notebooks: list[Path], known: list[
 def suggest_command(args, only: list[str]) -> str:
     """The command line of this run with ``--only`` replaced."""
     parts = ["python -m fairkd_utils.pipeline", "--profile", args.profile, "--dataset", args.dataset]
-    if getattr(args, "methods", None) not in (None, "default"):
-        parts += ["--methods", args.methods]
-    for flag, value in (("--data-root", args.data_root),
-                        ("--teacher-model", getattr(args, "teacher_model", None)),
-                        ("--student-model", getattr(args, "student_model", None)),
+    for flag, value in (("--methods", None if args.methods == "default" else args.methods),
+                        ("--data-root", args.data_root),
+                        ("--teacher-model", args.teacher_model),
+                        ("--student-model", args.student_model),
                         ("--figures", args.figures),
                         ("--device", None if args.device == "auto" else args.device),
                         ("--out", None if _default_out(args) else args.out)):
@@ -156,19 +150,16 @@ def check_hparams_file(args, profile) -> None:
     (``--hparams``, else the committed one) is well formed, has an entry for
     ``<dataset>-<profile>`` when given with ``--hparams``, and that entry holds every value
     the run's methods read (with ``--sweep`` the sweep writes them: form only)."""
-    sweep = getattr(args, "sweep", False) or profile.sweep
-    path = Path(args.hparams) if getattr(args, "hparams", None) else HPARAMS_FILE
-    if not getattr(args, "hparams", None) and not path.exists():
+    sweep = args.sweep or profile.sweep
+    path = Path(args.hparams) if args.hparams else HPARAMS_FILE
+    if not args.hparams and not path.exists():
         return
     chosen, name = read_hparams_file(path), f"{args.dataset}-{args.profile}"
-    table = chosen.get(name)
-    if table is None:
-        if getattr(args, "hparams", None) and not sweep:
-            raise ValueError(f"{str(path)!r} has no entry for {name!r} (it has {sorted(chosen)}); "
-                             "run the sweep for this dataset and profile")
-        return
-    missing = [] if sweep else missing_hparams(table, resolve_methods(profile, getattr(args, "methods", None)))
-    if missing:
+    if name not in chosen and args.hparams and not sweep:
+        raise ValueError(f"{str(path)!r} has no entry for {name!r} (it has {sorted(chosen)}); "
+                         "run the sweep for this dataset and profile")
+    if name in chosen and not sweep and (
+            missing := missing_hparams(chosen[name], resolve_methods(profile, args.methods))):
         raise ValueError(f"{path.name}[{name!r}] lacks {', '.join(missing)}: the methods this run "
                          "trains read them, and a file's entry is never completed from the "
                          "library's defaults; add them, choose them with --sweep, or give "
@@ -190,12 +181,9 @@ def hparams_change(before: dict | None, after: dict | None) -> str | None:
     if not before or not after or before.get("configs") == after.get("configs"):
         return None
     old, new = before.get("configs", {}), after.get("configs", {})
-    changes = []
-    for method in [m for m in new if m in old]:
-        fields = [f"{k} {old[method].get(k)} -> {v}" for k, v in new[method].items()
-                  if old[method].get(k) != v]
-        if fields:
-            changes.append(f"{method}: {', '.join(fields)}")
+    fields = {m: [f"{k} {old[m].get(k)} -> {v}" for k, v in new[m].items() if old[m].get(k) != v]
+              for m in new if m in old}
+    changes = [f"{m}: {', '.join(f)}" for m, f in fields.items() if f]
     back = (f"; to use the earlier ones again: --hparams {before['file']}"
             if before.get("file") and before.get("file") != after.get("file") else "")
     return (f"hyper-parameters differ from those that made this run's tables: "
