@@ -253,8 +253,7 @@ def _legend_outside(ax, handles=None, labels=None, **kw):
     if ax.get_legend():
         ax.get_legend().remove()
     if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
-                  **kw)
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, **kw)
 
 
 def _patches(colors: dict):

@@ -82,10 +82,11 @@ def group_samples(images: dict, n_cols: int | None = None):
 
 
 # --------------------------------------------------------------------- notebooks 02-03
-def _grouped_bars(ax, agg: pd.DataFrame, cats, levels, colors, labels, lw=None, elinewidth=None):
+def _grouped_bars(ax, agg: pd.DataFrame, cats, levels, colors, labels, ticklabels, lw=None, elinewidth=None):
     """Grouped bars of ``agg`` (index (category, level); columns mean, std, n): per level
     a bar (``colors[level]``, labelled ``labels[level]``) at each category it has, with
-    the sd as error bars where a bar has several values. ``lw``, ``elinewidth``: the
+    the sd as error bars where a bar has several values, on a categorical x axis
+    (``ticklabels``) and a y axis ticked from 0 to 1. ``lw``, ``elinewidth``: the
     widths of the bars' edges and of the error bars (None: the style's). Returns
     ``(x, row of agg, sd, category, level)`` per bar, level by level."""
     step = 0.8 / len(levels)
@@ -101,6 +102,9 @@ def _grouped_bars(ax, agg: pd.DataFrame, cats, levels, colors, labels, lw=None, 
             ax.errorbar(xs, means, yerr=sds, fmt="none", ecolor="#333333", elinewidth=elinewidth,
                         capsize=3, zorder=3)
         bars += [(x, r, sd, cat, level) for (x, r, cat), sd in zip(here, sds)]
+    ax.set_xticks(range(len(cats)), ticklabels)
+    ax.set(xlim=(-0.6, len(cats) - 0.4), yticks=np.linspace(0, 1, 6), xlabel="")
+    ax.grid(axis="x", visible=False)
     return bars
 
 
@@ -118,17 +122,14 @@ def group_accuracy_bars(df: pd.DataFrame, hue: str = "model", title: str = "", p
         columns={"count": "n"})
     fig, ax = plt.subplots(figsize=(max(8.5, _SLOT_IN * len(names) + 3.0), 4.2), layout="constrained")
     bars = _grouped_bars(ax, agg, names, levels, colors, {h: _hue_label(hue, h) for h in levels},
-                         lw=0.6, elinewidth=1.1)
-    many = len(levels) > 3                           # narrow bars: smaller labels, upright
+                         [_wrap("all groups" if n == "all" else n) for n in names], lw=0.6, elinewidth=1.1)
+    many = len(levels) > 3                           # narrow bars: smaller, vertical labels
     for x, r, sd, _, _ in bars:                      # each value above its error bar
         ax.text(x, float(r["mean"]) + sd + 0.015, f"{r['mean']:.2f}", ha="center", va="bottom",
                 fontsize=7 if many else 8, rotation=90 if many else 0, zorder=4)
-    ax.set_xticks(range(len(names)), [_wrap("all groups" if n == "all" else n) for n in names])
     label_h = 0.11 if many else 0.06                 # a value label's height in data units (about)
     top = max([1.14] + [t.get_position()[1] + label_h for t in ax.texts])
-    ax.set(xlim=(-0.6, len(names) - 0.4), ylim=(0, top), yticks=np.linspace(0, 1, 6), xlabel="",
-           ylabel="accuracy", title=title)
-    ax.grid(axis="x", visible=False)
+    ax.set(ylim=(0, top), ylabel="accuracy", title=title)
     _legend_outside(ax, title=None)
     return fig
 
@@ -165,8 +166,7 @@ def confidence_by_group(df: pd.DataFrame, value: str = "prob", hue: str = "corre
         state = np.random.get_state()  # seaborn jitters with numpy's global generator:
         np.random.seed(0)              # seed it here so reruns draw byte-identical figures
         try:
-            sns.stripplot(data=shown,
-                          x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
+            sns.stripplot(data=shown, x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
                           dodge=True, palette=pal, size=2, alpha=0.45, legend=False, ax=ax)
         finally:
             np.random.set_state(state)
@@ -266,7 +266,9 @@ def score_auroc(df: pd.DataFrame, title: str = "Which score singles out hard ins
     width = 0.8 / len(targets)                   # of a bar's slot, as _grouped_bars draws it
     text_h = 0.055                               # a label's height in data units (about)
     top = 1.0
-    for x, r, sd, s, t in _grouped_bars(ax, agg, scores, targets, TARGET_COLORS, {t: t for t in targets}):
+    ticks = [_wrap(names.get(s) or human_label(s), 16) for s in scores]
+    bars = _grouped_bars(ax, agg, scores, targets, TARGET_COLORS, {t: t for t in targets}, ticks)
+    for x, r, sd, s, t in bars:
         if "seed" in df and r["n"] > 1:
             vals = df[(df["score"] == s) & (df["target"] == t)].sort_values("seed")["auroc"]
             ax.scatter(x + np.linspace(-0.22, 0.22, len(vals)) * width, vals, s=10,
@@ -277,10 +279,7 @@ def score_auroc(df: pd.DataFrame, title: str = "Which score singles out hard ins
         ax.text(x, y, f"{r['mean']:.2f}", ha="center", va="bottom", fontsize=9, zorder=5)
         top = max(top, y + text_h + 0.02)
     ax.axhline(0.5, color="#222222", ls="--", lw=1.1, label="chance (0.5)", zorder=3.5)
-    ax.set_xticks(range(len(scores)), [_wrap(names.get(s) or human_label(s), 16) for s in scores])
-    ax.set(xlim=(-0.6, len(scores) - 0.4), ylim=(0, top), yticks=np.linspace(0, 1, 6), xlabel="",
-           ylabel="AUROC (expected direction)", title=title)
-    ax.grid(axis="x", visible=False)
+    ax.set(ylim=(0, top), ylabel="AUROC (expected direction)", title=title)
     handles, names = _patches({t: TARGET_COLORS[t] for t in targets})
     handles.append(Line2D([], [], color="#222222", ls="--", lw=1.1))
     _legend_outside(ax, handles, names + ["chance (0.5)"], title="target")
@@ -439,14 +438,12 @@ def laplace_regime(df: pd.DataFrame, title: str = "When does the exit's Laplace 
     noise floor (two independent draws of the same fit) up to 1 is where agreement
     cannot be told from Monte-Carlo noise."""
     sources = _present(REGIME_SOURCES, df["source"])
-    keys = ["source", "recipe", "score", "n_fit"]
-    agg = df.groupby(keys, sort=False)[["params_per_instance", "median_logit_var", "spearman_wrong",
-                                        "noise_floor_spearman"]].mean().reset_index()
+    means = ["params_per_instance", "median_logit_var", "spearman_wrong", "noise_floor_spearman"]
+    agg = df.groupby(["source", "recipe", "score", "n_fit"], sort=False)[means].mean().reset_index()
     fig, axes = plt.subplots(1, len(sources), figsize=(4.6 * len(sources) + 2.4, 4.6), sharey=True,
                              layout="constrained", squeeze=False)
     for ax, source in zip(axes[0], sources):
-        d = agg[agg["source"] == source]
-        for (recipe, score), s in d.groupby(["recipe", "score"], sort=False):
+        for (recipe, score), s in agg[agg["source"] == source].groupby(["recipe", "score"], sort=False):
             s = s.sort_values("median_logit_var")
             marker, ls, _ = _recipe(recipe)
             color = REGIME_SCORE_COLORS[score]
