@@ -54,9 +54,8 @@ class KeyedPalette(dict):
         return self.reserve[zlib.crc32(str(key).encode()) % len(self.reserve)]
 
     def get(self, key, default=None):
-        if key in self or default is None:
-            return self[key]
-        return default
+        """Like ``dict.get``, but with no ``default`` a missing key gets its reserve colour."""
+        return self[key] if key in self or default is None else default
 
 
 METHOD_ORDER = list(METHOD_SPECS)
@@ -76,8 +75,6 @@ METHOD_COLORS = KeyedPalette({
 METHOD_MARKERS = {"erm": "v", "kd": "o", "dedier": "^", "dedier_both": "D", "laplace_kd": "*",
                   "shuffled": "P", "jtt": "X", "dedier_final": "h", "laplace_kd_entropy": "p",
                   "laplace_kd_variance": "H", "laplace_kd_meronen": "8", "laplace_kd_subset": "d"}
-#: Methods that use group labels in training: drawn hollow, marked as references.
-
 #: One hue per label, dark then light for the two attribute values (g = 2 y + a).
 GROUP_COLORS = ("#424B01", "#919D33",   # label 0: olive
                 "#605889", "#9789EB",   # label 1: violet
@@ -122,6 +119,8 @@ SCORE_LABELS = {
     "dedier_map_margin": "DeDiER margin (MAP exit)", "laplace_margin": "Laplace margin",
     "laplace_entropy": "Laplace entropy", "laplace_variance": "Laplace logit variance",
 }
+#: The label tables :func:`human_label` reads (a method's label first).
+_LABELS = {**SCORE_LABELS, **METRIC_LABELS, **METHOD_LABELS}
 #: Words :func:`human_label` spells its own way.
 _WORDS = {"map": "MAP", "kd": "KD", "erm": "ERM", "dedier": "DeDiER", "laplace": "Laplace",
           "jtt": "JTT", "dfr": "DFR", "auroc": "AUROC", "ece": "ECE", "nll": "NLL",
@@ -133,11 +132,8 @@ def human_label(key) -> str:
     underscores as spaces and known words spelled out (``dedier_map_margin`` ->
     ``DeDiER MAP margin``)."""
     key = str(key)
-    for table in (METHOD_LABELS, METRIC_LABELS, SCORE_LABELS):
-        if key in table:
-            return table[key]
-    words = [w for w in re.split(r"[_\s]+", key) if w]
-    return " ".join(_WORDS.get(w.lower(), w) for w in words) or key
+    words = (_WORDS.get(w.lower(), w) for w in re.split(r"[_\s]+", key) if w)
+    return _LABELS.get(key) or " ".join(words) or key
 
 
 def use_style() -> None:
@@ -176,20 +172,16 @@ def _groups_of(df: pd.DataFrame):
     if "group" in df:
         pairs = df[["group", "group_name"]].drop_duplicates("group_name")
         pairs = pairs.assign(group=pd.to_numeric(pairs["group"], errors="coerce")).dropna()
-    if "group" in df and len(pairs):
-        pairs = pairs.sort_values("group", kind="stable")
-        n = int(pairs["group"].max()) + 1
-        return list(pairs["group_name"]), {name: _group_color(int(g), n)
-                                            for g, name in zip(pairs["group"], pairs["group_name"])}
+        if len(pairs):
+            pairs = pairs.sort_values("group", kind="stable")
+            n = int(pairs["group"].max()) + 1
+            return list(pairs["group_name"]), {name: _group_color(int(g), n)
+                                                for g, name in zip(pairs["group"], pairs["group_name"])}
     names = list(dict.fromkeys(df["group_name"]))
     return names, group_palette(names)
 
 
 # --------------------------------------------------------------------- helpers every figure shares
-def _method_label(m):
-    return METHOD_LABELS.get(m) or human_label(m)
-
-
 def _wrap(text, width: int = 14) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
@@ -203,13 +195,8 @@ def _predictive_key(value):
     """The predictive a hue value stands for: ``"map"``, ``"MAP"``, ``"Laplace exact
     (probit)"`` -> map, map, probit; None when it names none."""
     low = str(value).strip().lower()
-    if low in PREDICTIVE_COLORS:
-        return low
-    inside = re.findall(r"\(([a-z]+)\)", low)
-    for word in inside + re.findall(r"[a-z]+", low):
-        if word in PREDICTIVE_COLORS:
-            return word
-    return None
+    words = [low] + re.findall(r"\(([a-z]+)\)", low) + re.findall(r"[a-z]+", low)
+    return next((w for w in words if w in PREDICTIVE_COLORS), None)
 
 
 def _form_key(value):
@@ -217,37 +204,22 @@ def _form_key(value):
     return next((w for w in words if w in FORM_COLORS), None)
 
 
+#: The palette of each concept a hue can name (a keyed palette gives every value a colour,
+#: a plain table None for a value it does not hold).
+_HUE_COLORS = {"method": METHOD_COLORS, "model": MODEL_COLORS, "predictive": PREDICTIVE_COLORS,
+               "split": SPLIT_COLORS, "target": TARGET_COLORS, "prediction": OUTCOME_COLORS,
+               "correct": OUTCOME_COLORS}
+
+
 def _hue_color(hue: str, value):
-    """The colour of one hue value of a known concept, looked up by key."""
-    if hue == "method":
-        return METHOD_COLORS[value]
-    if hue == "model":
-        return MODEL_COLORS[value]
+    """The colour of one hue value of a known concept, looked up by key (a predictive
+    by the key its label names); a hue of no known concept takes a model's or a
+    method's colour where the value is one, else None."""
     if hue == "predictive":
-        key = _predictive_key(value)
-        return PREDICTIVE_COLORS[key if key is not None else value]
-    if hue == "split":
-        return SPLIT_COLORS.get(value)
-    if hue == "target":
-        return TARGET_COLORS[value]
-    if hue in ("prediction", "correct"):
-        return OUTCOME_COLORS.get(value)
-    for table in (MODEL_COLORS, METHOD_COLORS):
-        if value in table:
-            return table[value]
-    return None
-
-
-def _hue_label(hue: str, value) -> str:
-    if hue == "method":
-        return _method_label(value)
-    if hue == "model":
-        return MODEL_LABELS.get(value, human_label(value))
-    if hue == "split":
-        return SPLIT_LABELS.get(value, value)
-    if hue == "predictive":
-        return _predictive_label(value)
-    return str(value)
+        value = _predictive_key(value) or value
+    if hue in _HUE_COLORS:
+        return _HUE_COLORS[hue].get(value)
+    return next((table[value] for table in (MODEL_COLORS, METHOD_COLORS) if value in table), None)
 
 
 def _predictive_label(value) -> str:
@@ -256,6 +228,15 @@ def _predictive_label(value) -> str:
     if value in PREDICTIVE_LABELS:
         return PREDICTIVE_LABELS[value]
     return re.sub(r"\bkron\b", "Kronecker", str(value)).replace("(mc)", "(MC)")
+
+
+#: How each concept a hue can name labels its values (any other hue: the value as it is).
+_HUE_LABELS = {"method": human_label, "model": lambda v: MODEL_LABELS.get(v) or human_label(v),
+               "split": lambda v: SPLIT_LABELS.get(v, v), "predictive": _predictive_label}
+
+
+def _hue_label(hue: str, value) -> str:
+    return _HUE_LABELS.get(hue, str)(value)
 
 
 def _hue_order(hue: str, values):
@@ -272,8 +253,7 @@ def _legend_outside(ax, handles=None, labels=None, **kw):
     if ax.get_legend():
         ax.get_legend().remove()
     if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
-                  **kw)
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, **kw)
 
 
 def _patches(colors: dict):

@@ -26,7 +26,7 @@ from .palette import (_PREDICTIVE_MARKERS, FORM_COLORS, FORM_LABELS, FORM_LINEST
                       METHOD_MARKERS, METHOD_ORDER, PREDICTIVE_COLORS, PREDICTIVE_ORDER,
                       REGIME_RECIPES, REGIME_SCORE_COLORS, REGIME_SOURCES, SCORE_LABELS, SPLIT_LABELS,
                       SPLIT_ORDER, TARGET_COLORS, _form_key, _groups_of, _hue_color, _hue_label,
-                      _hue_order, _legend_outside, _lines, _method_label, _patches, _predictive_key,
+                      _hue_order, _legend_outside, _lines, _patches, _predictive_key,
                       _predictive_label, _present, _wrap, human_label)
 from .profiles import METHOD_SPECS, REFERENCES
 
@@ -36,10 +36,9 @@ def savefig(fig, stem, close: bool = True) -> None:
     creation date so reruns are byte-identical."""
     stem = Path(stem)
     for fmt, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
-        path = stem.with_suffix(f".{fmt}")
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, metadata=meta)
-        records.write_bytes(path, buf.getvalue())
+        records.write_bytes(stem.with_suffix(f".{fmt}"), buf.getvalue())
     if close:
         plt.close(fig)
 
@@ -60,27 +59,21 @@ def group_counts(groups: pd.DataFrame):
     for cont, name in zip(ax.containers, names):   # one container per group, in hue order
         cont.set_label(name)
         ax.bar_label(cont, fmt="%d", fontsize=8, padding=1)
-    ax.set_yscale("log")
-    ax.set_ylabel("instances (log scale)")
-    ax.set_xlabel("")
+    ax.set(yscale="log", ylabel="instances (log scale)", xlabel="", title="Instances per group and split")
     ax.set_xticks(range(len(splits)), [SPLIT_LABELS.get(s, s) for s in splits])
-    ax.set_title("Instances per group and split")
-    _legend_outside(ax, *_patches({n: pal[n] for n in names}), title="group")
+    _legend_outside(ax, *_patches(pal), title="group")
     return fig
 
 
 def group_samples(images: dict, n_cols: int | None = None):
     """A row of example images per group; ``images`` maps group name -> list of HWC arrays."""
-    n_rows = len(images)
     n_cols = n_cols or max(len(v) for v in images.values())
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols + 1.8, 1.3 * n_rows + 0.5),
+    fig, axes = plt.subplots(len(images), n_cols, figsize=(1.25 * n_cols + 1.8, 1.3 * len(images) + 0.5),
                              squeeze=False, layout="constrained")
     for r, (name, imgs) in enumerate(images.items()):
-        for c in range(n_cols):
-            ax = axes[r, c]
-            ax.set_xticks([]), ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
+        for c, ax in enumerate(axes[r]):
+            ax.set(xticks=[], yticks=[])
+            ax.spines[:].set_visible(False)
             if c < len(imgs):
                 ax.imshow(np.clip(imgs[c], 0, 1), interpolation="nearest")
         axes[r, 0].set_ylabel(_wrap(name, 18), rotation=0, ha="right", va="center", fontsize=10)
@@ -89,32 +82,30 @@ def group_samples(images: dict, n_cols: int | None = None):
 
 
 # --------------------------------------------------------------------- notebooks 02-03
-def _bars_with_labels(ax, agg: pd.DataFrame, cats, levels, colors, labels, width: float = 0.8,
-                      fmt: str = "{:.2f}", fontsize: float = 8, pad: float = 0.015):
-    """Grouped bars of ``agg`` (index (category, level); columns mean, std, n) with the
-    sd as error bars and the value written above the error bar. Returns the label texts."""
-    step = width / len(levels)
-    texts = []
+def _grouped_bars(ax, agg: pd.DataFrame, cats, levels, colors, labels, ticklabels, lw=None, elinewidth=None):
+    """Grouped bars of ``agg`` (index (category, level); columns mean, std, n): per level
+    a bar (``colors[level]``, labelled ``labels[level]``) at each category it has, with
+    the sd as error bars where a bar has several values, on a categorical x axis
+    (``ticklabels``) and a y axis ticked from 0 to 1. ``lw``, ``elinewidth``: the
+    widths of the bars' edges and of the error bars (None: the style's). Returns
+    ``(x, row of agg, sd, category, level)`` per bar, level by level."""
+    step = 0.8 / len(levels)
+    bars = []
     for j, level in enumerate(levels):
-        xs, means, sds = [], [], []
-        for i, cat in enumerate(cats):
-            if (cat, level) in agg.index:
-                r = agg.loc[(cat, level)]
-                xs.append(i + (j - (len(levels) - 1) / 2) * step)
-                means.append(float(r["mean"]))
-                sds.append(float(r["std"]) if r["n"] > 1 and np.isfinite(r["std"]) else 0.0)
-        if not xs:
-            continue
+        here = [(i + (j - (len(levels) - 1) / 2) * step, agg.loc[(cat, level)], cat)
+                for i, cat in enumerate(cats) if (cat, level) in agg.index]
+        sds = [float(r["std"]) if r["n"] > 1 and np.isfinite(r["std"]) else 0.0 for _, r, _ in here]
+        xs, means = [x for x, _, _ in here], [float(r["mean"]) for _, r, _ in here]
         ax.bar(xs, means, step * 0.92, color=colors[level], label=labels[level],
-               edgecolor="white", linewidth=0.6, zorder=2)
-        if any(s > 0 for s in sds):
-            ax.errorbar(xs, means, yerr=sds, fmt="none", ecolor="#333333", elinewidth=1.1,
+               edgecolor="white", linewidth=lw, zorder=2)
+        if any(sd > 0 for sd in sds):
+            ax.errorbar(xs, means, yerr=sds, fmt="none", ecolor="#333333", elinewidth=elinewidth,
                         capsize=3, zorder=3)
-        for x, m, s in zip(xs, means, sds):
-            texts.append(ax.text(x, m + s + pad, fmt.format(m), ha="center", va="bottom",
-                                 fontsize=fontsize, rotation=90 if len(levels) > 3 else 0,
-                                 zorder=4))
-    return texts
+        bars += [(x, r, sd, cat, level) for (x, r, cat), sd in zip(here, sds)]
+    ax.set_xticks(range(len(cats)), ticklabels)
+    ax.set(xlim=(-0.6, len(cats) - 0.4), yticks=np.linspace(0, 1, 6), xlabel="")
+    ax.grid(axis="x", visible=False)
+    return bars
 
 
 def group_accuracy_bars(df: pd.DataFrame, hue: str = "model", title: str = "", palette=None):
@@ -122,28 +113,23 @@ def group_accuracy_bars(df: pd.DataFrame, hue: str = "model", title: str = "", p
     error bars (sd) over seeds where there are several; each value is written
     above its error bar. Colours by key of the ``hue`` concept (model, method,
     split), or ``palette`` (hue value -> colour) where given."""
-    names = [n for n in dict.fromkeys(df["group_name"]) if n != "all"]
-    if "group" in df:
-        names = _groups_of(df[df["group_name"] != "all"])[0]
-    names = names + (["all"] if (df["group_name"] == "all").any() else [])
+    names = _groups_of(df[df["group_name"] != "all"])[0]
+    names += ["all"] if (df["group_name"] == "all").any() else []
     levels = _hue_order(hue, df[hue])
-    colors = {h: (palette or {}).get(h) or _hue_color(hue, h) for h in levels}
-    fallback = iter(sns.color_palette("colorblind", len(levels)))
-    colors = {h: c if c is not None else next(fallback) for h, c in colors.items()}
+    fallback = iter(sns.color_palette("colorblind", len(levels)))   # for values of no known concept
+    colors = {h: (palette or {}).get(h) or _hue_color(hue, h) or next(fallback) for h in levels}
     agg = df.groupby(["group_name", hue])["acc"].agg(["mean", "std", "count"]).rename(
         columns={"count": "n"})
     fig, ax = plt.subplots(figsize=(max(8.5, _SLOT_IN * len(names) + 3.0), 4.2), layout="constrained")
-    texts = _bars_with_labels(ax, agg, names, levels, colors, {h: _hue_label(hue, h) for h in levels},
-                              fontsize=8 if len(levels) <= 3 else 7)
-    ax.set_xticks(range(len(names)), [_wrap("all groups" if n == "all" else n) for n in names])
-    ax.set_xlim(-0.6, len(names) - 0.4)
-    label_h = 0.11 if len(levels) > 3 else 0.06      # a value label's height in data units (about)
-    ax.set_ylim(0, max([1.14] + [t.get_position()[1] + label_h for t in texts]))
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_xlabel("")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(axis="x", visible=False)
+    bars = _grouped_bars(ax, agg, names, levels, colors, {h: _hue_label(hue, h) for h in levels},
+                         [_wrap("all groups" if n == "all" else n) for n in names], lw=0.6, elinewidth=1.1)
+    many = len(levels) > 3                           # narrow bars: smaller, vertical labels
+    for x, r, sd, _, _ in bars:                      # each value above its error bar
+        ax.text(x, float(r["mean"]) + sd + 0.015, f"{r['mean']:.2f}", ha="center", va="bottom",
+                fontsize=7 if many else 8, rotation=90 if many else 0, zorder=4)
+    label_h = 0.11 if many else 0.06                 # a value label's height in data units (about)
+    top = max([1.14] + [t.get_position()[1] + label_h for t in ax.texts])
+    ax.set(ylim=(0, top), ylabel="accuracy", title=title)
     _legend_outside(ax, title=None)
     return fig
 
@@ -165,7 +151,7 @@ def confidence_by_group(df: pd.DataFrame, value: str = "prob", hue: str = "corre
     pal = {shown_as[h]: _hue_color(hue, h) for h in levels}
     if any(c is None for c in pal.values()):   # a hue of no known concept
         pal = dict(zip(hue_order, sns.color_palette("colorblind", len(hue_order)).as_hex()))
-    order = _groups_of(df)[0] if "group" in df else list(dict.fromkeys(df["group_name"]))
+    order = _groups_of(df)[0]
     cols = list(dict.fromkeys(df[col])) if col else [None]
     panel_w = max(5.2, _SLOT_IN * len(order))
     fig, axes = plt.subplots(1, len(cols), figsize=(panel_w * len(cols) + 1.6, 4.4), squeeze=False,
@@ -175,26 +161,18 @@ def confidence_by_group(df: pd.DataFrame, value: str = "prob", hue: str = "corre
         with warnings.catch_warnings():  # seaborn 0.13 still passes matplotlib 3.11's deprecated `vert`
             warnings.filterwarnings("ignore", message="vert: bool was deprecated")
             sns.boxplot(data=sub, x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
-                        palette=pal, saturation=1, showfliers=False, width=0.7, ax=ax)
+                        palette=pal, saturation=1, showfliers=False, width=0.7, legend=False, ax=ax)
         shown = sub.sample(frac=1.0, random_state=0).groupby(["_hue", "group_name"]).head(60)
         state = np.random.get_state()  # seaborn jitters with numpy's global generator:
         np.random.seed(0)              # seed it here so reruns draw byte-identical figures
         try:
-            sns.stripplot(data=shown,
-                          x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
+            sns.stripplot(data=shown, x="group_name", y=value, hue="_hue", order=order, hue_order=hue_order,
                           dodge=True, palette=pal, size=2, alpha=0.45, legend=False, ax=ax)
         finally:
             np.random.set_state(state)
-        ax.set_xlabel("")
         ax.set_xticks(range(len(order)), [_wrap(n) for n in order])
-        if c is None:
-            ax.set_title("")
-        elif col == "prediction":
-            ax.set_title(f"{c} predictions")
-        else:
-            ax.set_title(human_label(c))
-        if ax.get_legend():
-            ax.get_legend().remove()
+        panel = "" if c is None else f"{c} predictions" if col == "prediction" else human_label(c)
+        ax.set(xlabel="", title=panel)
     axes[0][0].set_ylabel(ylabel or (human_label(col) if value == "value" and col else human_label(value)))
     _legend_outside(axes[0][-1], *_patches(pal), title="prediction" if hue == "prediction" else None)
     if title:
@@ -213,8 +191,7 @@ def laplace_samples(samples: list[dict], title: str = "Samples of the exit's pre
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 4.6), squeeze=False)
     for ax, gname in zip(axes[0], groups):
         cur = [s for s in samples if s["group_name"] == gname]
-        allz = np.concatenate([np.asarray(s["z"]) for s in cur])
-        lo, hi = np.percentile(allz, [1, 99])
+        lo, hi = np.percentile(np.concatenate([np.asarray(s["z"]) for s in cur]), [1, 99])
         pad = 0.15 * (hi - lo + 1e-6)
         for s in cur:
             z = np.asarray(s["z"])
@@ -224,10 +201,8 @@ def laplace_samples(samples: list[dict], title: str = "Samples of the exit's pre
         ax.scatter([m[0]], [m[1]], marker="*", s=160, color="black", zorder=5, label="MAP logits")
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="#444444", lw=1.2, ls="--",
                 label="decision line $z_0 = z_1$")
-        ax.set_xlim(lo - pad, hi + pad), ax.set_ylim(lo - pad, hi + pad)
-        ax.set_aspect("equal")
+        ax.set(xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad), aspect="equal", xlabel="logit $z_0$")
         ax.set_title(f"{gname}\n(true y = {cur[0]['y']})", fontsize=10)
-        ax.set_xlabel("logit $z_0$")
     axes[0][0].set_ylabel("logit $z_1$")
     handles, labels = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
@@ -258,26 +233,20 @@ def reliability(df: pd.DataFrame, hue: str = "predictive", ece: dict | None = No
     ``... (mc)``), line style by the prior form it names (exact solid, kron dashed)."""
     fig, ax = plt.subplots(figsize=(5.6, 6.2), layout="constrained")
     ax.plot([0, 1], [0, 1], color="#888888", ls=":", lw=1.2, label="perfect calibration")
-    values = list(dict.fromkeys(df[hue]))
-    keyed = {h: _predictive_key(h) for h in values}
+    keyed = {h: _predictive_key(h) for h in dict.fromkeys(df[hue])}
     rank = {k: i for i, k in enumerate(PREDICTIVE_ORDER)}
-    values.sort(key=lambda h: (rank.get(keyed[h], len(rank)), _form_key(h) == "kron"))
-    for h in values:
+    for h in sorted(keyed, key=lambda h: (rank.get(keyed[h], len(rank)), _form_key(h) == "kron")):
         sub = df[df[hue] == h]
         curve = reliability_curve(sub["prob"].to_numpy(), sub["correct"].to_numpy().astype(float))
-        key, form = keyed[h], _form_key(h)
-        name = _predictive_label(h)
-        lab = name + (f" (ECE {ece[h]:.3f})" if ece and h in ece else "")
-        color = PREDICTIVE_COLORS[key if key is not None else h]
+        key = keyed[h]
+        label = _predictive_label(h) + (f" (ECE {ece[h]:.3f})" if ece and h in ece else "")
+        color = PREDICTIVE_COLORS[key or h]
         filled = key in (None, "map")
         ax.plot(curve["confidence"], curve["accuracy"], marker=_PREDICTIVE_MARKERS.get(key, "D"),
                 ms=6 if filled else 7, color=color, mfc=color if filled else "white", mew=1.4,
-                ls=FORM_LINESTYLES.get(form, "-"), lw=1.6, label=lab, zorder=3 if filled else 2)
-    ax.set_xlim(0.45 if df["prob"].min() >= 0.45 else 0, 1.0)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("confidence (top label)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
+                ls=FORM_LINESTYLES.get(_form_key(h), "-"), lw=1.6, label=label, zorder=3 if filled else 2)
+    ax.set(xlim=(0.45 if df["prob"].min() >= 0.45 else 0, 1.0), ylim=(0, 1.02),
+           xlabel="confidence (top label)", ylabel="accuracy", title=title)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=9, ncol=1)
     return fig
 
@@ -294,39 +263,23 @@ def score_auroc(df: pd.DataFrame, title: str = "Which score singles out hard ins
         columns={"count": "n"})
     names = {**SCORE_LABELS, **(labels or {})}
     fig, ax = plt.subplots(figsize=(9, 4.6), layout="constrained")
-    width = 0.8 / len(targets)
+    width = 0.8 / len(targets)                   # of a bar's slot, as _grouped_bars draws it
     text_h = 0.055                               # a label's height in data units (about)
     top = 1.0
-    for j, t in enumerate(targets):
-        xs, means, sds = [], [], []
-        for i, s in enumerate(scores):
-            if (s, t) not in agg.index:
-                continue
-            r = agg.loc[(s, t)]
-            x = i + (j - (len(targets) - 1) / 2) * width
-            sd = float(r["std"]) if r["n"] > 1 and np.isfinite(r["std"]) else 0.0
-            xs.append(x), means.append(float(r["mean"])), sds.append(sd)
-            if "seed" in df and r["n"] > 1:
-                vals = df[(df["score"] == s) & (df["target"] == t)].sort_values("seed")["auroc"]
-                ax.scatter(x + np.linspace(-0.22, 0.22, len(vals)) * width, vals, s=10,
-                           color="white", edgecolor="#222222", linewidth=0.7, zorder=4)
-            y = max(float(r["mean"]) + sd, float(r["max"])) + 0.02
-            if y < 0.5 + 0.02 and y + text_h > 0.5 - 0.02:   # would sit on the chance line
-                y = 0.5 + 0.02
-            ax.text(x, y, f"{r['mean']:.2f}", ha="center", va="bottom", fontsize=9, zorder=5)
-            top = max(top, y + text_h + 0.02)
-        ax.bar(xs, means, width * 0.92, color=TARGET_COLORS[t], label=t, edgecolor="white", zorder=2)
-        if any(sd > 0 for sd in sds):
-            ax.errorbar(xs, means, yerr=sds, fmt="none", ecolor="#333333", capsize=3, zorder=3)
+    ticks = [_wrap(names.get(s) or human_label(s), 16) for s in scores]
+    bars = _grouped_bars(ax, agg, scores, targets, TARGET_COLORS, {t: t for t in targets}, ticks)
+    for x, r, sd, s, t in bars:
+        if "seed" in df and r["n"] > 1:
+            vals = df[(df["score"] == s) & (df["target"] == t)].sort_values("seed")["auroc"]
+            ax.scatter(x + np.linspace(-0.22, 0.22, len(vals)) * width, vals, s=10,
+                       color="white", edgecolor="#222222", linewidth=0.7, zorder=4)
+        y = max(float(r["mean"]) + sd, float(r["max"])) + 0.02
+        if y < 0.5 + 0.02 and y + text_h > 0.5 - 0.02:   # would sit on the chance line
+            y = 0.5 + 0.02
+        ax.text(x, y, f"{r['mean']:.2f}", ha="center", va="bottom", fontsize=9, zorder=5)
+        top = max(top, y + text_h + 0.02)
     ax.axhline(0.5, color="#222222", ls="--", lw=1.1, label="chance (0.5)", zorder=3.5)
-    ax.set_xticks(range(len(scores)), [_wrap(names.get(s) or human_label(s), 16) for s in scores])
-    ax.set_xlim(-0.6, len(scores) - 0.4)
-    ax.set_ylim(0, top)
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_xlabel("")
-    ax.set_ylabel("AUROC (expected direction)")
-    ax.set_title(title)
-    ax.grid(axis="x", visible=False)
+    ax.set(ylim=(0, top), ylabel="AUROC (expected direction)", title=title)
     handles, names = _patches({t: TARGET_COLORS[t] for t in targets})
     handles.append(Line2D([], [], color="#222222", ls="--", lw=1.1))
     _legend_outside(ax, handles, names + ["chance (0.5)"], title="target")
@@ -337,11 +290,10 @@ def score_auroc(df: pd.DataFrame, title: str = "Which score singles out hard ins
 def weights_by_group(weights: pd.DataFrame, term: str | None = None):
     """Mean instance weight per group over epochs, one panel per method: of ``term``, or
     (None) of the term each method weights (KD where it weights both)."""
-    if "term" in weights:
-        own = weights["method"].map(lambda m: METHOD_SPECS[m].terms[-1] if METHOD_SPECS[m].terms else "kd")
-        df = weights[weights["term"] == (term or own)]
-    else:
-        df = weights
+    df = weights
+    if "term" in df:
+        own = df["method"].map(lambda m: METHOD_SPECS[m].terms[-1] if METHOD_SPECS[m].terms else "kd")
+        df = df[df["term"] == (term or own)]
     methods = _present(METHOD_ORDER, df["method"])
     names, pal = _groups_of(df)
     ncols = min(3, len(methods))
@@ -354,12 +306,12 @@ def weights_by_group(weights: pd.DataFrame, term: str | None = None):
                      hue_order=names, palette=pal, errorbar="sd", marker="o",
                      ms=3, lw=1.8, ax=ax, legend=False)
         ax.axhline(1.0, color="#888888", lw=0.8, ls=":")
-        ax.set_title(_method_label(m), fontsize=10)
+        ax.set_title(human_label(m), fontsize=10)
         ax.set_ylabel(f"mean {term.upper()} weight" if term else "mean instance weight")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in flat[len(methods):]:
         ax.set_visible(False)
-    _legend_outside(flat[ncols - 1], *_lines({n: pal[n] for n in names}), title="group")
+    _legend_outside(flat[ncols - 1], *_lines(pal), title="group")
     fig.suptitle("Instance weights per group during distillation", fontweight="bold")
     return fig
 
@@ -375,13 +327,12 @@ def wga_vs_avg(per_seed: pd.DataFrame, x: str = "avg_acc", y: str = "worst_group
         marker = "s" if ref else METHOD_MARKERS.get(m, "o")
         ax.errorbar(r[(x, "mean")], r[(y, "mean")], xerr=np.nan_to_num(r[(x, "std")]),
                     yerr=np.nan_to_num(r[(y, "std")]), fmt=marker,
-                    ms=12 if marker == "*" else 8, capsize=3, color=color, label=_method_label(m),
+                    ms=12 if marker == "*" else 8, capsize=3, color=color, label=human_label(m),
                     mfc="white" if ref else color, mec=color, mew=1.6, zorder=3)
         sub = per_seed[per_seed["method"] == m]
         ax.scatter(sub[x], sub[y], s=14, alpha=0.45, color=color, linewidths=0, zorder=2)
-    ax.set_xlabel(f"{human_label(x)} (test)")
-    ax.set_ylabel(f"{human_label(y)} (test)")
-    ax.set_title("Fairness vs accuracy (hollow squares use group labels)")
+    ax.set(xlabel=f"{human_label(x)} (test)", ylabel=f"{human_label(y)} (test)",
+           title="Fairness vs accuracy (hollow squares use group labels)")
     _legend_outside(ax, fontsize=9)
     return fig
 
@@ -405,21 +356,18 @@ def group_acc_heatmap(table: pd.DataFrame):
     cmap = plt.get_cmap(HEATMAP_CMAP)
     sns.heatmap(table, annot=False, cmap=cmap, vmin=0, vmax=1, cbar_kws={"label": "accuracy"},
                 linewidths=0.5, ax=ax)
-    values = table.to_numpy(dtype=float)
-    for (i, j), v in np.ndenumerate(values):
+    for (i, j), v in np.ndenumerate(table.to_numpy(dtype=float)):
         if np.isfinite(v):   # black or white, whichever contrasts more with the cell
             ax.text(j + 0.5, i + 0.5, f"{v:.2f}", ha="center", va="center", fontsize=11,
                     color="black" if _luminance(cmap(v)) > 0.179 else "white")
     rows = [str(r) for r in table.index]
-    ax.set_yticks(np.arange(len(rows)) + 0.5, [_method_label(r) for r in rows], rotation=0)
+    ax.set_yticks(np.arange(len(rows)) + 0.5, [human_label(r) for r in rows], rotation=0)
     ax.set_xticks(np.arange(table.shape[1]) + 0.5, [_wrap(c) for c in table.columns], rotation=0)
     refs = [i for i, r in enumerate(rows) if r in REFERENCES]
     if refs and refs == list(range(refs[0], len(rows))) and refs[0] > 0:
         ax.axhline(refs[0], color="white", lw=4)
-    ax.set_xlabel("")
-    ax.set_ylabel("")
+    ax.set(xlabel="", ylabel="", title="Test accuracy by method and group (mean over seeds)")
     ax.tick_params(axis="both", length=0)
-    ax.set_title("Test accuracy by method and group (mean over seeds)")
     return fig
 
 
@@ -433,10 +381,9 @@ def weight_distributions(df: pd.DataFrame, methods=("dedier", "laplace_kd")):
         sns.histplot(data=df[df["method"] == m], x="weight", hue="group_name", hue_order=names,
                      palette=pal, stat="density", common_norm=False,
                      element="step", fill=False, bins=30, lw=1.8, ax=ax, legend=False)
-        ax.set_title(_method_label(m))
-        ax.set_xlabel("instance weight\n(before batch normalisation)")
+        ax.set(title=human_label(m), xlabel="instance weight\n(before batch normalisation)")
     axes[0][0].set_ylabel("density (within each group)")
-    _legend_outside(axes[0][-1], *_lines({n: pal[n] for n in names}), title="group")
+    _legend_outside(axes[0][-1], *_lines(pal), title="group")
     fig.suptitle("Who gets upweighted? Training-set weights by group", fontweight="bold")
     return fig
 
@@ -446,8 +393,8 @@ def paired_difference_intervals(diffs: pd.DataFrame, metric: str = "worst_group_
     ``diffs``: baseline, method, seed, diff, lo, hi (``paired_differences`` of the metrics)."""
     baselines = list(dict.fromkeys(diffs["baseline"]))
     methods = _present(METHOD_ORDER, list(diffs["method"]) + baselines)
-    fig, axes = plt.subplots(1, len(baselines), figsize=(5.4 * len(baselines) + 2.6, 0.55 * len(methods) + 2.2),
-                             sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(baselines), sharey=True, squeeze=False, layout="constrained",
+                             figsize=(5.4 * len(baselines) + 2.6, 0.55 * len(methods) + 2.2))
     for ax, baseline in zip(axes[0], baselines):
         for i, m in enumerate(methods):
             if m == baseline:
@@ -463,19 +410,24 @@ def paired_difference_intervals(diffs: pd.DataFrame, metric: str = "worst_group_
                        alpha=0.9 if ref else 0.6)
             mean = sub["diff"].mean()
             lo, hi = sub["lo"].iloc[0], sub["hi"].iloc[0]
-            ax.errorbar(mean, i, xerr=[[mean - lo if np.isfinite(lo) else 0], [hi - mean if np.isfinite(hi) else 0]],
-                        fmt="D", color="black", capsize=4, ms=6, zorder=3)
+            err = [[mean - lo if np.isfinite(lo) else 0], [hi - mean if np.isfinite(hi) else 0]]
+            ax.errorbar(mean, i, xerr=err, fmt="D", color="black", capsize=4, ms=6, zorder=3)
         ax.axvline(0, color="#444444", lw=1, ls="--", zorder=1)
-        ax.set_yticks(range(len(methods)), [_method_label(m) for m in methods])
-        ax.set_ylim(len(methods) - 0.5, -0.5)
-        ax.set_xlabel(f"Δ {human_label(metric)}\n(method − baseline, same seed)")
-        ax.set_title(f"against {_method_label(baseline)}", fontsize=11)
+        ax.set_yticks(range(len(methods)), [human_label(m) for m in methods])
+        ax.set(ylim=(len(methods) - 0.5, -0.5),
+               xlabel=f"Δ {human_label(metric)}\n(method − baseline, same seed)")
+        ax.set_title(f"against {human_label(baseline)}", fontsize=11)
     fig.suptitle(f"Paired differences in {human_label(metric)} per seed "
                  "(◆ mean with 95 % interval)", fontweight="bold")
     return fig
 
 
 # --------------------------------------------------------------------- notebook 04: the regime map
+def _recipe(recipe):
+    """(marker, line style, label) of a prior recipe; one the map does not know: diamonds, dotted."""
+    return REGIME_RECIPES.get(recipe, ("D", ":", recipe))
+
+
 def laplace_regime(df: pd.DataFrame, title: str = "When does the exit's Laplace change DeDiER's weights?"):
     """The regime map (``laplace_regime.regime_map`` rows; columns source, recipe, score,
     n_fit, params_per_instance, median_logit_var, spearman_wrong, noise_floor_spearman):
@@ -486,20 +438,18 @@ def laplace_regime(df: pd.DataFrame, title: str = "When does the exit's Laplace 
     noise floor (two independent draws of the same fit) up to 1 is where agreement
     cannot be told from Monte-Carlo noise."""
     sources = _present(REGIME_SOURCES, df["source"])
-    keys = ["source", "recipe", "score", "n_fit"]
-    agg = df.groupby(keys, sort=False)[["params_per_instance", "median_logit_var", "spearman_wrong",
-                                        "noise_floor_spearman"]].mean().reset_index()
+    means = ["params_per_instance", "median_logit_var", "spearman_wrong", "noise_floor_spearman"]
+    agg = df.groupby(["source", "recipe", "score", "n_fit"], sort=False)[means].mean().reset_index()
     fig, axes = plt.subplots(1, len(sources), figsize=(4.6 * len(sources) + 2.4, 4.6), sharey=True,
                              layout="constrained", squeeze=False)
     for ax, source in zip(axes[0], sources):
-        d = agg[agg["source"] == source]
-        for (recipe, score), s in d.groupby(["recipe", "score"], sort=False):
+        for (recipe, score), s in agg[agg["source"] == source].groupby(["recipe", "score"], sort=False):
             s = s.sort_values("median_logit_var")
-            marker, ls, _ = REGIME_RECIPES.get(recipe, ("D", ":", recipe))
+            marker, ls, _ = _recipe(recipe)
             color = REGIME_SCORE_COLORS[score]
             floor = s["noise_floor_spearman"].to_numpy(float)
-            if np.isfinite(floor).any():
-                ok = np.isfinite(floor)
+            ok = np.isfinite(floor)
+            if ok.any():
                 ax.fill_between(s["median_logit_var"][ok], floor[ok], 1.0, color=color, alpha=0.13,
                                 linewidth=0, zorder=1)
             ax.plot(s["median_logit_var"], s["spearman_wrong"], marker=marker, ls=ls, color=color,
@@ -509,19 +459,15 @@ def laplace_regime(df: pd.DataFrame, title: str = "When does the exit's Laplace 
                 ax.annotate(f"{p:.2g}", (x, y), xytext=(-3, 5) if up else (3, -6),
                             textcoords="offset points", ha="right" if up else "left",
                             va="bottom" if up else "top", fontsize=6.5, color="#333333", zorder=4)
-        ax.set_xscale("log")
         ax.axhline(0, color="#888888", lw=0.8, zorder=0)
-        ax.set_title(source)
-        ax.set_xlabel("median posterior logit variance")
-    axes[0][0].set_ylabel("within-wrong Spearman with DeDiER's weights")
-    axes[0][0].set_ylim(-1.05, 1.08)
+        ax.set(xscale="log", title=source, xlabel="median posterior logit variance")
+    axes[0][0].set(ylabel="within-wrong Spearman with DeDiER's weights", ylim=(-1.05, 1.08))
     scores = list(dict.fromkeys(df["score"]))
     recipes = list(dict.fromkeys(df["recipe"]))
     handles = [Line2D([], [], color=REGIME_SCORE_COLORS[s], lw=2) for s in scores]
     labels = [SCORE_LABELS.get(f"laplace_{s}", human_label(s)) for s in scores]
-    handles += [Line2D([], [], color="#444444", marker=REGIME_RECIPES.get(r, ("D", ":", r))[0],
-                       ls=REGIME_RECIPES.get(r, ("D", ":", r))[1]) for r in recipes]
-    labels += [REGIME_RECIPES.get(r, ("D", ":", r))[2] for r in recipes]
+    handles += [Line2D([], [], color="#444444", marker=_recipe(r)[0], ls=_recipe(r)[1]) for r in recipes]
+    labels += [_recipe(r)[2] for r in recipes]
     handles.append(Patch(color="#888888", alpha=0.3))
     labels.append("MC noise floor to 1")
     _legend_outside(axes[0][-1], handles, labels, title="numbers: parameters\nper fitted instance")

@@ -271,8 +271,8 @@ def test_unknown_method_gets_a_stable_colour_of_its_own():
         "some_new_method"]
     assert "some_new_method" not in palette.METHOD_COLORS      # a lookup does not add it
     assert palette.METHOD_COLORS.get("some_new_method", "red") == "red"
-    assert palette._method_label("some_new_method") == "some new method"
-    assert palette._method_label("dedier_final") == profiles.METHOD_SPECS["dedier_final"].label
+    assert palette.human_label("some_new_method") == "some new method"
+    assert palette.human_label("dedier_final") == profiles.METHOD_SPECS["dedier_final"].label
 
 
 def test_predictive_colour_by_key_in_every_figure_that_draws_it():
@@ -299,8 +299,8 @@ def test_predictive_colour_by_key_in_every_figure_that_draws_it():
 
 def test_method_colour_by_key_in_every_figure_that_draws_it():
     methods = STUDY_METHODS + ["jtt", "some_new_method"]
-    expected = {palette._method_label(m): to_hex(palette.METHOD_COLORS[m]) for m in methods}
-    by_label = {palette._method_label(m): m for m in methods}
+    expected = {palette.human_label(m): to_hex(palette.METHOD_COLORS[m]) for m in methods}
+    by_label = {palette.human_label(m): m for m in methods}
 
     wga = plots.wga_vs_avg(per_seed_table(methods))
     drawn = {c.get_label(): c.lines[0] for c in wga.axes[0].containers}
@@ -312,7 +312,7 @@ def test_method_colour_by_key_in_every_figure_that_draws_it():
 
     pdiff = plots.paired_difference_intervals(diffs_table(methods))
     ticks = [t.get_text() for t in pdiff.axes[0].get_yticklabels()]   # y is shared
-    assert ticks == [palette._method_label(m) for m in palette._present(palette.METHOD_ORDER, methods)]
+    assert ticks == [palette.human_label(m) for m in palette._present(palette.METHOD_ORDER, methods)]
     for ax in pdiff.axes:
         for coll in ax.collections:
             rows = set(np.asarray(coll.get_offsets())[:, 1].round().astype(int))
@@ -364,7 +364,7 @@ def test_heatmap_is_colour_blind_safe_with_readable_annotations():
         x, y = t.get_position()
         cell = cmap(values[int(y), int(x)])
         assert _contrast(cell, t.get_color()) >= 4.5, (t.get_text(), t.get_color())
-    assert [t.get_text() for t in ax.get_yticklabels()] == [palette._method_label(m) for m in STUDY_METHODS]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [palette.human_label(m) for m in STUDY_METHODS]
 
 
 def test_score_auroc_labels_are_human_above_the_bars_and_clear_of_chance():
@@ -442,7 +442,7 @@ def test_paired_differences_label_is_readable():
         assert "worst-group accuracy" in ax.get_xlabel()
         assert "_" not in ax.get_xlabel() + ax.get_title()
         assert not any("_" in t.get_text() for t in ax.get_yticklabels())
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [palette._method_label(m) for m in STUDY_METHODS]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [palette.human_label(m) for m in STUDY_METHODS]
 
 
 def test_jittered_figure_is_byte_stable(tmp_path):
