@@ -3,7 +3,6 @@ once, then each reweighting method's beta (and JTT's epochs and upweight) at kd'
 choice, averaged over seeds; the choice is written whole as ``sweep/hparams.json``."""
 
 from __future__ import annotations
-import dataclasses
 import itertools
 import pandas as pd
 from . import losses, metrics, records, train
@@ -74,8 +73,8 @@ def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None
     passes one that runs them as jobs)."""
     if len(seeds) < 2:
         raise ValueError(f"the sweep averages over at least two seeds, got {list(seeds)}")
-    sub = dataclasses.replace(run, run_dir=run.path("sweep"))
-    sub.run_dir.mkdir(parents=True, exist_ok=True)
+    out = run.path("sweep")
+    out.mkdir(parents=True, exist_ok=True)
     teacher = teacher or load_teacher_logits(run)
     if evaluate is None:
         def evaluate(method, pairs):
@@ -83,11 +82,10 @@ def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None
     rows = []
 
     def choose(method, configs):
-        fields = _sweep_fields(method)
         rows.extend(evaluate(method, [(cfg, seed) for cfg in configs for seed in seeds]))
         table = pd.DataFrame(rows)
         mine = table[table.method == method]
-        means = mine.groupby(["config_id", *fields], as_index=False, sort=False)[
+        means = mine.groupby(["config_id", *_sweep_fields(method)], as_index=False, sort=False)[
             ["val_worst_group_acc", "val_avg_acc"]].mean()
         return means.sort_values(["val_worst_group_acc", "val_avg_acc"],
                                  ascending=False, kind="stable").iloc[0]
@@ -106,7 +104,7 @@ def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None
         if method == "laplace_kd":
             chosen[method]["score"] = str(best["score"])
     table = pd.DataFrame(rows)
-    records.write_csv(sub.path("sweep.csv"), table)
+    records.write_csv(out / "sweep.csv", table)
     grids = "; ".join(f"{m}: " + " x ".join(f"{n} {list(SWEEP_GRID[n])}" for n in SWEPT_HPARAMS[m])
                       for m in swept if SWEPT_HPARAMS[m] != ("beta",))
     comment = (f"Chosen by the sweep of notebook 05 on validation worst-group accuracy averaged "
@@ -114,5 +112,5 @@ def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None
                f"{how}, shared by every distillation method; then beta over "
                f"{list(SWEEP_GRID['beta'])} per method at those lam and T"
                + (f" ({grids})" if grids else "") + ". Table: sweep/sweep.csv.")
-    records.write_json(sub.path("hparams.json"), {run.name: {"_comment": comment, **chosen}})
+    records.write_json(out / "hparams.json", {run.name: {"_comment": comment, **chosen}})
     return table, chosen
