@@ -7,9 +7,10 @@ from pathlib import Path
 from . import losses, records
 from .profiles import METHOD_SPECS, check_hparams, missing_hparams, read_hparams_file
 from .rundir import Run
-
-
-HPARAMS_FILE = Path(__file__).with_name("hparams.json")
+# The committed hyper-parameter file, and the record record_hparams writes into the run
+# directory (the hyper-parameters that made its tables; the runner says so when a later
+# run's differ): one definition each, the runner's.
+from .runner_checks import HPARAMS_FILE, HPARAMS_USED
 
 
 #: A hyper-parameter file ``{"<dataset>-<profile>": {method: {field: value}}}``,
@@ -90,11 +91,6 @@ def method_configs(run: Run, methods) -> tuple[dict, str]:
 def hparams_source(run: Run) -> str:
     """Where :func:`method_config` takes ``run``'s hyper-parameters from, in words."""
     return _hparams_entry(run)[1]
-
-
-#: Written by :func:`record_hparams` into the run directory: the hyper-parameters that
-#: made its tables (the runner says so when a later run's differ).
-HPARAMS_USED = "hparams_used.json"   # pipeline.HPARAMS_USED
 
 
 def record_hparams(run: Run, configs: dict, entry: tuple | None = None) -> dict:

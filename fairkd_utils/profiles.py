@@ -180,9 +180,9 @@ def check_hparams(chosen, source: str) -> dict:
     for name, table in chosen.items():
         where = f"{source}[{name!r}]"
         if not isinstance(table, dict):
-            raise ValueError(f"{where} must be an object of method: {{field: value}}, got {json.dumps(table)}")
-        unknown = sorted(set(table) - set(METHODS) - {"_comment"})
-        if unknown:
+            raise ValueError(f"{where} must be an object of method: {{field: value}}, "
+                             f"got {json.dumps(table)}")
+        if unknown := sorted(set(table) - set(METHODS) - {"_comment"}):
             raise ValueError(f"{where}: unknown methods {unknown}; valid ones are {list(METHODS)}")
         for method, entry in table.items():
             if method == "_comment":
@@ -271,11 +271,13 @@ def resolve_device(name: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Profile:
-    """How much a run computes: data, models, budget (fields in the order of
-    ``to_dict``; the defaults are the study's, or "not used": images only, text only)."""
+    """How much a run computes: data, models, budget; fields in ``to_dict``'s order,
+    given by name. A default is the study's choice (``select_on``, ``methods``,
+    ``sweep``) or "not used" (``image_size`` 0 and no augmentation for text, widths and
+    blocks () where the architecture fixes them, the text-only and pretraining knobs)."""
     name: str
     # data
-    data_scale: float = 1.0      # fraction of Waterbirds' group counts (synthetic only)
+    data_scale: float            # fraction of Waterbirds' group counts (synthetic only)
     image_size: int = 0          # side in pixels fed to the networks (0: text)
     augment: bool = False        # random crop/flip on the training split (real data)
     # models; widths and blocks () where the architecture fixes them (torchvision, hf)
@@ -294,7 +296,7 @@ class Profile:
     optimizer: str               # "sgd" | "adamw"
     lr: float
     weight_decay: float
-    select_on: str = "worst_group_acc"   # students: or "avg_acc" (on val, never test)
+    select_on: str = "worst_group_acc"   # students: | "avg_acc" (on val, never test)
     seeds: tuple[int, ...]
     methods: tuple[str, ...] = DEFAULT_METHODS
     sweep: bool = False          # hyper-parameter sweep on val worst-group accuracy
@@ -600,8 +602,7 @@ def resolve_methods(profile: Profile, methods=None) -> tuple[str, ...]:
                          "or give a list of methods")
     named = methods is None or isinstance(methods, str)   # each method once: see the end
     chosen = tuple(profile.methods) + _SET_METHODS.get(methods, ()) if named else tuple(methods)
-    unknown = [m for m in chosen if m not in METHOD_SPECS]
-    if unknown:
+    if unknown := [m for m in chosen if m not in METHOD_SPECS]:
         raise ValueError(f"unknown methods {unknown}; valid ones are {list(METHODS)}")
     needed = tuple(METHOD_SPECS[m].last_layer_of for m in chosen if METHOD_SPECS[m].last_layer_of)
     return tuple(dict.fromkeys(chosen + needed))

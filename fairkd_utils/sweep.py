@@ -76,9 +76,7 @@ def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None
     out = run.path("sweep")
     out.mkdir(parents=True, exist_ok=True)
     teacher = teacher or load_teacher_logits(run)
-    if evaluate is None:
-        def evaluate(method, pairs):
-            return [sweep_row(run, cfg, seed, teacher) for cfg, seed in pairs]
+    evaluate = evaluate or (lambda method, pairs: [sweep_row(run, cfg, seed, teacher) for cfg, seed in pairs])
     rows = []
 
     def choose(method, configs):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from . import checkpoints, losses, records, train
 from .rundir import Run
-from .build import TEACHER_SEED, build_teacher, pretraining_corpus, timed, train_config, uses_pretraining_corpus
+from .build import (TEACHER_SEED, build_teacher, pretraining_corpus, timed, train_config,
+                    uses_pretraining_corpus)
 
 
 TEACHER_LOGITS = "teacher_logits.pt"
