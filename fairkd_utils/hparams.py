@@ -7,21 +7,25 @@ from pathlib import Path
 from . import losses, records
 from .profiles import METHOD_SPECS, check_hparams, missing_hparams, read_hparams_file
 from .rundir import Run
+# The committed hyper-parameter file, and the record record_hparams writes into the run
+# directory (the hyper-parameters that made its tables; the runner says so when a later
+# run's differ): one definition each, the runner's.
+from .runner_checks import HPARAMS_FILE, HPARAMS_USED
 
 
-HPARAMS_FILE = Path(__file__).with_name("hparams.json")
-
-
-def read_hparams(path) -> dict:
-    """A hyper-parameter file ``{"<dataset>-<profile>": {method: {field: value}}}``,
-    checked (``profiles.check_hparams``: known methods, fields each method reads, values
-    of their types), or a clear error naming the file."""
-    return read_hparams_file(path)
+#: A hyper-parameter file ``{"<dataset>-<profile>": {method: {field: value}}}``,
+#: checked (``profiles.check_hparams``: known methods, fields each method reads, values
+#: of their types), or a clear error naming the file: ``profiles.read_hparams_file``
+#: itself, no wrapper.
+read_hparams = read_hparams_file
 
 
 def _hparams_entry(run: Run) -> tuple[dict | None, str, Path | None]:
-    """(the file's entry for ``run`` or None for the library defaults, where it came
-    from in words, the file)."""
+    """The chosen hyper-parameters that apply to ``run``: (the file's entry or None for
+    the library defaults, where it came from in words, the file). The file named by
+    ``run.hparams_file`` (it must have an entry for this run), else the committed
+    ``fairkd_utils/hparams.json``'s entry for ``<dataset>-<profile>``, else the library
+    defaults. Never another dataset's or profile's entry."""
     path = Path(run.hparams_file) if run.hparams_file else HPARAMS_FILE
     if not run.hparams_file and not path.exists():
         return None, "library defaults (no fairkd_utils/hparams.json)", None
@@ -37,15 +41,6 @@ def _hparams_entry(run: Run) -> tuple[dict | None, str, Path | None]:
             path.resolve())
 
 
-def hparams_table(run: Run) -> tuple[dict, str]:
-    """The chosen hyper-parameters that apply to ``run`` and where they came from:
-    the file named by ``run.hparams_file`` (it must have an entry for this run), else
-    the committed ``fairkd_utils/hparams.json``'s entry for ``<dataset>-<profile>``,
-    else the library defaults ({}). Never another dataset's or profile's entry."""
-    table, source, _ = _hparams_entry(run)
-    return table or {}, source
-
-
 def hparams_for(table: dict, method: str, source: str = "hyper-parameter table",
                 complete: bool = True) -> dict:
     """The overrides ``method`` takes from a chosen table: lam and T from ``kd``'s entry
@@ -55,24 +50,22 @@ def hparams_for(table: dict, method: str, source: str = "hyper-parameter table",
     (``profiles.required_hparams``), else a ValueError naming what is missing (a file's
     entry is never completed from the library defaults)."""
     check_hparams({"": table}, source)
-    missing = missing_hparams(table, [method]) if complete else []
-    if missing:
+    if complete and (missing := missing_hparams(table, [method])):
         raise ValueError(f"{source} lacks {', '.join(missing)}; give every value the method reads "
                          "(or rerun the sweep: --sweep)")
     spec = METHOD_SPECS[method]
-    out = {}
-    if spec.distils:
-        out.update({k: v for k, v in table.get("kd", {}).items() if k in ("lam", "T")})
+    # check_hparams has refused lam and T outside kd's entry and a borrowed beta in the
+    # method's own, so its own entry adds only what is the method's.
+    out = {k: v for k, v in table.get("kd", {}).items() if spec.distils and k in ("lam", "T")}
     if spec.beta_from and "beta" in table.get(spec.beta_from, {}):
         out["beta"] = table[spec.beta_from]["beta"]
-    out.update({k: v for k, v in table.get(method, {}).items() if k not in ("lam", "T", "beta")
-                or (k == "beta" and spec.beta_from == method)})
-    return out
+    return {**out, **table.get(method, {})}
 
 
 def method_config(run: Run, method: str, entry: tuple | None = None):
-    """The method's hyper-parameters: :func:`hparams_table` over the library defaults
-    (``losses.DEFAULT_HPARAMS``), with the profile's warm-up (the same for every method).
+    """The method's hyper-parameters: the run's chosen ones (:func:`_hparams_entry`)
+    over the library defaults (``losses.DEFAULT_HPARAMS``), with the profile's warm-up
+    (the same for every method).
     A file's entry must hold every value the method reads from it. ``entry``: the file's
     entry for the run as :func:`method_configs` read it (read here when None)."""
     table, source, _ = entry or _hparams_entry(run)
@@ -97,12 +90,7 @@ def method_configs(run: Run, methods) -> tuple[dict, str]:
 
 def hparams_source(run: Run) -> str:
     """Where :func:`method_config` takes ``run``'s hyper-parameters from, in words."""
-    return hparams_table(run)[1]
-
-
-#: Written by :func:`record_hparams` into the run directory: the hyper-parameters that
-#: made its tables (the runner says so when a later run's differ).
-HPARAMS_USED = "hparams_used.json"   # pipeline.HPARAMS_USED
+    return _hparams_entry(run)[1]
 
 
 def record_hparams(run: Run, configs: dict, entry: tuple | None = None) -> dict:

@@ -10,7 +10,11 @@ runner reads it without starting torch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 #: The datasets the loaders know; the runner's --dataset choices. Images:
 #: ``data.load_splits``; text (:data:`TEXT_DATASETS`): ``synthetic_text.make_synthetic_text``
@@ -36,7 +40,7 @@ class MethodSpec:
     head: does the readout have to be early?), ``"error_set"`` (JTT: ``jtt_upweight``
     on the training instances an ERM identification model gets wrong, 1 elsewhere) or
     ``"true_group"`` (inverse frequency of the true group: a reference that uses group
-    labels). ``distils``: lam and T are kd's (else lam = 0). ``beta_from``: whose beta
+    labels). ``distils``: lam and T are kd's (the default; False: lam = 0). ``beta_from``: whose beta
     the method uses (itself when swept; ``None``: no beta). ``swept``: the method's own
     hyper-parameters besides beta that the sweep chooses. ``last_layer_of``: the method
     trains no student of its own but retrains the last layer of that method's student
@@ -47,7 +51,7 @@ class MethodSpec:
     """
     weight: str
     terms: tuple[str, ...]
-    distils: bool
+    distils: bool = True
     beta_from: str | None = None
     group_labels: bool = False
     label: str = ""
@@ -61,36 +65,29 @@ class MethodSpec:
 #: profile's own ``methods``.
 METHOD_SPECS: dict[str, MethodSpec] = {
     "erm": MethodSpec("none", (), distils=False, label="ERM"),
-    "kd": MethodSpec("none", (), distils=True, label="KD (Hinton)"),
-    "dedier": MethodSpec("exit_map", ("kd",), distils=True, beta_from="dedier", label="DeDiER (KD term)"),
-    "dedier_both": MethodSpec("exit_map", ("ce", "kd"), distils=True, beta_from="dedier_both",
-                              label="DeDiER (both terms)"),
-    "dedier_final": MethodSpec("final_map", ("ce", "kd"), distils=True, beta_from="dedier_final",
+    "kd": MethodSpec("none", (), label="KD (Hinton)"),
+    "dedier": MethodSpec("exit_map", ("kd",), beta_from="dedier", label="DeDiER (KD term)"),
+    "dedier_both": MethodSpec("exit_map", ("ce", "kd"), beta_from="dedier_both", label="DeDiER (both terms)"),
+    "dedier_final": MethodSpec("final_map", ("ce", "kd"), beta_from="dedier_final",
                                label="DeDiER, final-head readout (ablation)"),
-    "laplace_kd": MethodSpec("exit_laplace", ("ce", "kd"), distils=True, beta_from="laplace_kd",
-                             label="Laplace-KD"),
-    "shuffled": MethodSpec("exit_map_shuffled", ("ce", "kd"), distils=True, beta_from="dedier_both",
+    "laplace_kd": MethodSpec("exit_laplace", ("ce", "kd"), beta_from="laplace_kd", label="Laplace-KD"),
+    "shuffled": MethodSpec("exit_map_shuffled", ("ce", "kd"), beta_from="dedier_both",
                            label="shuffled DeDiER (control)"),
-    "jtt": MethodSpec("error_set", ("ce", "kd"), distils=True, swept=("jtt_epochs", "jtt_upweight"),
-                      label="JTT (KD)"),
-    "group_balanced": MethodSpec("true_group", ("ce", "kd"), distils=True, group_labels=True,
+    "jtt": MethodSpec("error_set", ("ce", "kd"), swept=("jtt_epochs", "jtt_upweight"), label="JTT (KD)"),
+    "group_balanced": MethodSpec("true_group", ("ce", "kd"), group_labels=True,
                                  label="group-balanced KD (reference)"),
     "group_balanced_erm": MethodSpec("true_group", ("ce",), distils=False, group_labels=True,
                                      label="group-balanced ERM (reference)"),
-    "dfr": MethodSpec("none", (), distils=True, group_labels=True, last_layer_of="kd",
-                      label="DFR on KD (reference)"),
+    "dfr": MethodSpec("none", (), group_labels=True, last_layer_of="kd", label="DFR on KD (reference)"),
     # The Laplace-KD variants of the ``laplace`` method set (:data:`LAPLACE_METHODS`).
-    "laplace_kd_entropy": MethodSpec("exit_laplace", ("ce", "kd"), distils=True,
-                                     beta_from="laplace_kd_entropy", fixed=(("score", "entropy"),),
-                                     label="Laplace-KD, entropy score"),
-    "laplace_kd_variance": MethodSpec("exit_laplace", ("ce", "kd"), distils=True,
-                                      beta_from="laplace_kd_variance", fixed=(("score", "variance"),),
-                                      label="Laplace-KD, variance score"),
-    "laplace_kd_meronen": MethodSpec("exit_laplace", ("ce", "kd"), distils=True,
-                                     beta_from="laplace_kd_meronen", fixed=(("prior", "meronen"),),
+    "laplace_kd_entropy": MethodSpec("exit_laplace", ("ce", "kd"), beta_from="laplace_kd_entropy",
+                                     fixed=(("score", "entropy"),), label="Laplace-KD, entropy score"),
+    "laplace_kd_variance": MethodSpec("exit_laplace", ("ce", "kd"), beta_from="laplace_kd_variance",
+                                      fixed=(("score", "variance"),), label="Laplace-KD, variance score"),
+    "laplace_kd_meronen": MethodSpec("exit_laplace", ("ce", "kd"), beta_from="laplace_kd_meronen",
+                                     fixed=(("prior", "meronen"),),
                                      label="Laplace-KD, Meronen et al.'s exit Laplace"),
-    "laplace_kd_subset": MethodSpec("exit_laplace", ("ce", "kd"), distils=True,
-                                    beta_from="laplace_kd_subset",
+    "laplace_kd_subset": MethodSpec("exit_laplace", ("ce", "kd"), beta_from="laplace_kd_subset",
                                     label="Laplace-KD, posterior on a subset"),
 }
 METHODS = tuple(METHOD_SPECS)
@@ -129,15 +126,26 @@ BASELINES = ("kd", "dedier_both")
 
 #: The type of every field a hyper-parameter file may set (``losses.MethodConfig``'s):
 #: "number" (int or float, finite, never true/false), "whole" (int), "text", "bool".
-HPARAM_TYPES = {"lam": "number", "T": "number", "beta": "number", "tau": "number",
-                "jtt_upweight": "number", "jtt_epochs": "whole", "refit_every": "whole",
-                "laplace_subset": "whole",
-                "score": "text", "alpha": "text", "prior": "text", "dfr_penalty": "text",
-                "normalise": "bool"}
+HPARAM_TYPES = {**dict.fromkeys(("lam", "T", "beta", "tau", "jtt_upweight"), "number"),
+                **dict.fromkeys(("jtt_epochs", "refit_every", "laplace_subset"), "whole"),
+                **dict.fromkeys(("score", "alpha", "prior", "dfr_penalty"), "text"), "normalise": "bool"}
 #: Per weight source, the fields besides beta that a method's weight reads (its sign
 #: rule, Laplace-KD's score and posterior, DFR's penalty).
 _WEIGHT_FIELDS = {"exit_map": ("alpha",), "exit_map_shuffled": ("alpha",), "final_map": ("alpha",),
                   "exit_laplace": ("alpha", "score", "refit_every", "tau", "prior")}
+#: The fields only one method's entry may set (last in its list): kd's lam and T (shared by
+#: every distillation method), DFR's penalty, laplace_kd_subset's subset size.
+_OWN_FIELDS = {"kd": ("lam", "T"), "dfr": ("dfr_penalty",), "laplace_kd_subset": ("laplace_subset",)}
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: Per kind of :data:`HPARAM_TYPES`: the kind in words and whether a value is of it.
+_KINDS = {"number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+          "whole": ("a whole number", _whole), "text": ("text", lambda v: isinstance(v, str)),
+          "bool": ("true or false", lambda v: isinstance(v, bool))}
 
 
 def hparam_fields(method: str) -> tuple[str, ...]:
@@ -147,12 +155,9 @@ def hparam_fields(method: str) -> tuple[str, ...]:
     methods, DFR's penalty, laplace_kd_subset's subset size; never a field the method
     fixes (``MethodSpec.fixed``)."""
     spec = METHOD_SPECS[method]
-    fixed = dict(spec.fixed)
-    fields = (("lam", "T") if method == "kd" else ()) + (("beta",) if spec.beta_from == method else ()) \
-        + _WEIGHT_FIELDS.get(spec.weight, ()) + spec.swept \
-        + (("normalise",) if spec.weight != "none" else ()) + (("dfr_penalty",) if method == "dfr" else ()) \
-        + (("laplace_subset",) if method == "laplace_kd_subset" else ())
-    return tuple(f for f in fields if f not in fixed)
+    fields = (("beta",) if spec.beta_from == method else ()) + _WEIGHT_FIELDS.get(spec.weight, ()) \
+        + spec.swept + (("normalise",) if spec.weight != "none" else ()) + _OWN_FIELDS.get(method, ())
+    return tuple(f for f in fields if f not in dict(spec.fixed))
 
 
 def required_hparams(method: str) -> tuple[tuple[str, str], ...]:
@@ -169,18 +174,15 @@ def check_hparams(chosen, source: str) -> dict:
     {field: value}}}``) if well formed, else a ValueError naming ``source``, the entry,
     the method and the field: every method known, every entry an object, every field
     one the method reads, every value of its type."""
-    import json
-    import math
-
     if not isinstance(chosen, dict):
         raise ValueError(f"hyper-parameter file {source} must hold an object keyed by "
                          "'<dataset>-<profile>'")
     for name, table in chosen.items():
         where = f"{source}[{name!r}]"
         if not isinstance(table, dict):
-            raise ValueError(f"{where} must be an object of method: {{field: value}}, got {json.dumps(table)}")
-        unknown = sorted(set(table) - set(METHODS) - {"_comment"})
-        if unknown:
+            raise ValueError(f"{where} must be an object of method: {{field: value}}, "
+                             f"got {json.dumps(table)}")
+        if unknown := sorted(set(table) - set(METHODS) - {"_comment"}):
             raise ValueError(f"{where}: unknown methods {unknown}; valid ones are {list(METHODS)}")
         for method, entry in table.items():
             if method == "_comment":
@@ -201,27 +203,19 @@ def check_hparams(chosen, source: str) -> dict:
                         why = f"{method} does not read {field}"
                     raise ValueError(f"{where}: bad entry for {method!r}: {why} (it reads "
                                      f"{list(readable) or 'nothing from the file'})")
-                kind, shown = HPARAM_TYPES[field], json.dumps(value)
-                ok = {"number": isinstance(value, (int, float)) and not isinstance(value, bool),
-                      "whole": isinstance(value, int) and not isinstance(value, bool),
-                      "text": isinstance(value, str), "bool": isinstance(value, bool)}[kind]
-                if not ok:
-                    what = {"number": "a number", "whole": "a whole number", "text": "text",
-                            "bool": "true or false"}[kind]
-                    raise ValueError(f"{where}: bad entry for {method!r}: {method}'s {field}: "
-                                     f"expected {what}, got {shown}")
-                if kind == "number" and not math.isfinite(value):
-                    raise ValueError(f"{where}: bad entry for {method!r}: {method}'s {field}: "
-                                     f"expected a finite number, got {shown}")
+                what, ok = _KINDS[HPARAM_TYPES[field]]
+                if ok(value) and HPARAM_TYPES[field] == "number" and not math.isfinite(value):
+                    what = "a finite number"
+                elif ok(value):
+                    continue
+                raise ValueError(f"{where}: bad entry for {method!r}: {method}'s {field}: "
+                                 f"expected {what}, got {json.dumps(value)}")
     return chosen
 
 
 def read_hparams_file(path) -> dict:
     """A hyper-parameter file, read and checked (:func:`check_hparams`), or a clear
     error naming it."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"hyper-parameter file {str(path)!r} not found; give an existing "
@@ -275,20 +269,24 @@ def resolve_device(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Profile:
+    """How much a run computes: data, models, budget; fields in ``to_dict``'s order,
+    given by name. A default is the study's choice (``select_on``, ``methods``,
+    ``sweep``) or "not used" (``image_size`` 0 and no augmentation for text, widths and
+    blocks () where the architecture fixes them, the text-only and pretraining knobs)."""
     name: str
     # data
     data_scale: float            # fraction of Waterbirds' group counts (synthetic only)
-    image_size: int              # side in pixels fed to the networks
-    augment: bool                # random crop/flip on the training split (real data)
-    # models
+    image_size: int = 0          # side in pixels fed to the networks (0: text)
+    augment: bool = False        # random crop/flip on the training split (real data)
+    # models; widths and blocks () where the architecture fixes them (torchvision, hf)
     teacher_arch: str            # "narrow_resnet" | "resnet50"
     student_arch: str            # "narrow_resnet" | "resnet18"
-    teacher_widths: tuple[int, ...]
-    teacher_blocks: tuple[int, ...]
-    student_widths: tuple[int, ...]
-    student_blocks: tuple[int, ...]
+    teacher_widths: tuple[int, ...] = ()
+    teacher_blocks: tuple[int, ...] = ()
+    student_widths: tuple[int, ...] = ()
+    student_blocks: tuple[int, ...] = ()
     exit_stage: int              # index (1-based) of the student stage the exit reads
     # training
     teacher_epochs: int
@@ -298,10 +296,10 @@ class Profile:
     optimizer: str               # "sgd" | "adamw"
     lr: float
     weight_decay: float
-    select_on: str               # students: "worst_group_acc" | "avg_acc" (on val, never test)
+    select_on: str = "worst_group_acc"   # students: | "avg_acc" (on val, never test)
     seeds: tuple[int, ...]
-    methods: tuple[str, ...]
-    sweep: bool                  # hyper-parameter sweep on val worst-group accuracy
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    sweep: bool = False          # hyper-parameter sweep on val worst-group accuracy
     # The teacher is plain ERM and is selected the ERM way, on validation average
     # accuracy: it never uses group labels. (On the synthetic data its worst group
     # is ~0 at every epoch, so worst-group selection would keep an arbitrary early
@@ -365,45 +363,35 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # Tiny data, 1-2 epochs: every notebook end to end within 90 s, for tests.
     "smoke": Profile(
-        name="smoke", data_scale=0.06, image_size=32, augment=False,
-        teacher_arch="narrow_resnet", student_arch="narrow_resnet",
-        teacher_widths=(16, 32, 64), teacher_blocks=(1, 1, 1),
-        student_widths=(8, 16, 32), student_blocks=(1, 1, 1), exit_stage=1,
-        teacher_epochs=1, student_epochs=2, warmup_epochs=1, batch_size=128,
-        optimizer="sgd", lr=0.05, weight_decay=5e-4, select_on="worst_group_acc",
-        seeds=(0,), methods=DEFAULT_METHODS, sweep=False,
-        teacher_pretrain_per_pair=150, teacher_pretrain_epochs=2, teacher_adapt_epochs=1,
-    ),
+        name="smoke", data_scale=0.06, image_size=32,
+        teacher_arch="narrow_resnet", teacher_widths=(16, 32, 64), teacher_blocks=(1, 1, 1),
+        student_arch="narrow_resnet", student_widths=(8, 16, 32), student_blocks=(1, 1, 1), exit_stage=1,
+        teacher_epochs=1, student_epochs=2, warmup_epochs=1, batch_size=128, seeds=(0,),
+        optimizer="sgd", lr=0.05, weight_decay=5e-4,
+        teacher_pretrain_per_pair=150, teacher_pretrain_epochs=2, teacher_adapt_epochs=1),
     # Waterbirds-sized synthetic data at 32 px, narrow ResNets: the whole study
     # on a 2-core CPU.
     "default": Profile(
-        name="default", data_scale=1.0, image_size=32, augment=False,
-        teacher_arch="narrow_resnet", student_arch="narrow_resnet",
-        teacher_widths=(32, 64, 128), teacher_blocks=(1, 1, 1),
-        student_widths=(16, 32, 64), student_blocks=(1, 1, 1), exit_stage=1,
+        name="default", data_scale=1.0, image_size=32,
+        teacher_arch="narrow_resnet", teacher_widths=(32, 64, 128), teacher_blocks=(1, 1, 1),
+        student_arch="narrow_resnet", student_widths=(16, 32, 64), student_blocks=(1, 1, 1), exit_stage=1,
         # Budget (measured on a 2-core machine, idle): pretraining the teacher 112 s, a
         # student epoch 2.9 s with validation; 40 students of 12 epochs, every method of
         # a seed continuing from its shared 3-epoch warm-up: 1441 s for the whole study.
         # teacher_epochs only applies to real data (no pretraining corpus there).
-        teacher_epochs=20, student_epochs=12, warmup_epochs=3, batch_size=128,
-        optimizer="sgd", lr=0.05, weight_decay=5e-4, select_on="worst_group_acc",
-        seeds=(0, 1, 2, 3, 4), methods=DEFAULT_METHODS, sweep=False,
+        teacher_epochs=20, student_epochs=12, warmup_epochs=3, batch_size=128, seeds=(0, 1, 2, 3, 4),
+        optimizer="sgd", lr=0.05, weight_decay=5e-4,
         # The pretrained teacher (bench/calibrate_synthetic.py): 2,500 images per
         # (class, background) pair, 8 epochs.
         teacher_pretrain_per_pair=2500, teacher_pretrain_alignment=0.5,
-        teacher_pretrain_epochs=8, teacher_adapt_epochs=0,
-    ),
+        teacher_pretrain_epochs=8, teacher_adapt_epochs=0),
     # torchvision ResNet-50 teacher and ResNet-18 student at 224 px with
     # group_DRO/DFR-like budgets: for a GPU and real data.
     "paper": Profile(
         name="paper", data_scale=1.0, image_size=224, augment=True,
-        teacher_arch="resnet50", student_arch="resnet18",
-        teacher_widths=(), teacher_blocks=(), student_widths=(), student_blocks=(),
-        exit_stage=2,
-        teacher_epochs=100, student_epochs=100, warmup_epochs=10, batch_size=64,
-        optimizer="sgd", lr=1e-3, weight_decay=1e-4, select_on="worst_group_acc",
-        seeds=(0, 1, 2), methods=DEFAULT_METHODS, sweep=False,
-    ),
+        teacher_arch="resnet50", student_arch="resnet18", exit_stage=2,
+        teacher_epochs=100, student_epochs=100, warmup_epochs=10, batch_size=64, seeds=(0, 1, 2),
+        optimizer="sgd", lr=1e-3, weight_decay=1e-4),
 }
 
 
@@ -412,16 +400,14 @@ PROFILES: dict[str, Profile] = {
 TEXT_PROFILES: dict[str, Profile] = {
     # Tiny data, 1-2 epochs: every notebook end to end for the tests.
     "smoke": Profile(
-        name="smoke", data_scale=0.05, image_size=0, augment=False,
-        teacher_arch="tiny_bert", student_arch="tiny_bert",
-        teacher_widths=(32,), teacher_blocks=(2,), student_widths=(32,), student_blocks=(2,),
-        exit_stage=1, attention_heads=(2, 2), max_length=10,
-        teacher_epochs=1, student_epochs=2, warmup_epochs=1, batch_size=128,
-        optimizer="adamw", lr=1e-3, weight_decay=0.01, select_on="worst_group_acc",
-        seeds=(0,), methods=DEFAULT_METHODS, sweep=False,
+        name="smoke", data_scale=0.05,
+        teacher_arch="tiny_bert", teacher_widths=(32,), teacher_blocks=(2,),
+        student_arch="tiny_bert", student_widths=(32,), student_blocks=(2,), exit_stage=1,
+        attention_heads=(2, 2), max_length=10,
+        teacher_epochs=1, student_epochs=2, warmup_epochs=1, batch_size=128, seeds=(0,),
+        optimizer="adamw", lr=1e-3, weight_decay=0.01,
         teacher_pretrain_per_pair=100, teacher_pretrain_epochs=2, teacher_adapt_epochs=1,
-        teacher_adapt_lr=1e-4, teacher_lr=5e-4,
-    ),
+        teacher_adapt_lr=1e-4, teacher_lr=5e-4),
     # synthetic_text at scale 1 (MultiNLI's group counts / 20: train 10,310 pairs of 10
     # tokens): the whole text study on a 2-core CPU. Student h64 x 3 layers, teacher
     # h128 x 3 layers (bench/bench_text_throughput.py). The data and schedule were chosen
@@ -440,30 +426,24 @@ TEXT_PROFILES: dict[str, Profile] = {
     # this profile gets the same budget, warm-up and exit (the text_* knobs are
     # synthetic_text's only).
     "default": Profile(
-        name="default", data_scale=1.0, image_size=0, augment=False,
-        teacher_arch="tiny_bert", student_arch="tiny_bert",
-        teacher_widths=(128,), teacher_blocks=(3,), student_widths=(64,), student_blocks=(3,),
-        exit_stage=1, attention_heads=(4, 2), max_length=10,
-        teacher_epochs=12, student_epochs=12, warmup_epochs=3, batch_size=128,
-        optimizer="adamw", lr=1e-3, weight_decay=0.01, select_on="worst_group_acc",
-        seeds=(0, 1, 2, 3, 4), methods=DEFAULT_METHODS, sweep=False,
+        name="default", data_scale=1.0,
+        teacher_arch="tiny_bert", teacher_widths=(128,), teacher_blocks=(3,),
+        student_arch="tiny_bert", student_widths=(64,), student_blocks=(3,), exit_stage=1,
+        attention_heads=(4, 2), max_length=10,
+        teacher_epochs=12, student_epochs=12, warmup_epochs=3, batch_size=128, seeds=(0, 1, 2, 3, 4),
+        optimizer="adamw", lr=1e-3, weight_decay=0.01,
         teacher_pretrain_per_pair=3400, teacher_pretrain_epochs=12, teacher_adapt_epochs=2,
         teacher_adapt_lr=1e-4, teacher_lr=5e-4, lr_warmup=0.1, exit_pool="mean", exit_lr_scale=30.0,
-        text_antonym_pairs=48, text_word_zipf=1.0, text_ambiguous_rate=0.1,
-    ),
+        text_antonym_pairs=48, text_word_zipf=1.0, text_ambiguous_rate=0.1),
     # MultiNLI with BERT from local Hugging Face folders (e.g. bert-base-uncased teacher,
     # a 4-layer BERT student): group_DRO's MultiNLI budget — AdamW, lr 2e-5, batch 32,
     # no weight decay, 3 epochs, max length 128 (kohpangwei/group_DRO README, "MultiNLI
     # with annotated negations", and its cached *_bert-base-uncased_128_* features).
     "paper": Profile(
-        name="paper", data_scale=1.0, image_size=0, augment=False,
-        teacher_arch="hf", student_arch="hf",
-        teacher_widths=(), teacher_blocks=(), student_widths=(), student_blocks=(),
-        exit_stage=2, max_length=128,
-        teacher_epochs=3, student_epochs=3, warmup_epochs=1, batch_size=32,
-        optimizer="adamw", lr=2e-5, weight_decay=0.0, select_on="worst_group_acc",
-        seeds=(0, 1, 2), methods=DEFAULT_METHODS, sweep=False,
-    ),
+        name="paper", data_scale=1.0,
+        teacher_arch="hf", student_arch="hf", exit_stage=2, max_length=128,
+        teacher_epochs=3, student_epochs=3, warmup_epochs=1, batch_size=32, seeds=(0, 1, 2),
+        optimizer="adamw", lr=2e-5, weight_decay=0.0),
 }
 
 
@@ -478,21 +458,16 @@ def get_profile(name: str, dataset: str = "synthetic") -> Profile:
     """The named profile for ``dataset`` (:data:`TEXT_PROFILES` for a text dataset,
     else :data:`PROFILES`), or a ValueError that lists the known ones."""
     table = TEXT_PROFILES if dataset in TEXT_DATASETS else PROFILES
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown profile {name!r}; choose one of {sorted(table)} "
-            "(e.g. `--profile smoke` for a quick end-to-end check)"
-        ) from None
+    if name not in table:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(table)} "
+                         "(e.g. `--profile smoke` for a quick end-to-end check)")
+    return table[name]
 
 
 def parse_overrides(items) -> dict:
     """``["student_epochs=5", "student_widths=[8,16,32]"]`` -> ``{"student_epochs": 5, ...}``:
     values are read as JSON (numbers, true/false, lists, quoted strings), else as text.
     Checked against the profile's fields by :func:`apply_overrides`."""
-    import json
-
     out = {}
     for item in items or ():
         key, sep, value = str(item).partition("=")
@@ -511,26 +486,23 @@ def apply_overrides(profile: Profile, overrides: dict | None) -> Profile:
     result checked by :func:`check_profile`."""
     if not overrides:
         return profile
-    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    settable = sorted(f.name for f in dataclasses.fields(Profile) if f.name != "name")
     changes = {}
     for key, value in overrides.items():
-        if key not in fields or key == "name":
-            raise ValueError(f"--set {key}=...: no such profile field; settable fields are "
-                             f"{sorted(k for k in fields if k != 'name')}")
+        if key not in settable:
+            raise ValueError(f"--set {key}=...: no such profile field; settable fields are {settable}")
         current = getattr(profile, key)
         if isinstance(current, tuple):
             whole = key != "methods"
             items = value if isinstance(value, (list, tuple)) else [value]
-            if not all(isinstance(v, int) and not isinstance(v, bool) if whole else isinstance(v, str)
-                       for v in items):
+            if not all(_whole(v) if whole else isinstance(v, str) for v in items):
                 raise ValueError(f"--set {key}={_show(value)}: expected a JSON list of "
                                  + (f"whole numbers, e.g. {key}=[0,1]" if whole else
                                     'quoted names, e.g. methods=["erm","kd"]'))
             value = tuple(items)
-        elif isinstance(current, bool):
-            if not isinstance(value, bool):
-                raise ValueError(f"--set {key}={value!r}: expected true or false")
-        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        elif isinstance(current, bool) and not isinstance(value, bool):
+            raise ValueError(f"--set {key}={value!r}: expected true or false")
+        elif isinstance(current, float) and _whole(value):
             value = float(value)
         if not isinstance(current, tuple) and current is not None and type(value) is not type(current):
             raise ValueError(f"--set {key}={value!r}: expected a {type(current).__name__} "
@@ -551,11 +523,8 @@ _TORCHVISION_STAGES = 4
 
 
 def _show(value) -> str:
-    import json
-
-    if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))
-    return repr(value)
+    """A value as ``--set`` takes it: a list as JSON, anything else as its repr."""
+    return json.dumps(list(value)) if isinstance(value, (list, tuple)) else repr(value)
 
 
 def check_profile(profile: Profile) -> Profile:
@@ -563,15 +532,10 @@ def check_profile(profile: Profile) -> Profile:
     values it takes: positive epochs and batch size, finite positive learning rates,
     known architectures, optimizer, pool and selection rule, well-formed widths,
     ``exit_stage`` among the student's stages, at least one seed and one method."""
-    import math
-
     p = profile
 
     def bad(field, value, what):
         raise ValueError(f"--set {field}={_show(value)}: {what}")
-
-    def whole(v):
-        return isinstance(v, int) and not isinstance(v, bool)
 
     for field, low in (("teacher_epochs", 1), ("student_epochs", 1), ("batch_size", 1),
                        ("warmup_epochs", 0), ("teacher_pretrain_per_pair", 0),
@@ -579,7 +543,7 @@ def check_profile(profile: Profile) -> Profile:
                        ("student_pretrain_per_pair", 0), ("student_pretrain_epochs", 0),
                        ("max_length", 0), ("text_antonym_pairs", 1)):
         v = getattr(p, field)
-        if not whole(v) or v < low:
+        if not _whole(v) or v < low:
             bad(field, v, f"expected a whole number >= {low}")
     for field in ("lr", "teacher_adapt_lr", "teacher_lr", "exit_lr_scale", "data_scale"):
         v = getattr(p, field)
@@ -599,7 +563,7 @@ def check_profile(profile: Profile) -> Profile:
     for role in ("teacher", "student"):
         widths, blocks = getattr(p, f"{role}_widths"), getattr(p, f"{role}_blocks")
         for field, v in ((f"{role}_widths", widths), (f"{role}_blocks", blocks)):
-            if not all(whole(w) and w >= 1 for w in v):
+            if not all(_whole(w) and w >= 1 for w in v):
                 bad(field, v, "expected whole numbers >= 1")
         if len(widths) != len(blocks):
             raise ValueError(f"--set {role}_widths={_show(widths)} has {len(widths)} stages but "
@@ -607,13 +571,12 @@ def check_profile(profile: Profile) -> Profile:
                              "count per stage")
     stages = {"narrow_resnet": len(p.student_widths), "tiny_bert": (p.student_blocks or (0,))[0],
               "hf": None}.get(p.student_arch, _TORCHVISION_STAGES)
-    if not whole(p.exit_stage) or p.exit_stage < 1 or (stages is not None and p.exit_stage > stages):
+    if not _whole(p.exit_stage) or p.exit_stage < 1 or (stages is not None and p.exit_stage > stages):
         bad("exit_stage", p.exit_stage, f"the student has stages 1 to {stages}" if stages is not None
             else "expected a whole number >= 1 (a layer of the student)")
-    if not p.seeds:
-        bad("seeds", p.seeds, "give at least one seed")
-    if not p.methods:
-        bad("methods", p.methods, "give at least one method")
+    for field in ("seeds", "methods"):
+        if not getattr(p, field):
+            bad(field, getattr(p, field), f"give at least one {field[:-1]}")
     resolve_methods(p)
     return p
 
@@ -621,12 +584,12 @@ def check_profile(profile: Profile) -> Profile:
 def overrides_tag(overrides: dict | None) -> str:
     """The run-directory suffix of a run with overrides (``""`` without): such a run
     never writes into the plain profile's run directory."""
-    import hashlib
-    import json
+    return f"-set-{_digest(overrides)}" if overrides else ""
 
-    if not overrides:
-        return ""
-    return "-set-" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:6]
+
+def _digest(obj) -> str:
+    """Six hex digits of ``obj``'s JSON (keys sorted): a run directory's suffix."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def resolve_methods(profile: Profile, methods=None) -> tuple[str, ...]:
@@ -634,21 +597,15 @@ def resolve_methods(profile: Profile, methods=None) -> tuple[str, ...]:
     ``methods``; ``"extended"`` -> those and :data:`EXTRA_METHODS`, ``"laplace"`` -> those
     and :data:`LAPLACE_METHODS` (in table order, each once); a list of method names ->
     those, checked. ``dfr`` brings the method it retrains (``kd``) along."""
-    if methods is None or methods == "default":
-        chosen = tuple(profile.methods)
-    elif isinstance(methods, str) and methods in _SET_METHODS:
-        chosen = tuple(profile.methods) + tuple(m for m in _SET_METHODS[methods] if m not in profile.methods)
-    elif isinstance(methods, str):
+    if isinstance(methods, str) and methods not in METHOD_SETS:
         raise ValueError(f"unknown method set {methods!r}; choose one of {list(METHOD_SETS)} "
                          "or give a list of methods")
-    else:
-        chosen = tuple(methods)
-    unknown = [m for m in chosen if m not in METHOD_SPECS]
-    if unknown:
+    named = methods is None or isinstance(methods, str)   # each method once: see the end
+    chosen = tuple(profile.methods) + _SET_METHODS.get(methods, ()) if named else tuple(methods)
+    if unknown := [m for m in chosen if m not in METHOD_SPECS]:
         raise ValueError(f"unknown methods {unknown}; valid ones are {list(METHODS)}")
-    needed = [METHOD_SPECS[m].last_layer_of for m in chosen if METHOD_SPECS[m].last_layer_of]
-    chosen = chosen + tuple(m for m in dict.fromkeys(needed) if m not in chosen)
-    return tuple(dict.fromkeys(chosen))
+    needed = tuple(METHOD_SPECS[m].last_layer_of for m in chosen if METHOD_SPECS[m].last_layer_of)
+    return tuple(dict.fromkeys(chosen + needed))
 
 
 def method_set_tag(methods=None) -> str:
@@ -661,7 +618,4 @@ def method_set_tag(methods=None) -> str:
         return f"-{methods}"
     if isinstance(methods, str):
         raise ValueError(f"unknown method set {methods!r}; choose one of {list(METHOD_SETS)}")
-    import hashlib
-    import json
-
-    return "-methods-" + hashlib.sha1(json.dumps(list(methods)).encode()).hexdigest()[:6]
+    return f"-methods-{_digest(list(methods))}"

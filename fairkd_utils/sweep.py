@@ -3,7 +3,6 @@ once, then each reweighting method's beta (and JTT's epochs and upweight) at kd'
 choice, averaged over seeds; the choice is written whole as ``sweep/hparams.json``."""
 
 from __future__ import annotations
-import dataclasses
 import itertools
 import pandas as pd
 from . import losses, metrics, records, train
@@ -22,23 +21,17 @@ SWEEP_GRID = {"lam": (0.5, 0.9, 0.95), "T": (2.0, 4.0, 8.0), "beta": (1.0, 2.0, 
               "jtt_epochs": (1, 2, 3), "jtt_upweight": (5.0, 20.0, 100.0)}
 
 
-#: The columns of sweep.csv every sweep has; a method's own swept fields are added.
-_SWEEP_FIELDS = ("lam", "T", "beta", "score")
-
-
 def sweep_configs(run: Run, method: str, lam_T: dict | None = None) -> list:
     """The configurations the sweep tries for ``method``: kd's lam x T grid, or, at
     ``lam_T`` (kd's choice), the grid of the method's own swept hyper-parameters
     (``profiles.SWEPT_HPARAMS``: beta, or jtt's identification epochs x lambda_up)."""
     base = losses.default_config(method, warmup_epochs=run.profile.warmup_epochs)
-    if method == "kd":
-        return [base.replace(lam=lam, T=T) for lam, T in
-                itertools.product(SWEEP_GRID["lam"], SWEEP_GRID["T"])]
-    if method not in SWEPT_HPARAMS:
+    swept = {"kd": ("lam", "T"), **SWEPT_HPARAMS}
+    if method not in swept:
         raise ValueError(f"the sweep chooses kd's lam and T and the hyper-parameters of "
                          f"{list(SWEPT_HPARAMS)}; {method!r} borrows its hyper-parameters")
-    names = SWEPT_HPARAMS[method]
-    return [base.replace(**dict(zip(names, values)), **(lam_T or {}))
+    names = swept[method]
+    return [base.replace(**{**(lam_T or {}), **dict(zip(names, values))})
             for values in itertools.product(*(SWEEP_GRID[n] for n in names))]
 
 
@@ -58,7 +51,8 @@ def sweep_row(run: Run, cfg, seed: int, teacher=None) -> dict:
 
 
 def _sweep_fields(method: str) -> list:
-    return list(_SWEEP_FIELDS) + [f for f in SWEPT_HPARAMS.get(method, ()) if f not in _SWEEP_FIELDS]
+    """The columns of sweep.csv every sweep has, then the method's own swept fields."""
+    return list(dict.fromkeys(("lam", "T", "beta", "score") + SWEPT_HPARAMS.get(method, ())))
 
 
 def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None, evaluate=None):
@@ -79,32 +73,26 @@ def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None
     passes one that runs them as jobs)."""
     if len(seeds) < 2:
         raise ValueError(f"the sweep averages over at least two seeds, got {list(seeds)}")
-    sub = dataclasses.replace(run, run_dir=run.path("sweep"))
-    sub.run_dir.mkdir(parents=True, exist_ok=True)
+    out = run.path("sweep")
+    out.mkdir(parents=True, exist_ok=True)
     teacher = teacher or load_teacher_logits(run)
-    if evaluate is None:
-        def evaluate(method, pairs):
-            return [sweep_row(run, cfg, seed, teacher) for cfg, seed in pairs]
+    evaluate = evaluate or (lambda method, pairs: [sweep_row(run, cfg, seed, teacher) for cfg, seed in pairs])
     rows = []
 
     def choose(method, configs):
-        fields = _sweep_fields(method)
         rows.extend(evaluate(method, [(cfg, seed) for cfg in configs for seed in seeds]))
         table = pd.DataFrame(rows)
         mine = table[table.method == method]
-        means = mine.groupby(["config_id", *fields], as_index=False, sort=False)[
+        means = mine.groupby(["config_id", *_sweep_fields(method)], as_index=False, sort=False)[
             ["val_worst_group_acc", "val_avg_acc"]].mean()
         return means.sort_values(["val_worst_group_acc", "val_avg_acc"],
                                  ascending=False, kind="stable").iloc[0]
 
-    if lam_T is None:
-        best = choose("kd", sweep_configs(run, "kd"))
-        lam_T = {"lam": float(best["lam"]), "T": float(best["T"])}
-        how = (f"kd's lam x T over {list(SWEEP_GRID['lam'])} x {list(SWEEP_GRID['T'])}, shared by "
-               "every distillation method")
-    else:
-        lam_T = {"lam": float(lam_T["lam"]), "T": float(lam_T["T"])}
-        how = f"kd's lam and T given ({lam_T}, an earlier sweep's choice), shared by every distillation method"
+    given = lam_T is not None
+    lam_T = lam_T if given else choose("kd", sweep_configs(run, "kd"))
+    lam_T = {"lam": float(lam_T["lam"]), "T": float(lam_T["T"])}
+    how = (f"kd's lam and T given ({lam_T}, an earlier sweep's choice)" if given else
+           f"kd's lam x T over {list(SWEEP_GRID['lam'])} x {list(SWEEP_GRID['T'])}")
     chosen = {"kd": lam_T}
     swept = [m for m in SWEPT_HPARAMS if methods is None or m in methods]
     for method in swept:
@@ -114,12 +102,13 @@ def sweep(run: Run, seeds, teacher=None, methods=None, lam_T: dict | None = None
         if method == "laplace_kd":
             chosen[method]["score"] = str(best["score"])
     table = pd.DataFrame(rows)
-    records.write_csv(sub.path("sweep.csv"), table)
+    records.write_csv(out / "sweep.csv", table)
     grids = "; ".join(f"{m}: " + " x ".join(f"{n} {list(SWEEP_GRID[n])}" for n in SWEPT_HPARAMS[m])
                       for m in swept if SWEPT_HPARAMS[m] != ("beta",))
     comment = (f"Chosen by the sweep of notebook 05 on validation worst-group accuracy averaged "
                f"over seeds {list(seeds)} (ties: validation average accuracy), never on test: "
-               f"{how}; then beta over {list(SWEEP_GRID['beta'])} per method "
-               f"at those lam and T" + (f" ({grids})" if grids else "") + ". Table: sweep/sweep.csv.")
-    records.write_json(sub.path("hparams.json"), {run.name: {"_comment": comment, **chosen}})
+               f"{how}, shared by every distillation method; then beta over "
+               f"{list(SWEEP_GRID['beta'])} per method at those lam and T"
+               + (f" ({grids})" if grids else "") + ". Table: sweep/sweep.csv.")
+    records.write_json(out / "hparams.json", {run.name: {"_comment": comment, **chosen}})
     return table, chosen

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from . import checkpoints, losses, records, train
 from .rundir import Run
-from .build import TEACHER_SEED, build_teacher, pretraining_corpus, timed, train_config, uses_pretraining_corpus
+from .build import (TEACHER_SEED, build_teacher, pretraining_corpus, timed, train_config,
+                    uses_pretraining_corpus)
 
 
 TEACHER_LOGITS = "teacher_logits.pt"
@@ -26,26 +27,23 @@ def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
     so it is selected on average accuracy."""
     p = run.profile
     model = build_teacher(run, weights_path, seed=seed)
-    base = dict(select_on=p.teacher_select_on, progress=progress)
     stages = {}
-    if uses_pretraining_corpus(run):
-        corpus = pretraining_corpus(run, seed)
-        config = train_config(run, "teacher", seed, epochs=p.teacher_pretrain_epochs, **base)
-        stages["pretrained"] = timed(run, "teacher", "teacher-pretrained", lambda: train.train_model(
-            model, corpus, config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
-            name="teacher-pretrained", fingerprint_extra=run.fingerprint_extra()))
-        if p.teacher_adapt_epochs > 0:
-            config = train_config(run, "teacher", seed, epochs=p.teacher_adapt_epochs,
-                                  lr=p.teacher_adapt_lr, **base)
-            stages["adapted"] = timed(run, "teacher", "teacher-adapted", lambda: train.train_model(
-                model, run.splits(), config, train.CrossEntropyObjective(),
-                ckpt_dir=run.path("checkpoints"), name="teacher",
-                fingerprint_extra=run.fingerprint_extra()))
+
+    def stage(key, timing, name, data, **config):
+        config = train_config(run, "teacher", seed, **config, select_on=p.teacher_select_on,
+                              progress=progress)
+        stages[key] = timed(run, "teacher", timing, lambda: train.train_model(
+            model, data, config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
+            name=name, fingerprint_extra=run.fingerprint_extra()))
+
+    if not uses_pretraining_corpus(run):
+        stage("trained", "teacher", "teacher", run.splits())
         return stages
-    config = train_config(run, "teacher", seed, **base)
-    stages["trained"] = timed(run, "teacher", "teacher", lambda: train.train_model(
-        model, run.splits(), config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
-        name="teacher", fingerprint_extra=run.fingerprint_extra()))
+    stage("pretrained", "teacher-pretrained", "teacher-pretrained", pretraining_corpus(run, seed),
+          epochs=p.teacher_pretrain_epochs)
+    if p.teacher_adapt_epochs > 0:
+        stage("adapted", "teacher-adapted", "teacher", run.splits(), epochs=p.teacher_adapt_epochs,
+              lr=p.teacher_adapt_lr)
     return stages
 
 
@@ -58,18 +56,24 @@ def train_teacher(run: Run, weights_path=None, seed: int = TEACHER_SEED, progres
 def save_teacher_logits(run: Run, result) -> dict:
     """Teacher logits on every split (eval mode, no augmentation), saved atomically
     with the teacher's fingerprint so students can check what they distil from."""
-    out = {"fingerprint": result.fingerprint,
-           "train_data": str(checkpoints.describe_data(run.splits()["train"]))}
-    for split, ds in run.splits().items():
-        out[split] = train.predict(result.model, ds, device=run.device).logits
+    out = {"fingerprint": result.fingerprint, "train_data": _train_data(run),
+           **{split: train.predict(result.model, ds, device=run.device).logits
+              for split, ds in run.splits().items()}}
     records.torch_save(run.path(TEACHER_LOGITS), out)
     return out
 
 
+def _train_data(run: Run) -> str:
+    """What the teacher's logits were computed on: the run's training split, described."""
+    return str(checkpoints.describe_data(run.splits()["train"]))
+
+
 def load_teacher_logits(run: Run) -> dict:
+    """The logits :func:`save_teacher_logits` wrote, or a clear error when notebook 02
+    has not run or they come from a teacher trained on other data."""
     path = run.require(TEACHER_LOGITS, "02_teacher")
     logits = torch.load(path, map_location="cpu", weights_only=True)
-    if logits.get("train_data") != str(checkpoints.describe_data(run.splits()["train"])):
+    if logits.get("train_data") != _train_data(run):
         raise ValueError(f"{path} holds the logits of a teacher trained on other data "
                          "(another --data-root or data version): rerun notebook 02_teacher")
     return logits
