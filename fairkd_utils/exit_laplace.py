@@ -122,14 +122,12 @@ class ExitLaplace:
         weight = torch.as_tensor(weight).detach()
         if weight.ndim != 2:
             raise ValueError(f"weight must be (C, D+1), got shape {tuple(weight.shape)}.")
-        factors._check_nonempty()
         if factors.n_classes != weight.shape[0] or factors.n_features + 1 != weight.shape[1]:
             raise ValueError(
                 f"factors do not match the head: weight is ({weight.shape[0]}, {weight.shape[1]}) "
                 f"= (C, D+1) but factors have C = {factors.n_classes}, D+1 = {factors.n_features + 1}.")
         self.prior, self.factors, self.n_data = prior, factors, factors.n_data
-        self.device = weight.device
-        self.W = weight.to(_MATH)
+        self.device, self.W = weight.device, weight.to(_MATH)
         self.B, self.A = factors.B.to(self.device, _MATH), factors.A.to(self.device, _MATH)
         if not (torch.isfinite(self.B).all() and torch.isfinite(self.A).all()):
             raise ValueError("the Kronecker factors contain NaN/inf, so the damped posterior is "
@@ -559,5 +557,8 @@ def fit_on_subset(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | None
                          "(for a mask m pass m.nonzero().flatten()).")
     if int(idx.min()) < 0 or int(idx.max()) >= phi.shape[0] or len(idx.unique()) != len(idx):
         raise ValueError(f"idx must hold distinct indices in [0, {phi.shape[0]}) (the rows of phi).")
-    take = lambda t: None if t is None else torch.as_tensor(t)[idx.to(torch.as_tensor(t).device)]  # noqa: E731
+
+    def take(t):
+        return None if t is None else torch.as_tensor(t)[idx.to(torch.as_tensor(t).device)]
+
     return fit_exit_laplace(head, take(phi), take(probs), y=take(y), **kwargs)
