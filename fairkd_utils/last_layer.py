@@ -96,8 +96,7 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, penalty: str = "l1", C=1.
     B of them) and return a head with a leading batch dimension."""
     if penalty not in ("l1", "l2"):
         raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
-    x = torch.as_tensor(x, dtype=torch.float64)
-    y = torch.as_tensor(y).long()
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y).long()
     single = x.ndim == 2
     if single:
         x, y = x[None], y[None]
