@@ -38,7 +38,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .kron_factors import _MATH, KronFactors, _check_width, _in_features
+from .kron_factors import _MATH, KronFactors
 from .models import phi_tilde
 from .profiles import PRIORS
 
@@ -81,19 +81,28 @@ def probit_two_class(mu_d: torch.Tensor, var_d: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(mu_d / torch.sqrt(1.0 + math.pi * var_d / 8.0))
 
 
-def _margin_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    top2 = probs.topk(2, dim=-1).values
-    margin = top2[..., 0] - top2[..., 1]
-    entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
-    return margin, entropy
+def _nll(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the labels ``y`` (n,) under ``probs`` (n, C), in float64."""
+    return float(-torch.log(probs.to(_MATH).gather(1, y[:, None]).clamp_min(1e-300)).mean())
 
 
 # --------------------------------------------------------------------------- helpers
 def _head_weight(head: nn.Module) -> torch.Tensor:
     lin = getattr(head, "linear", head)
     if not isinstance(lin, nn.Linear) or lin.bias is not None:
-        raise TypeError("expected an ExitHead whose .linear is Linear(D+1, C, bias=False).")
+        raise TypeError("expected an ExitHead (its .linear Linear(D+1, C, bias=False) on [phi, 1]), "
+                        f"got {type(head).__name__}.")
     return lin.weight.detach()
+
+
+def _check_width(phi: torch.Tensor, d: int) -> None:
+    if phi.ndim != 2:
+        raise ValueError(f"features must be a 2-d tensor (n, D), got shape {tuple(phi.shape)}.")
+    if phi.shape[1] != d:
+        hint = (" -- that looks like phi_tilde = [phi, 1]; pass the raw features phi"
+                if phi.shape[1] == d + 1 else "")
+        raise ValueError(f"feature width does not match the exit head: expected D = {d} "
+                         f"features (head is Linear({d}+1, C)), got {phi.shape[1]}{hint}.")
 
 
 # --------------------------------------------------------------------------- posterior
@@ -113,36 +122,29 @@ class ExitLaplace:
         weight = torch.as_tensor(weight).detach()
         if weight.ndim != 2:
             raise ValueError(f"weight must be (C, D+1), got shape {tuple(weight.shape)}.")
-        factors._check_nonempty()
         if factors.n_classes != weight.shape[0] or factors.n_features + 1 != weight.shape[1]:
             raise ValueError(
                 f"factors do not match the head: weight is ({weight.shape[0]}, {weight.shape[1]}) "
                 f"= (C, D+1) but factors have C = {factors.n_classes}, D+1 = {factors.n_features + 1}.")
-        self.prior = prior
-        self.device = weight.device
-        self.W = weight.to(_MATH)
-        self.factors = factors
-        self.n_data = factors.n_data
-        B = factors.B.to(self.device, _MATH)
-        A = factors.A.to(self.device, _MATH)
-        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+        self.prior, self.factors, self.n_data = prior, factors, factors.n_data
+        self.device, self.W = weight.device, weight.to(_MATH)
+        self.B, self.A = factors.B.to(self.device, _MATH), factors.A.to(self.device, _MATH)
+        if not (torch.isfinite(self.B).all() and torch.isfinite(self.A).all()):
             raise ValueError("the Kronecker factors contain NaN/inf, so the damped posterior is "
                              "not positive definite; refit from finite features and probabilities.")
-        self.B, self.A = B, A
         self.C, self.D1 = weight.shape
         if prior == "exact":
-            self.lam_B, self.Q_B = torch.linalg.eigh(B)
-            self.lam_A, self.Q_A = torch.linalg.eigh(A)
+            self.lam_B, self.Q_B = torch.linalg.eigh(self.B)
+            self.lam_A, self.Q_A = torch.linalg.eigh(self.A)
             # eigenvalues of kron(B, A), index (k, j) <-> eigvec q_Bk (x) q_Aj
             self.lam = torch.outer(self.lam_B, self.lam_A)
-        self.tau: float | None = None
-        self.val_nll: list[tuple[float, float]] | None = None
+        # the prior's parameters once set or chosen; val_nll [(tau, nll), ...] and
+        # val_nll_grid [(var0, T, nll), ...] once chosen on validation data
+        self.tau = self.temperature = self.var0 = None
+        self.val_nll = self.val_nll_grid = None
         #: "meronen" once :meth:`set_meronen` made this kron posterior Meronen's recipe
         #: (temperature on the logits, shared-draw MC of MERONEN_SAMPLES by default).
         self.recipe = prior
-        self.temperature: float | None = None
-        self.var0: float | None = None
-        self.val_nll_grid: list[tuple[float, float, float]] | None = None
         if tau is not None:
             self.set_tau(tau)
         elif prior == "exact":
@@ -169,12 +171,9 @@ class ExitLaplace:
                 raise ValueError(f"damped posterior is not positive definite: the kron prior needs "
                                  f"tau > 0 (B is singular), got tau = {tau:g}.")
             N = self.n_data
-            eyeC = torch.eye(self.C, dtype=_MATH, device=self.device)
-            eyeD = torch.eye(self.D1, dtype=_MATH, device=self.device)
-            Uinv = math.sqrt(N) * self.B / N + math.sqrt(tau) * eyeC
-            Vinv = math.sqrt(N) * self.A + math.sqrt(tau) * eyeD
-            LU, info_u = torch.linalg.cholesky_ex(Uinv)
-            LV, info_v = torch.linalg.cholesky_ex(Vinv)
+            Uinv = math.sqrt(N) * self.B / N + math.sqrt(tau) * torch.eye(self.C).to(self.B)
+            Vinv = math.sqrt(N) * self.A + math.sqrt(tau) * torch.eye(self.D1).to(self.A)
+            (LU, info_u), (LV, info_v) = (torch.linalg.cholesky_ex(M) for M in (Uinv, Vinv))
             if int(info_u) or int(info_v):
                 raise ValueError(f"damped Kronecker factors are not positive definite with tau = "
                                  f"{tau:g}; use a larger tau.")
@@ -183,10 +182,6 @@ class ExitLaplace:
             self.L = torch.linalg.cholesky(self.U)
         self.tau = tau
         return self
-
-    @property
-    def n_params(self) -> int:
-        return self.C * self.D1
 
     def log_marginal_likelihood(self, tau: float | None = None) -> float:
         """laplace-torch's Laplace evidence (exact prior):
@@ -198,12 +193,11 @@ class ExitLaplace:
         ll = self.factors.log_lik
         if ll is None:
             raise ValueError("the factors were accumulated without labels, so log p(D|W) is "
-                             "unknown; pass y to update/from_features/from_loader.")
+                             "unknown; pass y to update/from_features.")
         tau = self.tau if tau is None else float(tau)
-        P = self.n_params
         logdet_post = torch.log(self.lam + tau).sum()
         scatter = tau * (self.W ** 2).sum()
-        return float(ll.to(self.device) - 0.5 * (logdet_post - P * math.log(tau) + scatter))
+        return float(ll.to(self.device) - 0.5 * (logdet_post - self.C * self.D1 * math.log(tau) + scatter))
 
     def optimize_tau_marglik(self, bounds: tuple[float, float] = (1e-10, 1e10)) -> float:
         """Maximise the log marginal likelihood over tau, in closed form from eigenvalues.
@@ -233,10 +227,7 @@ class ExitLaplace:
             return self.set_tau(bounds[0]).tau
         for _ in range(200):
             mid = 0.5 * (lo + hi)
-            if grad(math.exp(mid)) > 0:
-                lo = mid
-            else:
-                hi = mid
+            lo, hi = (mid, hi) if grad(math.exp(mid)) > 0 else (lo, mid)
             if hi - lo < 1e-13:
                 break
         return self.set_tau(math.exp(0.5 * (lo + hi))).tau
@@ -249,14 +240,10 @@ class ExitLaplace:
         tau; ``self.val_nll`` keeps ``[(tau, nll), ...]``."""
         if grid is None:
             grid = torch.logspace(-4, 4, 33, dtype=_MATH)
-        grid = (grid.reshape(-1).tolist() if isinstance(grid, torch.Tensor)
-                else [float(t) for t in grid])
+        grid = [float(t) for t in (grid.reshape(-1) if isinstance(grid, torch.Tensor) else grid)]
         if not grid:
             raise ValueError("grid is empty: give at least one tau value.")
-        y_val = torch.as_tensor(y_val).long().reshape(-1).to(self.device)
-        if phi_val.shape[0] == 0 or phi_val.shape[0] != y_val.shape[0]:
-            raise ValueError(f"need a non-empty validation set with one label per instance, got "
-                             f"{phi_val.shape[0]} instances and {y_val.shape[0]} labels.")
+        y_val = self._val_labels(phi_val, y_val)
         results = []
         for t in grid:
             try:
@@ -266,14 +253,13 @@ class ExitLaplace:
                 continue
             gen = torch.Generator(device=self.device).manual_seed(seed)
             p = self.predict(phi_val, link=link, n_samples=n_samples, generator=gen).probs
-            p_y = p.to(_MATH).gather(1, y_val[:, None]).clamp_min(1e-300)
-            results.append((t, float(-torch.log(p_y).mean())))
-        best = min(range(len(results)), key=lambda i: results[i][1])
-        if not math.isfinite(results[best][1]):
+            results.append((t, _nll(p, y_val)))
+        best, best_nll = min(results, key=lambda r: r[1])
+        if not math.isfinite(best_nll):
             raise ValueError("no tau in the grid gives a positive-definite posterior; use "
                              "larger values.")
         self.val_nll = results
-        return self.set_tau(results[best][0]).tau
+        return self.set_tau(best).tau
 
     def set_meronen(self, var0: float, temperature: float) -> "ExitLaplace":
         """Make this kron posterior Meronen et al.'s: ``tau = 1/var0`` and logits divided
@@ -301,10 +287,7 @@ class ExitLaplace:
         var0_grid, temp_grid = [float(v) for v in var0_grid], [float(t) for t in temp_grid]
         if not var0_grid or not temp_grid:
             raise ValueError("var0_grid and temp_grid need at least one value each.")
-        y_val = torch.as_tensor(y_val).long().reshape(-1).to(self.device)
-        if phi_val.shape[0] == 0 or phi_val.shape[0] != y_val.shape[0]:
-            raise ValueError(f"need a non-empty validation set with one label per instance, got "
-                             f"{phi_val.shape[0]} instances and {y_val.shape[0]} labels.")
+        y_val = self._val_labels(phi_val, y_val)
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -327,9 +310,8 @@ class ExitLaplace:
             sc = proj2 @ (1.0 / (rN * lam_A + r))
             chol_U = torch.linalg.cholesky((Q_B / (rN * lam_B / self.n_data + r)) @ Q_B.T)
             for t in temp_grid:
-                p = self._mc_shared(mu / t, sc / t ** 2, shared, chol_U)
-                p_y = p.gather(1, y_val[:, None]).clamp_min(1e-300)
-                nll[(var0, t)] = float(-torch.log(p_y).mean())
+                p = self._mc(mu / t, sc / t ** 2, shared.dtype, n_samples, shared=shared, chol_U=chol_U)
+                nll[(var0, t)] = _nll(p, y_val)
         order = [(v, t) for t in temp_grid for v in var0_grid]
         best = min(order, key=lambda k: nll[k])
         self.val_nll_grid = [(v, t, nll[(v, t)]) for v, t in order]
@@ -342,12 +324,24 @@ class ExitLaplace:
             raise ValueError("tau is not set: pass tau=..., or call optimize_tau_val(phi_val, "
                              "y_val) (kron prior) / optimize_tau_marglik() (exact prior).")
 
-    def _prep(self, phi: torch.Tensor) -> torch.Tensor:
+    def _val_labels(self, phi_val: torch.Tensor, y_val: torch.Tensor) -> torch.Tensor:
+        """``y_val`` as labels (n,) on the device, checked to be one per validation instance."""
+        y_val = torch.as_tensor(y_val).long().reshape(-1).to(self.device)
+        if phi_val.shape[0] == 0 or phi_val.shape[0] != y_val.shape[0]:
+            raise ValueError(f"need a non-empty validation set with one label per instance, got "
+                             f"{phi_val.shape[0]} instances and {y_val.shape[0]} labels.")
+        return y_val
+
+    def _features(self, phi: torch.Tensor) -> torch.Tensor:
+        """``phi`` as a tensor, checked to be raw exit features (n, D) with n > 0."""
         phi = torch.as_tensor(phi)
         _check_width(phi, self.D1 - 1)
         if phi.shape[0] == 0:
             raise ValueError("no instances: phi is empty; pass at least one feature row.")
-        return phi_tilde(phi.detach().to(self.device, _MATH))
+        return phi
+
+    def _prep(self, phi: torch.Tensor) -> torch.Tensor:
+        return phi_tilde(self._features(phi).detach().to(self.device, _MATH))
 
     def _scale(self, pt: torch.Tensor) -> torch.Tensor:
         """Exact: s (n, C) in the B eigenbasis.  Kron: v = phi~^T V phi~ (n,)."""
@@ -366,8 +360,7 @@ class ExitLaplace:
         if self.prior == "exact":
             dq = self.Q_B[a] - self.Q_B[b]            # (n, C): rows of Q_B
             return (dq * dq * sc).sum(-1)
-        U = self.U
-        return sc * (U[a, a] + U[b, b] - 2 * U[a, b])
+        return sc * (self.U[a, a] + self.U[b, b] - 2 * self.U[a, b])
 
     def logit_mean_cov(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean (n, C) and covariance (n, C, C) of the exit logits at raw features phi (float64)."""
@@ -395,12 +388,12 @@ class ExitLaplace:
         noise = (self.L.to(sc.dtype) @ g.reshape(C, n_samples * n)).reshape(C, n_samples, n)
         return noise * sc.sqrt()[None, None, :]
 
-    def _mc_shared(self, mu: torch.Tensor, sc: torch.Tensor, shared: torch.Tensor,
-                   chol_U: torch.Tensor | None = None) -> torch.Tensor:
-        """``mean_s softmax(mu + noise_s)`` (n, C) float64, the draws ``shared`` (C, S, 1)
-        common to every instance, in shared's dtype."""
-        dt = shared.dtype
-        z = mu.T.to(dt)[:, None, :] + self._noise(sc.to(dt), shared.shape[1], None, shared, chol_U)
+    def _mc(self, mu: torch.Tensor, sc: torch.Tensor, dtype: torch.dtype, n_samples: int,
+            generator: torch.Generator | None = None, shared: torch.Tensor | None = None,
+            chol_U: torch.Tensor | None = None) -> torch.Tensor:
+        """``mean_s softmax(mu + noise_s)`` (n, C) float64 over ``n_samples`` draws made in
+        ``dtype`` (:meth:`_noise`: with ``generator``, or ``shared`` by every instance)."""
+        z = mu.T.to(dtype)[:, None, :] + self._noise(sc.to(dtype), n_samples, generator, shared, chol_U)
         return torch.softmax(z, 0).mean(1, dtype=_MATH).T
 
     def sample_logits(self, phi: torch.Tensor, n_samples: int = 100,
@@ -446,11 +439,8 @@ class ExitLaplace:
         if n_samples is None:
             n_samples = MERONEN_SAMPLES if meronen else 100
         temp = self.temperature if meronen else 1.0
-        phi = torch.as_tensor(phi)
+        phi = self._features(phi)
         out_dtype = phi.dtype if phi.is_floating_point() else torch.float32
-        _check_width(phi, self.D1 - 1)
-        if phi.shape[0] == 0:
-            raise ValueError("no instances: phi is empty; pass at least one feature row.")
         shared = None
         if link in ("mc", "mc_shared"):
             if n_samples < 1:
@@ -471,8 +461,8 @@ class ExitLaplace:
             var = self._diff_var(sc, top[:, 0], top[:, 1])
             if temp != 1.0:
                 mu, sc = mu / temp, sc / temp ** 2
-            if link == "mc_shared":
-                probs = self._mc_shared(mu, sc, shared)
+            if link == "mc_shared" or (link == "mc" and self.C > 2):
+                probs = self._mc(mu, sc, mc_dtype, n_samples, generator, shared)
             elif self.C == 2:
                 # z_1 - z_0 carries all of it: top-2 MAP classes are {0, 1}, so var is var_d
                 mu_d = mu[:, 1] - mu[:, 0]
@@ -484,18 +474,14 @@ class ExitLaplace:
                     d = mu_d.to(mc_dtype) + (var.sqrt() / temp).to(mc_dtype) * g
                     p1 = torch.sigmoid(d).mean(0, dtype=_MATH)
                 probs = torch.stack([1 - p1, p1], -1)
-            elif link == "probit":
+            else:  # probit, C > 2
                 diag = self._cov_from_scale(sc).diagonal(dim1=-2, dim2=-1)
                 probs = torch.softmax(mu / torch.sqrt(1 + math.pi / 8 * diag), -1)
-            else:
-                z = mu.T.to(mc_dtype)[:, None, :] + self._noise(sc.to(mc_dtype), n_samples, generator)
-                probs = torch.softmax(z, 0).mean(1, dtype=_MATH).T
             parts.append((probs, var))
-        probs = torch.cat([p for p, _ in parts])
-        var = torch.cat([v for _, v in parts])
-        margin, entropy = _margin_entropy(probs)
-        cast = lambda t: t.to(out_dtype)  # noqa: E731
-        return LaplacePrediction(cast(probs), cast(margin), cast(entropy), cast(var))
+        probs, var = (torch.cat(t) for t in zip(*parts))
+        top2 = probs.topk(2, dim=-1).values
+        entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+        return LaplacePrediction(*(t.to(out_dtype) for t in (probs, top2[:, 0] - top2[:, 1], entropy, var)))
 
     def __repr__(self) -> str:
         tau = "unset" if self.tau is None else f"{self.tau:.4g}"
@@ -517,29 +503,15 @@ def fit_exit_laplace(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | N
     ``(var0_grid, temp_grid)``, default theirs); its ``predict`` applies ``T`` and
     the shared-draw MC-50 by default.
     """
-    if prior == "meronen":
-        _check_meronen(tau, phi_val, y_val)
-    phi = torch.as_tensor(phi)
-    _check_width(phi, _in_features(head))
-    if phi.shape[0] == 0:
-        raise ValueError("no instances: phi is empty, so there is nothing to fit the exit "
-                         "Laplace on; pass the training features.")
     W = _head_weight(head)
+    phi = torch.as_tensor(phi)
+    _check_width(phi, W.shape[1] - 1)
     if probs is None:
         with torch.no_grad():
             probs = torch.softmax(phi_tilde(phi.to(W.device, _MATH)) @ W.to(_MATH).T, -1)
     factors = KronFactors.from_features(phi.to(W.device), probs.to(W.device), y, n_train=n_train)
     return posterior_from_factors(W, factors, prior=prior, tau=tau, phi_val=phi_val, y_val=y_val,
                                   grid=grid)
-
-
-def _check_meronen(tau, phi_val, y_val) -> None:
-    if tau is not None:
-        raise ValueError("prior='meronen' chooses tau = 1/var0 on validation data; to fix it, "
-                         "use prior='kron' with tau=... and ExitLaplace.set_meronen(var0, T).")
-    if phi_val is None or y_val is None:
-        raise ValueError("prior='meronen' chooses var0 and the temperature on validation "
-                         "data: pass phi_val=... and y_val=....")
 
 
 def posterior_from_factors(weight: torch.Tensor, factors: KronFactors, *, prior: str = "exact",
@@ -553,7 +525,12 @@ def posterior_from_factors(weight: torch.Tensor, factors: KronFactors, *, prior:
     ``(var0, T)`` chosen jointly on ``(phi_val, y_val)``. Laplace-KD's refits
     (``laplace_source.LaplaceSource``) call it with the factors they accumulated in training."""
     if prior == "meronen":
-        _check_meronen(tau, phi_val, y_val)
+        if tau is not None:
+            raise ValueError("prior='meronen' chooses tau = 1/var0 on validation data; to fix it, "
+                             "use prior='kron' with tau=... and ExitLaplace.set_meronen(var0, T).")
+        if phi_val is None or y_val is None:
+            raise ValueError("prior='meronen' chooses var0 and the temperature on validation "
+                             "data: pass phi_val=... and y_val=....")
         la = ExitLaplace(weight, factors, prior="kron", tau=1.0)
         la.optimize_meronen_val(phi_val, y_val, *(grid or ()))
         return la
@@ -580,5 +557,8 @@ def fit_on_subset(head: nn.Module, phi: torch.Tensor, probs: torch.Tensor | None
                          "(for a mask m pass m.nonzero().flatten()).")
     if int(idx.min()) < 0 or int(idx.max()) >= phi.shape[0] or len(idx.unique()) != len(idx):
         raise ValueError(f"idx must hold distinct indices in [0, {phi.shape[0]}) (the rows of phi).")
-    take = lambda t: None if t is None else torch.as_tensor(t)[idx.to(torch.as_tensor(t).device)]  # noqa: E731
+
+    def take(t):
+        return None if t is None else torch.as_tensor(t)[idx.to(torch.as_tensor(t).device)]
+
     return fit_exit_laplace(head, take(phi), take(probs), y=take(y), **kwargs)

@@ -12,20 +12,17 @@ The weight is flattened row-major, ``vec(W)[c*(D+1) + j] = W[c, j]``, which is t
 order of ``kron(B, A)`` and of laplace-torch's ``parameters_to_vector``.
 
 :class:`KronFactors` accumulates ``B``, ``A`` and, with labels, ``sum_n log p_n[y_n]``
-from batches (``update``), raw features (``from_features``), a loader of features
-(``from_loader``) or given matrices (``from_matrices``), and round-trips through
+from batches (``update``), raw features (``from_features``) or given matrices
+(``from_matrices``), and round-trips through
 plain values (``state`` / ``from_state``) for a warm-up checkpoint.
 ``exit_laplace.ExitLaplace`` turns them into the posterior. Accumulation is in float64.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
-from torch import nn
 
-from .models import ExitHead, phi_tilde
+from .models import phi_tilde
 
 __all__ = ["KronFactors"]
 
@@ -47,16 +44,10 @@ class KronFactors:
             raise ValueError(f"n_train must be a positive count of training instances, got {n_train}.")
         self.n_train = None if n_train is None else int(n_train)
         self.device = None if device is None else torch.device(device)
-        self.reset()
-
-    def reset(self) -> "KronFactors":
-        """Forget everything accumulated (start of a new epoch / refit window)."""
         self.n = 0
-        self._B_sum: torch.Tensor | None = None
-        self._A_sum: torch.Tensor | None = None
-        self._log_lik: torch.Tensor | None = None
+        # float64 sums over the instances seen (None before the first batch)
+        self._B_sum = self._A_sum = self._log_lik = None
         self._labelled = None  # unknown until the first update
-        return self
 
     # ---------------------------------------------------------------- accumulate
     def update(self, phi_tilde: torch.Tensor, probs: torch.Tensor,
@@ -147,34 +138,6 @@ class KronFactors:
         return f
 
     @classmethod
-    def from_loader(cls, loader: Iterable, head: nn.Module, *, device: str | torch.device = "cpu",
-                    n_train: int | None = None, use_labels: bool = True) -> "KronFactors":
-        """One pass over a loader of features: items ``phi`` or ``(phi, y, ...)``.
-
-        ``probs = softmax(head(phi))`` -- the head's own probabilities (a GGN)."""
-        f = cls(n_train=n_train)
-        head = head.to(device)
-        was_training = head.training
-        head.eval()
-        try:
-            with torch.no_grad():
-                for item in loader:
-                    if isinstance(item, (tuple, list)):
-                        phi, y = item[0], (item[1] if len(item) > 1 and use_labels else None)
-                    else:
-                        phi, y = item, None
-                    phi = phi.to(device)
-                    _check_width(phi, _in_features(head))
-                    probs = torch.softmax(head(phi).to(_MATH), -1)
-                    f.update(phi_tilde(phi), probs, y)
-        finally:
-            head.train(was_training)
-        if f.n == 0:
-            raise ValueError("the loader yielded no instances: cannot fit the exit Laplace on "
-                             "an empty loader; check the dataset/split it iterates.")
-        return f
-
-    @classmethod
     def from_matrices(cls, B: torch.Tensor, A: torch.Tensor, n: int,
                       log_lik: float | torch.Tensor | None = None) -> "KronFactors":
         """Factors given directly: ``B`` summed (C, C), ``A`` averaged (D+1, D+1) over ``n``
@@ -182,8 +145,7 @@ class KronFactors:
         f = cls()
         if int(n) <= 0:
             raise ValueError(f"n must be a positive number of instances, got {n}.")
-        B = torch.as_tensor(B).detach().to(_MATH)
-        A = torch.as_tensor(A).detach().to(_MATH)
+        B, A = (torch.as_tensor(M).detach().to(_MATH) for M in (B, A))
         if B.ndim != 2 or B.shape[0] != B.shape[1] or A.ndim != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"B and A must be square matrices, got {tuple(B.shape)}, {tuple(A.shape)}.")
         f.n = int(n)
@@ -196,7 +158,7 @@ class KronFactors:
     def _check_nonempty(self) -> None:
         if self.n == 0:
             raise ValueError("KronFactors is empty (zero instances): call update(...) with at "
-                             "least one batch, or KronFactors.from_features/from_loader.")
+                             "least one batch, or KronFactors.from_features.")
 
     @property
     def n_data(self) -> int:
@@ -212,12 +174,6 @@ class KronFactors:
         """Summed output factor (C, C), rescaled by n_train / n when n_train is set."""
         self._check_nonempty()
         return self._B_sum * self._scale
-
-    @property
-    def B_sum(self) -> torch.Tensor:
-        """Raw sum over the instances seen, never rescaled."""
-        self._check_nonempty()
-        return self._B_sum
 
     @property
     def A(self) -> torch.Tensor:
@@ -248,22 +204,3 @@ class KronFactors:
         return (f"KronFactors(n={self.n}, n_data={self.n_data}, C={self.n_classes}, "
                 f"D={self.n_features}, labelled={self._labelled})")
 
-
-# --------------------------------------------------------------------------- helpers
-def _in_features(head: nn.Module) -> int:
-    if isinstance(head, ExitHead):
-        return head.in_features
-    lin = getattr(head, "linear", head)
-    if isinstance(lin, nn.Linear):
-        return lin.in_features - 1
-    raise TypeError(f"expected an ExitHead (Linear(D+1, C) on [phi, 1]), got {type(head).__name__}.")
-
-
-def _check_width(phi: torch.Tensor, d: int) -> None:
-    if phi.ndim != 2:
-        raise ValueError(f"features must be a 2-d tensor (n, D), got shape {tuple(phi.shape)}.")
-    if phi.shape[1] != d:
-        hint = (" -- that looks like phi_tilde = [phi, 1]; pass the raw features phi"
-                if phi.shape[1] == d + 1 else "")
-        raise ValueError(f"feature width does not match the exit head: expected D = {d} "
-                         f"features (head is Linear({d}+1, C)), got {phi.shape[1]}{hint}.")

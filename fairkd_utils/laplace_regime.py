@@ -114,10 +114,8 @@ def regime_map(head, phi, y, g, phi_val, y_val, *, beta: float, exit_logits=None
         factors_s = time.perf_counter() - t0
         for recipe in recipes:
             t0 = time.perf_counter()
-            if recipe == "exact":
-                la = exact
-            else:                                                  # the same factors
-                la = ExitLaplace(W, exact.factors, prior="kron")
+            la = exact if recipe == "exact" else ExitLaplace(W, exact.factors, prior="kron")  # same factors
+            if recipe == "meronen":
                 la.optimize_meronen_val(phi_val, y_val)
             mc = recipe == "meronen" or C > 2
             preds = [la.predict(phi_ev, generator=torch.Generator().manual_seed(s)) for s in (0, 1)[:1 + mc]]

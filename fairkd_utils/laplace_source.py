@@ -116,32 +116,27 @@ class LaplaceSource:
             self._refit()
 
     def _refit(self) -> None:
-        W = self.model.exit.linear.weight.detach()
-        self.posterior = self.posterior_from(W, self.factors)
-        if self.generator is None and (self.posterior.C > 2 or self.posterior.recipe == "meronen"):
-            # Monte-Carlo predictive
-            self.generator = torch.Generator(device=W.device).manual_seed(self.seed)
-            self._floor = torch.Generator(device=W.device).manual_seed(self.seed + 1)
-
-    def posterior_from(self, W: Tensor, factors: KronFactors):
-        """The exit Laplace of head weight ``W`` from ``factors`` under ``config.prior``
-        (Meronen's recipe: var0 and temperature on the current exit's validation
-        features)."""
-        cfg, val = self.config, {}
+        """The exit Laplace of the current head weight from this epoch's factors under
+        ``config.prior`` (Meronen's recipe: var0 and temperature on the current exit's
+        validation features)."""
+        W, cfg, val = self.model.exit.linear.weight.detach(), self.config, {}
         if cfg.prior == "meronen":
             from .train import predict  # train imports no losses; kept local all the same
 
             p = predict(self.model, self.val, device=W.device)
             val = {"phi_val": p.phi.to(W.device), "y_val": self.val.y}
-        return posterior_from_factors(W, factors, prior=cfg.prior, tau=cfg.tau, **val)
+        self.posterior = posterior_from_factors(W, self.factors, prior=cfg.prior, tau=cfg.tau, **val)
+        if self.generator is None and (self.posterior.C > 2 or self.posterior.recipe == "meronen"):
+            # Monte-Carlo predictive
+            self.generator = torch.Generator(device=W.device).manual_seed(self.seed)
+            self._floor = torch.Generator(device=W.device).manual_seed(self.seed + 1)
 
     def epoch_end(self, epoch: int) -> None:
         if not self.fit:
             return
         if self.factors is not None and self.factors.n > 0:
             self._refit()
-        self.factors = None
-        self._steps = 0
+        self.factors, self._steps = None, 0
 
     def state(self) -> dict:
         return {"laplace_factors": None if self.factors is None else self.factors.state()}
@@ -152,17 +147,17 @@ class LaplaceSource:
         are what this source would have accumulated itself, so the refit at that
         epoch's end is done now, exactly as in a run from scratch."""
         factors = (state or {}).get("laplace_factors")
-        accumulating = epoch - 1 >= self.config.warmup_epochs - 1
-        if self.config.laplace_subset is not None and accumulating:
+        if epoch - 1 < self.config.warmup_epochs - 1:
+            return  # the warm-up ended before this source accumulates: nothing to continue
+        if self.config.laplace_subset is not None:
             raise ValueError(f"{self.config.method} fits each epoch's posterior on its own subset, "
                              "which a shared warm-up's factors (all instances) cannot give: train "
                              "it from scratch (students.shares_warmup is False for it)")
-        if accumulating and factors is None:
+        if factors is None:
             raise ValueError("laplace_kd branches from a warm-up state without Laplace factors "
                              "(train it with warmup_objective)")
-        if factors is not None and accumulating:
-            self.factors = KronFactors.from_state(factors)
-            self.epoch_end(epoch - 1)
+        self.factors = KronFactors.from_state(factors)
+        self.epoch_end(epoch - 1)
 
     # -- the size of the Laplace effect (logged per epoch by the loop) ----------
     def epoch_start(self) -> None:

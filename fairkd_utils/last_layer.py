@@ -53,13 +53,10 @@ def split_halves(g: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]
     are permuted with ``generator`` and the first ``n_g // 2`` go to the first half (the
     fitting half), the rest to the second (the selection half). Both sorted."""
     g = torch.as_tensor(g).long().cpu()
-    first, second = [], []
-    for k in torch.unique(g).tolist():
-        idx = torch.nonzero(g == k).flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        first.append(idx[: len(idx) // 2])
-        second.append(idx[len(idx) // 2:])
-    return torch.cat(first).sort().values, torch.cat(second).sort().values
+    members = [torch.nonzero(g == k).flatten() for k in torch.unique(g).tolist()]
+    perms = [m[torch.randperm(len(m), generator=generator)] for m in members]
+    return (torch.cat([p[: len(p) // 2] for p in perms]).sort().values,
+            torch.cat([p[len(p) // 2:] for p in perms]).sort().values)
 
 
 def balanced_subsample(g: Tensor, idx: Tensor, generator: torch.Generator) -> Tensor:
@@ -68,15 +65,12 @@ def balanced_subsample(g: Tensor, idx: Tensor, generator: torch.Generator) -> Te
     smallest group of ``idx`` has. Sorted."""
     g = torch.as_tensor(g).long().cpu()
     idx = torch.as_tensor(idx).long().cpu()
-    groups = torch.unique(g[idx]).tolist()
-    per_group = min(int((g[idx] == k).sum()) for k in groups)
+    members = [idx[g[idx] == k] for k in torch.unique(g[idx]).tolist()]
+    per_group = min(len(m) for m in members)
     if per_group == 0:
         raise ValueError("a group has no instance in the fitting half")
-    out = []
-    for k in groups:
-        members = idx[g[idx] == k]
-        out.append(members[torch.randperm(len(members), generator=generator)[:per_group]])
-    return torch.cat(out).sort().values
+    picks = [m[torch.randperm(len(m), generator=generator)[:per_group]] for m in members]
+    return torch.cat(picks).sort().values
 
 
 @dataclass(frozen=True)
@@ -102,8 +96,7 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, penalty: str = "l1", C=1.
     B of them) and return a head with a leading batch dimension."""
     if penalty not in ("l1", "l2"):
         raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
-    x = torch.as_tensor(x, dtype=torch.float64)
-    y = torch.as_tensor(y).long()
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y).long()
     single = x.ndim == 2
     if single:
         x, y = x[None], y[None]
@@ -119,8 +112,7 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, penalty: str = "l1", C=1.
         lip = lip + lam[:, 0, 0]
     step = (1.0 / lip)[:, None, None]
     onehot = torch.nn.functional.one_hot(y, n_classes).to(x.dtype)[..., 1:]
-    penalised = torch.ones(d + 1, 1, dtype=x.dtype)
-    penalised[d] = 0                                                         # not the intercept
+    penalised = (torch.arange(d + 1) < d).to(x.dtype)[:, None]               # not the intercept
 
     xt_T = xt.transpose(1, 2).contiguous() / n
 
@@ -141,7 +133,7 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, penalty: str = "l1", C=1.
 
     theta = torch.zeros(B, d + 1, k, dtype=x.dtype)
     v, t = theta.clone(), torch.ones(B, 1, 1, dtype=x.dtype)
-    for it in range(max_iter):
+    for _ in range(max_iter):
         new = prox(v - step * grad(v))
         t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
         restart = ((v - new) * (new - theta)).sum((1, 2), keepdim=True) > 0   # O'Donoghue & Candes
@@ -151,7 +143,6 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, penalty: str = "l1", C=1.
         theta, t = new, t_next
         if float(change.max()) <= tol:
             break
-    fit_logistic.last_iterations = it + 1
     weight = torch.cat([torch.zeros(B, 1, d, dtype=x.dtype), theta[:, :d].transpose(1, 2)], 1)
     bias = torch.cat([torch.zeros(B, 1, dtype=x.dtype), theta[:, d]], 1)
     return LinearHead(weight[0], bias[0]) if single else LinearHead(weight, bias)

@@ -91,17 +91,6 @@ def test_batchwise_accumulation_equals_one_pass_and_rescales_for_partial_epochs(
     assert half.n == 60 and half.n_data == 120
 
 
-def test_factors_from_loader_use_the_heads_probabilities():
-    phi, y, model, probs = make_problem(4, N=90)
-    head = ExitHead(phi.shape[1], 4).to(DT)
-    head.linear.weight.data.copy_(model[1].weight.data)
-    f = KronFactors.from_loader(DataLoader(TensorDataset(phi, y), batch_size=32), head)
-    ref = KronFactors.from_features(phi, probs, y)
-    torch.testing.assert_close(f.B, ref.B)
-    torch.testing.assert_close(f.A, ref.A)
-    torch.testing.assert_close(f.log_lik, ref.log_lik)
-
-
 def test_exact_predictive_covariance_matches_laplace_torch_f_var(problem):
     la, phi = problem["la"], problem["phi"]
     tau = 0.7
@@ -273,12 +262,8 @@ def test_fit_exit_laplace_from_an_exit_head():
 
 
 # --------------------------------------------------------------------------- bad input
-def test_empty_loader_and_zero_instances_are_clear_errors():
+def test_zero_instances_are_clear_errors():
     head = ExitHead(4, 2).to(DT)
-    empty = DataLoader(TensorDataset(torch.zeros(0, 4, dtype=DT), torch.zeros(0).long()),
-                       batch_size=8)
-    with pytest.raises(ValueError, match="loader yielded no instances"):
-        KronFactors.from_loader(empty, head)
     with pytest.raises(ValueError, match="empty"):
         ExitLaplace(torch.zeros(2, 5), KronFactors())
     with pytest.raises(ValueError, match="no instances"):
