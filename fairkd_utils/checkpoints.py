@@ -200,24 +200,21 @@ def load_checkpoint(path, model: nn.Module | None = None,
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a fairkd checkpoint "
-            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
-            f"delete it and rerun to retrain") from None
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fairkd checkpoint "
+                              f"({type(exc).__name__}: {first}); delete it and rerun to retrain") from None
     if not isinstance(ck, dict) or ck.get("format") != fmt:
         raise CheckpointError(f"checkpoint {path} is not a {fmt} file; delete it and rerun to retrain")
     if expected_fingerprint is not None and ck.get("fingerprint") != expected_fingerprint:
-        raise CheckpointError(
-            f"checkpoint {path} was produced by another config (fingerprint "
-            f"{ck.get('fingerprint')}, expected {expected_fingerprint}); delete it, or "
-            f"rerun with the config that produced it, or train into a new file")
+        raise CheckpointError(f"checkpoint {path} was produced by another config (fingerprint "
+                              f"{ck.get('fingerprint')}, expected {expected_fingerprint}); delete it, or "
+                              "rerun with the config that produced it, or train into a new file")
     if model is not None:
         try:
             model.load_state_dict(ck["state_dict"])
         except RuntimeError as exc:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0]}); "
-                f"delete it and rerun to retrain") from None
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0]}); "
+                                  "delete it and rerun to retrain") from None
     return ck
 
 

@@ -117,7 +117,7 @@ class _Progress:
 
 
 def _blocked(job: jobs.Job, results: dict, progress: _Progress) -> bool:
-    """Whether ``job``'s warm-up did not finish; if so, it is recorded as not run."""
+    """Whether ``job``'s warm-up failed or was not run; if so, ``job`` is recorded as not run."""
     if not (job.after and results.get(job.after, {}).get("status") in ("failed", "not run")):
         return False
     results[job.name] = {"status": "not run", "error": [f"its warm-up {job.after} failed"]}
