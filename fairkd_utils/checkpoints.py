@@ -55,11 +55,9 @@ def code_text(source: str) -> str:
     any change to what runs does not."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
-        body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
-            node.body = body[1:]
+                and ast.get_docstring(node, clean=False) is not None):
+            node.body = node.body[1:]
     return ast.dump(tree)
 
 
@@ -151,10 +149,8 @@ def fingerprint(obj) -> str:
 def describe_objective(objective) -> dict:
     if hasattr(objective, "describe"):
         return {"class": type(objective).__qualname__, **_plain(objective.describe())}
-    attrs = {}
-    for k, v in sorted(vars(objective).items()):
-        if isinstance(v, (str, int, float, bool, type(None), torch.Tensor, tuple, list, dict)):
-            attrs[k] = _plain(v)
+    attrs = {k: _plain(v) for k, v in sorted(vars(objective).items())
+             if isinstance(v, (str, int, float, bool, type(None), torch.Tensor, tuple, list, dict))}
     return {"class": type(objective).__qualname__, **attrs}
 
 
@@ -200,38 +196,34 @@ def load_checkpoint(path, model: nn.Module | None = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; train the model first "
-                                f"(run the notebook that produces it)")
+                                "(run the notebook that produces it)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a fairkd checkpoint "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"delete it and rerun to retrain") from None
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fairkd checkpoint "
+                              f"({type(exc).__name__}: {first}); delete it and rerun to retrain") from None
     if not isinstance(ck, dict) or ck.get("format") != fmt:
-        raise CheckpointError(f"checkpoint {path} is not a {fmt} file; "
-                              f"delete it and rerun to retrain")
+        raise CheckpointError(f"checkpoint {path} is not a {fmt} file; delete it and rerun to retrain")
     if expected_fingerprint is not None and ck.get("fingerprint") != expected_fingerprint:
-        raise CheckpointError(
-            f"checkpoint {path} was produced by another config (fingerprint "
-            f"{ck.get('fingerprint')}, expected {expected_fingerprint}); delete it, or "
-            f"rerun with the config that produced it, or train into a new file")
+        raise CheckpointError(f"checkpoint {path} was produced by another config (fingerprint "
+                              f"{ck.get('fingerprint')}, expected {expected_fingerprint}); delete it, or "
+                              "rerun with the config that produced it, or train into a new file")
     if model is not None:
         try:
             model.load_state_dict(ck["state_dict"])
         except RuntimeError as exc:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0]}); "
-                f"delete it and rerun to retrain") from None
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0]}); "
+                                  "delete it and rerun to retrain") from None
     return ck
 
 
 def retraining(path: Path, name: str) -> bool:
     """:func:`must_retrain`, said in the log when true."""
-    if must_retrain(path, name):
+    retrain = must_retrain(path, name)
+    if retrain:
         logger.info("retraining %s (%s)", path.name, RETRAIN_ENV)
-        return True
-    return False
+    return retrain
 
 
 def fingerprint_payload(model, splits, config, objective, name, extra) -> tuple[str, dict]:

@@ -29,15 +29,15 @@ def _process_start(pid: int) -> str | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        if not Path("/proc/self/stat").exists():   # no /proc (not Linux): the pid alone
-            try:
-                os.kill(pid, 0)
-                return ""
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                return ""
-        return None
+        if Path("/proc/self/stat").exists():
+            return None
+        try:   # no /proc (not Linux): the pid alone
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
@@ -73,30 +73,24 @@ def _tail(path, n: int = 8) -> list[str]:
     return [ln for ln in lines if ln.strip()][-n:]
 
 
-def _for_worker(job: jobs.Job, threads: int | None) -> jobs.Job:
+def _for_worker(job: jobs.Job, threads: int | None, local: bool = False) -> jobs.Job:
     """The job as it travels to a worker: its run without the data (nor the pretrained
-    student encoder, which the worker reloads from its checkpoint), its threads."""
+    student encoder, which the worker reloads from its checkpoint), its threads; a
+    ``local`` worker is told to end with this process (:data:`OWNER_ENV`)."""
+    env = {**dict(job.env), OWNER_ENV: owner()} if local else dict(job.env)
     return dataclasses.replace(job, run=dataclasses.replace(job.run, _splits=None, _student_encoder=None),
-                               threads=threads)
+                               threads=threads, env=tuple(sorted(env.items())))
 
 
-def _for_local_worker(job: jobs.Job, threads: int | None) -> jobs.Job:
-    """:func:`_for_worker`, told to end with this process (:data:`OWNER_ENV`)."""
-    job = _for_worker(job, threads)
-    return dataclasses.replace(job, env=tuple(sorted({**dict(job.env), OWNER_ENV: owner()}.items())))
-
-
-def _failure(job: jobs.Job, sub, err: BaseException) -> dict:
-    log = Path(sub.paths.stderr)
-    tail = _tail(log) or [f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"]
-    return {"status": "failed", "log": str(log), "error": tail}
-
-
-def _result(job: jobs.Job, sub) -> dict:
+def _result(sub) -> dict:
+    """A finished submission's result: its stamp, or its failure with the last lines
+    of its log (or of the error)."""
     try:
         out = sub.result()
     except Exception as err:  # the job raised, was killed or timed out
-        return _failure(job, sub, err)
+        last = (str(err).strip().splitlines() or [""])[-1]
+        tail = _tail(sub.paths.stderr) or [f"{type(err).__name__}: {last}"]
+        return {"status": "failed", "log": str(Path(sub.paths.stderr)), "error": tail}
     return {"status": "done", "log": str(sub.paths.stdout), **out}
 
 
@@ -122,10 +116,26 @@ class _Progress:
         self.bar.close()
 
 
-def _blocked(job: jobs.Job, results: dict) -> dict | None:
-    if job.after and results.get(job.after, {}).get("status") in ("failed", "not run"):
-        return {"status": "not run", "error": [f"its warm-up {job.after} failed"]}
-    return None
+def _blocked(job: jobs.Job, results: dict, progress: _Progress) -> bool:
+    """Whether ``job``'s warm-up failed or was not run; if so, ``job`` is recorded as not run."""
+    if not (job.after and results.get(job.after, {}).get("status") in ("failed", "not run")):
+        return False
+    results[job.name] = {"status": "not run", "error": [f"its warm-up {job.after} failed"]}
+    progress.done(job, results[job.name], 0.0)
+    return True
+
+
+def _collect(running: dict, results: dict, progress: _Progress) -> list:
+    """Record the jobs of ``running`` (name -> job, submission, start, slot) that have
+    finished, and take them out; the slots they free."""
+    freed = []
+    for name, (job, sub, t0, slot) in list(running.items()):
+        if sub.done():
+            results[name] = _result(sub)
+            progress.done(job, results[name], time.perf_counter() - t0)
+            freed.append(slot)
+            del running[name]
+    return freed
 
 
 def _run_inline(batch: list[jobs.Job], opts: jobs.Options, progress: _Progress, results: dict) -> None:
@@ -166,11 +176,8 @@ def _run_local(batch: list[jobs.Job], opts: jobs.Options, folder: Path, device: 
     free, queue, running = list(range(len(slots))), list(batch), {}
     while queue or running:
         for job in list(queue):
-            blocked = _blocked(job, results)
-            if blocked:
+            if _blocked(job, results, progress):
                 queue.remove(job)
-                results[job.name] = blocked
-                progress.done(job, blocked, 0.0)
                 continue
             if not free:
                 break
@@ -179,16 +186,11 @@ def _run_local(batch: list[jobs.Job], opts: jobs.Options, folder: Path, device: 
             slot = free.pop(0)
             job_device, params = slots[slot]
             executor.update_parameters(timeout_min=jobs.LOCAL_TIMEOUT_MIN, **params)
-            sub = executor.submit(jobs.execute, _for_local_worker(job, threads), job_device)
+            sub = executor.submit(jobs.execute, _for_worker(job, threads, local=True), job_device)
             handles[job.name] = sub
-            running[job.name] = (job, sub, slot, time.perf_counter())
+            running[job.name] = (job, sub, time.perf_counter(), slot)
             queue.remove(job)
-        for name, (job, sub, slot, t0) in list(running.items()):
-            if sub.done():
-                results[name] = _result(job, sub)
-                progress.done(job, results[name], time.perf_counter() - t0)
-                free.append(slot)
-                del running[name]
+        free += _collect(running, results, progress)
         if queue or running:
             time.sleep(opts.poll_s)
 
@@ -223,12 +225,13 @@ def slurm_executor(opts: jobs.Options, folder: Path):
     to ``folder``."""
     import submitit
 
+    params = slurm_parameters(opts)
     refuse_control_characters({
-        **{f"--slurm-{k[len('slurm_'):] if k.startswith('slurm_') else k}": v
-           for k, v in slurm_parameters(opts).items() if isinstance(v, str)},
-        "the job folder (in the run directory)": Path(folder).resolve(), "the Python executable": sys.executable})
+        **{f"--slurm-{k.removeprefix('slurm_')}": v for k, v in params.items() if isinstance(v, str)},
+        "the job folder (in the run directory)": Path(folder).resolve(),
+        "the Python executable": sys.executable})
     executor = (opts.executor_factory or submitit.AutoExecutor)(folder=folder, cluster="slurm")
-    executor.update_parameters(**slurm_parameters(opts))
+    executor.update_parameters(**params)
     return executor
 
 
@@ -248,14 +251,7 @@ def _run_array(batch: list[jobs.Job], opts: jobs.Options, folder: Path, progress
     and CPUs ``--slurm-*`` asks for."""
     executor = slurm_executor(opts, folder)
     for phase in ([j for j in batch if j.kind == "warmup"], [j for j in batch if j.kind != "warmup"]):
-        todo = []
-        for job in phase:
-            blocked = _blocked(job, results)
-            if blocked:
-                results[job.name] = blocked
-                progress.done(job, blocked, 0.0)
-            else:
-                todo.append(job)
+        todo = [job for job in phase if not _blocked(job, results, progress)]
         if not todo:
             continue
         subs = submit_array(executor, todo, opts)
@@ -263,12 +259,8 @@ def _run_array(batch: list[jobs.Job], opts: jobs.Options, folder: Path, progress
         logger.info("submitted %d jobs as array %s (logs: %s)", len(subs),
                     str(subs[0].job_id).split("_")[0], folder)
         handles.update({j.name: sub for j, sub in zip(todo, subs)})
-        waiting = {j.name: (j, sub) for j, sub in zip(todo, subs)}
+        waiting = {j.name: (j, sub, t0, None) for j, sub in zip(todo, subs)}
         while waiting:
-            for name, (job, sub) in list(waiting.items()):
-                if sub.done():
-                    results[name] = _result(job, sub)
-                    progress.done(job, results[name], time.perf_counter() - t0)
-                    del waiting[name]
+            _collect(waiting, results, progress)
             if waiting:
                 time.sleep(opts.poll_s)

@@ -39,6 +39,8 @@ threads unless told, ``local`` gives each of its ``workers`` ``cores // workers`
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import logging
 import os
 import re
@@ -75,21 +77,17 @@ class JobsFailed(RuntimeError):
 def parse_time(value) -> int:
     """A time limit in whole minutes (seconds round up), read as SLURM's ``--time``
     reads it: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M`` or ``D-H:M:S``."""
-    text = str(value).strip()
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", text)
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", str(value).strip())
     if not m:
         raise ValueError(f"--slurm-time {value!r}: expected SLURM's forms M, M:S, H:M:S, D-H, "
                          "D-H:M or D-H:M:S (e.g. 90 or 1:30:00 or 2-00)")
-    parts = [int(x) for x in m.group(2).split(":")]
-    if m.group(1) is not None:  # D-H[:M[:S]]
-        h, mi, sec = (parts + [0, 0])[:3]
-        h += int(m.group(1)) * 24
-    elif len(parts) == 3:       # H:M:S
-        h, mi, sec = parts
-    else:                       # M or M:S
-        h, mi, sec = 0, parts[0], (parts[1] if len(parts) == 2 else 0)
-    seconds = (h * 60 + mi) * 60 + sec
-    minutes = -(-seconds // 60)
+    days, clock = m.groups()
+    parts = [int(x) for x in clock.split(":")]
+    if days is None and len(parts) < 3:   # M or M:S: no hours
+        parts.insert(0, 0)
+    h, mi, sec = (parts + [0, 0])[:3]     # H[:M[:S]]
+    seconds = ((int(days or 0) * 24 + h) * 60 + mi) * 60 + sec
+    minutes = -(-seconds // 60)           # seconds round up
     if minutes < 1:
         raise ValueError(f"--slurm-time {value!r}: a job needs at least one minute")
     return minutes
@@ -113,9 +111,7 @@ def options(executor: str = "inline", workers=None, threads=None, slurm=None,
     any of ``partition``, ``time``, ``gpus``, ``cpus``)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: choose one of {EXECUTORS}")
-    for flag, n in (("--workers", workers), ("--threads", threads)):
-        if n is not None and (int(n) != n or n < 1):
-            raise ValueError(f"{flag} {n}: expected a whole number >= 1")
+    workers, threads = _whole("--workers", workers), _whole("--threads", threads)
     slurm = {k: v for k, v in (slurm or {}).items() if v is not None}
     unknown = sorted(set(slurm) - set(SLURM_KEYS))
     if unknown:
@@ -125,10 +121,8 @@ def options(executor: str = "inline", workers=None, threads=None, slurm=None,
                          f"(the executor is {executor!r})")
     if executor == "slurm":
         slurm["time"] = parse_time(slurm.get("time", SLURM_TIMEOUT_MIN))
-        for key in ("gpus", "cpus"):
-            if key in slurm and (int(slurm[key]) != slurm[key] or slurm[key] < (0 if key == "gpus" else 1)):
-                raise ValueError(f"--slurm-{key} {slurm[key]}: expected a whole number "
-                                 f">= {0 if key == 'gpus' else 1}")
+        _whole("--slurm-gpus", slurm.get("gpus"), least=0)
+        _whole("--slurm-cpus", slurm.get("cpus"))
     if executor != "inline" and executor_factory is None:
         try:
             import submitit  # noqa: F401
@@ -136,8 +130,15 @@ def options(executor: str = "inline", workers=None, threads=None, slurm=None,
             raise ValueError(f"--executor {executor} runs jobs through submitit, which is not "
                              "installed: pip install -e . (it is a dependency)") from None
     poll = poll_s if poll_s is not None else (10.0 if executor == "slurm" else 0.2)
-    return Options(executor, None if workers is None else int(workers),
-                   None if threads is None else int(threads), slurm or None, poll, executor_factory)
+    return Options(executor, workers, threads, slurm or None, poll, executor_factory)
+
+
+def _whole(flag: str, n, least: int = 1) -> int | None:
+    """``n`` (the value of ``flag``) as an int, None if None; stop unless it is a whole
+    number >= ``least``."""
+    if n is not None and (int(n) != n or n < least):
+        raise ValueError(f"{flag} {n}: expected a whole number >= {least}")
+    return None if n is None else int(n)
 
 
 def cores() -> int:
@@ -182,17 +183,22 @@ class Job:
         return self.root / "records" / "rows" / f"{self.name}.csv"
 
 
-def _job_env() -> tuple:
+def _student_jobs(plans: list, kind: str = "student", refits=None) -> tuple[list, dict]:
+    """A ``kind`` (student or sweep) job per plan, ``<kind>-<method>-<config_id>-seed<N>``,
+    and the plans keyed by job name (what :func:`run_jobs` reads). ``refits``: per plan,
+    the configuration of the method that retrains its student's last layer, which the
+    job runs (its config id joins the student's fingerprint)."""
     env = {checkpoints.RETRAIN_RUN_ENV: checkpoints.current_run()}
     if os.environ.get(checkpoints.RETRAIN_ENV):
         env[checkpoints.RETRAIN_ENV] = os.environ[checkpoints.RETRAIN_ENV]
-    return tuple(sorted(env.items()))
-
-
-def _student_job(plan, kind: str, name: str) -> Job:
-    return Job(name=name, kind=kind, run=plan.run, config=plan.config, seed=plan.seed,
-               fingerprint=plan.fingerprint, checkpoint=plan.name, ckpt_dir=plan.ckpt_dir,
-               env=_job_env())
+    jobs = []
+    for plan, refit in zip(plans, refits or itertools.repeat(None)):
+        cfg = refit or plan.config
+        jobs.append(Job(name=f"{kind}-{cfg.method}-{cfg.config_id}-seed{plan.seed}", kind=kind,
+                        run=plan.run, config=cfg, seed=plan.seed,
+                        fingerprint=f"{plan.fingerprint}-{refit.config_id}" if refit else plan.fingerprint,
+                        checkpoint=plan.name, ckpt_dir=plan.ckpt_dir, env=tuple(sorted(env.items()))))
+    return jobs, {j.name: p for j, p in zip(jobs, plans)}
 
 
 def _teacher(run: Run, configs, teacher):
@@ -219,18 +225,13 @@ def finished(job: Job) -> bool:
     if job.stamp is None or not job.stamp.is_file():
         return False
     try:
-        import json
-
         stamp = json.loads(job.stamp.read_text(encoding="utf-8"))
     except ValueError:
         return False
-    if stamp.get("fingerprint") != job.fingerprint:
-        return False
-    if any(not (job.run.run_dir / f).is_file() for f in stamp.get("records", [])):
-        return False
-    if checkpoints.retrain_requested(job.checkpoint) and stamp.get("run") != checkpoints.current_run():
-        return False
-    return True
+    return (stamp.get("fingerprint") == job.fingerprint
+            and all((job.run.run_dir / f).is_file() for f in stamp.get("records", []))
+            and not (checkpoints.retrain_requested(job.checkpoint)
+                     and stamp.get("run") != checkpoints.current_run()))
 
 
 def _will_train(path: Path, name: str) -> bool:
@@ -241,35 +242,29 @@ def with_warmups(jobs: list[Job], plans: dict) -> list[Job]:
     """``jobs`` preceded by the warm-up jobs they wait for: one per warm-up file that two
     or more students about to be trained branch from and that is missing (or to be
     retrained). A warm-up only one of them needs is trained by that student's job."""
-    users = {}
+    users = {}   # warm-up file -> the jobs about to train that branch from it
     for job in jobs:
         plan = plans[job.name]
         if plan.shares_warmup and _will_train(plan.checkpoint, plan.name):
             path = plan.warmup_checkpoint()
             if _will_train(path, f"warmup-seed{plan.seed}"):
-                users.setdefault(path, []).append(job.name)
-    after = {name: path.stem for path, names in users.items() if len(names) > 1 for name in names}
-    warmups = {}
-    for job in jobs:
-        stem = after.get(job.name)
-        if stem and stem not in warmups:
-            warmups[stem] = dataclasses.replace(
-                job, name=stem, kind="warmup", fingerprint=stem.rsplit("-", 1)[-1],
-                checkpoint=stem.rsplit("-", 1)[0])
-    return list(warmups.values()) + [dataclasses.replace(j, after=after.get(j.name)) for j in jobs]
+                users.setdefault(path, []).append(job)
+    shared = {path.stem: waiting for path, waiting in users.items() if len(waiting) > 1}
+    after = {job.name: stem for stem, waiting in shared.items() for job in waiting}
+    warmups = [dataclasses.replace(waiting[0], name=stem, kind="warmup", checkpoint=stem.rsplit("-", 1)[0],
+                                   fingerprint=stem.rsplit("-", 1)[1]) for stem, waiting in shared.items()]
+    return warmups + [dataclasses.replace(j, after=after.get(j.name)) for j in jobs]
 
 
 # --------------------------------------------------------------------------- the job itself
 def _log_to_stdout() -> None:
     """In a worker: the ``fairkd`` logger's lines (epochs, reused checkpoints) go to the
     job's own log, not to the run's ``run.log`` (the notebook writes one line per job there)."""
-    log = logging.getLogger("fairkd")
-    for h in list(log.handlers):
-        log.removeHandler(h)
+    logger.handlers.clear()
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def execute(job: Job, device: str, worker: bool = True) -> dict:
@@ -293,12 +288,10 @@ def execute(job: Job, device: str, worker: bool = True) -> dict:
     try:
         run = dataclasses.replace(job.run, device=resolve_device(device))
         if worker:
-            print(f"[fairkd] job {job.name} ({job.kind}) on {run.device} with "
-                  f"{torch.get_num_threads()} threads, host {socket.gethostname()}, pid {os.getpid()}",
-                  flush=True)
+            print(f"[fairkd] job {job.name} ({job.kind}) on {run.device} with {torch.get_num_threads()} "
+                  f"threads, host {socket.gethostname()}, pid {os.getpid()}", flush=True)
         run.splits()
-        teacher = (load_teacher_logits(run) if job.config.lam > 0 and not run.profile.augment
-                   else None)
+        teacher = load_teacher_logits(run) if job.config.lam > 0 and not run.profile.augment else None
         setup_s = time.perf_counter() - t0
         reused = None
         with records.collect_writes() as written:
@@ -316,12 +309,10 @@ def execute(job: Job, device: str, worker: bool = True) -> dict:
                 raise ValueError(f"unknown job kind {job.kind!r}")
         # a file this job wrote twice (e.g. a timing record) is listed once
         files = list(dict.fromkeys(os.path.relpath(p, job.run.run_dir) for p in written))
-        out = {"job": job.name, "kind": job.kind, "fingerprint": job.fingerprint,
-               "reused": reused, "files": files,
-               "records": [f for f in files if not f.endswith(".pt")],
-               "run": checkpoints.current_run(), "device": run.device,
-               "threads": torch.get_num_threads(), "host": socket.gethostname(),
-               "setup_seconds": round(setup_s, 3),
+        out = {"job": job.name, "kind": job.kind, "fingerprint": job.fingerprint, "reused": reused,
+               "files": files, "records": [f for f in files if not f.endswith(".pt")],
+               "run": checkpoints.current_run(), "device": run.device, "threads": torch.get_num_threads(),
+               "host": socket.gethostname(), "setup_seconds": round(setup_s, 3),
                "work_seconds": round(time.perf_counter() - t0 - setup_s, 3),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if job.stamp is not None:
@@ -384,15 +375,14 @@ def run_jobs(run: Run, jobs: list[Job], plans: dict, opts: Options | None = None
 def _table(jobs, results, handles) -> pd.DataFrame:
     rows = []
     for job in jobs:
-        r = results.get(job.name, {})
-        sub = handles.get(job.name)
-        rows.append({"job": job.name, "kind": job.kind, "method": job.config.method,
-                     "seed": job.seed, "status": r.get("status", "not run"),
-                     "reused": r.get("reused"), "seconds": r.get("seconds"),
-                     "work_seconds": r.get("work_seconds"), "device": r.get("device"),
-                     "job_id": None if sub is None else str(sub.job_id),
-                     "stdout": None if sub is None else str(sub.paths.stdout),
-                     "stderr": None if sub is None else str(sub.paths.stderr)})
+        r, sub = results.get(job.name, {}), handles.get(job.name)
+        row = {"job": job.name, "kind": job.kind, "method": job.config.method, "seed": job.seed,
+               "status": r.get("status", "not run"),
+               **{k: r.get(k) for k in ("reused", "seconds", "work_seconds", "device")},
+               "job_id": None, "stdout": None, "stderr": None}
+        if sub is not None:   # a worker's: its id and logs
+            row.update(job_id=str(sub.job_id), stdout=str(sub.paths.stdout), stderr=str(sub.paths.stderr))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -413,10 +403,9 @@ def _failure_report(failed: pd.DataFrame, results: dict, n: int, label: str) -> 
         r = results.get(row.job, {})
         if r.get("status") == "failed":
             lines.append(f"  {row.job}: failed; log {r.get('log')}")
+            lines += [f"    | {ln}" for ln in r.get("error", [])]
         else:
             lines.append(f"  {row.job}: not run, {' '.join(r.get('error', []))}")
-            continue
-        lines += [f"    | {ln}" for ln in r.get("error", [])]
     return "\n".join(lines)
 
 
@@ -435,11 +424,9 @@ def run_grid(run: Run, configs: dict, opts: Options | None = None, teacher=None,
     trained = {m: c for m, c in configs.items() if not METHOD_SPECS[m].last_layer_of}
     refits = {m: c for m, c in configs.items() if METHOD_SPECS[m].last_layer_of}
     teacher = _teacher(run, configs.values(), teacher)   # read once for both phases
-    plans = plan_grid(run, trained, teacher, seeds)
-    jobs = [_student_job(p, "student", f"student-{p.config.method}-{p.config.config_id}-seed{p.seed}")
-            for p in plans]
+    jobs, by_name = _student_jobs(plan_grid(run, trained, teacher, seeds))
     with _locked(run):
-        table = run_jobs(run, jobs, {j.name: p for j, p in zip(jobs, plans)}, opts, "grid", show)
+        table = run_jobs(run, jobs, by_name, opts, "grid", show)
         if refits:
             jobs, by_name = last_layer_jobs(run, refits, teacher, seeds)
             table = pd.concat([table, run_jobs(run, jobs, by_name, opts, "grid-last-layer", show)],
@@ -454,17 +441,7 @@ def last_layer_jobs(run: Run, configs: dict, teacher=None, seeds=None) -> tuple[
     has run); its fingerprint joins the base student's with the method's own
     configuration, so changing either reruns it."""
     bases = {m: students.base_config(run, c) for m, c in configs.items()}
-    teacher = _teacher(run, bases.values(), teacher)
-    jobs, by_name = [], {}
-    for seed in (run.seeds if seeds is None else seeds):
-        for m, cfg in configs.items():
-            plan = students.plan_student(run, bases[m], seed, teacher, progress=False)
-            job = dataclasses.replace(
-                _student_job(plan, "student", f"student-{m}-{cfg.config_id}-seed{seed}"),
-                config=cfg, fingerprint=f"{plan.fingerprint}-{cfg.config_id}")
-            jobs.append(job)
-            by_name[job.name] = plan
-    return jobs, by_name
+    return _student_jobs(plan_grid(run, bases, teacher, seeds), refits=itertools.cycle(configs.values()))
 
 
 def run_sweep(run: Run, seeds, teacher=None, methods=None, opts: Options | None = None,
@@ -479,9 +456,8 @@ def run_sweep(run: Run, seeds, teacher=None, methods=None, opts: Options | None 
         plans = [students.plan_student(run, cfg, seed, shared if cfg.lam > 0 else None,
                                     ckpt_dir=run.path("sweep", "checkpoints"), progress=False)
                  for cfg, seed in pairs]
-        jobs = [_student_job(p, "sweep", f"sweep-{p.config.method}-{p.config.config_id}-seed{p.seed}")
-                for p in plans]
-        run_jobs(run, jobs, {j.name: p for j, p in zip(jobs, plans)}, opts, f"sweep-{method}", show)
+        jobs, by_name = _student_jobs(plans, "sweep")
+        run_jobs(run, jobs, by_name, opts, f"sweep-{method}", show)
         return [records.read_table(j.row).iloc[0].to_dict() for j in jobs]
 
     with _locked(run):

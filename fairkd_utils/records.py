@@ -69,13 +69,14 @@ def exclusive(path, what: str, hint: str = ""):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         os.close(fd)
+        hint = f", or {hint}" if hint else ""
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise LockFailed(f"cannot lock {path} for {what}: flock failed ({err}); the file "
                              "system may not support locks (some network mounts do not): put "
-                             "the run directory on a local disk" + (f", or {hint}" if hint else "")) from None
+                             f"the run directory on a local disk{hint}") from None
         holder = path.read_text(encoding="utf-8", errors="replace").strip() or "a process that did not say"
-        raise Locked(f"{what} is in use by another run ({holder}); wait for it to finish"
-                     + (f", or {hint}" if hint else "") + f" (lock file {path})") from None
+        raise Locked(f"{what} is in use by another run ({holder}); wait for it to finish{hint} "
+                     f"(lock file {path})") from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, started "
@@ -122,9 +123,7 @@ def write_json(path, obj) -> Path:
 
 
 def write_csv(path, df: pd.DataFrame) -> Path:
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    return write_text(path, buf.getvalue())
+    return write_text(path, df.to_csv(index=False))
 
 
 def torch_save(path, obj) -> Path:
@@ -136,9 +135,13 @@ def torch_save(path, obj) -> Path:
     return write_bytes(path, buf.getvalue())
 
 
-def record_path(run_dir, kind: str, name: str) -> Path:
+def _check_kind(kind: str) -> None:
     if kind not in TABLE_KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {TABLE_KINDS}")
+
+
+def record_path(run_dir, kind: str, name: str) -> Path:
+    _check_kind(kind)
     safe = "".join(c if (c.isalnum() or c in "-_.=") else "_" for c in name)
     return Path(run_dir) / "records" / kind / f"{safe}.csv"
 
@@ -150,27 +153,23 @@ def write_record(run_dir, kind: str, name: str, rows) -> Path:
     return write_csv(record_path(run_dir, kind, name), df)
 
 
-#: Per table kind: the columns every record has, and those of them never missing (keys).
+#: Per table kind: the columns every record has.
 RECORD_COLUMNS = {
-    "metrics": (("dataset", "profile", "seed", "config_id", "model", "method", "predictive",
-                 "split", "group", "group_name", "n", "acc", "ece", "nll"),
-                ("dataset", "profile", "seed", "config_id", "model", "method", "predictive",
-                 "split", "group", "group_name", "n")),
-    "predictions": (("id", "split", "group", "y", "seed", "model", "method", "config_id",
-                     "predictive", "prob", "margin", "correct", "weight", "variance"),
-                    ("id", "split", "group", "y", "seed", "model", "method", "config_id",
-                     "predictive", "prob", "margin", "correct")),
-    "weights": (("seed", "method", "config_id", "epoch", "group", "n", "term", "weight",
-                 "group_name"),
-                ("seed", "method", "config_id", "epoch", "group", "n", "term", "group_name")),
-    "laplace_effect": (("seed", "method", "config_id", "epoch"),
-                       ("seed", "method", "config_id", "epoch")),
-    "timings": (("stage", "name", "seconds", "reused"), ("stage", "name", "seconds", "reused")),
+    "metrics": ("dataset", "profile", "seed", "config_id", "model", "method", "predictive",
+                "split", "group", "group_name", "n", "acc", "ece", "nll"),
+    "predictions": ("id", "split", "group", "y", "seed", "model", "method", "config_id",
+                    "predictive", "prob", "margin", "correct", "weight", "variance"),
+    "weights": ("seed", "method", "config_id", "epoch", "group", "n", "term", "weight", "group_name"),
+    "laplace_effect": ("seed", "method", "config_id", "epoch"),
+    "timings": ("stage", "name", "seconds", "reused"),
     # DFR's strengths per seed (students.run_dfr): accuracies on the selection half of val
-    "dfr": (("seed", "method", "config_id", "base_config_id", "penalty", "C",
-             "val_half2_worst_group_acc", "val_half2_avg_acc", "chosen"),
-            ("seed", "method", "config_id", "base_config_id", "penalty", "C", "chosen")),
+    "dfr": ("seed", "method", "config_id", "base_config_id", "penalty", "C",
+            "val_half2_worst_group_acc", "val_half2_avg_acc", "chosen"),
 }
+#: The columns of :data:`RECORD_COLUMNS` that may have missing values; every other one
+#: is a key, never missing.
+MAY_BE_MISSING = {"acc", "ece", "nll", "weight", "variance", "val_half2_worst_group_acc",
+                  "val_half2_avg_acc"}
 
 
 class RecordError(ValueError):
@@ -178,17 +177,18 @@ class RecordError(ValueError):
     the notebook that writes it."""
 
 
+#: Record names (of metrics, predictions and timings) -> the notebook that writes them;
+#: any other: notebook 05.
+_WRITERS = {("teacher",): "02_teacher", ("student-erm-", "exit-erm-"): "03_early_exit_student",
+            ("exit_laplace-",): "04_laplace_early_exit"}
+
+
 def writer_notebook(kind: str, name: str) -> str:
     """The notebook that writes the record ``<kind>/<name>.csv``."""
     if kind in ("weights", "laplace_effect", "dfr"):  # <method>-<config_id>-seed<seed>
         return "03_early_exit_student" if name.startswith("erm-") else "05_distillation_comparison"
-    if name.startswith("teacher"):
-        return "02_teacher"
-    if name.startswith(("student-erm-", "exit-erm-")):
-        return "03_early_exit_student"
-    if name.startswith("exit_laplace-"):
-        return "04_laplace_early_exit"
-    return "05_distillation_comparison"
+    return next((nb for prefixes, nb in _WRITERS.items() if name.startswith(prefixes)),
+                "05_distillation_comparison")
 
 
 def _damaged(path: Path, kind: str, problem: str) -> RecordError:
@@ -204,18 +204,16 @@ def read_record(path, kind: str) -> pd.DataFrame:
     kind's columns (:data:`RECORD_COLUMNS`) and no missing key values, and has rows
     (``laplace_effect`` may have none). Raises :class:`RecordError` otherwise."""
     path = Path(path)
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
+    if not path.read_bytes().endswith(b"\n"):
         raise _damaged(path, kind, "is cut short (empty, or no newline at its end)")
     try:
         df = read_table(path)
     except (ValueError, pd.errors.ParserError) as err:
         raise _damaged(path, kind, f"does not parse as CSV ({str(err).splitlines()[0]})") from None
-    columns, keys = RECORD_COLUMNS[kind]
-    missing = [c for c in columns if c not in df.columns]
+    missing = [c for c in RECORD_COLUMNS[kind] if c not in df.columns]
     if missing:
         raise _damaged(path, kind, f"lacks the columns {missing} of a {kind} record")
-    gaps = [c for c in keys if df[c].isna().any()]
+    gaps = [c for c in RECORD_COLUMNS[kind] if c not in MAY_BE_MISSING and df[c].isna().any()]
     if gaps:
         raise _damaged(path, kind, f"has missing values in {gaps}")
     if not len(df) and kind != "laplace_effect":
@@ -232,10 +230,16 @@ def _read_groups(run_dir) -> pd.DataFrame | None:
     except (ValueError, pd.errors.ParserError) as err:
         raise RecordError(f"{path} does not parse ({str(err).splitlines()[0]}): delete it and "
                           "rerun notebook 01_data_and_groups") from None
-    if not {"split", "group", "n"} <= set(groups.columns) or groups[["split", "group", "n"]].isna().any().any():
+    needed = ["split", "group", "n"]
+    if not set(needed) <= set(groups.columns) or groups[needed].isna().any().any():
         raise RecordError(f"{path} is damaged (it needs split, group and n on every row): delete "
                           "it and rerun notebook 01_data_and_groups")
     return groups
+
+
+def _sizes(rows: pd.DataFrame) -> pd.Series:
+    """``n`` of each group (the group as text) of ``rows``."""
+    return rows.set_index(rows.group.astype(str))["n"].astype(int)
 
 
 def check_rows(path, kind: str, df: pd.DataFrame, groups: pd.DataFrame | None,
@@ -245,9 +249,7 @@ def check_rows(path, kind: str, df: pd.DataFrame, groups: pd.DataFrame | None,
     their sum and, with ``groups.csv``, each group's ``n``; a predictions record one row
     per instance of its split; a weights record every group for each (epoch, term)."""
     path = Path(path)
-    n_of = None if groups is None else {
-        split: d.assign(group=d.group.astype(str)).set_index("group")["n"].astype(int).to_dict()
-        for split, d in groups.groupby("split")}
+    n_of = None if groups is None else {split: _sizes(d).to_dict() for split, d in groups.groupby("split")}
     if kind == "metrics":
         for (split, *_), d in df.groupby(["split", "model", "method", "config_id", "seed",
                                           "predictive"], sort=False):
@@ -255,12 +257,12 @@ def check_rows(path, kind: str, df: pd.DataFrame, groups: pd.DataFrame | None,
             if sorted(got) != sorted(group_ids | {"all"}):
                 raise _damaged(path, kind, f"has groups {sorted(got)} for split {split!r}, not one "
                                f"row per group {sorted(group_ids)} plus 'all'")
-            n = d.assign(group=d.group.astype(str)).set_index("group")["n"].astype(int)
-            if n["all"] != n.drop("all").sum():
-                raise _damaged(path, kind, f"has n={n['all']} overall but {n.drop('all').sum()} "
-                               "summed over groups")
-            if n_of is not None and split in n_of and n.drop("all").to_dict() != n_of[split]:
-                raise _damaged(path, kind, f"has group sizes {n.drop('all').to_dict()} on "
+            n = _sizes(d)
+            parts = n.drop("all")
+            if n["all"] != parts.sum():
+                raise _damaged(path, kind, f"has n={n['all']} overall but {parts.sum()} summed over groups")
+            if n_of is not None and split in n_of and parts.to_dict() != n_of[split]:
+                raise _damaged(path, kind, f"has group sizes {parts.to_dict()} on "
                                f"{split!r}, groups.csv {n_of[split]} (another data version?)")
     elif kind == "predictions" and n_of is not None:
         for split, d in df.groupby("split"):
@@ -272,8 +274,7 @@ def check_rows(path, kind: str, df: pd.DataFrame, groups: pd.DataFrame | None,
             if sorted(d.group.astype(str)) != sorted(group_ids):
                 raise _damaged(path, kind, f"has groups {sorted(d.group.astype(str))} for epoch "
                                f"{epoch}, term {term!r}; expected each of {sorted(group_ids)} once")
-        epochs = {t: sorted(d.epoch) for t, d in df.groupby("term")}
-        if len({tuple(e) for e in epochs.values()}) > 1:
+        if len({tuple(sorted(d.epoch)) for _, d in df.groupby("term")}) > 1:
             raise _damaged(path, kind, "has different epochs for its terms")
 
 
@@ -281,16 +282,13 @@ def assemble(run_dir, kind: str, write: bool = True) -> pd.DataFrame:
     """Concatenate every record of ``kind`` into ``<run_dir>/<kind>.csv``, each record
     checked first (:func:`read_record`, :func:`check_rows`): a damaged one stops with a
     :class:`RecordError` naming the file and the notebook that writes it."""
-    if kind not in TABLE_KINDS:
-        raise ValueError(f"unknown record kind {kind!r}; expected one of {TABLE_KINDS}")
+    _check_kind(kind)
     folder = Path(run_dir) / "records" / kind
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     frames = [read_record(f, kind) for f in files]
     groups = _read_groups(run_dir) if kind in ("metrics", "predictions", "weights") else None
-    if groups is not None:
-        group_ids = set(groups.group.astype(str))
-    else:  # every group any record of this table names
-        group_ids = {str(g) for f in frames for g in f.get("group", [])} - {"all"}
+    group_ids = (set(groups.group.astype(str)) if groups is not None   # else every group a record names
+                 else {str(g) for f in frames for g in f.get("group", [])} - {"all"})
     for f, df in zip(files, frames):
         check_rows(f, kind, df, groups, group_ids)
     frames = [f for f in frames if len(f)]
@@ -309,9 +307,7 @@ def require(path, notebook: str) -> Path:
     """Return ``path`` if it exists, else stop with which notebook makes it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: run notebook {notebook} first "
-            f"(e.g. `python -m fairkd_utils.pipeline --only {notebook[:2]}` with the same "
-            "--profile/--dataset)"
-        )
+        raise FileNotFoundError(f"{path} is missing: run notebook {notebook} first (e.g. `python -m "
+                                f"fairkd_utils.pipeline --only {notebook[:2]}` with the same "
+                                "--profile/--dataset)")
     return path
