@@ -129,10 +129,9 @@ class TrainConfig:
     RUNTIME_FIELDS = ("device", "num_workers", "progress", "eval_batch_size")
 
     def __post_init__(self):
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer={self.optimizer!r}; use 'sgd' or 'adamw'")
-        if self.select_on not in ("worst_group_acc", "avg_acc"):
-            raise ValueError(f"select_on={self.select_on!r}; use 'worst_group_acc' or 'avg_acc'")
+        for name, choices in (("optimizer", ("sgd", "adamw")), ("select_on", ("worst_group_acc", "avg_acc"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}; use {' or '.join(map(repr, choices))}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if not 0 <= self.lr_warmup < 1:
