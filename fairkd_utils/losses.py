@@ -70,10 +70,7 @@ def dedier_weight(readout_logits: Tensor, y: Tensor, beta: float, alpha: str = "
     MAP softmax: its confidence margin where it is wrong (``alpha="wrong"``: 0 where
     right; ``"signed"``: ``-cm`` where right). A confidently wrong readout gets
     ``exp(beta * cm)``, a right one 1. No gradient; not normalised (see ``normalise``)."""
-    logits = readout_logits.detach()
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    probs = F.softmax(logits, dim=-1)
+    probs = F.softmax(_full(readout_logits), dim=-1)
     return torch.exp(beta * _margin_score(probs, confidence_margin(probs), y, alpha))
 
 
@@ -143,6 +140,16 @@ def jtt_weight(error_set: Tensor, upweight: float) -> Tensor:
     return torch.where(err, torch.full(err.shape, float(upweight)), torch.ones(err.shape))
 
 
+def _float32(t: Tensor) -> Tensor:
+    """``t`` in float32 if it came in half precision (autocast), else as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _full(t: Tensor) -> Tensor:
+    """Detached, and float32 if it came in half precision (autocast)."""
+    return _float32(t.detach())
+
+
 def normalise(w: Tensor) -> Tensor:
     """``w / mean(w)`` over the batch, detached: weights carry no gradient."""
     w = w.detach()
@@ -201,8 +208,8 @@ class MethodConfig:
     validation NLL at each refit); ``laplace_subset`` (laplace_kd_subset only: the
     number of each epoch's instances the posterior is fit on). JTT only: ``jtt_epochs``
     (T_id) and ``jtt_upweight`` (lambda_up). DFR only: ``dfr_penalty`` ("l1" or "l2";
-    its strength is chosen per seed on half of val, ``last_layer.dfr``). Fields only one method reads are ``None`` for the others and
-    then left out of ``config_id``.
+    its strength is chosen per seed on half of val, ``last_layer.dfr``). Fields only one
+    method reads are ``None`` for the others and then left out of ``config_id``.
     """
 
     method: str
@@ -226,12 +233,9 @@ class MethodConfig:
             raise ValueError(f"MethodConfig({self.method!r}): {msg}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
-        if self.score not in LAPLACE_SCORES:
-            bad(f"unknown score {self.score!r}; choose one of {list(LAPLACE_SCORES)}")
-        if self.alpha not in ALPHAS:
-            bad(f"unknown alpha {self.alpha!r}; choose one of {list(ALPHAS)}")
-        if self.prior not in LAPLACE_PRIORS:
-            bad(f"unknown prior {self.prior!r}; choose one of {list(LAPLACE_PRIORS)}")
+        for name, choices in (("score", LAPLACE_SCORES), ("alpha", ALPHAS), ("prior", LAPLACE_PRIORS)):
+            if getattr(self, name) not in choices:
+                bad(f"unknown {name} {getattr(self, name)!r}; choose one of {list(choices)}")
         for name, value in METHOD_SPECS[self.method].fixed:
             if getattr(self, name) != value:
                 bad(f"{self.method} is Laplace-KD with {name}={value!r}: that is what makes it "
@@ -259,9 +263,7 @@ class MethodConfig:
         if self.prior == "meronen" and self.tau is not None:
             bad("prior='meronen' chooses tau = 1/var0 on validation NLL at each refit: leave tau "
                 "None (or use prior='kron' with a fixed tau)")
-        own = {"jtt_epochs": "jtt", "jtt_upweight": "jtt", "dfr_penalty": "dfr",
-               "laplace_subset": "laplace_kd_subset"}
-        for name, method in own.items():
+        for name, method in _ONE_METHOD_FIELDS.items():
             if (getattr(self, name) is None) != (self.method != method):
                 bad(f"{name} is {method}'s alone: set it for {method} and leave it None otherwise")
         if self.method == "jtt":
@@ -298,8 +300,9 @@ class MethodConfig:
         return "c" + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:7]
 
 
-#: MethodConfig fields that only one method reads (None for every other method).
-_ONE_METHOD_FIELDS = ("jtt_epochs", "jtt_upweight", "dfr_penalty", "laplace_subset")
+#: MethodConfig fields that only one method reads (None for every other method) -> that method.
+_ONE_METHOD_FIELDS = {"jtt_epochs": "jtt", "jtt_upweight": "jtt", "dfr_penalty": "dfr",
+                      "laplace_subset": "laplace_kd_subset"}
 #: MethodConfig fields added after checkpoints of other methods existed: in ``to_dict``
 #: only when set.
 _SET_ONLY_FIELDS = ("laplace_subset",)
@@ -316,31 +319,29 @@ _LAM, _T, _BETA = 0.5, 2.0, 3.0
 #: posterior's median logit variance is about 1: on the image reference run's exits a fit
 #: on 47 instances (N/100) gives 1.10 (128 instances: 0.52; all 4,795: 0.027).
 LAPLACE_SUBSET = 48
-DEFAULT_HPARAMS: dict[str, MethodConfig] = {
-    "erm": MethodConfig("erm", lam=0.0, T=1.0, beta=0.0),
-    "kd": MethodConfig("kd", lam=_LAM, T=_T, beta=0.0),
-    "dedier": MethodConfig("dedier", lam=_LAM, T=_T, beta=_BETA),
-    "dedier_both": MethodConfig("dedier_both", lam=_LAM, T=_T, beta=_BETA),
-    "laplace_kd": MethodConfig("laplace_kd", lam=_LAM, T=_T, beta=_BETA, score="margin"),
-    "shuffled": MethodConfig("shuffled", lam=_LAM, T=_T, beta=_BETA),
-    "group_balanced": MethodConfig("group_balanced", lam=_LAM, T=_T, beta=0.0),
-    "group_balanced_erm": MethodConfig("group_balanced_erm", lam=0.0, T=1.0, beta=0.0),
-    "dedier_final": MethodConfig("dedier_final", lam=_LAM, T=_T, beta=_BETA),
+DEFAULT_HPARAMS: dict[str, MethodConfig] = {c.method: c for c in (
+    MethodConfig("erm", lam=0.0, T=1.0, beta=0.0),
+    MethodConfig("kd", lam=_LAM, T=_T, beta=0.0),
+    MethodConfig("dedier", lam=_LAM, T=_T, beta=_BETA),
+    MethodConfig("dedier_both", lam=_LAM, T=_T, beta=_BETA),
+    MethodConfig("laplace_kd", lam=_LAM, T=_T, beta=_BETA, score="margin"),
+    MethodConfig("shuffled", lam=_LAM, T=_T, beta=_BETA),
+    MethodConfig("group_balanced", lam=_LAM, T=_T, beta=0.0),
+    MethodConfig("group_balanced_erm", lam=0.0, T=1.0, beta=0.0),
+    MethodConfig("dedier_final", lam=_LAM, T=_T, beta=_BETA),
     # JTT: the identification model is the ERM student after 1 of its epochs (JTT's own
     # choice on CelebA; any profile has more); its errors count 20 times (between JTT's
     # own choices, 4-6 on text and 20-100 on images).
-    "jtt": MethodConfig("jtt", lam=_LAM, T=_T, beta=0.0, jtt_epochs=1, jtt_upweight=20.0),
+    MethodConfig("jtt", lam=_LAM, T=_T, beta=0.0, jtt_epochs=1, jtt_upweight=20.0),
     # DFR: L1, as Kirichenko et al. use on Waterbirds and CelebA.
-    "dfr": MethodConfig("dfr", lam=_LAM, T=_T, beta=0.0, dfr_penalty="l1"),
+    MethodConfig("dfr", lam=_LAM, T=_T, beta=0.0, dfr_penalty="l1"),
     # The laplace method set's variants of laplace_kd (profiles.LAPLACE_METHODS), at its beta.
-    "laplace_kd_entropy": MethodConfig("laplace_kd_entropy", lam=_LAM, T=_T, beta=_BETA, score="entropy"),
-    "laplace_kd_variance": MethodConfig("laplace_kd_variance", lam=_LAM, T=_T, beta=_BETA,
-                                        score="variance"),
-    "laplace_kd_meronen": MethodConfig("laplace_kd_meronen", lam=_LAM, T=_T, beta=_BETA, prior="meronen"),
+    MethodConfig("laplace_kd_entropy", lam=_LAM, T=_T, beta=_BETA, score="entropy"),
+    MethodConfig("laplace_kd_variance", lam=_LAM, T=_T, beta=_BETA, score="variance"),
+    MethodConfig("laplace_kd_meronen", lam=_LAM, T=_T, beta=_BETA, prior="meronen"),
     # A posterior fit on LAPLACE_SUBSET instances is wide (README, "The maths").
-    "laplace_kd_subset": MethodConfig("laplace_kd_subset", lam=_LAM, T=_T, beta=_BETA,
-                                      laplace_subset=LAPLACE_SUBSET),
-}
+    MethodConfig("laplace_kd_subset", lam=_LAM, T=_T, beta=_BETA, laplace_subset=LAPLACE_SUBSET),
+)}
 
 
 def default_config(method: str, **overrides) -> MethodConfig:
@@ -390,12 +391,6 @@ def _exit_logits(out) -> Tensor:
         raise ValueError("this method reads the student's early exit: the model must return "
                          "a StudentOutput with exit_logits (build it with models.build_student)")
     return _full(exit_logits)
-
-
-def _full(t: Tensor) -> Tensor:
-    """Detached, and float32 if it came in half precision (autocast)."""
-    t = t.detach()
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _exit_map(config, out, batch, inputs):
@@ -466,7 +461,8 @@ class Objective:
                              "(N_train, C), indexed by batch.idx; pass the saved teacher logits")
         if teacher_logits is not None and not isinstance(teacher_logits, OnlineTeacher):
             if teacher_logits.ndim != 2:
-                raise ValueError(f"teacher_logits must be (N_train, C), got shape {tuple(teacher_logits.shape)}")
+                raise ValueError("teacher_logits must be (N_train, C), got shape "
+                                 f"{tuple(teacher_logits.shape)}")
             if n_classes is not None and teacher_logits.shape[1] != n_classes:
                 raise ValueError(f"teacher_logits has {teacher_logits.shape[1]} classes, "
                                  f"the data {n_classes}: logits of another dataset?")
@@ -493,28 +489,24 @@ class Objective:
                                    else self._teacher.cpu()), **self._extra}
 
     def loss(self, out, batch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = out.logits if hasattr(out, "logits") else out
-        if logits.dtype in (torch.float16, torch.bfloat16):  # under the loop's CUDA autocast
-            logits = logits.float()
+        cfg, laplace = self.config, self.inputs.laplace
+        logits = _float32(getattr(out, "logits", out))  # float32 under the loop's CUDA autocast
         batch = batch._replace(y=batch.y.to(logits.device))
         ones = torch.ones(batch.y.shape[0], device=logits.device,
                           dtype=torch.promote_types(logits.dtype, torch.float32))
-        w, laplace = None, self.inputs.laplace
+        w = None
         # weights and factors in full precision, whatever autocast the loop runs under
         with torch.autocast(logits.device.type, enabled=False):
-            if self._weighted and epoch >= self.config.warmup_epochs:
-                w = instance_weight(self.config, out, batch, self.inputs)
+            if self._weighted and epoch >= cfg.warmup_epochs:
+                w = instance_weight(cfg, out, batch, self.inputs)
             if laplace is not None:
                 laplace.observe(out, batch, epoch)
         w = ones if w is None else w.detach().to(ones)
-        if w is not ones and self.config.normalise:
+        if w is not ones and cfg.normalise:
             w = normalise(w)
-        w_ce = w if "ce" in self._weighted else ones
-        w_kd = w if "kd" in self._weighted else ones
-        cfg = self.config
+        used = {term: w if term in self._weighted else ones for term in ("ce", "kd")}
         teacher = self._teacher_for(batch, logits.device) if cfg.lam > 0 else None
-        value = student_loss(logits, batch.y, teacher, w_ce, w_kd, cfg.lam, cfg.T)
-        return value, {"ce": w_ce, "kd": w_kd}
+        return student_loss(logits, batch.y, teacher, used["ce"], used["kd"], cfg.lam, cfg.T), used
 
     # -- the loop's hooks: Laplace-KD's refits, its warm-up state and its effect ----
     def on_epoch_start(self, epoch: int) -> None:

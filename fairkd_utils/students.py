@@ -59,26 +59,24 @@ class StudentPlan:
         return (shares_warmup(self.config, self.train_config)
                 and not isinstance(self.teacher_train, losses.OnlineTeacher))
 
-    def _warmup_args(self):
+    def _warmup(self, fn):
+        """``fn`` (``train.warmup_checkpoint`` or ``train.train_warmup``) called on the
+        warm-up it branches from."""
         ds = self.run.splits()["train"]
         trunk = build_student(self.run, self.seed)
         warm = losses.warmup_objective(self.config, self.teacher_train, len(ds), ds.n_classes)
-        return (trunk, self.run.splits(), self.train_config, warm, self.config.warmup_epochs), dict(
-            ckpt_dir=self.ckpt_dir, name=f"warmup-seed{self.seed}",
-            fingerprint_extra=self.run.fingerprint_extra())
+        return fn(trunk, self.run.splits(), self.train_config, warm, self.config.warmup_epochs,
+                  ckpt_dir=self.ckpt_dir, name=f"warmup-seed{self.seed}",
+                  fingerprint_extra=self.run.fingerprint_extra())
 
     def warmup_checkpoint(self) -> Path | None:
         """The file of the warm-up it branches from (None when it branches from none)."""
-        if not self.shares_warmup:
-            return None
-        args, kw = self._warmup_args()
-        return train.warmup_checkpoint(*args, **kw)[1]
+        return self._warmup(train.warmup_checkpoint)[1] if self.shares_warmup else None
 
     def train_warmup(self) -> dict:
         """Train (or reuse) the warm-up it branches from: every method of this seed
         with the same lam and T shares it."""
-        args, kw = self._warmup_args()
-        return train.train_warmup(*args, **kw)
+        return self._warmup(train.train_warmup)
 
     def train(self):
         """Train (or reuse) the student, branching from the shared warm-up (computed
@@ -102,12 +100,10 @@ def plan_student(run: Run, config, seed: int, teacher=None, ckpt_dir=None,
     error_set = (jtt_error_set(run, config, seed, progress=progress, stage=stage)
                  if METHOD_SPECS[config.method].weight == "error_set" else None)
     counts = ds.group_counts()
-    objective = losses.make_objective(config, teacher_logits=teacher_train,
-                                      group_counts=counts, n_train=len(ds),
-                                      n_classes=ds.n_classes, model=model, seed=seed,
-                                      error_set=error_set, top_k=int(sum(
-                                          counts[g] for g in metrics.minority_groups(counts, ds.n_attrs))),
-                                      val=run.splits()["val"])
+    top_k = int(sum(counts[g] for g in metrics.minority_groups(counts, ds.n_attrs)))
+    objective = losses.make_objective(config, teacher_logits=teacher_train, group_counts=counts,
+                                      n_train=len(ds), n_classes=ds.n_classes, model=model, seed=seed,
+                                      error_set=error_set, top_k=top_k, val=run.splits()["val"])
     return StudentPlan(run, config, seed, model, objective,
                        train_config(run, "student", seed, progress=progress),
                        Path(ckpt_dir or run.path("checkpoints")), teacher_train)
@@ -171,21 +167,34 @@ def _record_name(model: str, method: str, config_id: str, seed: int, predictive:
     return f"{model}-{method}-{config_id}-seed{seed}-{predictive}-{split}"
 
 
+def _config_name(config, seed: int) -> str:
+    """The name of the records of ``config`` and ``seed`` that are not per model and split."""
+    return f"{config.method}-{config.config_id}-seed{seed}"
+
+
+def _keyed(frame: pd.DataFrame, config, seed: int) -> pd.DataFrame:
+    """``frame`` with the columns seed, method and config_id put in front (in place)."""
+    for column, value in (("config_id", config.config_id), ("method", config.method), ("seed", seed)):
+        frame.insert(0, column, value)
+    return frame
+
+
+def _confidence(probs, y) -> dict:
+    """Per-instance top probability, confidence margin and correctness of ``probs``."""
+    return {"prob": probs.max(1).values.numpy(), "margin": losses.confidence_margin(probs).numpy(),
+            "correct": (probs.argmax(1) == y).numpy()}
+
+
 def prediction_frame(probs, ds, *, keys: dict, weight=None, variance=None):
     """Per-instance rows of ``predictions.csv`` for one model on one split."""
-    probs = probs.double()
-    pred = probs.argmax(1)
-    n = len(ds)
-    df = pd.DataFrame({
+    def column(values):
+        return np.full(len(ds), np.nan) if values is None else np.asarray(values, dtype=float)
+
+    return pd.DataFrame({
         "id": list(ds.ids), "split": ds.split, "group": ds.g.numpy(), "y": ds.y.numpy(),
-        "seed": keys["seed"], "model": keys["model"], "method": keys["method"],
-        "config_id": keys["config_id"], "predictive": keys["predictive"],
-        "prob": probs.max(1).values.numpy(), "margin": losses.confidence_margin(probs).numpy(),
-        "correct": (pred == ds.y).numpy(),
-        "weight": np.full(n, np.nan) if weight is None else np.asarray(weight, dtype=float),
-        "variance": np.full(n, np.nan) if variance is None else np.asarray(variance, dtype=float),
+        **{k: keys[k] for k in ("seed", "model", "method", "config_id", "predictive")},
+        **_confidence(probs.double(), ds.y), "weight": column(weight), "variance": column(variance),
     })
-    return df
 
 
 def record(run: Run, probs, ds, *, model: str, method: str, seed: int, config_id: str,
@@ -195,7 +204,7 @@ def record(run: Run, probs, ds, *, model: str, method: str, seed: int, config_id
     keys = dict(seed=seed, config_id=config_id, model=model, method=method,
                 predictive=predictive, split=ds.split)
     rows = metrics.metric_rows(probs, ds.y, ds.g, ds.group_names, **run.keys(**keys))
-    name = _record_name(model, method, config_id, seed, predictive, ds.split)
+    name = _record_name(**keys)
     records.write_record(run.run_dir, "metrics", name, rows)
     if predictions:
         records.write_record(run.run_dir, "predictions", name,
@@ -209,8 +218,7 @@ def evaluate_student(run: Run, result, config, seed: int, splits=("val", "test")
     preds = {}
     for split in splits:
         ds = run.splits()[split]
-        p = train.predict(result.model, ds, device=run.device)
-        preds[split] = p
+        p = preds[split] = train.predict(result.model, ds, device=run.device)
         for model_name, probs in (("student", p.probs), ("exit", p.exit_probs)):
             record(run, probs, ds, model=model_name, method=config.method, seed=seed,
                    config_id=config.config_id, predictions=(split == "test"))
@@ -226,11 +234,9 @@ def record_weights(run: Run, result, config, seed: int):
     tidy = w.melt(id_vars=["epoch", "group", "n"], value_vars=["mean_weight_ce", "mean_weight_kd"],
                   var_name="term", value_name="weight")
     tidy["term"] = tidy["term"].str.replace("mean_weight_", "", regex=False)
-    tidy.insert(0, "method", config.method)
-    tidy.insert(0, "seed", seed)
-    tidy.insert(2, "config_id", config.config_id)
+    _keyed(tidy, config, seed)
     tidy["group_name"] = [names[g] for g in tidy["group"]]
-    records.write_record(run.run_dir, "weights", f"{config.method}-{config.config_id}-seed{seed}", tidy)
+    records.write_record(run.run_dir, "weights", _config_name(config, seed), tidy)
     return tidy
 
 
@@ -238,8 +244,8 @@ def erm_outputs(run: Run, seed: int, splits=("train", "val", "test")) -> tuple:
     """The ERM student of notebook 03 (reused, never retrained here) and its
     predictions (logits, exit logits, phi) on ``splits``."""
     config = method_config(run, "erm")
-    run.require(f"records/metrics/{_record_name('student', 'erm', config.config_id, seed, 'map', 'test')}.csv",
-            "03_early_exit_student")
+    name = _record_name("student", "erm", config.config_id, seed, "map", "test")
+    run.require(f"records/metrics/{name}.csv", "03_early_exit_student")
     result = train_student(run, config, seed)
     if not result.reused:
         raise FileNotFoundError(f"the ERM student of seed {seed} was not found (its checkpoint is "
@@ -270,18 +276,18 @@ def final_train_weights(run: Run, result, config, pred=None, seed: int | None = 
         p = pred if pred is not None else train.predict(result.model, ds, device=run.device)
         out = models.StudentOutput(p.logits.double(), p.exit_logits.double(), p.phi.double())
     if source == "exit_laplace":  # fit on the whole split, predictive drawn with seed 0
-        inputs.laplace = laplace_source.LaplaceSource(config, result.model, len(ds), val=run.splits()["val"])
-        val = {}
+        val_ds = run.splits()["val"]
+        inputs.laplace = laplace_source.LaplaceSource(config, result.model, len(ds), val=val_ds)
+        fit = dict(y=ds.y, prior=config.prior, tau=config.tau)
         if config.prior == "meronen":  # var0 and temperature on the final exit's validation NLL
-            v = train.predict(result.model, run.splits()["val"], device=run.device)
-            val = {"phi_val": v.phi.double(), "y_val": v.y}
-        fit = dict(y=ds.y, prior=config.prior, tau=config.tau, **val)
+            v = train.predict(result.model, val_ds, device=run.device)
+            fit.update(phi_val=v.phi.double(), y_val=v.y)
+        args = (result.model.exit, p.phi.double(), p.exit_probs)
         if config.laplace_subset is None:
-            inputs.laplace.posterior = fit_exit_laplace(result.model.exit, p.phi.double(), p.exit_probs, **fit)
+            inputs.laplace.posterior = fit_exit_laplace(*args, **fit)
         else:  # laplace_kd_subset: on its subset of epoch 0 of the seed (0 if not given)
             idx = laplace_source.laplace_subset_indices(len(ds), config.laplace_subset, seed or 0, 0)
-            inputs.laplace.posterior = fit_on_subset(result.model.exit, p.phi.double(), p.exit_probs,
-                                                     idx, **fit)
+            inputs.laplace.posterior = fit_on_subset(*args, idx, **fit)
         inputs.laplace.generator = torch.Generator().manual_seed(0)
     return losses.instance_weight(config, out, data.Batch(torch.arange(len(ds)), None, ds.y, ds.a),
                                   inputs)
@@ -302,25 +308,17 @@ def run_method(run: Run, method: str, seed: int, teacher=None, config=None, prog
         p = train.predict(result.model, ds, device=run.device)
         w = final_train_weights(run, result, config, pred=p, seed=seed)
         keys = dict(seed=seed, config_id=config.config_id, model="exit", method=config.method,
-                    predictive="map")
-        records.write_record(run.run_dir, "predictions",
-                             _record_name("exit", config.method, config.config_id, seed, "map", "train"),
+                    predictive="map", split=ds.split)
+        records.write_record(run.run_dir, "predictions", _record_name(**keys),
                              prediction_frame(p.exit_probs, ds, keys=keys, weight=w.numpy()))
-    effect = [c for c in LAPLACE_EFFECT if c in result.history]
+    # Laplace-KD's per-epoch effect: how far its weights are from DeDiER's
+    effect = [c for c in losses.LAPLACE_EFFECT if c in result.history]
     effect += [c for c in result.history if c.startswith("weight_share_g")]
     if effect:
         table = result.history[["epoch", *effect]].dropna(how="all", subset=effect)
-        table.insert(0, "config_id", config.config_id)
-        table.insert(0, "method", config.method)
-        table.insert(0, "seed", seed)
-        records.write_record(run.run_dir, "laplace_effect", f"{config.method}-{config.config_id}-seed{seed}",
-                             table)
+        records.write_record(run.run_dir, "laplace_effect", _config_name(config, seed),
+                             _keyed(table, config, seed))
     return result
-
-
-#: Per-epoch columns of a Laplace-KD history: how far its weights are from DeDiER's
-#: (``laplace_source.LaplaceSource.epoch_stats``; one ``weight_share_g<k>`` column per group follows).
-LAPLACE_EFFECT = losses.LAPLACE_EFFECT
 
 
 def base_config(run: Run, config):
@@ -355,15 +353,11 @@ def run_dfr(run: Run, config, seed: int, teacher=None, progress: bool = False):
              "n_fit_per_group": int((g_fit == g_fit[0]).sum()), "n_subsets": len(fit.subsets),
              "n_val_half1": len(fit.fit_idx), "n_val_half2": len(fit.select_idx)}
             for r in fit.table]
-    records.write_record(run.run_dir, "dfr", f"{config.method}-{config.config_id}-seed{seed}", rows)
+    records.write_record(run.run_dir, "dfr", _config_name(config, seed), rows)
     return retrained
 
 
 def exit_frame(pred, ds) -> "pd.DataFrame":
     """Per-instance exit confidence, margin and correctness on ``ds`` (for figures)."""
-    probs = pred.exit_probs
-    return pd.DataFrame({
-        "group": ds.g.numpy(), "group_name": [ds.group_names[k] for k in ds.g.tolist()],
-        "prob": probs.max(1).values.numpy(), "margin": losses.confidence_margin(probs).numpy(),
-        "correct": (probs.argmax(1) == ds.y).numpy(),
-    })
+    return pd.DataFrame({"group": ds.g.numpy(), "group_name": [ds.group_names[k] for k in ds.g.tolist()],
+                         **_confidence(pred.exit_probs, ds.y)})

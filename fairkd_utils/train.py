@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 import pandas as pd
 import torch
@@ -51,7 +51,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------- objectives
-@runtime_checkable
 class Objective(Protocol):
     """What the loop needs from a training objective.
 
@@ -130,10 +129,9 @@ class TrainConfig:
     RUNTIME_FIELDS = ("device", "num_workers", "progress", "eval_batch_size")
 
     def __post_init__(self):
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer={self.optimizer!r}; use 'sgd' or 'adamw'")
-        if self.select_on not in ("worst_group_acc", "avg_acc"):
-            raise ValueError(f"select_on={self.select_on!r}; use 'worst_group_acc' or 'avg_acc'")
+        for name, choices in (("optimizer", ("sgd", "adamw")), ("select_on", ("worst_group_acc", "avg_acc"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}; use {' or '.join(map(repr, choices))}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if not 0 <= self.lr_warmup < 1:
@@ -152,17 +150,14 @@ class TrainConfig:
         """The profile's budget for ``role`` ("teacher" | "student")."""
         if role not in ("teacher", "student"):
             raise ValueError(f"role={role!r}; use 'teacher' or 'student'")
-        epochs = profile.teacher_epochs if role == "teacher" else profile.student_epochs
-        teacher_lr = getattr(profile, "teacher_lr", None)
-        lr = teacher_lr if role == "teacher" and teacher_lr else profile.lr
-        kw = dict(epochs=epochs, batch_size=profile.batch_size, optimizer=profile.optimizer,
-                  lr=lr, weight_decay=profile.weight_decay,
-                  select_on=profile.select_on, seed=seed, device=device,
-                  lr_warmup=getattr(profile, "lr_warmup", 0.0))
-        if role == "student":
-            kw["exit_lr_scale"] = getattr(profile, "exit_lr_scale", 1.0)
-        kw.update(overrides)
-        return cls(**kw)
+        teacher = role == "teacher"
+        kw = dict(epochs=profile.teacher_epochs if teacher else profile.student_epochs,
+                  batch_size=profile.batch_size, optimizer=profile.optimizer,
+                  lr=(getattr(profile, "teacher_lr", None) if teacher else None) or profile.lr,
+                  weight_decay=profile.weight_decay, select_on=profile.select_on, seed=seed,
+                  device=device, lr_warmup=getattr(profile, "lr_warmup", 0.0),
+                  exit_lr_scale=1.0 if teacher else getattr(profile, "exit_lr_scale", 1.0))
+        return cls(**{**kw, **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,7 +206,7 @@ def use_channels_last(model: nn.Module, device: torch.device, requested: bool | 
     return bool(outs) and min(outs) >= 16
 
 
-def _autocast(device: torch.device, amp: bool):
+def _autocast(device: torch.device, amp: bool | None):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
@@ -227,8 +222,6 @@ def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
     ``amp`` None = off: predictions (and phi, which the Laplace fit reads) are fp32
     even on CUDA; the training loop's per-epoch val pass uses bf16 there."""
     dev = torch.device(resolve_device(device)) if isinstance(device, str) else torch.device(device)
-    amp = False if amp is None else bool(amp)
-    workers = _workers(num_workers, dev)
     channels_last = use_channels_last(model, dev, channels_last)
     was_training, was_augmenting = model.training, getattr(ds, "augment", False)
     model.eval()
@@ -236,7 +229,7 @@ def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
     logits, exits, phis = [], [], []
     try:
         for batch in iterate_batches(ds, batch_size, shuffle=False, device=dev,
-                                     num_workers=workers, pin_memory=dev.type == "cuda"):
+                                     num_workers=_workers(num_workers, dev), pin_memory=dev.type == "cuda"):
             x = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
             with _autocast(dev, amp):
                 out = model(x)
@@ -303,11 +296,6 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _select_key(row: dict, select_on: str) -> tuple:
-    other = "avg_acc" if select_on == "worst_group_acc" else "worst_group_acc"
-    return (row[f"val_{select_on}"], row[f"val_{other}"])
-
-
 def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=None, *,
                 ckpt_dir=None, name: str = "model", fingerprint_extra=None,
                 branch_from=None) -> TrainResult:
@@ -325,10 +313,11 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
     fixed seed (``build_student(..., seed=...)``) for reruns to reuse it.
 
     ``branch_from``: a :func:`train_warmup` state (or a function returning one, called
-    only if there is no checkpoint to reuse) of the *same* initial model, config and data. Training continues from its epoch instead of recomputing the epochs
-    before it — exact when those epochs are the same for this objective (the
-    warm-up, in which every distillation method is kd). The result, and so the
-    fingerprint, are those of a run from scratch.
+    only if there is no checkpoint to reuse) of the *same* initial model, config and data.
+    Training continues from its epoch instead of recomputing the epochs before it — exact
+    when those epochs are the same for this objective (the warm-up, in which every
+    distillation method is kd). The result, and so the fingerprint, are those of a run
+    from scratch.
     Raises :class:`NonFiniteLossError` (no checkpoint written) on a NaN/inf loss.
     """
     objective = CrossEntropyObjective() if objective is None else objective
@@ -338,9 +327,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
         stored = ck.load_checkpoint(path, model, expected_fingerprint=fp)
         model.to(torch.device(resolve_device(config.device)))
         logger.info("reused checkpoint %s", path.name)
-        return TrainResult(model, pd.DataFrame(stored["history"]),
-                           _weights_frame(stored.get("weights", [])), path, True, fp,
-                           int(stored["best_epoch"]))
+        return _result(model, stored, path, True, fp)
     if callable(branch_from):  # computed only when training is needed
         branch_from = branch_from()
     state = _fit(model, splits, config, objective, name, start=branch_from, stop=config.epochs)
@@ -351,8 +338,7 @@ def train_model(model: nn.Module, splits: dict, config: TrainConfig, objective=N
         h["best"] = h["epoch"] == state["best_epoch"]
     if path is not None:
         ck.save_model(path, name=name, fp=fp, payload=payload, config=config, state=state)
-    return TrainResult(model, pd.DataFrame(state["history"]), _weights_frame(state["weights"]),
-                       path, False, fp, state["best_epoch"])
+    return _result(model, state, path, False, fp)
 
 
 def warmup_checkpoint(model: nn.Module, splits: dict, config: TrainConfig, objective, epochs: int, *,
@@ -415,6 +401,8 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
     gen = torch.Generator().manual_seed(int(cfg.seed))
     n_groups = train_ds.n_groups
     train_counts = train_ds.group_counts()
+    # the kept epoch: best on val select_on, ties broken by the other metric
+    other = "avg_acc" if cfg.select_on == "worst_group_acc" else "worst_group_acc"
 
     history, weight_rows = [], []
     best_key, best_state, best_epoch, first = None, None, -1, 0
@@ -438,9 +426,8 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
             objective.on_epoch_start(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct, seen = 0, 0
-        w_sum = {t: torch.zeros(n_groups, dtype=torch.float64) for t in ("ce", "kd")}
         w_n = torch.zeros(n_groups, dtype=torch.float64)
-        got_weights = {"ce": False, "kd": False}
+        w_sum = {}  # per weighted term ("ce", "kd") the objective returned this epoch
         batches = iterate_batches(train_ds, cfg.batch_size, shuffle=True, generator=gen,
                                   device=dev, num_workers=workers,
                                   pin_memory=dev.type == "cuda", drop_last=drop_last)
@@ -470,44 +457,38 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
             correct += int((final_logits(out).detach().argmax(1) == batch.y).sum())
             g = (batch.y * train_ds.n_attrs + batch.a).cpu()
             w_n += torch.bincount(g, minlength=n_groups).double()
-            if weights:
-                for term in ("ce", "kd"):
-                    w = weights.get(term)
-                    if w is not None:
-                        got_weights[term] = True
-                        w = torch.as_tensor(w).detach().double().cpu().expand(bsz)
-                        w_sum[term].index_add_(0, g, w)
+            for term in ("ce", "kd"):
+                w = (weights or {}).get(term)
+                if w is not None:
+                    w = torch.as_tensor(w).detach().double().cpu().expand(bsz)
+                    w_sum.setdefault(term, torch.zeros(n_groups, dtype=torch.float64)).index_add_(0, g, w)
             if cfg.progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{loss_value:.3f}")
         objective.on_epoch_end(epoch)
         train_seconds = time.perf_counter() - t0  # the epoch's training, without validation
 
-        for k in range(n_groups if any(got_weights.values()) else 0):
-            weight_rows.append({
-                "epoch": epoch + 1, "group": k, "n": int(w_n[k]),
-                "mean_weight_ce": float(w_sum["ce"][k] / w_n[k]) if got_weights["ce"] and w_n[k] else float("nan"),
-                "mean_weight_kd": float(w_sum["kd"][k] / w_n[k]) if got_weights["kd"] and w_n[k] else float("nan"),
-            })
+        for k in range(n_groups if w_sum else 0):
+            weight_rows.append({"epoch": epoch + 1, "group": k, "n": int(w_n[k]), **{
+                f"mean_weight_{t}": float(w_sum[t][k] / w_n[k]) if t in w_sum and w_n[k] else float("nan")
+                for t in ("ce", "kd")}})
         ev = evaluate(model, val_ds, batch_size=cfg.eval_batch_size, device=dev, amp=amp,
                       train_group_counts=train_counts)
         row = {"epoch": epoch + 1, "lr": float(sched.get_last_lr()[0]),
-               "train_loss": float(loss_sum / max(seen, 1)), "train_acc": correct / max(seen, 1)}
-        row.update({f"val_{k}": float(v) for k, v in ev.items()})
-        if hasattr(objective, "epoch_stats"):  # e.g. how far Laplace-KD's weights are from DeDiER's
-            row.update(objective.epoch_stats(epoch))
-        row["train_seconds"] = train_seconds
-        row["seconds"] = time.perf_counter() - t0
+               "train_loss": float(loss_sum / max(seen, 1)), "train_acc": correct / max(seen, 1),
+               **{f"val_{k}": float(v) for k, v in ev.items()},
+               # e.g. how far Laplace-KD's weights are from DeDiER's
+               **(objective.epoch_stats(epoch) if hasattr(objective, "epoch_stats") else {}),
+               "train_seconds": train_seconds, "seconds": time.perf_counter() - t0}
         history.append(row)
         logger.info("%s epoch %d/%d loss %.3f val wga %.3f avg %.3f (%.1f s)", name, epoch + 1,
                     cfg.epochs, row["train_loss"], row["val_worst_group_acc"], row["val_avg_acc"],
                     row["seconds"])
-        key = _select_key(row, cfg.select_on)
+        key = (row[f"val_{cfg.select_on}"], row[f"val_{other}"])
         if epoch + 1 > cfg.select_after and (best_key is None or key > best_key):
             best_key, best_epoch = key, epoch + 1
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = _cpu(model.state_dict())
 
-    return {"epoch": stop, "model": {k: v.detach().to("cpu", copy=True).contiguous()
-                                     for k, v in model.state_dict().items()},
+    return {"epoch": stop, "model": {k: v.contiguous() for k, v in _cpu(model.state_dict()).items()},
             "optimizer": _cpu(opt.state_dict()), "scheduler": sched.state_dict(),
             "generator": gen.get_state(), "history": history, "weights": weight_rows,
             "best_key": list(best_key) if best_key else None,
@@ -526,5 +507,8 @@ def _cpu(obj):
     return obj
 
 
-def _weights_frame(rows) -> pd.DataFrame:
-    return pd.DataFrame(list(rows), columns=list(WEIGHT_COLUMNS))
+def _result(model: nn.Module, state: dict, path, reused: bool, fp: str) -> TrainResult:
+    """The result of a checkpoint read back or of a finished :func:`_fit` state."""
+    weights = pd.DataFrame(list(state.get("weights", [])), columns=list(WEIGHT_COLUMNS))
+    return TrainResult(model, pd.DataFrame(state["history"]), weights, path, reused, fp,
+                       int(state["best_epoch"]))
