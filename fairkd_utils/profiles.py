@@ -327,6 +327,10 @@ class Profile:
     # How the text exit pools its layer's token states: "mean" (over the attention mask,
     # as the image exit averages its stage's feature map) or "cls" (the [CLS] position).
     exit_pool: str = "cls"
+    # torch.compile of the teacher's and the students' training and validation forward
+    # passes (train.Forward; --set compile=true). Off by default: bench/bench_pipeline.py
+    # --compile both measures the whole study eager against compiled (README, budgets).
+    compile: bool = False
     # Students: the early exit head's learning rate as a multiple of lr
     # (train.TrainConfig.exit_lr_scale): how far the exit's own fit gets in the budget.
     # ERM, kd and group-balanced students train every other weight exactly as at 1; the

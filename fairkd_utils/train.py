@@ -36,7 +36,7 @@ from .records import torch_save
 __all__ = [
     "Objective", "CrossEntropyObjective", "TrainConfig", "TrainResult", "Predictions",
     "train_model", "train_warmup", "predict", "evaluate", "NonFiniteLossError",
-    "WEIGHT_COLUMNS", "use_channels_last", "final_logits",
+    "WEIGHT_COLUMNS", "use_channels_last", "final_logits", "Forward",
 ]
 #: One line per epoch; ``rundir.setup`` sends it to ``<run_dir>/run.log``.
 logger = logging.getLogger("fairkd")
@@ -99,7 +99,8 @@ class TrainConfig:
     """Everything the loop does that is not the model, the data or the objective.
 
     ``device`` "cpu" | "cuda" | "auto"; ``amp`` None = bf16 autocast on CUDA only;
-    ``channels_last`` None = auto (:func:`use_channels_last`);
+    ``channels_last`` None = auto (:func:`use_channels_last`); ``compile``: the training
+    and validation forward passes under ``torch.compile`` (:class:`Forward`);
     ``num_workers`` None = 0 on CPU, min(8, cores) on CUDA (lazy datasets only)."""
     epochs: int
     batch_size: int = 128
@@ -123,6 +124,7 @@ class TrainConfig:
     num_workers: int | None = None
     amp: bool | None = None
     channels_last: bool | None = None
+    compile: bool = False             # torch.compile the forward passes (not bit-identical to eager)
     progress: bool = True             # tqdm bar per epoch
 
     # fields that do not change what is trained (excluded from the fingerprint)
@@ -156,11 +158,53 @@ class TrainConfig:
                   lr=(getattr(profile, "teacher_lr", None) if teacher else None) or profile.lr,
                   weight_decay=profile.weight_decay, select_on=profile.select_on, seed=seed,
                   device=device, lr_warmup=getattr(profile, "lr_warmup", 0.0),
-                  exit_lr_scale=1.0 if teacher else getattr(profile, "exit_lr_scale", 1.0))
+                  exit_lr_scale=1.0 if teacher else getattr(profile, "exit_lr_scale", 1.0),
+                  compile=getattr(profile, "compile", False))
         return cls(**{**kw, **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- compiled forward
+class Forward:
+    """``model``'s forward pass, eager or (``compiled``) under ``torch.compile``.
+
+    torch.compile caches its graphs on the forward's code, the input's shape and the
+    mode (train or eval, with or without gradients), not on the model object: the
+    parameters are graph inputs. So every student of one shape in a process (a
+    notebook's kernel, a job worker) reuses one compile per mode. Batches of another
+    size than the first (a split's last, smaller batch) run eagerly, so that they never
+    recompile. The first step of each new (model class, shape, mode) logs
+    ``compiled <key> in X s``: that step's wall time, the compile included (the backward
+    is compiled at the first ``backward()``, so call :meth:`done` after the step)."""
+
+    _seen: set = set()   # the keys compiled in this process
+    backend = "inductor"  # torch.compile's backend (the tests set "eager": dynamo only)
+
+    def __init__(self, model: nn.Module, compiled: bool = False):
+        self.model, self.compiled = model, compiled
+        self.fn = torch.compile(model, dynamic=False, backend=self.backend) if compiled else model
+        self.full, self.pending = {}, None   # the first batch size of each mode
+
+    def __call__(self, x: torch.Tensor):
+        if not self.compiled:
+            return self.model(x)
+        mode = (self.model.training, torch.is_grad_enabled())
+        if x.shape[0] != self.full.setdefault(mode, x.shape[0]):
+            return self.model(x)
+        key = (type(self.model).__name__, tuple(x.shape), *mode)
+        if key not in Forward._seen:
+            Forward._seen.add(key)
+            self.pending = (key, time.perf_counter())
+        return self.fn(x)
+
+    def done(self) -> None:
+        """Log the compile of the step that just ended, if it compiled."""
+        if self.pending:
+            key, t0 = self.pending
+            logger.info("compiled %s in %.1f s", key, time.perf_counter() - t0)
+            self.pending = None
 
 
 # --------------------------------------------------------------------------- prediction
@@ -215,12 +259,14 @@ def _autocast(device: torch.device, amp: bool | None):
 @torch.no_grad()
 def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
             amp: bool | None = None, channels_last: bool | None = None,
-            num_workers: int | None = None) -> Predictions:
+            num_workers: int | None = None, forward: Forward | None = None) -> Predictions:
     """Logits (and exit logits and phi for a student) on every item of ``ds``, in
     dataset order, in eval mode (the model's mode is restored afterwards).
 
     ``amp`` None = off: predictions (and phi, which the Laplace fit reads) are fp32
-    even on CUDA; the training loop's per-epoch val pass uses bf16 there."""
+    even on CUDA; the training loop's per-epoch val pass uses bf16 there. ``forward``:
+    the model's :class:`Forward` (the training loop's, compiled or not); None: eager."""
+    forward = forward or Forward(model)
     dev = torch.device(resolve_device(device)) if isinstance(device, str) else torch.device(device)
     channels_last = use_channels_last(model, dev, channels_last)
     was_training, was_augmenting = model.training, getattr(ds, "augment", False)
@@ -232,7 +278,8 @@ def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
                                      num_workers=_workers(num_workers, dev), pin_memory=dev.type == "cuda"):
             x = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
             with _autocast(dev, amp):
-                out = model(x)
+                out = forward(x)
+            forward.done()
             logits.append(final_logits(out).float().cpu())
             if isinstance(out, StudentOutput):
                 exits.append(out.exit_logits.float().cpu())
@@ -246,9 +293,9 @@ def predict(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
 
 
 def evaluate(model: nn.Module, ds, *, batch_size: int = 512, device="cpu",
-             amp: bool | None = None, train_group_counts=None) -> dict:
+             amp: bool | None = None, train_group_counts=None, forward: Forward | None = None) -> dict:
     """Scalar metrics of the final head (and ``exit_*`` of the exit) on ``ds``."""
-    p = predict(model, ds, batch_size=batch_size, device=device, amp=amp)
+    p = predict(model, ds, batch_size=batch_size, device=device, amp=amp, forward=forward)
     out = M.summarize(p.probs, p.y, p.g, ds.n_groups, train_group_counts)
     if p.exit_logits is not None:
         ex = M.summarize(p.exit_probs, p.y, p.g, ds.n_groups, train_group_counts)
@@ -392,6 +439,7 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = _make_optimizer(model, cfg)
+    forward = Forward(model, cfg.compile)
     n_train = len(train_ds)
     drop_last = n_train % cfg.batch_size == 1 and n_train > 1  # a batch of 1 breaks BatchNorm
     steps_per_epoch = n_train // cfg.batch_size if drop_last else math.ceil(n_train / cfg.batch_size)
@@ -436,7 +484,7 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
         for step, batch in enumerate(bar):
             x = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
             with _autocast(dev, amp):
-                out = model(x)
+                out = forward(x)
                 loss, weights = objective.loss(out, batch, epoch)
                 if isinstance(out, StudentOutput) and cfg.exit_loss_weight:
                     loss = loss + cfg.exit_loss_weight * F.cross_entropy(
@@ -451,6 +499,7 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
             loss.backward()
             opt.step()
             sched.step()
+            forward.done()
             bsz = len(batch.y)
             loss_sum += loss_value * bsz
             seen += bsz
@@ -472,7 +521,7 @@ def _fit(model: nn.Module, splits: dict, cfg: TrainConfig, objective, name: str,
                 f"mean_weight_{t}": float(w_sum[t][k] / w_n[k]) if t in w_sum and w_n[k] else float("nan")
                 for t in ("ce", "kd")}})
         ev = evaluate(model, val_ds, batch_size=cfg.eval_batch_size, device=dev, amp=amp,
-                      train_group_counts=train_counts)
+                      train_group_counts=train_counts, forward=forward)
         row = {"epoch": epoch + 1, "lr": float(sched.get_last_lr()[0]),
                "train_loss": float(loss_sum / max(seen, 1)), "train_acc": correct / max(seen, 1),
                **{f"val_{k}": float(v) for k, v in ev.items()},
