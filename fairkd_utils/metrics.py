@@ -21,13 +21,10 @@ from scipy import stats
 
 from .profiles import BASELINES, METHODS
 
-__all__ = [
-    "group_accuracy", "worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap",
-    "ece", "nll", "metric_rows", "summarize", "SUMMARY_METRICS",
-    "auroc", "per_seed_metrics", "mean_interval", "summary_table", "paired_differences",
-    "within_wrong_rank_corr", "topk_overlap", "group_weight_share", "minority_groups",
-    "format_summary", "format_paired", "verdict", "verdicts",
-]
+__all__ = ["group_accuracy", "worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece", "nll",
+           "metric_rows", "summarize", "SUMMARY_METRICS", "auroc", "per_seed_metrics", "mean_interval",
+           "summary_table", "paired_differences", "within_wrong_rank_corr", "topk_overlap",
+           "group_weight_share", "minority_groups", "format_summary", "format_paired", "verdict", "verdicts"]
 
 #: The scalar metrics of ``summary.csv`` (per method, over seeds).
 SUMMARY_METRICS = ("worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece")
@@ -148,17 +145,11 @@ def summarize(probs, y, g, n_groups: int, train_group_counts=None) -> dict:
     worst_group_acc, avg_acc, train_weighted_acc (NaN without train counts),
     group_gap, ece, nll, and the per-group accuracies as ``acc_g{k}``."""
     acc = group_accuracy(probs, y, g, n_groups)
-    out = {
-        "worst_group_acc": worst_group_acc(acc),
-        "avg_acc": avg_acc(probs, y),
-        "train_weighted_acc": (train_weighted_acc(acc, train_group_counts)
-                               if train_group_counts is not None else float("nan")),
-        "group_gap": group_gap(acc),
-        "ece": ece(probs, y),
-        "nll": nll(probs, y),
-    }
-    out.update({f"acc_g{k}": float(a) for k, a in enumerate(acc)})
-    return out
+    return {"worst_group_acc": worst_group_acc(acc), "avg_acc": avg_acc(probs, y),
+            "train_weighted_acc": (train_weighted_acc(acc, train_group_counts)
+                                   if train_group_counts is not None else float("nan")),
+            "group_gap": group_gap(acc), "ece": ece(probs, y), "nll": nll(probs, y),
+            **{f"acc_g{k}": float(a) for k, a in enumerate(acc)}}
 
 
 # --------------------------------------------------------------------------- statistics over seeds

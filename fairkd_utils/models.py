@@ -153,12 +153,11 @@ def _torchvision_resnet(arch: str, n_classes: int, weights_path=None) -> ResNetB
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {list(unexpected)[:5]}; pass a torchvision {arch} state_dict "
                 f"(e.g. the file torchvision's {arch} ImageNet weights are stored in)")
-    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     stages = [net.layer1, net.layer2, net.layer3, net.layer4]
-    widths = [stage[-1].conv3.out_channels if hasattr(stage[-1], "conv3")
-              else stage[-1].conv2.out_channels for stage in stages]
-    fc = nn.Linear(net.fc.in_features, n_classes)
-    return ResNetBackbone(stem, stages, fc, widths)
+    # a stage's width: its last block's last conv (conv3 in a Bottleneck, conv2 in a BasicBlock)
+    widths = [getattr(stage[-1], "conv3", stage[-1].conv2).out_channels for stage in stages]
+    return ResNetBackbone(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), stages,
+                          nn.Linear(net.fc.in_features, n_classes), widths)
 
 
 def _read_state_dict(path) -> dict:

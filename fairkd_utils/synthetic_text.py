@@ -29,21 +29,15 @@ SYNTHETIC_TEXT_DIVISOR = 20
 
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, CLS, SEP = 0, 2, 3   # their places in _SPECIALS
-# Readable antonym pairs for the pseudo-vocabulary (unique, lower-case letters only).
-_PAIRS = [
-    ("hot", "cold"), ("big", "small"), ("open", "shut"), ("light", "dark"), ("fast", "slow"),
-    ("new", "old"), ("wet", "dry"), ("happy", "sad"), ("high", "low"), ("early", "late"),
-    ("full", "empty"), ("loud", "quiet"), ("rich", "poor"), ("hard", "soft"),
-    ("strong", "weak"), ("clean", "dirty"), ("near", "far"), ("long", "short"),
-    ("thick", "thin"), ("sweet", "sour"), ("awake", "asleep"), ("inside", "outside"),
-    ("up", "down"), ("left", "right"), ("win", "lose"), ("push", "pull"), ("buy", "sell"),
-    ("give", "take"), ("wide", "narrow"), ("deep", "shallow"), ("sharp", "blunt"),
-    ("brave", "afraid"), ("calm", "angry"), ("simple", "complex"), ("safe", "risky"),
-    ("smooth", "rough"), ("first", "last"), ("north", "south"), ("east", "west"),
-    ("day", "night"), ("top", "bottom"), ("come", "go"), ("love", "hate"),
-    ("friend", "enemy"), ("true", "false"), ("before", "after"), ("alive", "dead"),
-    ("young", "aged"),
-]
+# Readable antonym pairs for the pseudo-vocabulary, word/antonym (unique, lower-case letters only).
+_PAIRS = [tuple(pair.split("/")) for pair in """
+    hot/cold big/small open/shut light/dark fast/slow new/old wet/dry happy/sad high/low
+    early/late full/empty loud/quiet rich/poor hard/soft strong/weak clean/dirty near/far
+    long/short thick/thin sweet/sour awake/asleep inside/outside up/down left/right win/lose
+    push/pull buy/sell give/take wide/narrow deep/shallow sharp/blunt brave/afraid calm/angry
+    simple/complex safe/risky smooth/rough first/last north/south east/west day/night top/bottom
+    come/go love/hate friend/enemy true/false before/after alive/dead young/aged
+""".split()]
 
 
 #: The miniature's vague words: a hypothesis made of one says nothing about the premise.
@@ -186,8 +180,7 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
     g = np.repeat(np.arange(6), np.asarray(counts, dtype=np.int64))
     g = g[rng.permutation(len(g))]
     y, a = g // 2, g % 2
-    length = synthetic_text_length(premise_len, hypothesis_len)
-    x = np.zeros((len(g), 2, length), dtype=np.int64)
+    x = np.zeros((len(g), 2, synthetic_text_length(premise_len, hypothesis_len)), dtype=np.int64)
     negations = vocab.first_negation + np.arange(vocab.n_negation)
     for i in range(len(g)):
         for _ in range(_MAX_REDRAWS):
@@ -196,8 +189,7 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
             pairs = (rng.permutation(vocab.n_pairs) if weights is None else
                      rng.choice(vocab.n_pairs, n_p + 1, replace=False, p=weights))
             premise = vocab.content(pairs[:n_p], rng.integers(0, 2, n_p))
-            pos = rng.permutation(n_p)[:n_h]          # premise words the hypothesis restates
-            hyp = premise[pos]
+            hyp = premise[rng.permutation(n_p)[:n_h]]  # premise words the hypothesis restates
             if y[i] == 0:                             # contradiction: one word's antonym
                 hyp[-1] = vocab.antonym(hyp[-1])
             elif y[i] == 2:                           # neutral: one word from outside the premise

@@ -27,21 +27,6 @@ __all__ = ["TextTeacher", "TextEarlyExitStudent", "bert_config", "build_text_tea
            "check_model_folders"]
 
 
-def _encoder_inputs(encoder: nn.Module, x: torch.Tensor, pad_id: int) -> dict:
-    if x.ndim != 3 or x.shape[1] != 2:
-        raise ValueError(f"text models take x of shape (N, 2, L) (input ids, token type ids), "
-                         f"got {tuple(x.shape)}")
-    max_pos = getattr(encoder.config, "max_position_embeddings", None)
-    if max_pos is not None and x.shape[2] > max_pos:
-        raise ValueError(f"sequences of {x.shape[2]} tokens, but the encoder has "
-                         f"{max_pos} positions; tokenise with max_length <= {max_pos}")
-    ids = x[:, 0]
-    kwargs = {"input_ids": ids, "attention_mask": (ids != pad_id).long()}
-    if (getattr(encoder.config, "type_vocab_size", 0) or 0) > 1:
-        kwargs["token_type_ids"] = x[:, 1]
-    return kwargs
-
-
 class _TextClassifier(nn.Module):
     """What both text models share: the encoder, its pad id, dropout as the encoder's
     ``hidden_dropout_prob`` and a linear classifier on ``[CLS]`` initialised as BERT's
@@ -59,6 +44,22 @@ class _TextClassifier(nn.Module):
         nn.init.zeros_(self.classifier.bias)
         self.n_classes = int(n_classes)
 
+    def _inputs(self, x: torch.Tensor) -> dict:
+        """The encoder's keyword arguments for ``x`` (N, 2, L): input ids, the attention
+        mask ``ids != pad_id`` and, when the encoder has several, the token types."""
+        if x.ndim != 3 or x.shape[1] != 2:
+            raise ValueError(f"text models take x of shape (N, 2, L) (input ids, token type ids), "
+                             f"got {tuple(x.shape)}")
+        max_pos = getattr(self.encoder.config, "max_position_embeddings", None)
+        if max_pos is not None and x.shape[2] > max_pos:
+            raise ValueError(f"sequences of {x.shape[2]} tokens, but the encoder has "
+                             f"{max_pos} positions; tokenise with max_length <= {max_pos}")
+        ids = x[:, 0]
+        kwargs = {"input_ids": ids, "attention_mask": (ids != self.pad_id).long()}
+        if (getattr(self.encoder.config, "type_vocab_size", 0) or 0) > 1:
+            kwargs["token_type_ids"] = x[:, 1]
+        return kwargs
+
 
 class TextTeacher(_TextClassifier):
     """A BERT-like encoder + a linear classifier on the pooled ``[CLS]``:
@@ -69,7 +70,7 @@ class TextTeacher(_TextClassifier):
     layer's ``[CLS]`` state. Dropout as the encoder's ``hidden_dropout_prob``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(**_encoder_inputs(self.encoder, x, self.pad_id))
+        out = self.encoder(**self._inputs(x))
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
             pooled = out.last_hidden_state[:, 0]
@@ -114,7 +115,7 @@ class TextEarlyExitStudent(_TextClassifier):
         return self.exit.in_features
 
     def forward(self, x: torch.Tensor) -> StudentOutput:
-        kwargs = _encoder_inputs(self.encoder, x, self.pad_id)
+        kwargs = self._inputs(x)
         out = self.encoder(**kwargs, output_hidden_states=True)
         h = out.hidden_states[self.exit_layer]
         if self.pool == "cls":
