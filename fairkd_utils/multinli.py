@@ -237,7 +237,7 @@ def _bounded_lines(fh, path: Path) -> Iterator[str]:
     """The lines of the open text file ``fh``, each refused (naming the file and the
     line) when longer than :data:`MAX_TEXT_CHARS`; at most that many characters of a
     line are read before the check, so a huge line never sits in memory whole. A file
-    that is not UTF-8 raises :func:`_not_utf8`'s error."""
+    that is not UTF-8 is refused too, naming the first bad byte."""
     try:
         for n, line in enumerate(iter(lambda: fh.readline(MAX_TEXT_CHARS + 3), ""), start=1):
             if len(line.rstrip("\r\n")) > MAX_TEXT_CHARS:
@@ -247,12 +247,8 @@ def _bounded_lines(fh, path: Path) -> Iterator[str]:
                                  f"remove that line\n{MULTINLI_LAYOUT}")
             yield line
     except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
-
-
-def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
-    return ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
-                      f"save it with UTF-8 encoding (MultiNLI's own files are)\n{MULTINLI_LAYOUT}")
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it "
+                         f"with UTF-8 encoding (MultiNLI's own files are)\n{MULTINLI_LAYOUT}") from None
 
 
 def _read_text_csv(path: Path, **kwargs) -> pd.DataFrame:
