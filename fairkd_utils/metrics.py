@@ -21,22 +21,18 @@ from scipy import stats
 
 from .profiles import BASELINES, METHODS
 
-__all__ = [
-    "group_accuracy", "worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap",
-    "ece", "nll", "metric_rows", "summarize", "SUMMARY_METRICS",
-    "auroc", "per_seed_metrics", "mean_interval", "summary_table", "paired_differences",
-    "within_wrong_rank_corr", "topk_overlap", "group_weight_share", "minority_groups",
-    "format_summary", "format_paired", "verdict", "verdicts",
-]
+__all__ = ["group_accuracy", "worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece", "nll",
+           "metric_rows", "summarize", "SUMMARY_METRICS", "auroc", "per_seed_metrics", "mean_interval",
+           "summary_table", "paired_differences", "within_wrong_rank_corr", "topk_overlap",
+           "group_weight_share", "minority_groups", "format_summary", "format_paired", "verdict", "verdicts"]
 
 #: The scalar metrics of ``summary.csv`` (per method, over seeds).
 SUMMARY_METRICS = ("worst_group_acc", "avg_acc", "train_weighted_acc", "group_gap", "ece")
 
 
 def _t(x, dtype=None) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    t = t.detach().cpu()
-    return t.to(dtype) if dtype is not None else t
+    t = torch.as_tensor(x if isinstance(x, torch.Tensor) else np.asarray(x)).detach().cpu()
+    return t if dtype is None else t.to(dtype)
 
 
 def _pred(probs_or_pred) -> torch.Tensor:
@@ -45,7 +41,9 @@ def _pred(probs_or_pred) -> torch.Tensor:
     return t.argmax(dim=1) if t.ndim == 2 else t.long()
 
 
-def _check_probs(probs: torch.Tensor) -> torch.Tensor:
+def _probs(probs) -> torch.Tensor:
+    """``probs`` as a float64 tensor, checked to be (N, C) rows of probabilities."""
+    probs = _t(probs, torch.float64)
     if probs.ndim != 2:
         raise ValueError(f"expected probabilities of shape (N, C), got {tuple(probs.shape)}")
     if probs.numel() and ((probs < -1e-6).any() or (probs.sum(1) - 1).abs().max() > 1e-3):
@@ -99,7 +97,7 @@ def ece(probs, y, n_bins: int = 15) -> float:
     (L1).  Binning as torchmetrics' ``MulticlassCalibrationError(norm="l1")``:
     bin k holds confidences in [k/n, (k+1)/n); a confidence of exactly 1 gets a
     bin of its own."""
-    probs = _check_probs(_t(probs, torch.float64))
+    probs = _probs(probs)
     y = _t(y).long()
     if len(y) == 0:
         return float("nan")
@@ -107,16 +105,15 @@ def ece(probs, y, n_bins: int = 15) -> float:
     correct = (pred == y).double()
     bounds = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     idx = torch.bucketize(conf, bounds, right=True) - 1
-    count = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
     conf_sum = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, conf)
     acc_sum = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, correct)
     # sum_b |acc_b - conf_b| * n_b / N  ==  sum_b |acc_sum_b - conf_sum_b| / N
-    return float((acc_sum - conf_sum).abs().sum() / count.sum())
+    return float((acc_sum - conf_sum).abs().sum() / len(y))
 
 
 def nll(probs, y, eps: float = 1e-12) -> float:
     """Mean negative log-likelihood of the true label (probabilities clamped at ``eps``)."""
-    probs = _check_probs(_t(probs, torch.float64))
+    probs = _probs(probs)
     y = _t(y).long()
     if len(y) == 0:
         return float("nan")
@@ -132,21 +129,15 @@ def metric_rows(probs, y, g, group_names: Sequence[str], **keys) -> list[dict]:
     model, method, predictive, split), passed through unchanged.  ``group`` is
     the group index (``"all"`` for the overall row; after a CSV round trip the
     column reads as strings)."""
-    probs = _check_probs(_t(probs, torch.float64))
+    probs = _probs(probs)
     y, g = _t(y).long(), _t(g).long()
-    n_groups = len(group_names)
     pred = probs.argmax(1)
-    rows = []
-    for k in range(n_groups):
-        m = g == k
-        n = int(m.sum())
-        rows.append({**keys, "group": k, "group_name": group_names[k], "n": n,
-                     "acc": float((pred[m] == y[m]).double().mean()) if n else float("nan"),
-                     "ece": ece(probs[m], y[m]) if n else float("nan"),
-                     "nll": nll(probs[m], y[m]) if n else float("nan")})
-    rows.append({**keys, "group": "all", "group_name": "all", "n": len(y),
-                 "acc": avg_acc(pred, y), "ece": ece(probs, y), "nll": nll(probs, y)})
-    return rows
+    # an empty group's acc, ece and nll are NaN (the mean of nothing; ece and nll say so)
+    masks = [(k, name, g == k) for k, name in enumerate(group_names)]
+    masks.append(("all", "all", torch.ones_like(y, dtype=torch.bool)))
+    return [{**keys, "group": k, "group_name": name, "n": int(m.sum()),
+             "acc": float((pred[m] == y[m]).double().mean()), "ece": ece(probs[m], y[m]),
+             "nll": nll(probs[m], y[m])} for k, name, m in masks]
 
 
 def summarize(probs, y, g, n_groups: int, train_group_counts=None) -> dict:
@@ -154,17 +145,11 @@ def summarize(probs, y, g, n_groups: int, train_group_counts=None) -> dict:
     worst_group_acc, avg_acc, train_weighted_acc (NaN without train counts),
     group_gap, ece, nll, and the per-group accuracies as ``acc_g{k}``."""
     acc = group_accuracy(probs, y, g, n_groups)
-    out = {
-        "worst_group_acc": worst_group_acc(acc),
-        "avg_acc": avg_acc(probs, y),
-        "train_weighted_acc": (train_weighted_acc(acc, train_group_counts)
-                               if train_group_counts is not None else float("nan")),
-        "group_gap": group_gap(acc),
-        "ece": ece(probs, y),
-        "nll": nll(probs, y),
-    }
-    out.update({f"acc_g{k}": float(a) for k, a in enumerate(acc)})
-    return out
+    return {"worst_group_acc": worst_group_acc(acc), "avg_acc": avg_acc(probs, y),
+            "train_weighted_acc": (train_weighted_acc(acc, train_group_counts)
+                                   if train_group_counts is not None else float("nan")),
+            "group_gap": group_gap(acc), "ece": ece(probs, y), "nll": nll(probs, y),
+            **{f"acc_g{k}": float(a) for k, a in enumerate(acc)}}
 
 
 # --------------------------------------------------------------------------- statistics over seeds
@@ -231,6 +216,10 @@ def mean_interval(values, level: float = 0.95) -> tuple[float, float, float, flo
     return mean, sd, mean - half, mean + half
 
 
+#: The columns of an interval over seeds in ``summary.csv`` (see :func:`mean_interval`).
+_STATS = ("mean", "std", "ci95_lo", "ci95_hi")
+
+
 def summary_table(per_seed, baselines=BASELINES):
     """``summary.csv``: per (method, config_id, metric) the mean, std and 95 %
     interval over seeds, and the paired per-seed difference against each of
@@ -250,18 +239,16 @@ def summary_table(per_seed, baselines=BASELINES):
     for (method, cid), d in per_seed.groupby(["method", "config_id"], sort=False):
         d = d.set_index("seed")
         for metric in SUMMARY_METRICS:
-            mean, sd, lo, hi = mean_interval(d[metric])
             row = {"method": method, "config_id": cid, "metric": metric, "n_seeds": len(d),
-                   "mean": mean, "std": sd, "ci95_lo": lo, "ci95_hi": hi}
+                   **dict(zip(_STATS, mean_interval(d[metric])))}
             for baseline, base in bases.items():
                 if method == baseline:
                     continue
                 common = d.index.intersection(base.index)
                 diff = d.loc[common, metric] - base.loc[common, metric]
-                dm, dsd, dlo, dhi = mean_interval(diff) if len(diff) else (float("nan"),) * 4
-                row.update({f"diff_vs_{baseline}_mean": dm, f"diff_vs_{baseline}_std": dsd,
-                            f"diff_vs_{baseline}_ci95_lo": dlo, f"diff_vs_{baseline}_ci95_hi": dhi,
-                            f"paired_seeds_vs_{baseline}": len(common)})
+                row.update({f"diff_vs_{baseline}_{k}": v for k, v in
+                            zip(_STATS, mean_interval(diff) if len(diff) else (float("nan"),) * 4)})
+                row[f"paired_seeds_vs_{baseline}"] = len(common)
             rows.append(row)
     order = {m: i for i, m in enumerate(METHODS)}
     out = pd.DataFrame(rows)
@@ -283,10 +270,11 @@ def paired_differences(per_seed, metric: str = "worst_group_acc", baselines=BASE
     return pd.DataFrame(rows, columns=["baseline", "method", "seed", "diff", "lo", "hi"])
 
 
-# --------------------------------------------------------------------------- agreement of two weightings
 # --------------------------------------------------------------------------- the tables, in words
-def _interval(mean, lo, hi, sign: str = "") -> str:
-    return f"{mean:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
+def _paired(row, baseline: str) -> str:
+    """``row``'s paired difference against ``baseline`` as "mean [95 % interval]"."""
+    mean, lo, hi = (row[f"diff_vs_{baseline}_{k}"] for k in ("mean", "ci95_lo", "ci95_hi"))
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def format_summary(summary, methods) -> pd.DataFrame:
@@ -301,9 +289,9 @@ def format_paired(summary, methods, baselines=BASELINES, metric: str = "worst_gr
     """Each method's paired difference in ``metric`` against each baseline, "mean
     [95 % interval]" (empty for a baseline against itself)."""
     rows = summary[summary.metric == metric].set_index("method")
-    return pd.DataFrame({f"vs {b}": ["" if pd.isna(rows.loc[m].get(f"diff_vs_{b}_mean")) else _interval(
-        *(rows.loc[m, f"diff_vs_{b}_{k}"] for k in ("mean", "ci95_lo", "ci95_hi")), sign="+")
-        for m in methods] for b in baselines}, index=list(methods))
+    return pd.DataFrame({f"vs {b}": ["" if pd.isna(rows.loc[m].get(f"diff_vs_{b}_mean"))
+                                     else _paired(rows.loc[m], b) for m in methods]
+                         for b in baselines}, index=list(methods))
 
 
 def verdict(row, baseline: str = "dedier_both") -> str:
@@ -327,11 +315,11 @@ def verdicts(summary, references=(), metric: str = "worst_group_acc") -> str:
         if {method, "dedier_both"} <= set(rows.index):
             r = rows.loc[method]
             lines.append(f"{what}, {metric}, paired over {int(r['paired_seeds_vs_dedier_both'])} seeds: "
-                         f"{_interval(r['diff_vs_dedier_both_mean'], r['diff_vs_dedier_both_ci95_lo'], r['diff_vs_dedier_both_ci95_hi'], '+')}"
-                         f" -> {method} is {verdict(r)} dedier_both here.")
+                         f"{_paired(r, 'dedier_both')} -> {method} is {verdict(r)} dedier_both here.")
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- agreement of two weightings
 def _weights(w, name: str) -> np.ndarray:
     a = np.asarray(_t(w).double().numpy() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
     if a.ndim != 1 or not np.isfinite(a).all():

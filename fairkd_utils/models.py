@@ -13,6 +13,7 @@ stage ``k`` is ``stages[k-1]``, for torchvision ResNets ``layer1..layer4``) and
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -20,11 +21,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = [
-    "phi_tilde", "ExitHead", "StudentOutput", "BasicBlock", "ResNetBackbone",
-    "NarrowResNet", "EarlyExitStudent", "build_teacher", "build_student",
-    "build_backbone", "load_weights", "count_parameters",
-]
+__all__ = ["phi_tilde", "ExitHead", "StudentOutput", "BasicBlock", "ResNetBackbone", "NarrowResNet",
+           "EarlyExitStudent", "build_teacher", "build_student", "build_backbone", "load_weights",
+           "count_parameters"]
 
 
 # --------------------------------------------------------------------------- exit
@@ -71,10 +70,9 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+        projected = stride != 1 or in_ch != out_ch
+        self.shortcut = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                                       nn.BatchNorm2d(out_ch)) if projected else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -116,13 +114,11 @@ class NarrowResNet(ResNetBackbone):
         stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
             nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
-        stages, in_ch = [], widths[0]
-        for k, (w, n) in enumerate(zip(widths, blocks)):
-            layers = [BasicBlock(in_ch, w, stride=1 if k == 0 else 2)]
-            layers += [BasicBlock(w, w) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*layers))
-            in_ch = w
-        super().__init__(stem, stages, nn.Linear(in_ch, n_classes), widths)
+        # stage k: one block from the previous width (stride 2 after stage 1), n - 1 more
+        stages = [nn.Sequential(BasicBlock(w_in, w, stride=1 if k == 0 else 2),
+                                *(BasicBlock(w, w) for _ in range(n - 1)))
+                  for k, (w_in, w, n) in enumerate(zip(widths[:1] + widths[:-1], widths, blocks))]
+        super().__init__(stem, stages, nn.Linear(widths[-1], n_classes), widths)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -146,8 +142,7 @@ def _torchvision_resnet(arch: str, n_classes: int, weights_path=None) -> ResNetB
         state = _read_state_dict(weights_path)
         # An ImageNet file has a 1000-way fc: keep only what fits our classifier.
         own = net.state_dict()
-        fc_keys = [k for k in state if k.startswith("fc.")]
-        if any(k in own and state[k].shape != own[k].shape for k in fc_keys):
+        if any(k.startswith("fc.") and k in own and v.shape != own[k].shape for k, v in state.items()):
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
@@ -157,12 +152,11 @@ def _torchvision_resnet(arch: str, n_classes: int, weights_path=None) -> ResNetB
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {list(unexpected)[:5]}; pass a torchvision {arch} state_dict "
                 f"(e.g. the file torchvision's {arch} ImageNet weights are stored in)")
-    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     stages = [net.layer1, net.layer2, net.layer3, net.layer4]
-    widths = [stage[-1].conv3.out_channels if hasattr(stage[-1], "conv3")
-              else stage[-1].conv2.out_channels for stage in stages]
-    fc = nn.Linear(net.fc.in_features, n_classes)
-    return ResNetBackbone(stem, stages, fc, widths)
+    # a stage's width: its last block's last conv (conv3 in a Bottleneck, conv2 in a BasicBlock)
+    widths = [getattr(stage[-1], "conv3", stage[-1].conv2).out_channels for stage in stages]
+    return ResNetBackbone(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), stages,
+                          nn.Linear(net.fc.in_features, n_classes), widths)
 
 
 def _read_state_dict(path) -> dict:
@@ -241,7 +235,6 @@ class EarlyExitStudent(nn.Module):
     def forward(self, x: torch.Tensor) -> StudentOutput:
         bb = self.backbone
         h = bb.stem(x)
-        phi = None
         for k, stage in enumerate(bb.stages, start=1):
             h = stage(h)
             if k == self.exit_stage:
@@ -253,22 +246,15 @@ class EarlyExitStudent(nn.Module):
 
 
 # --------------------------------------------------------------------------- builders
+@contextlib.contextmanager
 def _seeded(seed):
     """Initialise under ``torch.manual_seed(seed)`` without touching the caller's RNG."""
-    import contextlib
-
     if seed is None:
-        return contextlib.nullcontext()
-    ctx = torch.random.fork_rng(devices=[])
-
-    class _Ctx:
-        def __enter__(self):
-            ctx.__enter__()
-            torch.manual_seed(int(seed))
-
-        def __exit__(self, *exc):
-            return ctx.__exit__(*exc)
-    return _Ctx()
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def build_teacher(profile, n_classes: int, weights_path=None, *,
@@ -288,23 +274,15 @@ def build_student(profile, n_classes: int, weights_path=None, *, seed: int | Non
     For torchvision archs ``weights_path`` is a backbone (ImageNet) state_dict; for
     ``narrow_resnet`` it may be a full ``EarlyExitStudent`` state_dict.  ``seed``
     fixes the random initialisation (the global RNG is left as it was)."""
+    narrow = profile.student_arch == "narrow_resnet"
     with _seeded(seed):
-        return _build_student(profile, n_classes, weights_path, detach_exit)
-
-
-def _build_student(profile, n_classes, weights_path, detach_exit) -> EarlyExitStudent:
-    if profile.student_arch == "narrow_resnet" and weights_path is not None:
-        model = EarlyExitStudent(
-            build_backbone("narrow_resnet", profile.student_widths, profile.student_blocks,
-                           n_classes), n_classes, profile.exit_stage, detach_exit)
-        state = _read_state_dict(weights_path)
-        if any(k.startswith("backbone.") for k in state):
-            return load_weights(model, weights_path)
-        load_weights(model.backbone, weights_path)
-        return model
-    backbone = build_backbone(profile.student_arch, profile.student_widths,
-                              profile.student_blocks, n_classes, weights_path)
-    return EarlyExitStudent(backbone, n_classes, profile.exit_stage, detach_exit)
+        backbone = build_backbone(profile.student_arch, profile.student_widths, profile.student_blocks,
+                                  n_classes, None if narrow else weights_path)
+        model = EarlyExitStudent(backbone, n_classes, profile.exit_stage, detach_exit)
+        if narrow and weights_path is not None:
+            whole = any(k.startswith("backbone.") for k in _read_state_dict(weights_path))
+            load_weights(model if whole else model.backbone, weights_path)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -29,6 +29,7 @@ Pieces: :func:`negation_attribute`; :func:`read_multinli` (a local folder, layou
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import string
@@ -235,32 +236,26 @@ def tokenize_pairs(tokenizer, premises: Sequence[str], hypotheses: Sequence[str]
 def _bounded_lines(fh, path: Path) -> Iterator[str]:
     """The lines of the open text file ``fh``, each refused (naming the file and the
     line) when longer than :data:`MAX_TEXT_CHARS`; at most that many characters of a
-    line are read before the check, so a huge line never sits in memory whole."""
-    n = 0
-    while line := fh.readline(MAX_TEXT_CHARS + 3):
-        n += 1
-        if len(line.rstrip("\r\n")) > MAX_TEXT_CHARS:
-            raise ValueError(f"{str(path)!r} line {n} is longer than {MAX_TEXT_CHARS:,} characters; "
-                             f"no sentence pair is that long: the file is damaged there (an "
-                             f"unclosed quote or a lost line break?) -- repair or remove that "
-                             f"line\n{MULTINLI_LAYOUT}")
-        yield line
-
-
-def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
-    return ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
-                      f"save it with UTF-8 encoding (MultiNLI's own files are)\n{MULTINLI_LAYOUT}")
+    line are read before the check, so a huge line never sits in memory whole. A file
+    that is not UTF-8 is refused too, naming the first bad byte."""
+    try:
+        for n, line in enumerate(iter(lambda: fh.readline(MAX_TEXT_CHARS + 3), ""), start=1):
+            if len(line.rstrip("\r\n")) > MAX_TEXT_CHARS:
+                raise ValueError(f"{str(path)!r} line {n} is longer than {MAX_TEXT_CHARS:,} "
+                                 f"characters; no sentence pair is that long: the file is damaged "
+                                 f"there (an unclosed quote or a lost line break?) -- repair or "
+                                 f"remove that line\n{MULTINLI_LAYOUT}")
+            yield line
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it "
+                         f"with UTF-8 encoding (MultiNLI's own files are)\n{MULTINLI_LAYOUT}") from None
 
 
 def _read_text_csv(path: Path, **kwargs) -> pd.DataFrame:
     """``data._read_csv`` for text: every field a string (no 'NA' -> NaN), every line
-    checked against :data:`MAX_TEXT_CHARS` first."""
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            for _ in _bounded_lines(fh, path):
-                pass
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
+    checked against :data:`MAX_TEXT_CHARS` (and the file against UTF-8) first."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        collections.deque(_bounded_lines(fh, path), maxlen=0)      # read (check) every line
     return _read_csv(path, MULTINLI_LAYOUT, what="sentence pair", dtype=str,
                      keep_default_na=False, na_filter=False, **kwargs)
 
@@ -271,20 +266,17 @@ def _read_table_layout(path: Path) -> pd.DataFrame:
     _require_columns(df, ["premise", "hypothesis", "gold_label", "split"], path, MULTINLI_LAYOUT)
     if len(df) == 0:
         raise ValueError(f"{str(path)!r} lists no sentence pairs\n{MULTINLI_LAYOUT}")
-    lines = np.arange(len(df)) + 2
+    where = [f"line {n}" for n in range(2, len(df) + 2)]
     longest = np.max([df[c].str.len().to_numpy() for c in df.columns], axis=0)
     if (longest > MAX_TEXT_CHARS).any():                 # a quoted field over several lines
-        raise ValueError(f"{str(path)!r}: the row near line {lines[np.argmax(longest > MAX_TEXT_CHARS)]} "
+        raise ValueError(f"{str(path)!r}: the row near {where[np.argmax(longest > MAX_TEXT_CHARS)]} "
                          f"has a field longer than {MAX_TEXT_CHARS:,} characters; no sentence "
                          f"pair is that long: an unclosed quote? repair that row\n{MULTINLI_LAYOUT}")
     id_col = next((c for c in ("id", "pairID") if c in df.columns), None)
-    ids = df[id_col].astype(str) if id_col else pd.Series([f"line {n}" for n in lines])
     return pd.DataFrame({
         "premise": df["premise"].to_numpy(), "hypothesis": df["hypothesis"].to_numpy(),
-        "label": df["gold_label"].to_numpy(), "id": ids.to_numpy(),
-        "split": _parse_split(df["split"], path, MULTINLI_LAYOUT).to_numpy(),
-        "where": [f"line {n}" for n in lines],
-    })
+        "label": df["gold_label"].to_numpy(), "id": df[id_col].astype(str).to_numpy() if id_col else where,
+        "split": _parse_split(df["split"], path, MULTINLI_LAYOUT).to_numpy(), "where": where})
 
 
 _MNLI_FILES = ("multinli_1.0_train", "multinli_1.0_dev_matched", "multinli_1.0_dev_mismatched")
@@ -304,16 +296,13 @@ def _read_group_dro_layout(root: Path, meta_path: Path) -> pd.DataFrame:
         raise ValueError(f"{str(meta_path)!r}: the first column must hold distinct row numbers "
                          f"0, 1, ... (group_DRO writes the frame's index there)\n{MULTINLI_LAYOUT}")
     row = row.to_numpy().astype(np.int64)
-    texts = []
-    for stem in _MNLI_FILES:
-        texts.extend(_read_mnli_file(root, stem))
+    texts = [r for stem in _MNLI_FILES for r in _read_mnli_file(root, stem)]
     if row.max() >= len(texts):
         raise ValueError(
             f"{str(meta_path)!r} refers to row {int(row.max())}, but the three MultiNLI files hold "
             f"{len(texts)} rows: these are not the MultiNLI 1.0 files the metadata was made from "
             f"(train, dev_matched, dev_mismatched, every line kept)\n{MULTINLI_LAYOUT}")
-    picked = [texts[i] for i in row]
-    frame = pd.DataFrame(picked, columns=["label", "premise", "hypothesis", "id", "where"])
+    frame = pd.DataFrame([texts[i] for i in row], columns=["label", "premise", "hypothesis", "id", "where"])
     frame["split"] = _parse_split(meta["split"], meta_path, MULTINLI_LAYOUT).to_numpy()
     # the mapping check: labels and the negation attribute must be group_DRO's
     y_meta = pd.to_numeric(meta["gold_label"], errors="coerce").to_numpy()
@@ -332,7 +321,6 @@ def _read_group_dro_layout(root: Path, meta_path: Path) -> pd.DataFrame:
             f"{len(meta)} rows disagree on the label or the negation attribute, e.g.\n  {shown}\n"
             f"use the MultiNLI 1.0 files the metadata was made from, unmodified (every line, "
             f"'-' rows included)\n{MULTINLI_LAYOUT}")
-    frame["label"] = frame["label"].astype(str)
     return frame
 
 
@@ -340,44 +328,37 @@ def _read_mnli_file(root: Path, stem: str) -> list[tuple]:
     """Rows ``(gold_label, sentence1, sentence2, pairID, where)`` of one MultiNLI 1.0 file,
     every line in order (.jsonl preferred, else the tab-separated .txt)."""
     for folder in (root, root / "multinli_1.0"):
-        path = folder / f"{stem}.jsonl"
-        if path.is_file():
-            return _read_jsonl(path)
-        path = folder / f"{stem}.txt"
-        if path.is_file():
-            return _read_mnli_txt(path)
+        for path, read in ((folder / f"{stem}.jsonl", _read_jsonl), (folder / f"{stem}.txt", _read_mnli_txt)):
+            if path.is_file():
+                return read(path)
     raise FileNotFoundError(f"MultiNLI file {str(root / 'multinli_1.0' / (stem + '.jsonl'))!r} (or "
                             f".txt, in ROOT or ROOT/multinli_1.0) not found\n{MULTINLI_LAYOUT}")
 
 
 def _read_jsonl(path: Path) -> list[tuple]:
     rows = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(_bounded_lines(fh, path), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    rows.append((str(r["gold_label"]), str(r["sentence1"]), str(r["sentence2"]),
-                                 str(r.get("pairID", f"{path.name}:{n}")), f"{path.name} line {n}"))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{str(path)!r} line {n} is not a MultiNLI JSON record with "
-                                     f"gold_label, sentence1, sentence2 ({type(exc).__name__}: "
-                                     f"{exc}); use the unmodified MultiNLI 1.0 file\n"
-                                     f"{MULTINLI_LAYOUT}") from None
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(_bounded_lines(fh, path), start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                rows.append((str(r["gold_label"]), str(r["sentence1"]), str(r["sentence2"]),
+                             str(r.get("pairID", f"{path.name}:{n}")), f"{path.name} line {n}"))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{str(path)!r} line {n} is not a MultiNLI JSON record with "
+                                 f"gold_label, sentence1, sentence2 ({type(exc).__name__}: {exc}); "
+                                 f"use the unmodified MultiNLI 1.0 file\n{MULTINLI_LAYOUT}") from None
     return rows
 
 
 def _read_mnli_txt(path: Path) -> list[tuple]:
     rows = []
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.reader(_bounded_lines(fh, path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    need = ("gold_label", "sentence1", "sentence2")
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(_bounded_lines(fh, path), delimiter="\t", quoting=csv.QUOTE_NONE)
+        try:
             header = next(reader, None)
-            need = ("gold_label", "sentence1", "sentence2")
             if header is None or any(c not in header for c in need):
                 raise ValueError(f"{str(path)!r} lacks the header columns {list(need)}\n"
                                  f"{MULTINLI_LAYOUT}")
@@ -386,15 +367,13 @@ def _read_mnli_txt(path: Path) -> list[tuple]:
                 if len(r) <= max(col[c] for c in need):
                     raise ValueError(f"{str(path)!r} line {n} has {len(r)} fields; use the "
                                      f"unmodified MultiNLI 1.0 file\n{MULTINLI_LAYOUT}")
-                pid = r[col["pairID"]] if "pairID" in col and len(r) > col["pairID"] else f"{path.name}:{n}"
-                rows.append((r[col["gold_label"]], r[col["sentence1"]], r[col["sentence2"]], pid,
+                has_id = "pairID" in col and len(r) > col["pairID"]
+                rows.append((*(r[col[c]] for c in need), r[col["pairID"]] if has_id else f"{path.name}:{n}",
                              f"{path.name} line {n}"))
-    except csv.Error as exc:                              # e.g. a field over csv's own limit
-        raise ValueError(f"{str(path)!r} line {reader.line_num} cannot be read as tab-separated "
-                         f"fields ({exc}); use the unmodified MultiNLI 1.0 file\n"
-                         f"{MULTINLI_LAYOUT}") from None
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
+        except csv.Error as exc:                          # e.g. a field over csv's own limit
+            raise ValueError(f"{str(path)!r} line {reader.line_num} cannot be read as tab-separated "
+                             f"fields ({exc}); use the unmodified MultiNLI 1.0 file\n"
+                             f"{MULTINLI_LAYOUT}") from None
     return rows
 
 
@@ -409,9 +388,7 @@ def _labels_and_attribute(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
             f"{str(source)!r}: {int((~known).sum())} pair(s) have unknown gold label(s) {values} "
             f"(e.g. {where}); use entailment, neutral or contradiction -- rows labelled '-' have "
             f"no annotator consensus: drop them, as group_DRO does\n{MULTINLI_LAYOUT}")
-    frame = frame.copy()
-    frame["premise"] = frame["premise"].astype(str)
-    frame["hypothesis"] = frame["hypothesis"].astype(str)
+    frame = frame.astype({"premise": str, "hypothesis": str})
     frame["y"] = label.map({s: i for i, s in enumerate(MULTINLI_LABELS)}).astype(np.int64).to_numpy()
     frame["a"] = negation_attribute(frame["hypothesis"].tolist())
     return frame.reset_index(drop=True)
@@ -420,12 +397,14 @@ def _labels_and_attribute(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
 def _check_duplicates(frame: pd.DataFrame, source: Path, mode: str, tokenizer) -> pd.DataFrame:
     """No (premise, hypothesis) pair twice in a split (it would count twice) or in two
     splits (leakage); compared as the model reads them, by the token ids of premise and
-    hypothesis (whole, not truncated) under ``tokenizer``: copies that differ only in what
-    the tokenizer normalises away (case and accents for an uncased one, spacing) are
-    the same pair."""
-    key = pd.Series([" ".join(map(str, p)) + "|" + " ".join(map(str, h)) for p, h in zip(
-        *(_token_ids(tokenizer, frame[c].tolist()) for c in ("premise", "hypothesis")))],
-        index=frame.index)
+    hypothesis (whole, not truncated: at most :data:`MAX_TEXT_CHARS` characters each, as
+    read; no special tokens) under ``tokenizer``: copies that differ only in what the
+    tokenizer normalises away (case and accents for an uncased one, spacing) are the
+    same pair."""
+    premises, hypotheses = (tokenizer(frame[c].tolist(), add_special_tokens=False, truncation=False,
+                                      verbose=False)["input_ids"] for c in ("premise", "hypothesis"))
+    key = pd.Series([" ".join(map(str, p)) + "|" + " ".join(map(str, h))
+                     for p, h in zip(premises, hypotheses)], index=frame.index)
     order = frame["split"].map({s: i for i, s in enumerate(SPLITS)})
     if mode == "drop":
         # keep the first occurrence in split order (train, val, test), then file order
@@ -438,22 +417,14 @@ def _check_duplicates(frame: pd.DataFrame, source: Path, mode: str, tokenizer) -
     leaks = [d for d in groups if d["split"].nunique() > 1]
     shown = "\n  ".join("; ".join(f"{w} ({s})" for w, s in zip(d["where"], d["split"]))
                         + f": {d['hypothesis'].iat[0][:50]!r}" for d in (leaks or groups)[:5])
-    if leaks:
-        raise ValueError(
-            f"{str(source)!r}: {len(leaks)} (premise, hypothesis) pair(s) occur in more than one "
-            f"split (compared as the tokenizer reads them: case and spacing may differ), which leaks evaluation data into training, e.g.\n  {shown}\nremove the copies "
-            f"(or pass duplicates='drop' to keep each pair's first occurrence in the order train, "
-            f"val, test)\n{MULTINLI_LAYOUT}")
+    where, why, what, keep = (
+        ("in more than one split", "which leaks evaluation data into training", "copies",
+         "each pair's first occurrence in the order train, val, test") if leaks else
+        ("more than once within a split", "so they would count twice", "repeats", "the first"))
     raise ValueError(
-        f"{str(source)!r}: {len(groups)} (premise, hypothesis) pair(s) occur more than once within a "
-        f"split (compared as the tokenizer reads them: case and spacing may differ), so they would count twice, e.g.\n  {shown}\nremove the repeats (or pass "
-        f"duplicates='drop' to keep the first)\n{MULTINLI_LAYOUT}")
-
-
-def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Each text's token ids, no special tokens, no truncation (at most
-    :data:`MAX_TEXT_CHARS` characters each, as read)."""
-    return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        f"{str(source)!r}: {len(leaks or groups)} (premise, hypothesis) pair(s) occur {where} "
+        f"(compared as the tokenizer reads them: case and spacing may differ), {why}, e.g.\n"
+        f"  {shown}\nremove the {what} (or pass duplicates='drop' to keep {keep})\n{MULTINLI_LAYOUT}")
 
 
 def _check_text_groups(frame: pd.DataFrame, source: Path) -> None:

@@ -29,21 +29,15 @@ SYNTHETIC_TEXT_DIVISOR = 20
 
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, CLS, SEP = 0, 2, 3   # their places in _SPECIALS
-# Readable antonym pairs for the pseudo-vocabulary (unique, lower-case letters only).
-_PAIRS = [
-    ("hot", "cold"), ("big", "small"), ("open", "shut"), ("light", "dark"), ("fast", "slow"),
-    ("new", "old"), ("wet", "dry"), ("happy", "sad"), ("high", "low"), ("early", "late"),
-    ("full", "empty"), ("loud", "quiet"), ("rich", "poor"), ("hard", "soft"),
-    ("strong", "weak"), ("clean", "dirty"), ("near", "far"), ("long", "short"),
-    ("thick", "thin"), ("sweet", "sour"), ("awake", "asleep"), ("inside", "outside"),
-    ("up", "down"), ("left", "right"), ("win", "lose"), ("push", "pull"), ("buy", "sell"),
-    ("give", "take"), ("wide", "narrow"), ("deep", "shallow"), ("sharp", "blunt"),
-    ("brave", "afraid"), ("calm", "angry"), ("simple", "complex"), ("safe", "risky"),
-    ("smooth", "rough"), ("first", "last"), ("north", "south"), ("east", "west"),
-    ("day", "night"), ("top", "bottom"), ("come", "go"), ("love", "hate"),
-    ("friend", "enemy"), ("true", "false"), ("before", "after"), ("alive", "dead"),
-    ("young", "aged"),
-]
+# Readable antonym pairs for the pseudo-vocabulary, word/antonym (unique, lower-case letters only).
+_PAIRS = [tuple(pair.split("/")) for pair in """
+    hot/cold big/small open/shut light/dark fast/slow new/old wet/dry happy/sad high/low
+    early/late full/empty loud/quiet rich/poor hard/soft strong/weak clean/dirty near/far
+    long/short thick/thin sweet/sour awake/asleep inside/outside up/down left/right win/lose
+    push/pull buy/sell give/take wide/narrow deep/shallow sharp/blunt brave/afraid calm/angry
+    simple/complex safe/risky smooth/rough first/last north/south east/west day/night top/bottom
+    come/go love/hate friend/enemy true/false before/after alive/dead young/aged
+""".split()]
 
 
 #: The miniature's vague words: a hypothesis made of one says nothing about the premise.
@@ -100,12 +94,6 @@ def synthetic_text_vocab(n_pairs: int = 8, n_negation: int = 4, n_vague: int = 0
     return SyntheticVocab(int(n_pairs), int(n_negation), int(n_vague))
 
 
-def _vocab_for(n_pairs, n_negation, ambiguous_rate) -> SyntheticVocab:
-    """The vocabulary of data drawn with these knobs: vague words only where some pair
-    is ambiguous (so data without them keep their ids and size)."""
-    return synthetic_text_vocab(n_pairs, n_negation, len(VAGUE_WORDS) if ambiguous_rate > 0 else 0)
-
-
 def synthetic_text_counts(split: str, scale: float = 1.0,
                           spurious_strength: float | None = None) -> list[int]:
     """Group counts of a synthetic_text split: MultiNLI's (:data:`MULTINLI_COUNTS`)
@@ -140,7 +128,11 @@ def synthetic_text_length(premise_len=(3, 5), hypothesis_len=(1, 1)) -> int:
     return 1 + int(premise_len[1]) + 1 + int(hypothesis_len[1]) + 1 + 1
 
 
-def _check_text_knobs(vocab: SyntheticVocab, premise_len, hypothesis_len) -> None:
+def _checked_vocab(n_pairs, n_negation, ambiguous_rate, premise_len, hypothesis_len) -> SyntheticVocab:
+    """The vocabulary of data drawn with these knobs -- vague words only where some pair
+    is ambiguous (so data without them keep their ids and size) -- once the lengths are
+    checked against it."""
+    vocab = synthetic_text_vocab(n_pairs, n_negation, len(VAGUE_WORDS) if ambiguous_rate > 0 else 0)
     p_lo, p_hi = (int(v) for v in premise_len)
     h_lo, h_hi = (int(v) for v in hypothesis_len)
     if not 1 <= h_lo <= h_hi:
@@ -154,6 +146,7 @@ def _check_text_knobs(vocab: SyntheticVocab, premise_len, hypothesis_len) -> Non
         raise ValueError(f"n_pairs={vocab.n_pairs} is too small for premises of up to {p_hi} "
                          f"words: a neutral word needs a pair outside the premise (n_pairs >= "
                          f"{p_hi + 1})")
+    return vocab
 
 
 _MAX_REDRAWS = 1000
@@ -187,8 +180,7 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
     g = np.repeat(np.arange(6), np.asarray(counts, dtype=np.int64))
     g = g[rng.permutation(len(g))]
     y, a = g // 2, g % 2
-    length = synthetic_text_length(premise_len, hypothesis_len)
-    x = np.zeros((len(g), 2, length), dtype=np.int64)
+    x = np.zeros((len(g), 2, synthetic_text_length(premise_len, hypothesis_len)), dtype=np.int64)
     negations = vocab.first_negation + np.arange(vocab.n_negation)
     for i in range(len(g)):
         for _ in range(_MAX_REDRAWS):
@@ -197,8 +189,7 @@ def _synthetic_text_split(name: str, split: str, counts: Sequence[int], vocab: S
             pairs = (rng.permutation(vocab.n_pairs) if weights is None else
                      rng.choice(vocab.n_pairs, n_p + 1, replace=False, p=weights))
             premise = vocab.content(pairs[:n_p], rng.integers(0, 2, n_p))
-            pos = rng.permutation(n_p)[:n_h]          # premise words the hypothesis restates
-            hyp = premise[pos]
+            hyp = premise[rng.permutation(n_p)[:n_h]]  # premise words the hypothesis restates
             if y[i] == 0:                             # contradiction: one word's antonym
                 hyp[-1] = vocab.antonym(hyp[-1])
             elif y[i] == 2:                           # neutral: one word from outside the premise
@@ -295,8 +286,7 @@ def make_synthetic_text(*, scale: float = 1.0, seed: int = 0,
     of 6-10 words, hypotheses of 2-4, 24 pairs) were not learnt by such students within
     that budget (test accuracy 0.39 after 10 epochs).
     """
-    vocab = _vocab_for(n_pairs, n_negation, ambiguous_rate)
-    _check_text_knobs(vocab, premise_len, hypothesis_len)
+    vocab = _checked_vocab(n_pairs, n_negation, ambiguous_rate, premise_len, hypothesis_len)
     out, seen = {}, set()
     for k, split in enumerate(SPLITS):
         counts = synthetic_text_counts(split, scale, spurious_strength)
@@ -320,22 +310,13 @@ def make_text_pretraining_corpus(*, n_per_group: int = 1000, seed: int = 0, n_pa
     from :func:`make_synthetic_text`) keeps their pairs out of the corpus too."""
     if int(n_per_group) < 1:
         raise ValueError(f"n_per_group must be >= 1, got {n_per_group}")
-    vocab = _vocab_for(n_pairs, n_negation, ambiguous_rate)
-    _check_text_knobs(vocab, premise_len, hypothesis_len)
+    vocab = _checked_vocab(n_pairs, n_negation, ambiguous_rate, premise_len, hypothesis_len)
     seen = set()
     for ds in ([] if exclude is None else exclude.values() if isinstance(exclude, dict) else exclude):
-        seen.update(row.numpy().tobytes() for row in _trimmed_ids(ds))
+        seen.update(row[row != PAD].numpy().tobytes() for row in ds.x[:, 0])   # as the generator keys
     return _synthetic_text_split("synthetic_text_pretrain", "pretrain", [int(n_per_group)] * 6,
                                  vocab, premise_len, hypothesis_len, seed=[int(seed), 100, 20253],
                                  seen=seen, word_zipf=word_zipf, ambiguous_rate=ambiguous_rate)
-
-
-def _trimmed_ids(ds: GroupDataset):
-    """Each pair's input ids without padding, as the generator keys them."""
-    ids = ds.x[:, 0]
-    for i in range(len(ids)):
-        row = ids[i]
-        yield row[row != PAD]
 
 
 def decode_pairs(ds, n_per_group: int = 2) -> pd.DataFrame:
@@ -364,8 +345,5 @@ def _pair_text(ds, i: int) -> tuple[str, str]:
         raise ValueError(f"{ds!r} carries neither texts nor a vocabulary; decode_pairs reads "
                          "datasets from make_synthetic_text or read_multinli")
     ids, types = ds.x[i, 0].tolist(), ds.x[i, 1].tolist()
-    words = [[], []]
-    for t, k in zip(ids, types):
-        if t >= len(_SPECIALS):
-            words[k].append(vocab[t])
-    return " ".join(words[0]), " ".join(words[1])
+    return tuple(" ".join(vocab[t] for t, k in zip(ids, types) if k == side and t >= len(_SPECIALS))
+                 for side in (0, 1))

@@ -27,33 +27,41 @@ __all__ = ["TextTeacher", "TextEarlyExitStudent", "bert_config", "build_text_tea
            "check_model_folders"]
 
 
-def _encoder_inputs(encoder: nn.Module, x: torch.Tensor, pad_id: int) -> dict:
-    if x.ndim != 3 or x.shape[1] != 2:
-        raise ValueError(f"text models take x of shape (N, 2, L) (input ids, token type ids), "
-                         f"got {tuple(x.shape)}")
-    max_pos = getattr(encoder.config, "max_position_embeddings", None)
-    if max_pos is not None and x.shape[2] > max_pos:
-        raise ValueError(f"sequences of {x.shape[2]} tokens, but the encoder has "
-                         f"{max_pos} positions; tokenise with max_length <= {max_pos}")
-    ids = x[:, 0]
-    kwargs = {"input_ids": ids, "attention_mask": (ids != pad_id).long()}
-    if (getattr(encoder.config, "type_vocab_size", 0) or 0) > 1:
-        kwargs["token_type_ids"] = x[:, 1]
-    return kwargs
+class _TextClassifier(nn.Module):
+    """What both text models share: the encoder, its pad id, dropout as the encoder's
+    ``hidden_dropout_prob`` and a linear classifier on ``[CLS]`` initialised as BERT's
+    (normal with the config's ``initializer_range``, zero bias)."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int):
+        super().__init__()
+        cfg = encoder.config
+        self.encoder = encoder
+        pad = getattr(cfg, "pad_token_id", None)
+        self.pad_id = 0 if pad is None else int(pad)
+        self.dropout = nn.Dropout(getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
+        self.classifier = nn.Linear(cfg.hidden_size, n_classes)
+        nn.init.normal_(self.classifier.weight, std=getattr(cfg, "initializer_range", 0.02))
+        nn.init.zeros_(self.classifier.bias)
+        self.n_classes = int(n_classes)
+
+    def _inputs(self, x: torch.Tensor) -> dict:
+        """The encoder's keyword arguments for ``x`` (N, 2, L): input ids, the attention
+        mask ``ids != pad_id`` and, when the encoder has several, the token types."""
+        if x.ndim != 3 or x.shape[1] != 2:
+            raise ValueError(f"text models take x of shape (N, 2, L) (input ids, token type ids), "
+                             f"got {tuple(x.shape)}")
+        max_pos = getattr(self.encoder.config, "max_position_embeddings", None)
+        if max_pos is not None and x.shape[2] > max_pos:
+            raise ValueError(f"sequences of {x.shape[2]} tokens, but the encoder has "
+                             f"{max_pos} positions; tokenise with max_length <= {max_pos}")
+        ids = x[:, 0]
+        kwargs = {"input_ids": ids, "attention_mask": (ids != self.pad_id).long()}
+        if (getattr(self.encoder.config, "type_vocab_size", 0) or 0) > 1:
+            kwargs["token_type_ids"] = x[:, 1]
+        return kwargs
 
 
-def _pad_id(encoder: nn.Module) -> int:
-    pad = getattr(encoder.config, "pad_token_id", None)
-    return 0 if pad is None else int(pad)
-
-
-def _init_linear(layer: nn.Linear, std: float) -> nn.Linear:
-    nn.init.normal_(layer.weight, std=std)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-class TextTeacher(nn.Module):
+class TextTeacher(_TextClassifier):
     """A BERT-like encoder + a linear classifier on the pooled ``[CLS]``:
     ``forward(x) -> logits (N, C)``.
 
@@ -61,25 +69,15 @@ class TextTeacher(nn.Module):
     ``BertForSequenceClassification`` classifies) when it has a pooler, else the last
     layer's ``[CLS]`` state. Dropout as the encoder's ``hidden_dropout_prob``."""
 
-    def __init__(self, encoder: nn.Module, n_classes: int):
-        super().__init__()
-        cfg = encoder.config
-        self.encoder = encoder
-        self.pad_id = _pad_id(encoder)
-        self.dropout = nn.Dropout(getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
-        self.classifier = _init_linear(nn.Linear(cfg.hidden_size, n_classes),
-                                       getattr(cfg, "initializer_range", 0.02))
-        self.n_classes = int(n_classes)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(**_encoder_inputs(self.encoder, x, self.pad_id))
+        out = self.encoder(**self._inputs(x))
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
             pooled = out.last_hidden_state[:, 0]
         return self.classifier(self.dropout(pooled))
 
 
-class TextEarlyExitStudent(nn.Module):
+class TextEarlyExitStudent(_TextClassifier):
     """A BERT-like encoder with an early exit, the text twin of
     :class:`~fairkd_utils.models.EarlyExitStudent`; ``forward(x) -> StudentOutput``.
 
@@ -96,9 +94,7 @@ class TextEarlyExitStudent(nn.Module):
 
     def __init__(self, encoder: nn.Module, n_classes: int, exit_layer: int, pool: str = "cls",
                  detach_exit: bool = True):
-        super().__init__()
-        cfg = encoder.config
-        n_layers = int(cfg.num_hidden_layers)
+        n_layers = int(encoder.config.num_hidden_layers)
         if isinstance(exit_layer, bool) or int(exit_layer) != exit_layer \
                 or not 1 <= int(exit_layer) <= n_layers:
             raise ValueError(f"exit_layer={exit_layer!r} but the student's encoder has layers "
@@ -108,23 +104,18 @@ class TextEarlyExitStudent(nn.Module):
                              "[CLS] position) or 'mean' (mean over the attention mask)")
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None
-        self.encoder = encoder
-        self.pad_id = _pad_id(encoder)
+        super().__init__(encoder, n_classes)
         self.exit_layer = int(exit_layer)
         self.pool = pool
         self.detach_exit = bool(detach_exit)
-        self.dropout = nn.Dropout(getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
-        self.classifier = _init_linear(nn.Linear(cfg.hidden_size, n_classes),
-                                       getattr(cfg, "initializer_range", 0.02))
-        self.exit = ExitHead(cfg.hidden_size, n_classes)
-        self.n_classes = int(n_classes)
+        self.exit = ExitHead(encoder.config.hidden_size, n_classes)
 
     @property
     def phi_dim(self) -> int:
         return self.exit.in_features
 
     def forward(self, x: torch.Tensor) -> StudentOutput:
-        kwargs = _encoder_inputs(self.encoder, x, self.pad_id)
+        kwargs = self._inputs(x)
         out = self.encoder(**kwargs, output_hidden_states=True)
         h = out.hidden_states[self.exit_layer]
         if self.pool == "cls":
@@ -188,34 +179,28 @@ _LOCAL_ONLY = ("nothing is downloaded: put a Hugging Face model folder there (co
                "save_pretrained")
 
 
-def _model_dir(path, what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"{what} folder {str(p)!r} does not exist or is not a folder; "
-                                f"{_LOCAL_ONLY}")
-    return p
-
-
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                     "spiece.model")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                  "pytorch_model.bin.index.json")
 
 
+def _model_dir(path, what: str, files=("config.json",),
+               problem="is not a Hugging Face model folder (no config.json)") -> Path:
+    """The existing folder ``path`` holding one of ``files``, else an error saying
+    ``problem`` and how to make such a folder."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} folder {str(p)!r} does not exist or is not a folder; "
+                                f"{_LOCAL_ONLY}")
+    if not any((p / f).is_file() for f in files):
+        raise ValueError(f"{str(p)!r} {problem}; {_LOCAL_ONLY}")
+    return p
+
+
 def _tokenizer_dir(path) -> Path:
-    p = _model_dir(path, "tokenizer")
-    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(f"{str(p)!r} is not a tokenizer folder: none of {list(_TOKENIZER_FILES)} "
-                         f"is there; {_LOCAL_ONLY}")
-    return p
-
-
-def _encoder_dir(path, what: str) -> Path:
-    p = _model_dir(path, what)
-    if not (p / "config.json").is_file():
-        raise ValueError(f"{str(p)!r} is not a Hugging Face model folder (no config.json); "
-                         f"{_LOCAL_ONLY}")
-    return p
+    return _model_dir(path, "tokenizer", _TOKENIZER_FILES,
+                      f"is not a tokenizer folder: none of {list(_TOKENIZER_FILES)} is there")
 
 
 def check_model_folders(profile, dataset: str, teacher_model=None, student_model=None) -> None:
@@ -235,10 +220,9 @@ def check_model_folders(profile, dataset: str, teacher_model=None, student_model
                             f"folder: pass --{role}-model DIR")
             continue
         try:
-            p = _encoder_dir(path, f"--{role}-model")
-            if not any((p / f).is_file() for f in _WEIGHT_FILES):
-                raise ValueError(f"{str(p)!r} holds no weights (none of {list(_WEIGHT_FILES)}); "
-                                 f"{_LOCAL_ONLY}")
+            p = _model_dir(path, f"--{role}-model")
+            _model_dir(p, f"--{role}-model", _WEIGHT_FILES,
+                       f"holds no weights (none of {list(_WEIGHT_FILES)})")
             if role == "student":
                 _check_exit_layer(p / "config.json", profile.exit_stage)
         except (OSError, ValueError) as exc:
@@ -266,31 +250,32 @@ def _check_exit_layer(config_path: Path, exit_layer: int) -> None:
                          f"layers 1..{layers}; set exit_stage in that range (--set exit_stage=K)")
 
 
+def _from_pretrained(auto, p: Path, what: str, errors: tuple, **kwargs):
+    """``auto.from_pretrained`` on the local folder ``p``; its failures (``errors``) as
+    a ValueError naming ``what`` could not be loaded and why."""
+    try:
+        return auto.from_pretrained(str(p), local_files_only=True, **kwargs)
+    except errors as exc:
+        raise ValueError(f"could not load {what} from {str(p)!r} ({type(exc).__name__}: "
+                         f"{str(exc).strip()[:300]}); {_LOCAL_ONLY}") from None
+
+
 def load_tokenizer(path):
     """The tokenizer saved in a local folder (``AutoTokenizer``, ``local_files_only``)."""
     p = _tokenizer_dir(path)
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"could not load a tokenizer from {str(p)!r} ({type(exc).__name__}: "
-                         f"{str(exc).strip()[:300]}); {_LOCAL_ONLY}") from None
+    return _from_pretrained(AutoTokenizer, p, "a tokenizer", (OSError, ValueError, KeyError, TypeError))
 
 
 def _load_encoder(path, what: str, dropout: float | None = None):
-    p = _encoder_dir(path, what)
+    p = _model_dir(path, what)
     from transformers import AutoModel
 
-    kwargs = {}
-    if dropout is not None:
-        kwargs = {"hidden_dropout_prob": float(dropout),
-                  "attention_probs_dropout_prob": float(dropout)}
-    try:
-        return AutoModel.from_pretrained(str(p), local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise ValueError(f"could not load a model from {str(p)!r} ({type(exc).__name__}: "
-                         f"{str(exc).strip()[:300]}); {_LOCAL_ONLY}") from None
+    kwargs = {} if dropout is None else {"hidden_dropout_prob": float(dropout),
+                                         "attention_probs_dropout_prob": float(dropout)}
+    return _from_pretrained(AutoModel, p, "a model",
+                            (OSError, ValueError, KeyError, TypeError, RuntimeError), **kwargs)
 
 
 def load_text_teacher(path, n_classes: int, *, seed: int | None = None,
