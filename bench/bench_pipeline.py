@@ -77,7 +77,7 @@ def main() -> int:
     results = {c: bench(args.profile, out / ("compiled" if c else "eager") if len(modes) > 1 else out, c)
                for c in modes}
     if len(modes) > 1:
-        (rc_e, eager), (rc_c, compiled) = results[False], results[True]
+        (_, eager), (_, compiled) = results[False], results[True]
         print(f"\neager {eager:.1f} s, compiled {compiled:.1f} s: eager / compiled = {eager / compiled:.2f}x "
               f"(turned on by default only at >= 1.15x)")
     return max(rc for rc, _ in results.values())

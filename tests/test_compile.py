@@ -13,7 +13,12 @@ from torch._dynamo.utils import counters
 from fairkd_utils import models, profiles, train
 from fairkd_utils.profiles import get_profile
 
-from test_train import TINY, _cfg, splits  # noqa: F401  (the tiny data fixture)
+from test_train import TINY, _cfg, _split
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": _split("train", 192, 0), "val": _split("val", 96, 1)}
 
 
 @pytest.fixture(autouse=True)
