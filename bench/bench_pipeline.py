@@ -38,7 +38,8 @@ def bench(profile: str, out: Path, compile_: bool) -> tuple[int, float]:
     rc = pipeline.main(["--profile", profile, "--out", str(out), "--figures", str(out / "figures"),
                         "--quiet", *(["--set", "compile=true"] if compile_ else [])])
     wall = time.perf_counter() - t0
-    run_dir = out / f"synthetic-{profile}"
+    # --set gives the run a directory of its own, <dataset>-<profile>-set-<hash>
+    run_dir = next(out.glob(f"synthetic-{profile}-set-*")) if compile_ else out / f"synthetic-{profile}"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     mode = "compiled" if compile_ else "eager"
     print(f"\nprofile {profile}, {mode}, on {os.cpu_count()} CPU cores, device {manifest['device']}:")
