@@ -11,7 +11,8 @@ seeds, device); notebooks share nothing but the files of the run directory
 final-head DeDiER ablation to the profile's methods (notebook 05 receives it as its
 ``methods`` parameter) in a run directory of its own, ``<dataset>-<profile>-extended``;
 ``--methods laplace`` likewise adds the Laplace-KD variants (``profiles.LAPLACE_METHODS``)
-in ``<dataset>-<profile>-laplace``.
+in ``<dataset>-<profile>-laplace``; such a run starts from the plain run's checkpoint
+files, where they exist (:func:`share_base_checkpoints`), so only the set's own methods train.
 Before any kernel starts, the runner checks (``runner_checks``) the
 folders, the seeds and the files the selected notebooks read from earlier ones. A
 failing cell stops the run with a non-zero exit naming the notebook and the cell;
@@ -35,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -372,11 +374,36 @@ def run(args) -> Path:
 RUN_LOCK = "runner.lock"
 
 
+def share_base_checkpoints(args, run_dir: Path) -> int:
+    """A named method set's run (``--methods extended|laplace``) starts from the plain
+    run's checkpoints: every checkpoint file of ``<out>/<dataset>-<profile>[-set-...]/``
+    that this run directory lacks is hard-linked into it (copied where links fail).
+    Checkpoint names carry their fingerprint, so only a model trained with the same
+    config, data and code is reused (the teacher, the ERM students, the warm-ups and the
+    shared methods' students); the set's own methods train. Saves are atomic renames,
+    so a retrain here never touches the plain run's file. Not with ``--retrain``.
+    Returns the number of files shared."""
+    base = run_dir.parent / run_name(args.dataset, args.profile, None, parse_overrides(args.set))
+    if not args.methods or args.retrain is not None or not (base / "checkpoints").is_dir():
+        return 0
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shared = 0
+    for src in sorted((base / "checkpoints").glob("*.pt")):
+        if not (dst := run_dir / "checkpoints" / src.name).exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+            shared += 1
+    return shared
+
+
 def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, optional,
                 jobs_env, device, params) -> Path:
     manifest_path, log_path = run_dir / "manifest.json", run_dir / "run.log"
     earlier = load_manifest(manifest_path)
     figures_dir.mkdir(parents=True, exist_ok=True)
+    shared = share_base_checkpoints(args, run_dir)
 
     argv = getattr(args, "argv", None)
     command = " ".join([Path(sys.executable).name, "-m", "fairkd_utils.pipeline",
@@ -399,6 +426,10 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%H:%M:%S')} [fairkd] {message}\n")
 
+    if shared:
+        say(f"{shared} checkpoint files of the plain run {run_dir.parent.name}/"
+            f"{run_name(args.dataset, args.profile, None, parse_overrides(args.set))} shared "
+            "(reused where their fingerprint matches)")
     total = time.perf_counter()
     kernel_env = {**runner_checks.retrain_environment(retrain), **jobs_env}
     if retrain is not None:

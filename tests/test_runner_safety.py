@@ -389,3 +389,31 @@ def test_local_workers_die_with_the_process_that_started_them(tmp_path):
         os.kill(w, signal.SIGKILL)
     assert not alive, f"workers {alive} kept running after their parent was killed"
     assert not list(tmp_path.glob("finished-*"))
+
+
+def test_a_method_set_run_shares_the_plain_runs_checkpoints_without_touching_them(tmp_path):
+    """--methods laplace|extended starts from <dataset>-<profile>'s checkpoint files
+    (fingerprinted names: only the same model is reused); files it has stay, and neither
+    a plain run, a --retrain run nor a missing plain run shares anything."""
+    parse = pipeline.build_parser().parse_args
+    base = tmp_path / "synthetic-smoke" / "checkpoints"
+    base.mkdir(parents=True)
+    for name in ("teacher-abc.pt", "student-kd-seed0-def.pt", "warmup-seed0-123.pt"):
+        (base / name).write_bytes(name.encode())
+    args = parse(["--profile", "smoke", "--out", str(tmp_path), "--methods", "laplace"])
+    run_dir, _ = pipeline.run_folders(args)
+    assert run_dir.name == "synthetic-smoke-laplace"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "teacher-abc.pt").write_bytes(b"its own")
+    assert pipeline.share_base_checkpoints(args, run_dir) == 2
+    assert (run_dir / "checkpoints" / "teacher-abc.pt").read_bytes() == b"its own"
+    assert (run_dir / "checkpoints" / "student-kd-seed0-def.pt").read_bytes() == b"student-kd-seed0-def.pt"
+    assert pipeline.share_base_checkpoints(args, run_dir) == 0            # idempotent
+    retrain = parse(["--profile", "smoke", "--out", str(tmp_path), "--methods", "laplace", "--retrain"])
+    assert pipeline.share_base_checkpoints(retrain, tmp_path / "other-laplace") == 0
+    plain = parse(["--profile", "smoke", "--out", str(tmp_path)])
+    assert pipeline.share_base_checkpoints(plain, pipeline.run_folders(plain)[0]) == 0
+    lonely = parse(["--profile", "default", "--out", str(tmp_path), "--methods", "extended"])
+    assert pipeline.share_base_checkpoints(lonely, pipeline.run_folders(lonely)[0]) == 0
+    assert sorted(p.name for p in base.iterdir()) == ["student-kd-seed0-def.pt", "teacher-abc.pt",
+                                                      "warmup-seed0-123.pt"]
