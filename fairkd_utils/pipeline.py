@@ -240,20 +240,28 @@ REFERENCE_FILES = ("summary.csv", "manifest.json", "sweep/sweep.csv")
 
 
 def write_reference(run_dir: Path, notebooks: list[Path],
-                    reference_root: Path = REPO_ROOT / "results" / "reference") -> Path:
+                    reference_root: Path = REPO_ROOT / "results" / "reference",
+                    root: Path = REPO_ROOT) -> Path:
     """Make the finished run ``run_dir`` its configuration's committed reference:
     copy :data:`REFERENCE_FILES` (those present) and the executed notebooks of
     ``notebooks`` into ``<reference_root>/<run name>/`` (``executed/NN_name.ipynb``),
     each written atomically. Files of the reference this run does not make are
-    left as they are (e.g. a calibration table made by its bench)."""
+    left as they are (e.g. a calibration table made by its bench).
+
+    The copies name paths relative to the repository: the runner passes the notebooks
+    absolute paths (``run_dir = "/home/you/fairkd/results/..."``), and a committed
+    reference should read the same on every clone, so the prefix ``<root>/`` becomes
+    ``""`` (``run_dir = "results/synthetic-default"``)."""
     ref = Path(reference_root) / Path(run_dir).name
+
+    def copy(src: Path, dst: Path) -> None:
+        records.write_bytes(dst, src.read_bytes().replace(f"{Path(root)}/".encode(), b""))
+
     for rel in REFERENCE_FILES:
-        src = Path(run_dir) / rel
-        if src.exists():
-            records.write_bytes(ref / Path(rel).name, src.read_bytes())
+        if (src := Path(run_dir) / rel).exists():
+            copy(src, ref / Path(rel).name)
     for nb in notebooks:
-        src = Path(run_dir) / "executed" / f"{nb.stem}.ipynb"
-        records.write_bytes(ref / "executed" / src.name, src.read_bytes())
+        copy(Path(run_dir) / "executed" / f"{nb.stem}.ipynb", ref / "executed" / f"{nb.stem}.ipynb")
     return ref
 
 
@@ -382,10 +390,10 @@ def share_base_checkpoints(args, run_dir: Path) -> int:
     config, data and code is reused (the teacher, the ERM students, the warm-ups and the
     shared methods' students); the set's own methods train. Saves are atomic renames,
     so a retrain here never touches the plain run's file. Not with ``--retrain``.
-    Returns the number of files shared."""
+    Returns the number of files shared and the plain run's folder."""
     base = run_dir.parent / run_name(args.dataset, args.profile, None, parse_overrides(args.set))
     if not args.methods or args.retrain is not None or not (base / "checkpoints").is_dir():
-        return 0
+        return 0, base
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     shared = 0
     for src in sorted((base / "checkpoints").glob("*.pt")):
@@ -395,7 +403,7 @@ def share_base_checkpoints(args, run_dir: Path) -> int:
             except OSError:
                 shutil.copy2(src, dst)
             shared += 1
-    return shared
+    return shared, base
 
 
 def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, optional,
@@ -403,7 +411,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
     manifest_path, log_path = run_dir / "manifest.json", run_dir / "run.log"
     earlier = load_manifest(manifest_path)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    shared = share_base_checkpoints(args, run_dir)
+    shared, base = share_base_checkpoints(args, run_dir)
 
     argv = getattr(args, "argv", None)
     command = " ".join([Path(sys.executable).name, "-m", "fairkd_utils.pipeline",
@@ -427,8 +435,7 @@ def _run_locked(args, profile, seeds, retrain, notebooks, run_dir, figures_dir, 
             fh.write(f"{time.strftime('%H:%M:%S')} [fairkd] {message}\n")
 
     if shared:
-        say(f"{shared} checkpoint files of the plain run {run_dir.parent.name}/"
-            f"{run_name(args.dataset, args.profile, None, parse_overrides(args.set))} shared "
+        say(f"{shared} checkpoint files of the plain run {run_dir.parent.name}/{base.name} shared "
             "(reused where their fingerprint matches)")
     total = time.perf_counter()
     kernel_env = {**runner_checks.retrain_environment(retrain), **jobs_env}

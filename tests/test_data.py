@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pandas as pd
@@ -96,7 +95,6 @@ def _small_cnn(width=16):
 def test_erm_on_synthetic_leaves_worst_group_far_below_train_weighted_average():
     """Property (a) of the calibration at a small scale (bench/ checks the full one)."""
     torch.manual_seed(0)
-    t0 = time.time()
     splits = load_splits("synthetic", scale=0.3, seed=0)
     train, test = splits["train"], splits["test"]
     model = _small_cnn()
@@ -120,7 +118,6 @@ def test_erm_on_synthetic_leaves_worst_group_far_below_train_weighted_average():
     wga, tw = float(acc.min()), float((acc * prop).sum())
     assert tw - wga >= 0.2, f"group acc {acc.tolist()}: WGA {wga:.3f}, train-weighted {tw:.3f}"
     assert int(acc.argmin()) in (1, 2), "the worst group is a minority group"
-    assert time.time() - t0 < 60
 
 
 # --------------------------------------------------------------------------- batches

@@ -178,12 +178,16 @@ def test_write_reference_copies_the_tables_and_executed_notebooks(tmp_path):
                 "executed/01_data_and_groups.ipynb", "executed/02_teacher.ipynb"):
         (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / rel).write_text(rel)
-    ref = pipeline.write_reference(run_dir, NOTEBOOKS[:2], reference_root=tmp_path / "reference")
+    (run_dir / "executed" / "02_teacher.ipynb").write_text(f'"run_dir = \\"{run_dir}\\"\\n"')
+    ref = pipeline.write_reference(run_dir, NOTEBOOKS[:2], reference_root=tmp_path / "reference",
+                                   root=tmp_path)
     assert ref == tmp_path / "reference" / "synthetic-default"
     assert sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file()) == [
         "executed/01_data_and_groups.ipynb", "executed/02_teacher.ipynb", "manifest.json",
         "summary.csv", "sweep.csv"]
     assert (ref / "sweep.csv").read_text() == "sweep/sweep.csv"
+    # the machine's path to the repository is left out: the copy reads the same on every clone
+    assert (ref / "executed" / "02_teacher.ipynb").read_text() == '"run_dir = \\"results/synthetic-default\\"\\n"'
 
 
 def test_reference_needs_the_default_out(tmp_path):

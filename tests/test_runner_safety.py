@@ -405,15 +405,15 @@ def test_a_method_set_run_shares_the_plain_runs_checkpoints_without_touching_the
     assert run_dir.name == "synthetic-smoke-laplace"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "teacher-abc.pt").write_bytes(b"its own")
-    assert pipeline.share_base_checkpoints(args, run_dir) == 2
+    assert pipeline.share_base_checkpoints(args, run_dir) == (2, base.parent)
     assert (run_dir / "checkpoints" / "teacher-abc.pt").read_bytes() == b"its own"
     assert (run_dir / "checkpoints" / "student-kd-seed0-def.pt").read_bytes() == b"student-kd-seed0-def.pt"
-    assert pipeline.share_base_checkpoints(args, run_dir) == 0            # idempotent
+    assert pipeline.share_base_checkpoints(args, run_dir)[0] == 0         # idempotent
     retrain = parse(["--profile", "smoke", "--out", str(tmp_path), "--methods", "laplace", "--retrain"])
-    assert pipeline.share_base_checkpoints(retrain, tmp_path / "other-laplace") == 0
+    assert pipeline.share_base_checkpoints(retrain, tmp_path / "other-laplace")[0] == 0
     plain = parse(["--profile", "smoke", "--out", str(tmp_path)])
-    assert pipeline.share_base_checkpoints(plain, pipeline.run_folders(plain)[0]) == 0
+    assert pipeline.share_base_checkpoints(plain, pipeline.run_folders(plain)[0])[0] == 0
     lonely = parse(["--profile", "default", "--out", str(tmp_path), "--methods", "extended"])
-    assert pipeline.share_base_checkpoints(lonely, pipeline.run_folders(lonely)[0]) == 0
+    assert pipeline.share_base_checkpoints(lonely, pipeline.run_folders(lonely)[0])[0] == 0
     assert sorted(p.name for p in base.iterdir()) == ["student-kd-seed0-def.pt", "teacher-abc.pt",
                                                       "warmup-seed0-123.pt"]
