@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -12,8 +10,7 @@ import torch.nn.functional as F
 from fairkd_utils import data as fkdata
 from fairkd_utils import synthetic_images
 from fairkd_utils.data import iterate_batches, load_splits
-from fakes import (DEFAULT_COUNTS, make_fake_celeba, make_fake_folder,
-                   make_fake_waterbirds)
+from fakes import make_fake_celeba, make_fake_folder, make_fake_waterbirds
 
 
 # --------------------------------------------------------------------------- synthetic

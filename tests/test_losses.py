@@ -13,7 +13,7 @@ from fairkd_utils import profiles
 from fairkd_utils.data import Batch
 from fairkd_utils.exit_laplace import ExitLaplace, LaplacePrediction
 from fairkd_utils.kron_factors import KronFactors
-from fairkd_utils.models import ExitHead, StudentOutput, phi_tilde
+from fairkd_utils.models import ExitHead, StudentOutput
 
 torch.set_num_threads(1)
 DT = torch.float64

@@ -261,7 +261,7 @@ def test_the_sweep_chooses_kds_lam_and_t_once_and_writes_every_field(tmp_path, m
     from fairkd_utils import train
 
     run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic", None, [0, 1], "cpu")
-    val = run.splits()["val"]
+    run.splits()  # built once, as the sweep reads them
     score = {}
 
     def fake_student(run_, cfg, seed, teacher=None, ckpt_dir=None, progress=True):

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fairkd_utils import multinli, synthetic_text, text_models
 from fairkd_utils.exit_laplace import ExitLaplace, fit_exit_laplace, phi_tilde
-from fairkd_utils.kron_factors import KronFactors
 from fairkd_utils.models import ExitHead, StudentOutput
 
 from fakes import NEG_HYPS, POS_HYPS, make_fake_tokenizer_folder
