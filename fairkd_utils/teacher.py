@@ -3,7 +3,11 @@ distillation, and what a distilling student learns from (the cached logits, or t
 teacher model itself on augmented batches)."""
 
 from __future__ import annotations
+
+import copy
+
 import torch
+
 from . import checkpoints, losses, records, train
 from .rundir import Run
 from .build import (TEACHER_SEED, build_teacher, pretraining_corpus, timed, train_config,
@@ -24,26 +28,28 @@ def train_teacher_stages(run: Run, weights_path=None, seed: int = TEACHER_SEED,
     ``teacher_adapt_lr``, selected on val average accuracy). Otherwise one stage,
     ``"trained"``: ``teacher_epochs`` on the study's training split, from
     ``weights_path`` if given. The teacher is plain ERM and never sees group labels,
-    so it is selected on average accuracy."""
+    so it is selected on average accuracy. Each stage's result holds a model of its own:
+    the adapted stage trains a copy of the pretrained one, so ``stages["pretrained"]``
+    is still the pretrained teacher (notebook 02 compares the two)."""
     p = run.profile
     model = build_teacher(run, weights_path, seed=seed)
     stages = {}
 
-    def stage(key, timing, name, data, **config):
+    def stage(key, timing, name, net, data, **config):
         config = train_config(run, "teacher", seed, **config, select_on=p.teacher_select_on,
                               progress=progress)
         stages[key] = timed(run, "teacher", timing, lambda: train.train_model(
-            model, data, config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
+            net, data, config, train.CrossEntropyObjective(), ckpt_dir=run.path("checkpoints"),
             name=name, fingerprint_extra=run.fingerprint_extra()))
 
     if not uses_pretraining_corpus(run):
-        stage("trained", "teacher", "teacher", run.splits())
+        stage("trained", "teacher", "teacher", model, run.splits())
         return stages
-    stage("pretrained", "teacher-pretrained", "teacher-pretrained", pretraining_corpus(run, seed),
+    stage("pretrained", "teacher-pretrained", "teacher-pretrained", model, pretraining_corpus(run, seed),
           epochs=p.teacher_pretrain_epochs)
     if p.teacher_adapt_epochs > 0:
-        stage("adapted", "teacher-adapted", "teacher", run.splits(), epochs=p.teacher_adapt_epochs,
-              lr=p.teacher_adapt_lr)
+        stage("adapted", "teacher-adapted", "teacher", copy.deepcopy(model), run.splits(),
+              epochs=p.teacher_adapt_epochs, lr=p.teacher_adapt_lr)
     return stages
 
 

@@ -499,3 +499,24 @@ def test_notebook_05_reads_the_hyper_parameter_file_once_and_records_it(tmp_path
     assert len(calls) == 1 and list(configs) == list(run.profile.methods)
     used = json.loads((run.run_dir / "hparams_used.json").read_text())
     assert used["source"] == source and used["configs"] == {m: c.to_dict() for m, c in configs.items()}
+
+
+def test_teacher_stages_each_keep_their_own_model(tmp_path):
+    """The adapted stage trains a copy of the pretrained teacher, so notebook 02's
+    per-stage table compares two models (it once showed the adapted one twice), and a
+    rerun that reuses both checkpoints gives each stage back its own weights."""
+    import torch
+
+    from fairkd_utils import teacher
+
+    run = rundir.setup(tmp_path / "run", tmp_path / "fig", "smoke", "synthetic", None, [0], "cpu")
+    assert run.profile.teacher_adapt_epochs > 0
+    first = teacher.train_teacher_stages(run, progress=False)
+    again = teacher.train_teacher_stages(run, progress=False)
+    assert list(first) == ["pretrained", "adapted"] and all(r.reused for r in again.values())
+    for stages in (first, again):
+        pre, ad = (stages[k].model.state_dict() for k in ("pretrained", "adapted"))
+        assert any(not torch.equal(pre[k], ad[k]) for k in pre), "both stages hold one model"
+    for key in first:
+        a, b = first[key].model.state_dict(), again[key].model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), key
