@@ -13,7 +13,7 @@ compare totals together with it) and the total against the target.
 ``--compile both`` runs the study twice in one process tree, one after the other on
 the same machine: eager (the profile as it is) and with ``--set compile=true``
 (``torch.compile`` of the training and evaluation forward passes, see
-``fairkd_utils.train.compiled``); it prints both and the ratio eager / compiled, with
+``fairkd_utils.train.Forward``); it prints both and the ratio eager / compiled, with
 the compile time that the compiled run's log reports (``compiled ... in X s`` lines of
 ``run.log``: the first call of each model shape and mode, which holds the compile).
 """

@@ -13,7 +13,7 @@ Only the teacher, the ERM student, its exit, group-balanced ERM and kd are train
 the reweighting methods are never looked at. The conditions are computed by
 ``calibration.calibration_conditions`` (bench/calibration.py). The text miniature's targets for (c)'s
 margin and (d) are the image ones scaled by MultiNLI's numbers against Waterbirds'
-(``fairkd_utils.calibration_targets``).
+(``calibration.calibration_targets``, bench/calibration.py).
 
     .venv/bin/python bench/calibrate_synthetic.py [--dataset synthetic|synthetic_text]
         [--seeds 0 1 2 3 4] [--teacher-seeds 0] [--alignment 0.5] [--adapt-epochs 0]
