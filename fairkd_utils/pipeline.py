@@ -250,12 +250,15 @@ def write_reference(run_dir: Path, notebooks: list[Path],
 
     The copies name paths relative to the repository: the runner passes the notebooks
     absolute paths (``run_dir = "/home/you/fairkd/results/..."``), and a committed
-    reference should read the same on every clone, so the prefix ``<root>/`` becomes
-    ``""`` (``run_dir = "results/synthetic-default"``)."""
+    reference should read the same on every clone, so a quoted string that starts with
+    ``<root>/`` loses that prefix (``run_dir = "results/synthetic-default"``). Only the
+    start of a quoted string is rewritten: the same characters inside an image's base64
+    data are left alone."""
     ref = Path(reference_root) / Path(run_dir).name
+    prefix = re.compile(rb'(?<=["\'])' + re.escape(f"{Path(root)}/".encode()))
 
     def copy(src: Path, dst: Path) -> None:
-        records.write_bytes(dst, src.read_bytes().replace(f"{Path(root)}/".encode(), b""))
+        records.write_bytes(dst, prefix.sub(b"", src.read_bytes()))
 
     for rel in REFERENCE_FILES:
         if (src := Path(run_dir) / rel).exists():
@@ -382,7 +385,7 @@ def run(args) -> Path:
 RUN_LOCK = "runner.lock"
 
 
-def share_base_checkpoints(args, run_dir: Path) -> int:
+def share_base_checkpoints(args, run_dir: Path) -> tuple[int, Path]:
     """A named method set's run (``--methods extended|laplace``) starts from the plain
     run's checkpoints: every checkpoint file of ``<out>/<dataset>-<profile>[-set-...]/``
     that this run directory lacks is hard-linked into it (copied where links fail).

@@ -178,7 +178,10 @@ def test_write_reference_copies_the_tables_and_executed_notebooks(tmp_path):
                 "executed/01_data_and_groups.ipynb", "executed/02_teacher.ipynb"):
         (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / rel).write_text(rel)
-    (run_dir / "executed" / "02_teacher.ipynb").write_text(f'"run_dir = \\"{run_dir}\\"\\n"')
+    # the repository's path as a notebook names it (escaped in a source line, and as a JSON
+    # value), and the same characters inside an image's base64 data, which must stay
+    (run_dir / "executed" / "02_teacher.ipynb").write_text(
+        f'"run_dir = \\"{run_dir}\\"\\n", "output_path": "{run_dir}/x", "image/png": "iVB{tmp_path}/Qm"')
     ref = pipeline.write_reference(run_dir, NOTEBOOKS[:2], reference_root=tmp_path / "reference",
                                    root=tmp_path)
     assert ref == tmp_path / "reference" / "synthetic-default"
@@ -187,7 +190,9 @@ def test_write_reference_copies_the_tables_and_executed_notebooks(tmp_path):
         "summary.csv", "sweep.csv"]
     assert (ref / "sweep.csv").read_text() == "sweep/sweep.csv"
     # the machine's path to the repository is left out: the copy reads the same on every clone
-    assert (ref / "executed" / "02_teacher.ipynb").read_text() == '"run_dir = \\"results/synthetic-default\\"\\n"'
+    assert (ref / "executed" / "02_teacher.ipynb").read_text() == (
+        '"run_dir = \\"results/synthetic-default\\"\\n", "output_path": "results/synthetic-default/x", '
+        f'"image/png": "iVB{tmp_path}/Qm"')
 
 
 def test_reference_needs_the_default_out(tmp_path):
