@@ -34,12 +34,13 @@ TARGETS = {"smoke": 90.0, "default": 1200.0}
 
 def bench(profile: str, out: Path, compile_: bool) -> tuple[int, float]:
     """One run of the study into ``out``; prints its table and returns (exit code, wall s)."""
+    argv = ["--profile", profile, "--out", str(out), "--figures", str(out / "figures"),
+            "--quiet", *(["--set", "compile=true"] if compile_ else [])]
     t0 = time.perf_counter()
-    rc = pipeline.main(["--profile", profile, "--out", str(out), "--figures", str(out / "figures"),
-                        "--quiet", *(["--set", "compile=true"] if compile_ else [])])
+    rc = pipeline.main(argv)
     wall = time.perf_counter() - t0
-    # --set gives the run a directory of its own, <dataset>-<profile>-set-<hash>
-    run_dir = next(out.glob(f"synthetic-{profile}-set-*")) if compile_ else out / f"synthetic-{profile}"
+    # the runner's own naming (--set gives the run <dataset>-<profile>-set-<hash>)
+    run_dir, _ = pipeline.run_folders(pipeline.build_parser().parse_args(argv))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     mode = "compiled" if compile_ else "eager"
     print(f"\nprofile {profile}, {mode}, on {os.cpu_count()} CPU cores, device {manifest['device']}:")
