@@ -12,9 +12,8 @@ The weight is flattened row-major, ``vec(W)[c*(D+1) + j] = W[c, j]``, which is t
 order of ``kron(B, A)`` and of laplace-torch's ``parameters_to_vector``.
 
 :class:`KronFactors` accumulates ``B``, ``A`` and, with labels, ``sum_n log p_n[y_n]``
-from batches (``update``), raw features (``from_features``) or given matrices
-(``from_matrices``), and round-trips through
-plain values (``state`` / ``from_state``) for a warm-up checkpoint.
+from batches (``update``) or raw features (``from_features``), and round-trips
+through plain values (``state`` / ``from_state``) for a warm-up checkpoint.
 ``exit_laplace.ExitLaplace`` turns them into the posterior. Accumulation is in float64.
 """
 
@@ -135,23 +134,6 @@ class KronFactors:
         for i in range(0, phi.shape[0], batch_size):
             sl = slice(i, i + batch_size)
             f.update(phi_tilde(phi[sl]), probs[sl], None if y is None else y[sl])
-        return f
-
-    @classmethod
-    def from_matrices(cls, B: torch.Tensor, A: torch.Tensor, n: int,
-                      log_lik: float | torch.Tensor | None = None) -> "KronFactors":
-        """Factors given directly: ``B`` summed (C, C), ``A`` averaged (D+1, D+1) over ``n``
-        instances (e.g. laplace-torch's ``la.H_facs.kfacs[0]``)."""
-        f = cls()
-        if int(n) <= 0:
-            raise ValueError(f"n must be a positive number of instances, got {n}.")
-        B, A = (torch.as_tensor(M).detach().to(_MATH) for M in (B, A))
-        if B.ndim != 2 or B.shape[0] != B.shape[1] or A.ndim != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"B and A must be square matrices, got {tuple(B.shape)}, {tuple(A.shape)}.")
-        f.n = int(n)
-        f._B_sum, f._A_sum = B.clone(), A * f.n
-        f._labelled = log_lik is not None
-        f._log_lik = torch.as_tensor(0.0 if log_lik is None else log_lik, dtype=_MATH).detach()
         return f
 
     # ---------------------------------------------------------------- views

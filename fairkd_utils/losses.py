@@ -157,7 +157,8 @@ def normalise(w: Tensor) -> Tensor:
 
 
 def hardness_scores(map_probs: Tensor, lap: Any, y: Tensor) -> dict:
-    """The candidate scores of notebook 04 per instance (``profiles.HARDNESS_SCORES``),
+    """The candidate scores of notebook 04 per instance (``dedier_map_margin``,
+    ``laplace_margin``, ``laplace_entropy``, ``laplace_variance``),
     each the ``u`` a weight ``exp(beta * u)`` would use: DeDiER's ``cm * alpha`` of the
     MAP exit, and the Laplace-KD scores (:func:`laplace_score`) margin, entropy and
     variance of the Laplace predictive ``lap``."""

@@ -228,10 +228,6 @@ class EarlyExitStudent(nn.Module):
         self.detach_exit = bool(detach_exit)
         self.exit = ExitHead(backbone.stage_widths[exit_stage - 1], n_classes)
 
-    @property
-    def phi_dim(self) -> int:
-        return self.exit.in_features
-
     def forward(self, x: torch.Tensor) -> StudentOutput:
         bb = self.backbone
         h = bb.stem(x)

@@ -248,9 +248,6 @@ PRIORS = ("exact", "kron")
 #: the priors and Meronen et al.'s recipe (``fit_exit_laplace(..., prior="meronen")``:
 #: the kron form with var0 and a temperature chosen on validation NLL).
 LAPLACE_PRIORS = PRIORS + ("meronen",)
-#: Scores notebook 04 compares for singling out hard instances
-#: (``losses.hardness_scores``), each oriented so that larger means "upweight".
-HARDNESS_SCORES = ("dedier_map_margin", "laplace_margin", "laplace_entropy", "laplace_variance")
 
 
 def resolve_device(name: str) -> str:

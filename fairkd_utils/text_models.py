@@ -110,10 +110,6 @@ class TextEarlyExitStudent(_TextClassifier):
         self.detach_exit = bool(detach_exit)
         self.exit = ExitHead(encoder.config.hidden_size, n_classes)
 
-    @property
-    def phi_dim(self) -> int:
-        return self.exit.in_features
-
     def forward(self, x: torch.Tensor) -> StudentOutput:
         kwargs = self._inputs(x)
         out = self.encoder(**kwargs, output_hidden_states=True)

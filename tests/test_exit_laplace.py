@@ -43,6 +43,14 @@ def make_problem(C: int, D: int = 6, N: int = 300, seed: int = 0):
     return phi, y, model, probs
 
 
+def factors_from(B, A, n: int) -> KronFactors:
+    """Factors given directly (B summed, A averaged over ``n`` instances, laplace-torch's
+    ``la.H_facs.kfacs[0]``), through the checkpoint round trip ``KronFactors.from_state``."""
+    B, A = (torch.as_tensor(M).detach().to(torch.float64) for M in (B, A))
+    return KronFactors.from_state({"n": n, "n_train": None, "labelled": False, "B_sum": B.clone(),
+                                   "A_sum": A * n, "log_lik": torch.zeros((), dtype=torch.float64)})
+
+
 def fit_laplace_torch(model, phi, y, batch_size=64):
     la = laplace.Laplace(model, "classification", subset_of_weights="last_layer",
                          hessian_structure="kron", last_layer_name="1")
@@ -96,7 +104,7 @@ def test_exact_predictive_covariance_matches_laplace_torch_f_var(problem):
     tau = 0.7
     la.prior_precision = tau
     f_mu, f_var = la._glm_predictive_distribution(phi[:100])
-    ours = ExitLaplace(problem["W"], KronFactors.from_matrices(*la.H_facs.kfacs[0], n=phi.shape[0]),
+    ours = ExitLaplace(problem["W"], factors_from(*la.H_facs.kfacs[0], n=phi.shape[0]),
                        tau=tau)
     mu, cov = ours.logit_mean_cov(phi[:100])
     assert cov.dtype == DT and cov.shape == f_var.shape
@@ -294,7 +302,7 @@ def test_non_positive_definite_posterior_is_a_clear_error():
             ExitLaplace(W, f, tau=tau)
         with pytest.raises(ValueError, match="not positive definite"):
             ExitLaplace(W, f, prior="kron", tau=tau)
-    bad = KronFactors.from_matrices(f.B * float("nan"), f.A, n=40)
+    bad = factors_from(f.B * float("nan"), f.A, n=40)
     with pytest.raises(ValueError, match="not positive definite"):
         ExitLaplace(W, bad, tau=1.0)
     with pytest.raises(ValueError, match="NaN"):

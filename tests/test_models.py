@@ -97,7 +97,7 @@ def test_torchvision_student_loads_imagenet_style_weights_but_keeps_its_own_clas
     torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
     student = models.build_student(get_profile("paper"), 2, weights_path=tmp_path / "resnet18.pth")
     torch.testing.assert_close(student.backbone.stem[0].weight, ref.conv1.weight)
-    assert student.backbone.fc.out_features == 2 and student.phi_dim == 128   # layer2
+    assert student.backbone.fc.out_features == 2 and student.exit.in_features == 128   # layer2
 
 
 def test_corrupt_weights_file_gives_a_clear_error(tmp_path):

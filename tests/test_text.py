@@ -226,7 +226,7 @@ def test_tiny_bert_saved_and_loaded_locally_gives_identical_logits(tmp_path, tok
     back.load_state_dict(student.state_dict())          # same architecture, strict
     a, b = student(x), back(x)
     assert isinstance(b, StudentOutput) and all(torch.equal(u, v) for u, v in zip(a, b))
-    assert back.encoder.pooler is None and back.phi_dim == 16
+    assert back.encoder.pooler is None and back.exit.in_features == 16
     assert text_models.load_text_teacher(tmp_path / "teacher", 3, dropout=0.25).dropout.p == 0.25
     # and the tokenizer round trip
     assert text_models.load_tokenizer(tokenizer_dir)("no cat")["input_ids"] == tokenizer("no cat")["input_ids"]
@@ -518,8 +518,8 @@ def test_three_class_exit_laplace_matches_laplace_torch_on_a_text_students_exit(
     student = text_models.build_text_student(cfg, 3, exit_layer=1, seed=0, pool="mean")
     p = train.predict(student, ds)
     phi, y = p.phi.double(), ds.y
-    assert phi.shape == (len(ds), student.phi_dim)
-    head = ExitHead(student.phi_dim, 3).double()
+    assert phi.shape == (len(ds), student.exit.in_features)
+    head = ExitHead(student.exit.in_features, 3).double()
     head.load_state_dict(student.exit.state_dict())
     opt = torch.optim.LBFGS(head.parameters(), max_iter=50)   # a trained exit: non-trivial MAP
 
@@ -534,7 +534,7 @@ def test_three_class_exit_laplace_matches_laplace_torch_on_a_text_students_exit(
     entropy = -(probs * probs.log()).sum(1)
     assert float(entropy.mean()) < math.log(3) - 0.02 and float(entropy.min()) > 0.05
 
-    model = nn.Sequential(AppendOne(), nn.Linear(student.phi_dim + 1, 3, bias=False)).double()
+    model = nn.Sequential(AppendOne(), nn.Linear(student.exit.in_features + 1, 3, bias=False)).double()
     model[1].weight.data.copy_(head.linear.weight.data)
     la = laplace.Laplace(model, "classification", subset_of_weights="last_layer",
                          hessian_structure="kron", last_layer_name="1")
