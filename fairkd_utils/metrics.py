@@ -301,19 +301,25 @@ def verdict(row, baseline: str = "dedier_both") -> str:
     return "better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from"
 
 
-def verdicts(summary, references=(), metric: str = "worst_group_acc") -> str:
+def verdicts(summary, references=(), metric: str = "worst_group_acc", matched=None) -> str:
     """In words: the methods ranked by mean test ``metric`` (``references``, which use
-    group labels, left out), then the primary contrast (Laplace-KD - DeDiER, both terms)
-    and, when present, the readout ablation (DeDiER from the final head - from the exit)."""
+    group labels, left out), then the primary contrast (Laplace-KD - DeDiER, both terms),
+    Laplace-KD trained at DeDiER's beta - DeDiER when ``matched`` (notebook 05's
+    ``matched_beta.csv``, a :func:`summary_table` against ``dedier_both``) is given, and,
+    when present, the readout ablation (DeDiER from the final head - from the exit)."""
     rows = summary[summary.metric == metric].set_index("method")
     ranked = rows.drop(index=[m for m in references if m in rows.index])["mean"].sort_values(ascending=False)
     lines = [f"Mean test {metric}, best first (references {[m for m in references if m in rows.index]} "
              "use group labels, excluded):"]
-    lines += [f"  {m:12s} {v:.3f} ± {rows.loc[m, 'std']:.3f}" for m, v in ranked.items()]
-    for method, what in (("laplace_kd", "Laplace-KD - DeDiER (both terms)"),
-                         ("dedier_final", "DeDiER read from the final head - from the early exit")):
-        if {method, "dedier_both"} <= set(rows.index):
-            r = rows.loc[method]
+    width = max(map(len, ranked.index), default=0)
+    lines += [f"  {m:{width}s} {v:.3f} ± {rows.loc[m, 'std']:.3f}" for m, v in ranked.items()]
+    at_beta = None if matched is None else matched[matched.metric == metric].set_index("method")
+    for method, what, table in (
+            ("laplace_kd", "Laplace-KD - DeDiER (both terms)", rows),
+            ("laplace_kd", "Laplace-KD at DeDiER's beta - DeDiER (both terms)", at_beta),
+            ("dedier_final", "DeDiER read from the final head - from the early exit", rows)):
+        if table is not None and {method, "dedier_both"} <= set(table.index):
+            r = table.loc[method]
             lines.append(f"{what}, {metric}, paired over {int(r['paired_seeds_vs_dedier_both'])} seeds: "
                          f"{_paired(r, 'dedier_both')} -> {method} is {verdict(r)} dedier_both here.")
     return "\n".join(lines)

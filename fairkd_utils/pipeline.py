@@ -223,15 +223,17 @@ def run_notebook(src: Path, out_path: Path, parameters: dict, cwd: Path, progres
 
 def clean_executed(path: Path) -> None:
     """Drop the progress-bar redraws (stderr stream outputs that carry a carriage
-    return) from an executed notebook, so that it reads as results; the bars are
-    for a person watching the run, and the run's log keeps one line per epoch."""
+    return, or hold only the newline a closing bar leaves) from an executed notebook,
+    so that it reads as results; the bars are for a person watching the run, and the
+    run's log keeps one line per epoch."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs if not (
-                o.get("output_type") == "stream" and o.get("name") == "stderr" and "\r" in o.get("text", ""))]
+                o.get("output_type") == "stream" and o.get("name") == "stderr"
+                and ("\r" in o.get("text", "") or not o.get("text", "").strip()))]
     records.write_text(path, nbformat.writes(nb))
 
 

@@ -29,8 +29,9 @@
 #    `teacher_pretrain_alignment` (0.5: balanced over class and background, so the
 #    background tells nothing). This is the documented knob of the teacher's bias.
 # 2. **adapted** (only if `teacher_adapt_epochs > 0`) — a short, bounded ERM
-#    fine-tuning on the study's training split. Measured: unbounded ERM fine-tuning on the
-#    95 %-aligned split collapses the teacher's worst group within an epoch.
+#    fine-tuning on the study's training split. Measured on the image miniature:
+#    unbounded ERM fine-tuning on the 95 %-aligned split collapses the teacher's worst
+#    group within an epoch.
 #
 # The text miniature (`synthetic_text`) does the same with a tiny BERT: pretrained on
 # pairs whose negation word is independent of the label. On real data the teacher
@@ -152,7 +153,8 @@ print(f"Teacher on test: average accuracy {test.loc['all', 'acc']:.3f}, worst gr
 
 # %% [markdown]
 # The bars compare validation and test per group; the printed line is the number the
-# calibration targets (notebook 01) refer to.
+# calibration conditions refer to (condition (a) of the README's "The built-in
+# miniature and the protocol").
 #
 # In this notebook we have trained (or reused) the teacher stage by stage, measured its
 # accuracy per group after each stage, and saved its logits for the students.

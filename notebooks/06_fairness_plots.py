@@ -74,7 +74,9 @@ fk.plots.savefig(fig, run.figure("06_wga_vs_avg"), close=False)
 # Look first at the vertical gap between `kd` and the teacher-free `erm`: that is what
 # distillation alone passes on. The reweighting methods should sit above `kd` if their
 # weights find the minority instances; `shuffled` (same weights, random instances) tells
-# whether they do. Hollow squares use group labels in training and mark the headroom.
+# whether they do. Hollow squares are the references that use group labels in
+# training: what knowing the groups buys on this run, which need not be the best result
+# (balancing by weights can starve a small student of its majority groups).
 
 # %% [markdown]
 # ## Accuracy by method and group
@@ -94,14 +96,16 @@ fk.plots.savefig(fig, run.figure("06_group_acc_heatmap"), close=False)
 heat.round(3)
 
 # %% [markdown]
-# Each row is a method, each column a group; the two minority groups ("landbird on
-# water", "waterbird on land" on the bird data) are where the methods differ.
+# Each row is a method, each column a group. The minority groups — "landbird on water"
+# and "waterbird on land" on the bird data, entailment and neutral *with* a negation on
+# the text data — are where the methods are meant to differ; read every column all the
+# same, since a method can also move a majority group.
 
 # %% [markdown]
 # ## Whom do DeDiER and Laplace-KD upweight?
 #
 # The weight each method gives every training instance at the end of training (final
-# student, before batch normalisation), by group. A method that finds the minority
+# student, before the per-batch normalisation to mean 1), by group. A method that finds the minority
 # groups puts their mass to the right.
 
 # %%

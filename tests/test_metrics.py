@@ -4,6 +4,7 @@ hand-computed small cases for the rest."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -162,3 +163,30 @@ def test_group_weight_share_by_hand():
     np.testing.assert_allclose(share, [0.5, 0.0, 0.5, 0.0])
     with pytest.raises(ValueError, match=r"group in \[0, 2\)"):
         M.group_weight_share(w, [0, 1, 2, 0], 2)
+
+
+def test_verdicts_state_each_contrast_in_words_with_its_interval():
+    """The ranking (references left out, long names aligned) and the paired contrasts
+    against dedier_both, including Laplace-KD at DeDiER's beta when its table is given."""
+    def per_seed(values):
+        return pd.DataFrame([{"method": m, "config_id": f"{m}-c", "seed": s, **{k: v[s] for k in M.SUMMARY_METRICS}}
+                             for m, v in values.items() for s in range(3)])
+
+    base = {"dedier_both": [0.50, 0.60, 0.70], "laplace_kd": [0.60, 0.70, 0.80],
+            "group_balanced": [0.9, 0.9, 0.9], "laplace_kd_subset": [0.40, 0.50, 0.61]}
+    summary = M.summary_table(per_seed(base))
+    text = M.verdicts(summary, references=("group_balanced",))
+    lines = text.splitlines()
+    assert lines[1].split() == ["laplace_kd", "0.700", "±", "0.100"]
+    assert [ln.index("0.") for ln in lines[1:4]] == [lines[1].index("0.")] * 3   # one column
+    assert "group_balanced" not in "\n".join(lines[1:4])
+    # +0.1 on every seed: the interval is a point, clear of zero
+    assert "Laplace-KD - DeDiER (both terms), worst_group_acc, paired over 3 seeds: +0.100" in text
+    assert text.endswith("laplace_kd is better than dedier_both here.")
+    assert "at DeDiER's beta" not in text
+    matched = M.summary_table(per_seed({"dedier_both": base["dedier_both"], "laplace_kd": [0.49, 0.62, 0.70]}),
+                              baselines=("dedier_both",))
+    text = M.verdicts(summary, references=("group_balanced",), matched=matched)
+    last = text.splitlines()[-1]
+    assert last.startswith("Laplace-KD at DeDiER's beta - DeDiER (both terms), worst_group_acc, paired over 3 seeds:")
+    assert last.endswith("laplace_kd is not distinguishable from dedier_both here.")

@@ -154,7 +154,8 @@ def test_a_committed_executed_notebook_is_its_py_run(path):
         for out in cell.get("outputs", []):
             assert out.get("output_type") != "error", f"{path}: a cell failed"
             text = out.get("text", "") if out.get("output_type") == "stream" else ""
-            assert "\r" not in text, f"{path}: a progress-bar fragment"
+            assert "\r" not in text and (text.strip() or out.get("name") != "stderr"), \
+                f"{path}: a progress-bar fragment"
             assert "Warning" not in text, f"{path}: a library warning: {text[:200]}"
 
 
@@ -163,13 +164,15 @@ def test_clean_executed_drops_progress_bars_only(tmp_path):
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
         nbformat.v4.new_output("stream", name="stderr", text="\rbar:  50%|#####     | 1/2"),
+        nbformat.v4.new_output("stream", name="stderr", text="\n"),   # what a closing bar leaves
         nbformat.v4.new_output("stream", name="stdout", text="result\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="\n"),   # a program's own blank line stays
         nbformat.v4.new_output("stream", name="stderr", text="a real message\n")])])
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, str(path))
     pipeline.clean_executed(path)
     kept = nbformat.read(str(path), as_version=4).cells[0].outputs
-    assert [o["text"] for o in kept] == ["result\n", "a real message\n"]
+    assert [o["text"] for o in kept] == ["result\n", "\n", "a real message\n"]
 
 
 def test_write_reference_copies_the_tables_and_executed_notebooks(tmp_path):
