@@ -20,8 +20,10 @@
 # DeDiER trusts the early exit's *MAP* softmax: its confidence margin decides whom to
 # upweight. But a linear readout of early features is typically over-confident. The
 # study replaces the MAP readout by a **last-layer Laplace approximation** of the exit
-# head, whose predictive is calibrated and whose uncertainty grows on inputs unlike
-# the training bulk.
+# head, whose predictive is meant to be better calibrated and whose uncertainty grows
+# on inputs unlike the training bulk. Whether it is better calibrated here is measured,
+# not assumed: the section "Calibration: MAP vs Laplace" below compares its ECE and NLL
+# with the MAP readout's.
 #
 # **The maths** (README, "The maths"). The exit head is
 # $\mathrm{Linear}(D{+}1, C)$ on $\tilde\varphi = [\varphi, 1]$. Its Gauss–Newton matrix
@@ -39,7 +41,8 @@
 #   $L = \mathrm{chol}(U)$; $\tau$ by validation NLL.
 # * **Predictive**: for two classes, the probit approximation on the logit difference
 #   $d \sim \mathcal N(\mu_d, \sigma_d^2)$: $p_1 = \mathrm{sigmoid}(\mu_d/\sqrt{1+\pi\sigma_d^2/8})$;
-#   Monte Carlo otherwise (and here as a check).
+#   Monte Carlo otherwise (and here as a check). For more classes the calibration table
+#   also shows laplace-torch's cruder per-logit probit, explained where it appears.
 #
 # For two classes the Laplace predictive keeps the MAP's argmax and only shrinks its
 # margin — most where the features are atypical. This notebook fits both forms on the
@@ -116,6 +119,29 @@ for seed in run.seeds:
 # the exact form's is a prior precision on every weight, the Kronecker form's enters
 # each factor through its square root. Neither is tuned on test.
 #
+# The Kronecker form's $\tau$ often lands on an end of its grid, $10^{-4}$ or $10^{4}$.
+# Its validation NLL is nearly flat towards both ends. At small $\tau$ the data's
+# curvature outweighs $\sqrt\tau$ in both factors, so the posterior changes ever more
+# slowly. At large $\tau$ the prior outweighs the data, the posterior shrinks and the
+# predictive approaches the MAP softmax. A $\tau$ on an edge therefore
+# says which plateau scored lower on validation, often by a tiny margin; it is not a
+# sharp optimum. The grid stays as it is. The cell below prints, per seed, whether the
+# chosen $\tau$ is on an edge and how far the validation NLL moves across the grid.
+
+# %%
+for seed in run.seeds:
+    kron = fits[seed]["kron"]
+    grid, nll = np.array(kron.val_nll).T                 # validation NLL at every grid tau
+    nll = nll[np.isfinite(nll)]
+    edge = "on the grid's edge" if kron.tau in (grid.min(), grid.max()) else "inside the grid"
+    print(f"seed {seed}: kron tau = {kron.tau:.3g}, {edge}; validation NLL over the grid "
+          f"{nll.min():.4f} .. {nll.max():.4f} (range {nll.max() - nll.min():.1e})")
+
+# %% [markdown]
+# A range that is small next to the NLL itself means the choice of $\tau$ barely
+# matters for this form on this exit: whichever end wins, its validation NLL stays
+# close to the MAP softmax's, which the large-$\tau$ end reproduces.
+#
 # `fits[seed]` holds both posteriors of each seed's exit, `outputs[seed]` the ERM
 # student's outputs (features $\varphi$, exit logits and probabilities) on every split.
 #
@@ -189,7 +215,7 @@ pd.DataFrame(cov_eig.numpy(), index=[f"z{k}" for k in range(C)], columns=[f"z{k}
 # $B\mathbf 1 = 0$ leaves to the prior alone, and it does not change the softmax. What moves
 # probabilities is the spread *between* logits, e.g. for two classes
 # $\mathrm{Var}(z_1 - z_0) = \Sigma_{00} + \Sigma_{11} - 2\Sigma_{01}$, which is small when the fit
-# has thousands of instances per parameter; the predictive below and the regime map come
+# has many instances per parameter; the predictive below and the regime map come
 # back to what that means for the weights.
 #
 # ### The slides' Kronecker form: $U$, $V$ and $(\tilde\varphi^\top V\tilde\varphi)\,U$
@@ -249,9 +275,12 @@ print(f"sample mean - W_MAP phi~, in posterior sd: {((z.mean(0) - W_map @ x) / s
 # For two classes only $d = z_1 - z_0 \sim \mathcal N(\mu_d, \sigma_d^2)$ matters, and
 # $p_1 = \mathrm{sigmoid}(\mu_d/\sqrt{1 + \pi\sigma_d^2/8})$. In the eigenbasis,
 # $\sigma_d^2 = \sum_k (Q_{B,1k} - Q_{B,0k})^2 s_k$. With more classes (the text benchmark)
-# there is no such closed form: the predictive is the mean softmax of Monte-Carlo
+# no single difference carries the prediction, and there is no exact closed form of
+# this kind. Laplace-KD's predictive is then the mean softmax of Monte-Carlo
 # samples $z = W_{MAP}\tilde\varphi + Q_B(\sqrt s\odot g)$, drawn here with the same generator
-# as the library. All training instances, exact prior.
+# as the library. (The calibration table below also shows a cheaper per-logit probit
+# for more classes; it is a rougher approximation, explained there.) All training
+# instances, exact prior.
 
 # %%
 mu = phi_t @ W_map.T                                                     # (N, C) MAP logits
@@ -260,6 +289,7 @@ if C == 2:
     var_d = ((Q_B[1] - Q_B[0]) ** 2 * s_all).sum(1)                        # sigma_d^2
     p_lap = torch.sigmoid((mu[:, 1] - mu[:, 0]) / torch.sqrt(1 + torch.pi * var_d / 8))
     assert torch.allclose(p_lap, la.predict(phi, link="probit").probs[:, 1])
+    note = f"exact probit; median sigma_d^2 = {var_d.median():.2g}"
 else:
     n_few = min(200, N)                                                    # one chunk of the library's loop
     few = slice(0, n_few)
@@ -268,15 +298,25 @@ else:
     p_lap = torch.softmax(z, 0).mean(1).T                                  # (n_few, C)
     assert torch.allclose(p_lap, la.predict(phi[few], link="mc", n_samples=100, mc_dtype=torch.float64,
                                             generator=torch.Generator().manual_seed(2)).probs)
+    se = (torch.softmax(z, 0).std(1) / 100 ** 0.5).max()                   # Monte-Carlo standard error
+    note = f"Monte Carlo, 100 draws; largest standard error of one estimate = {se:.4f}"
 print(f"largest change of a predicted probability, MAP -> Laplace: "
-      f"{(p_lap - (p[:, 1] if C == 2 else p[few])).abs().max():.4f}")
+      f"{(p_lap - (p[:, 1] if C == 2 else p[few])).abs().max():.4f} ({note})")
 
 # %% [markdown]
 # The printed number is the largest change any training instance's predicted
-# probability undergoes between the MAP softmax and the Laplace predictive. The probit
-# shrinks $\mu_d$ by $\sqrt{1 + \pi\sigma_d^2/8}$: with $\sigma_d^2$ of order $10^{-2}$ that factor is
-# within half a percent of 1, and so is the change. Only instances with a large logit
-# variance — few, atypical ones — can move.
+# probability undergoes between the MAP softmax and the Laplace predictive. What it
+# measures depends on $C$.
+#
+# * **Two classes**: it is exact. The probit shrinks $\mu_d$ by $\sqrt{1 + \pi\sigma_d^2/8}$.
+#   With $\sigma_d^2$ of order $10^{-2}$ (the cell prints the median) that factor is within
+#   about half a percent of 1 for a typical instance, and its probabilities move by the
+#   same order. Only instances with a large logit variance — few, atypical ones — move
+#   more, and the printed maximum is theirs.
+# * **More classes**: it is a Monte-Carlo estimate from 100 draws on 200 instances, so
+#   it also holds the draws' own noise. Compare it with the printed standard error: a
+#   largest change of a few standard errors, among hundreds of estimates, is what the
+#   draws alone would produce.
 
 # %% [markdown]
 # ### Choosing $\tau$: the log marginal likelihood
@@ -315,9 +355,21 @@ evidence.round(3)
 # or mc) go to `metrics.csv`; test-set predictions to `predictions.csv`.
 
 # Four predictives per seed: the MAP softmax, the exact form through the probit and
-# through Monte Carlo (they should agree: the probit is an approximation of the same
-# integral), and the Kronecker form through the probit. Each is recorded per group, on
-# validation and test, like every other model of the study.
+# through Monte Carlo, and the Kronecker form through the probit. Each is recorded per
+# group, on validation and test, like every other model of the study. What "probit"
+# computes depends on the number of classes $C$:
+#
+# * **Two classes**: the probit on the logit difference above. It approximates the
+#   same integral as Monte Carlo, so the exact form's probit and mc rows should agree.
+# * **More classes**: laplace-torch's per-logit probit (the library's `link="probit"`).
+#   Each logit's mean is divided by its own $\sqrt{1 + \pi\Sigma_{kk}/8}$, then the softmax
+#   is taken: $p = \mathrm{softmax}_k\big(\mu_k/\sqrt{1 + \pi\Sigma_{kk}/8}\big)$. It ignores the
+#   covariances between logits. Each $\Sigma_{kk}$ also counts the variance along
+#   $(1, \dots, 1)$, which leaves the softmax unchanged and which only the prior limits;
+#   it often holds most of $\Sigma_{kk}$. So this probit shrinks all logits by similar
+#   factors, much like a temperature, where Monte Carlo ignores that common shift. Its
+#   row can differ from the mc row in calibration, and it can even change an argmax.
+#   Laplace-KD trains with Monte Carlo for more than two classes.
 
 # %%
 def laplace_predictions(seed, split):
@@ -379,6 +431,16 @@ fk.plots.savefig(fig, run.figure("04_reliability"), close=False)
 # Reading the two together: an ECE that barely moves from MAP to Laplace means the
 # posterior is tight — the Laplace correction is small where the exit has seen thousands
 # of similar instances. That is the first sign of what the regime map below measures.
+#
+# The Laplace predictive is not calibrated by construction. It widens the predictive
+# where the posterior is wide, which helps an over-confident exit and hurts one that is
+# already under-confident there. The cell below prints each Laplace row's ECE minus the
+# MAP's, so the sign of the change in this run is read, not assumed.
+
+# %%
+ece = calibration[("ece", "mean")]
+print("test ECE minus the MAP's (negative: better calibrated than the MAP readout): "
+      + "; ".join(f"{k} {v - ece['MAP']:+.4f}" for k, v in ece.items() if k != "MAP"))
 
 # %% [markdown]
 # ## MAP vs Laplace confidence by group
@@ -459,16 +521,20 @@ if test.n_classes == 2:
 # The reweighting acts on **training** instances, so the scores are evaluated there,
 # against two targets: membership in a minority group, and being misclassified by the
 # final head of the ERM student. Each score is oriented so that *larger = upweight*.
-# **Expected directions, stated before looking** (all: AUROC > 0.5):
+# **Expected directions, and how each can fail**:
 #
-# * `dedier_map_margin` ($\mathrm{cm}\cdot\alpha$ of the MAP exit): the exit reads the
-#   background, so it is wrong — and confidently — on minority instances.
+# * `dedier_map_margin` ($\mathrm{cm}\cdot\alpha$ of the MAP exit): AUROC > 0.5. The exit
+#   reads the spurious feature, so it is wrong — and confidently — on minority instances.
 # * `laplace_margin` (the same with the Laplace predictive): same sign, but the Laplace
 #   margin shrinks most on atypical inputs, so it may separate *less* well than MAP.
-# * `laplace_entropy`: the Laplace predictive is most uncertain on atypical inputs,
-#   and minority instances are atypical for the exit.
+# * `laplace_entropy`: either side of 0.5. The Laplace predictive is most uncertain on
+#   atypical inputs, which pushes it up. But an exit that is confidently wrong has a
+#   *low* predictive entropy. Where the hard instances are mostly confidently wrong,
+#   entropy as an upweighting score points the wrong way: AUROC below 0.5.
 # * `laplace_variance` (logit-difference variance): grows with the distance of
 #   $\tilde\varphi$ from the training bulk in the directions the data constrain little.
+#   It knows nothing of the label, so it helps only as far as the hard instances lie
+#   there; it can sit near chance.
 #
 # No `max(AUC, 1 − AUC)`: an AUROC below 0.5 means the score points the wrong way.
 
@@ -493,7 +559,22 @@ auroc_table.round(3)
 # %% [markdown]
 # One row per score, the AUROC against each target, mean and standard deviation over
 # seeds: the chance that a random positive instance (minority, or misclassified by the
-# final head) scores higher than a random negative one.
+# final head) scores higher than a random negative one. The cell below lists the
+# scores whose mean AUROC falls below 0.5 in this run, the ones that would upweight
+# the wrong instances.
+
+# %%
+below = auroc_table["mean"].stack()                  # (score, target) -> mean AUROC
+below = below[below < 0.5]
+print("mean AUROC below 0.5 (the score points the wrong way): "
+      + ("; ".join(f"{s} vs {t} ({v:.3f})" for (s, t), v in below.items()) or "none"))
+
+# %% [markdown]
+# A margin score there would mean the exit is not confidently wrong on that target. An
+# entropy score there points to confident errors: the positives are more confident
+# than the rest, and with the margin score above 0.5 that confidence sits on wrong
+# predictions — the very instances DeDiER upweights. A variance score near 0.5 means
+# the hard instances do not sit where the posterior is wide.
 
 # %%
 fig = fk.plots.score_auroc(auroc)
@@ -512,9 +593,9 @@ fk.plots.savefig(fig, run.figure("04_score_auroc"), close=False)
 # instance its logit variance is, to first order, the instance's **leverage** divided by
 # the curvature there, and the leverages of a linear head average exactly $(D+1)/N$ over
 # its $N$ fitted instances. A small exit fitted on thousands of instances therefore has
-# a posterior so tight that its predictive is the MAP softmax to a few decimals, and
-# Laplace-KD's weights rank the instances exactly as DeDiER's do; only a fit on few
-# instances per parameter can move them.
+# a posterior so tight that its predictive, apart from any temperature, is the MAP
+# softmax to about a percent, and Laplace-KD's weights rank the instances almost
+# exactly as DeDiER's do; only a fit on few instances per parameter can move them.
 #
 # The map makes that a measurement. For every seed's ERM exit, the Laplace is refitted
 # on nested random subsets of the training split ($N$, $N/10$, $N/100$ and one batch of
@@ -572,12 +653,23 @@ margin.groupby(["source", "recipe", "n_fit"])[["params_per_instance", "median_lo
                                                "spearman_wrong", "noise_floor_spearman", "topk_overlap"]].mean().round(3)
 
 # %% [markdown]
-# What to take from the map. Where the fit holds thousands of instances per handful of
-# parameters — both miniatures, and by the simulation the paper's BERT exit on all of
-# MultiNLI — the Laplace predictive of the margin score ranks the wrong instances as
-# the MAP does, to within Monte-Carlo noise: Laplace-KD trained there is DeDiER with a
-# different random draw. Only fits on about a hundred instances per parameter or fewer
-# move the ranking. Notebook 05 logs the same within-wrong agreement for every epoch of
+# What to take from the map. Read three columns together: `params_per_instance`,
+# `spearman_wrong` and `noise_floor_spearman`.
+#
+# * **The full training split** — both miniatures, and by the simulation the paper's
+#   BERT exit on all of MultiNLI — gives about 50 to 150 instances per parameter
+#   (`params_per_instance` of 0.02 or less). There the margin score's agreement with
+#   DeDiER is 0.99 or more, and at or above the noise floor where the predictive is
+#   Monte Carlo. Laplace-KD trained there is DeDiER up to the random draw.
+# * **About one instance per parameter or fewer** (`params_per_instance` from about 0.7
+#   to 2: the miniatures' smallest fits, the simulation's $N/100$) lowers the agreement
+#   only to about 0.9 or more.
+# * **Only the simulation's batch of 128**, about 18 parameters per instance, moves the
+#   ranking clearly. Even there the noise floor is lower still: two draws of the same
+#   predictive agree less with each other than one draw agrees with DeDiER, so the
+#   Monte-Carlo noise is at least as large as any systematic change.
+#
+# Notebook 05 logs the same within-wrong agreement for every epoch of
 # Laplace-KD training, so the trained students can be read against this map.
 #
 # The library's closed form is checked against laplace-torch in the tests
