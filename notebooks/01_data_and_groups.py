@@ -94,9 +94,9 @@ fk.plots.savefig(fig, run.figure("01_group_counts"), close=False)
 # depends on the benchmark. On the image data, validation and test are balanced in the
 # background *within* each class — the test distribution of Waterbirds — so a
 # background-reading model is exposed there even by its average accuracy. On the text
-# data every split has the training proportions, as in MultiNLI: the shortcut costs
-# little on average and shows only in the minority groups, which is why the study reads
-# worst-group accuracy.
+# data every split has the training proportions, as in MultiNLI: a shortcut loses no
+# average accuracy from train to test, so only the per-group accuracies expose it,
+# which is why the study reads worst-group accuracy.
 
 # %% [markdown]
 # ## What the groups look like
@@ -162,8 +162,10 @@ else:
 # The *shortcut rule* predicts, for each value of the attribute $a$ (background,
 # negation), the label most common with it in training. Its accuracy per split measures
 # how much the attribute alone buys on average, its worst-group accuracy what it costs:
-# by construction it gets every minority instance wrong. Also per split: the share of
-# instances in minority groups and, per class, how often the attribute is present.
+# by construction it gets every minority instance wrong (with three classes and two
+# attribute values it also misses whole majority groups: it never predicts a third
+# label). Also per split: the share of instances in minority groups and, per class, how
+# often the attribute is present.
 
 # %%
 shortcut = {a: int(np.bincount(train.y.numpy()[train.a.numpy() == a], minlength=train.n_classes).argmax())

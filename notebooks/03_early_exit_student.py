@@ -125,9 +125,10 @@ fk.plots.savefig(fig, run.figure("03_exit_vs_final_group_acc"), close=False)
 
 # %% [markdown]
 # Look at the minority groups (the label against its usual attribute). An ERM student
-# fails there with both heads: its final head has learnt the shortcut too, so the exit
-# is not *below* the final head on those groups; it may even trail it on the majority
-# ones, where the early features hold less of the answer. What DeDiER and Laplace-KD
+# fails there with both heads: its final head has learnt the shortcut too, so both are
+# near zero on those groups and the exit is at most slightly below the final head; it
+# may trail it more on the majority ones, where the early features hold less of the
+# answer. What DeDiER and Laplace-KD
 # turn into weights is not that gap but how the exit fails: wrong on the minority
 # instances *and sure of itself*, which the rest of this notebook measures.
 

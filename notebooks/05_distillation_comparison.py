@@ -200,8 +200,9 @@ pd.DataFrame({"group": [train.group_names[k] for k in (batch.y * train.n_attrs +
 # table), and in the last column Laplace-KD's predictive at DeDiER's $\beta$. Where the
 # exit is confidently wrong the weights approach $e^\beta$ before normalising. At the same
 # $\beta$, the Laplace predictive pulls probabilities towards $1/C$ where the exit's
-# features are atypical, so its weight can only be smaller there: compare the first and
-# the last column. Where the two chosen $\beta$ differ, the larger one dominates the
+# features are atypical, so before normalising its weight can only be smaller there;
+# after normalising to mean 1 the first and the last column may differ either way, in
+# the third decimal when the posterior is tight. Where the two chosen $\beta$ differ, the larger one dominates the
 # middle column, whatever the predictive. Both `assert`s passed: these lines are the
 # loss the students train with.
 #
@@ -221,7 +222,8 @@ jobs.groupby(["method", "status"]).agg(jobs=("job", "size"), reused=("reused", "
 
 # %% [markdown]
 # One row per method and status: how many students it has, how many of their
-# checkpoints were reused, and the seconds spent on the rest. `done` jobs ran here;
+# checkpoints were reused, and the seconds its jobs took (training, or for a reused
+# checkpoint loading and evaluating it). `done` jobs ran here;
 # `skipped` jobs had finished in an earlier run with the same fingerprint, so their
 # records stand as they are and nothing ran. The shared warm-ups (one per seed) are a
 # row of their own when this run trained them.
