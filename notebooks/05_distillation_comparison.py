@@ -271,9 +271,11 @@ per_seed.pivot_table(index="method", columns="seed", values="worst_group_acc").r
 #
 # The mean weight per group at each epoch (1 during the warm-up). A method that finds
 # the minority groups lifts their lines above 1; `shuffled` should stay flat by design.
+# Only each method's chosen configuration is drawn: other configurations of the same
+# method (Laplace-KD at DeDiER's $\beta$, below) may lie in the run directory.
 
 # %%
-fig = fk.plots.weights_by_group(weights[weights.method.isin(fk.profiles.REWEIGHTING)])
+fig = fk.plots.weights_by_group(weights.merge(chosen)[lambda d: d.method.isin(fk.profiles.REWEIGHTING)])
 fk.plots.savefig(fig, run.figure("05_weights_by_group"), close=False)
 
 # %% [markdown]
