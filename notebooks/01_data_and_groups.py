@@ -175,9 +175,9 @@ minority = fk.metrics.minority_groups(train.group_counts(), train.n_attrs)
 
 def agreement(ds):
     y, a = ds.y.numpy(), ds.a.numpy()
-    right = np.vectorize(shortcut.get)(a) == y
-    row = {"n": len(y), "shortcut_rule_acc": float(right.mean()),
-           "shortcut_rule_worst_group_acc": min(float(right[ds.g.numpy() == g].mean()) for g in np.unique(ds.g)),
+    rule = np.vectorize(shortcut.get)(a)                  # the shortcut rule's label per instance
+    row = {"n": len(y), "shortcut_rule_acc": fk.metrics.avg_acc(rule, y),
+           "shortcut_rule_worst_group_acc": fk.metrics.worst_group_acc(fk.metrics.group_accuracy(rule, y, ds.g)),
            "minority_share": float(np.isin(ds.g.numpy(), minority).mean())}
     row.update({f"P(a=1 | y={k})": float(a[y == k].mean()) for k in range(ds.n_classes)})
     return row
